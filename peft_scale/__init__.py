@@ -1,0 +1,18 @@
+"""SCALE: width upscaling for continual pre-training, as a PEFT method.
+
+``import peft_scale`` registers the PEFT type ``"SCALE"``, after which ``get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModel*`` and transformers' ``load_adapter`` work with
+``ScaleConfig`` like with any built-in method.
+"""
+
+from .architectures import FFN_LAYOUTS, FfnLayout
+from .config import ScaleConfig
+from .layer import ScaleLayer
+from .model import ScaleModel
+from .registration import register_scale
+
+register_scale()
+
+__version__ = "0.1.0"
+
+__all__ = ["FFN_LAYOUTS", "FfnLayout", "ScaleConfig", "ScaleLayer", "ScaleModel", "register_scale", "__version__"]

@@ -1,0 +1,117 @@
+"""``ScaleConfig``: what SCALE does to a model, as a JSON-serialisable ``PeftConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import SCALE_TYPE_NAME, add_peft_type_member
+
+INIT_METHODS = ("svd", "normal")
+
+
+@dataclass
+class ScaleConfig(PeftConfig):
+    """Configuration of a SCALE width expansion.
+
+    SCALE widens the linear layers of a frozen pre-trained model with new blocks ``[[W, W12], [W21, W22]]``.
+    In FFN mode, every MLP gets ``ffn_expansion`` new intermediate neurons: its input projections
+    (``gate``/``up``) get new output rows ``W21`` and its output projection (``down``) gets new input
+    columns ``W12``, initialised to zero, so the model computes exactly what it did before until training
+    moves ``W12``. The pre-trained weights are frozen and never modified.
+
+    Args:
+        ffn_expansion: number of new intermediate neurons added to every targeted MLP. Must be positive.
+        target_modules: names (or a regex) of the FFN projections to widen. Default: the architecture's FFN
+            projections from ``peft_scale.architectures.FFN_LAYOUTS``. Every MLP must be targeted whole (its
+            input projections and its output projection), or injection fails.
+        ffn_output_modules: which of ``target_modules`` are FFN *output* projections (their input is widened;
+            e.g. ``["down_proj"]``). Every other target is an FFN input projection (its output is widened).
+            Default: from the architecture table; required for an architecture the table does not know.
+        ffn_fused_modules: input projections that pack several projections side by side in their output,
+            mapped to the number of parts (``{"gate_up_proj": 2}`` for Phi-3). Default: from the table.
+        exclude_modules: names (or a regex) of modules not to widen.
+        layers_to_transform: indices of the decoder layers to widen (default: all).
+        layers_pattern: the name of the layer list, when ``layers_to_transform`` cannot find it by itself.
+        init: how the new rows ``W21`` start. ``"svd"`` (default): random rows in the principal input subspace of
+            the base weight, scaled by its singular values (see ``peft_scale.layer.init_rows_svd``); ``"normal"``:
+            i.i.d. normal entries with the base weight's standard deviation. The zero block ``W12`` always starts
+            at zero, which is what keeps the output unchanged at initialisation.
+        modules_to_save: extra modules to train fully and save with the adapter (as in every PEFT method).
+        trainable_token_indices: token ids whose embeddings are trained (PEFT's trainable tokens; TRL sets it
+            when it adds chat-template tokens).
+    """
+
+    ffn_expansion: int = field(
+        default=0, metadata={"help": "Number of new intermediate neurons added to every targeted MLP."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "FFN projections to widen (names or a regex). Default: the architecture's FFN projections. "
+            "Each MLP must be targeted whole."
+        },
+    )
+    ffn_output_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Which targets are FFN output projections (their input is widened), e.g. ['down_proj']. "
+            "Default: from the architecture table."
+        },
+    )
+    ffn_fused_modules: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={
+            "help": "Input projections that pack several projections in their output, with the number of parts, "
+            "e.g. {'gate_up_proj': 2}. Default: from the architecture table."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules not to widen (names or a regex)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the decoder layers to widen (default: all)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    init: Literal["svd", "normal"] = field(
+        default="svd",
+        metadata={"help": "Initialisation of the new rows W21: 'svd' (default) or 'normal'. W12 always starts at 0."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train fully and save with the adapter."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None, metadata={"help": "Token ids whose embeddings are trained (PEFT trainable tokens)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = add_peft_type_member(SCALE_TYPE_NAME)
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.ffn_output_modules, str):
+            self.ffn_output_modules = [self.ffn_output_modules]
+        if not isinstance(self.ffn_expansion, int) or isinstance(self.ffn_expansion, bool) or self.ffn_expansion < 1:
+            raise ValueError(
+                f"ScaleConfig(ffn_expansion={self.ffn_expansion!r}): the number of new FFN neurons per MLP must be a "
+                "positive integer, e.g. ScaleConfig(ffn_expansion=64)."
+            )
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("ScaleConfig: `layers_pattern` only has an effect together with `layers_to_transform`.")
+        if self.ffn_fused_modules:
+            for name, parts in self.ffn_fused_modules.items():
+                if not isinstance(parts, int) or parts < 1:
+                    raise ValueError(
+                        f"ScaleConfig(ffn_fused_modules={{{name!r}: {parts!r}}}): the number of packed projections "
+                        "must be a positive integer (2 for a fused [gate; up] projection)."
+                    )

@@ -1,0 +1,257 @@
+"""The SCALE block-expanded linear layer around a frozen ``nn.Linear`` / ``Conv1D``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .merge import widened_copy
+
+
+def base_weight_rows(layer: nn.Module) -> torch.Tensor:
+    """The weight of a ``Linear`` or ``Conv1D`` as an ``(out_features, in_features)`` view."""
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """New rows in the principal input subspace of ``weight``, scaled by its singular values.
+
+    With ``weight = U diag(s) Vᵀ`` (``n`` rows) and ``r = min(num_rows, rank)``, the new rows are
+
+        W21 = G diag(s_1..s_r) V_rᵀ / sqrt(n),     G ~ N(0, 1)^{num_rows x r}.
+
+    Why: each new neuron then reads the input directions the existing neurons read most strongly, at their
+    scale: ``E[w wᵀ] = V_r diag(s_r²) V_rᵀ / n``, the top-``r`` part of the existing rows' second moment
+    ``Wᵀ W / n``. So the new neurons' pre-activations have the statistics of the old ones on any input and
+    the new neurons start as plausible neurons of this layer, not as noise at an arbitrary scale, while
+    the random mixing ``G`` keeps them distinct from each other and from the old ones. When ``num_rows``
+    reaches the rank, ``W21`` is drawn from exactly ``N(0, Wᵀ W / n)``, which is computed as ``G' W / sqrt(n)``
+    with ``G' ~ N(0, 1)^{num_rows x n}`` (the same distribution without an SVD). Otherwise a randomized
+    low-rank SVD (``torch.svd_lowrank``) finds the top-``r`` subspace at ``O(n d r)`` cost.
+    """
+    w = weight.detach().float()
+    n_rows, n_cols = w.shape
+    rank = min(n_rows, n_cols)
+    r = min(num_rows, rank)
+    if r == rank:
+        return torch.randn(num_rows, n_rows, device=w.device) @ w / math.sqrt(n_rows)
+    _, s, v = torch.svd_lowrank(w, q=r, niter=4)  # v: (n_cols, r)
+    return (torch.randn(num_rows, r, device=w.device) * s) @ v.T / math.sqrt(n_rows)
+
+
+def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """New rows with i.i.d. normal entries at the base weight's entry standard deviation."""
+    w = weight.detach().float()
+    return torch.randn(num_rows, w.shape[1], device=w.device) * w.std()
+
+
+INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
+
+
+class ScaleLayer(nn.Module, BaseTunerLayer):
+    """A frozen linear map ``y = W x + b`` widened by SCALE blocks.
+
+    The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::
+
+        [ y    ]   [ W    W12 ] [ x    ]        y    = W x + b + W12 x_up
+        [ y_up ] = [ W21   .  ] [ x_up ]        y_up = W21 x + b21
+
+    - ``W`` (and ``b``) is the pre-trained ``base_layer``: frozen, never copied or modified.
+    - ``W12`` (``scale_w12``, ``out x in_expansion``) is the only path from new features to the original
+      output. It starts at zero, so the layer's original output is exactly the base layer's until training
+      moves it.
+    - ``W21`` (``scale_w21``, ``out_expansion x in``) and ``b21`` (``scale_b21``, when the base has a bias)
+      produce new output features from the original ones. ``W21`` must not start at zero: with ``W12`` also
+      zero, no gradient would ever reach either (see ``init_rows_svd``). ``b21`` starts at zero.
+
+    In FFN mode the input projections (``gate``/``up``) have only ``W21`` (their output is widened) and the
+    output projection (``down``) has only ``W12`` (its input is widened).
+
+    With several active adapters, the input is ``[x; x_up_a; x_up_b; ...]`` and the new outputs follow the
+    original ones in the same order. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
+    gets its new rows after each part, ``[gate; gate_up_a; up; up_up_a]``, so the model's own ``chunk`` still
+    splits it correctly.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (or subclass) or ``transformers`` ``Conv1D``.
+        adapter_name: name of the first adapter.
+        out_expansion: new output features per packed part (``W21`` rows).
+        in_expansion: new input features (``W12`` columns).
+        init: ``"svd"`` or ``"normal"``, the initialisation of ``W21``.
+        out_parts: number of projections packed in the base output.
+
+    Raises:
+        TypeError: ``base_layer`` is not a ``Linear`` or ``Conv1D``.
+        ValueError: the base output does not split into ``out_parts`` equal parts.
+    """
+
+    adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21")
+    other_param_names = ("in_expansion", "out_expansion")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        out_expansion: int = 0,
+        in_expansion: int = 0,
+        init: str = "svd",
+        out_parts: int = 1,
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"SCALE widens nn.Linear and transformers Conv1D layers, got {type(base_layer).__name__}. "
+                "Remove this module from `target_modules`."
+            )
+        self.base_layer = base_layer
+        self.out_features, self.in_features = base_weight_rows(base_layer).shape
+        if self.out_features % out_parts:
+            raise ValueError(
+                f"A projection with {self.out_features} outputs cannot hold {out_parts} packed projections of equal "
+                "size; check `ffn_fused_modules`."
+            )
+        self.out_parts = out_parts
+        self.scale_w12 = nn.ParameterDict()
+        self.scale_w21 = nn.ParameterDict()
+        self.scale_b21 = nn.ParameterDict()
+        self.in_expansion: dict[str, int] = {}
+        self.out_expansion: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # While merged, `base_layer` is a wider copy and the pre-trained layer waits here (a plain list, so that it
+        # is neither saved with the adapter nor counted twice in `parameters()`).
+        self._unmerged_base_layer: list[nn.Module] = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, out_expansion, in_expansion, init, inference_mode=inference_mode)
+
+    def update_layer(
+        self, adapter_name: str, out_expansion: int, in_expansion: int, init: str, inference_mode: bool = False
+    ) -> None:
+        """Add the blocks of one adapter."""
+        if out_expansion < 0 or in_expansion < 0 or out_expansion + in_expansion == 0:
+            raise ValueError(f"A SCALE layer needs a positive expansion, got out={out_expansion}, in={in_expansion}.")
+        base = self.get_base_layer()
+        weight = base_weight_rows(base)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        if out_expansion:
+            rows = torch.empty(self.out_parts * out_expansion, self.in_features, **factory)
+            self.scale_w21[adapter_name] = nn.Parameter(rows)
+            if base.bias is not None:
+                self.scale_b21[adapter_name] = nn.Parameter(torch.empty(self.out_parts * out_expansion, **factory))
+        if in_expansion:
+            self.scale_w12[adapter_name] = nn.Parameter(torch.empty(self.out_features, in_expansion, **factory))
+        self.out_expansion[adapter_name] = out_expansion
+        self.in_expansion[adapter_name] = in_expansion
+        self.reset_scale_parameters(adapter_name, init)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_scale_parameters(self, adapter_name: str, init: str) -> None:
+        """``W21`` from the base rows (each packed part from its own rows); ``b21`` and ``W12`` at zero."""
+        if adapter_name in self.scale_w12:
+            self.scale_w12[adapter_name].zero_()  # zero: the original output is untouched at initialisation
+        if adapter_name in self.scale_b21:
+            self.scale_b21[adapter_name].zero_()
+        if adapter_name not in self.scale_w21:
+            return
+        w21 = self.scale_w21[adapter_name]
+        if w21.device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
+            return
+        base_rows = base_weight_rows(self.get_base_layer())
+        make_rows = INIT_ROWS[init]
+        k = self.out_expansion[adapter_name]
+        for part, rows in enumerate(base_rows.chunk(self.out_parts, dim=0)):
+            w21[part * k : (part + 1) * k].copy_(make_rows(rows, k))
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    def _active_scale_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.out_expansion]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_scale_adapters()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        widths = [self.in_features] + [self.in_expansion[name] for name in active]
+        if x.shape[-1] != sum(widths):
+            raise RuntimeError(
+                f"SCALE layer expected {sum(widths)} input features ({self.in_features} original + "
+                f"{dict(zip(active, widths[1:]))} new) but got {x.shape[-1]}: the layers of one block disagree on "
+                "which adapters are active. Switch adapters on the whole model (model.set_adapter), not on single "
+                "layers."
+            )
+        if sum(widths) > self.in_features:
+            x, *x_ups = x.split(widths, dim=-1)
+            if isinstance(self.base_layer, Conv1D):
+                x = x.contiguous()  # Conv1D.forward calls .view(), which a column slice does not allow
+        else:
+            x_ups = [None] * len(active)
+
+        result = self.base_layer(x, *args, **kwargs)  # (..., out): W x + b
+        new_rows = []
+        for name, x_up in zip(active, x_ups):
+            if name in self.scale_w12:  # + W12 x_up
+                w12 = self.scale_w12[name]
+                result = result + F.linear(self._cast_input_dtype(x_up, w12.dtype), w12).to(result.dtype)
+            if name in self.scale_w21:  # y_up = W21 x + b21
+                w21 = self.scale_w21[name]
+                b21 = self.scale_b21[name] if name in self.scale_b21 else None
+                new_rows.append(F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21).to(result.dtype))
+        if not new_rows:
+            return result
+        if self.out_parts == 1:
+            return torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
+        # packed projections: [part_0, new rows of part_0 per adapter, part_1, ...]
+        parts = [result.chunk(self.out_parts, dim=-1)] + [rows.chunk(self.out_parts, dim=-1) for rows in new_rows]
+        return torch.cat([piece for part in zip(*parts) for piece in part], dim=-1)
+
+    # ------------------------------------------------------------------------------------------- merging
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Swap in a wider copy of the base layer that holds the adapters' blocks (the shapes change).
+
+        The pre-trained layer is kept aside and comes back with ``unmerge()``.
+        """
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.out_expansion]
+        if not adapter_names:
+            return
+        wide = self.base_layer
+        for name in adapter_names:
+            wide = widened_copy(
+                wide,
+                w12=self.scale_w12[name] if name in self.scale_w12 else None,
+                w21=self.scale_w21[name] if name in self.scale_w21 else None,
+                b21=self.scale_b21[name] if name in self.scale_b21 else None,
+                out_parts=self.out_parts,
+            )
+        if safe_merge and not torch.isfinite(base_weight_rows(wide)).all():
+            raise ValueError(f"NaNs or infs in the merged weights of adapters {adapter_names}; not merging.")
+        if not self.merged:
+            self._unmerged_base_layer.append(self.base_layer)
+        self.base_layer = wide
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.base_layer = self._unmerged_base_layer.pop()
+        self.merged_adapters = []
+
+    def __repr__(self) -> str:
+        return "scale." + super().__repr__()

@@ -1,0 +1,224 @@
+"""``ScaleModel``: injects SCALE layers into a model and keeps the widened blocks in agreement."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .architectures import FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, FfnLayout, module_name_matches
+from .config import ScaleConfig
+from .layer import ScaleLayer, base_weight_rows
+
+
+def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
+    known = ", ".join(sorted(FFN_LAYOUTS))
+    return ValueError(
+        f"SCALE does not know where the FFN of model_type {model_type!r} is, so it cannot choose `{missing}`. "
+        "Name the FFN projections yourself: for an MLP `down(act(gate(x)) * up(x))`, use "
+        "ScaleConfig(ffn_expansion=..., target_modules=['gate', 'up', 'down'], ffn_output_modules=['down']) "
+        "with your model's module names (add ffn_fused_modules={'gate_up': 2} for a fused [gate; up] projection). "
+        f"Architectures with a built-in layout: {known}."
+    )
+
+
+class ScaleModel(BaseTuner):
+    """SCALE width expansion of a pre-trained model (FFN mode).
+
+    Every targeted MLP gets ``ffn_expansion`` new neurons (see ``ScaleLayer``). The base weights are frozen; at
+    initialisation the model computes exactly what the base model computes.
+
+    Example::
+
+        >>> import peft_scale
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_scale.ScaleConfig(ffn_expansion=64))
+        >>> model.print_trainable_parameters()
+    """
+
+    prefix: str = "scale_"
+    tuner_layer_cls = ScaleLayer
+    target_module_mapping = {model_type: layout.target_modules for model_type, layout in FFN_LAYOUTS.items()}
+
+    # ------------------------------------------------------------------------------------------ injection
+
+    def _prepare_adapter_config(self, peft_config: ScaleConfig, model_config: dict) -> ScaleConfig:
+        model_type = model_config.get("model_type")
+        layout: Optional[FfnLayout] = FFN_LAYOUTS.get(model_type)
+        if peft_config.target_modules is None:
+            if layout is None:
+                raise _unknown_architecture_error(model_type, "target_modules")
+            peft_config.target_modules = set(layout.target_modules)
+        if peft_config.ffn_output_modules is None:
+            if layout is None:
+                raise _unknown_architecture_error(model_type, "ffn_output_modules")
+            peft_config.ffn_output_modules = [layout.output_module]
+        if peft_config.ffn_fused_modules is None:
+            peft_config.ffn_fused_modules = dict(layout.fused_modules) if layout else {}
+        return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
+        config = self._prepare_adapter_config(self.peft_config[adapter_name], self.get_model_config(model))
+        if state_dict is None:
+            # Check the whole model before touching it, so a bad config leaves the model as it was.
+            self._find_ffn_blocks(model, config)
+        super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+
+    @staticmethod
+    def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> dict[str, dict[str, list[tuple[str, nn.Module]]]]:
+        """Group the matched modules by MLP (their parent module) and check each MLP is widened whole."""
+        blocks: dict[str, dict[str, list]] = defaultdict(lambda: {"inputs": [], "outputs": []})
+        tuner_layers = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in tuner_layers):
+                continue
+            if not check_target_module_exists(config, key):
+                continue
+            role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            blocks[key.rpartition(".")[0]][role].append((key, base))
+
+        if not blocks:
+            linear_names = sorted({key.rpartition(".")[2] for key, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"SCALE: no module of {type(model).__name__} matches target_modules={sorted(config.target_modules)}"
+                f"{' (after exclude_modules / layers_to_transform)' if config.exclude_modules or config.layers_to_transform is not None else ''}. "
+                f"Linear layers in this model are named: {linear_names}."
+            )
+        for parent, block in blocks.items():
+            inputs, outputs = block["inputs"], block["outputs"]
+            if len(outputs) != 1 or not inputs:
+                raise ValueError(
+                    f"SCALE widens each MLP whole: its input projections get new output rows and its one output "
+                    f"projection gets the matching input columns. In {parent!r} the targets matched input projections "
+                    f"{[k for k, _ in inputs]} and output projections {[k for k, _ in outputs]} "
+                    f"(ffn_output_modules={config.ffn_output_modules}). Check target_modules, exclude_modules and "
+                    "ffn_output_modules so that every MLP is matched with all of its projections or not at all."
+                )
+            out_key, out_module = outputs[0]
+            intermediate = base_weight_rows(out_module).shape[1]
+            for key, module in inputs:
+                produced = base_weight_rows(module).shape[0]
+                parts = _fused_parts(config, key)
+                if produced != parts * intermediate:
+                    raise ValueError(
+                        f"SCALE: {key!r} produces {produced} features but {out_key!r} reads {intermediate}"
+                        f"{f' ({parts} packed projections expected)' if parts > 1 else ''}. They are not the input and "
+                        "output of one FFN: check target_modules, ffn_output_modules and ffn_fused_modules."
+                    )
+        return blocks
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        is_output = module_name_matches(current_key, peft_config.ffn_output_modules)
+        expansion = {
+            "out_expansion": 0 if is_output else peft_config.ffn_expansion,
+            "in_expansion": peft_config.ffn_expansion if is_output else 0,
+            "init": peft_config.init,
+        }
+        if isinstance(target, ScaleLayer):
+            target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **expansion)
+            return
+        new_module = ScaleLayer(
+            target,
+            adapter_name,
+            out_parts=_fused_parts(peft_config, current_key),
+            inference_mode=peft_config.inference_mode,
+            **expansion,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ---------------------------------------------------------------------------------- loading checks
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict()
+        for key, tensor in state_dict.items():
+            expected = model_state.get(key)
+            if expected is not None and expected.shape != tensor.shape:
+                raise ValueError(
+                    f"This SCALE adapter does not fit the base model: {key!r} has shape {tuple(tensor.shape)} in the "
+                    f"checkpoint but {tuple(expected.shape)} in this model, so the adapter was saved for a base model "
+                    f"with other layer sizes (base_model_name_or_path={config.base_model_name_or_path!r}). Load it "
+                    "into the base model it was trained on."
+                )
+        return state_dict
+
+    # ------------------------------------------------------------------------------------------- merging
+
+    def _output_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""
+        names = {name for config in self.peft_config.values() for name in (config.ffn_output_modules or [])}
+        return [
+            (key, module)
+            for key, module in self.model.named_modules()
+            if isinstance(module, (nn.Linear, ScaleLayer)) and module_name_matches(key, names)
+        ]
+
+    def _merged_intermediate_sizes(self, adapter_names: Optional[list[str]]) -> dict[str, int]:
+        sizes = {}
+        for key, module in self._output_layers():
+            if isinstance(module, ScaleLayer):
+                merging = adapter_names if adapter_names is not None else module.active_adapters
+                merging = set(merging) | set(module.merged_adapters)
+                sizes[key] = module.in_features + sum(module.in_expansion.get(name, 0) for name in merging)
+            else:
+                sizes[key] = base_weight_rows(module).shape[1]
+        return sizes
+
+    def _intermediate_size_field(self) -> Optional[str]:
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return None
+        layout = FFN_LAYOUTS.get(getattr(config, "model_type", None))
+        if layout is not None:
+            return layout.size_field
+        return next((name for name in INTERMEDIATE_SIZE_FIELDS if hasattr(config, name)), None)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        config_field = self._intermediate_size_field()
+        new_size = None
+        if merge and getattr(self.model, "config", None) is not None:
+            sizes = self._merged_intermediate_sizes(adapter_names)
+            if len(set(sizes.values())) > 1:
+                by_size = defaultdict(list)
+                for key, size in sizes.items():
+                    by_size[size].append(key)
+                summary = "; ".join(f"{size}: {len(keys)} layers, e.g. {keys[0]!r}" for size, keys in by_size.items())
+                raise ValueError(
+                    "Cannot merge into a standard checkpoint: the merged FFNs would have different intermediate sizes "
+                    f"({summary}), and a {type(self.model.config).__name__} holds one size for all layers. Widen "
+                    "every layer (drop layers_to_transform / exclude_modules), or keep the model unmerged and save "
+                    "the adapter with save_pretrained."
+                )
+            if sizes and config_field is None:
+                raise ValueError(
+                    f"Cannot merge: SCALE does not know which field of {type(self.model.config).__name__} holds the "
+                    f"intermediate size (tried {list(INTERMEDIATE_SIZE_FIELDS)}). Add the architecture to "
+                    "peft_scale.architectures.FFN_LAYOUTS."
+                )
+            new_size = next(iter(sizes.values()), None)
+        elif not merge:
+            # unload() gives back the pre-trained model: undo merges first so that every layer has its old shape.
+            for module in self.model.modules():
+                if isinstance(module, ScaleLayer) and module.merged:
+                    module.unmerge()
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        if new_size is not None:
+            setattr(model.config, config_field, new_size)
+        return model
+
+
+def _fused_parts(config: ScaleConfig, key: str) -> int:
+    for name, parts in (config.ffn_fused_modules or {}).items():
+        if module_name_matches(key, [name]):
+            return parts
+    return 1
+
