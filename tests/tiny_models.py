@@ -1,0 +1,56 @@
+"""Tiny random-weight models of every architecture with a built-in FFN layout (seconds to build)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 128
+
+# model_type -> config kwargs (hidden 32, 2 layers, FFN 64 where the family lets us choose it)
+TINY_CONFIGS = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    ),
+    "gemma": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    ),
+    "gemma2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8
+    ),
+    "phi3": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    ),
+    "gpt2": dict(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+    "falcon": dict(hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny random model of ``model_type`` (see TINY_CONFIGS), in eval mode; ``overrides`` change its config."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **{**TINY_CONFIGS[model_type], **overrides},
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama with random weights (hidden 32, FFN 64, vocab 128), in eval mode."""
+    return tiny_model("llama", seed=seed, **overrides)
+
+
+def random_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
