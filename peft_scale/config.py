@@ -42,6 +42,8 @@ class ScaleConfig(PeftConfig):
         modules_to_save: extra modules to train fully and save with the adapter (as in every PEFT method).
         trainable_token_indices: token ids whose embeddings are trained (PEFT's trainable tokens; TRL sets it
             when it adds chat-template tokens).
+        base_ffn_shapes: filled in by ``get_peft_model``: the ``[input, intermediate]`` sizes of the base model's
+            widened FFNs. Loading the adapter into a base model with other sizes is an error that says so.
     """
 
     ffn_expansion: int = field(
@@ -86,6 +88,11 @@ class ScaleConfig(PeftConfig):
     )
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
         default=None, metadata={"help": "Token ids whose embeddings are trained (PEFT trainable tokens)."}
+    )
+
+    base_ffn_shapes: Optional[list[list[int]]] = field(
+        default=None,
+        metadata={"help": "Filled in at injection: [input, intermediate] sizes of the widened FFNs, checked on load."},
     )
 
     def __post_init__(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Optional
 
@@ -61,15 +62,31 @@ class ScaleModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
-        config = self._prepare_adapter_config(self.peft_config[adapter_name], self.get_model_config(model))
+        # Work on a copy: the fields filled in below describe this model, and the caller may reuse its config object
+        # for another one.
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
-            self._find_ffn_blocks(model, config)
+            shapes = self._find_ffn_blocks(model, config)
+            if config.base_ffn_shapes is None:
+                config.base_ffn_shapes = shapes
+            elif sorted(map(list, config.base_ffn_shapes)) != shapes:
+                raise ValueError(
+                    f"This SCALE adapter was made for a base model whose FFNs have [input, intermediate] sizes "
+                    f"{config.base_ffn_shapes}, but the FFNs of this {type(model).__name__} have {shapes}. Load the "
+                    "adapter into the base model it was trained on"
+                    f"{f' ({config.base_model_name_or_path!r})' if config.base_model_name_or_path else ''}."
+                )
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
 
     @staticmethod
-    def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> dict[str, dict[str, list[tuple[str, nn.Module]]]]:
-        """Group the matched modules by MLP (their parent module) and check each MLP is widened whole."""
+    def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> list[list[int]]:
+        """Group the matched modules by MLP (their parent module) and check each MLP is widened whole.
+
+        Returns the distinct ``[input, intermediate]`` sizes of the matched FFNs.
+        """
         blocks: dict[str, dict[str, list]] = defaultdict(lambda: {"inputs": [], "outputs": []})
         tuner_layers = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
         for key, module in model.named_modules():
@@ -88,6 +105,7 @@ class ScaleModel(BaseTuner):
                 f"{' (after exclude_modules / layers_to_transform)' if config.exclude_modules or config.layers_to_transform is not None else ''}. "
                 f"Linear layers in this model are named: {linear_names}."
             )
+        shapes = set()
         for parent, block in blocks.items():
             inputs, outputs = block["inputs"], block["outputs"]
             if len(outputs) != 1 or not inputs:
@@ -99,7 +117,8 @@ class ScaleModel(BaseTuner):
                     "ffn_output_modules so that every MLP is matched with all of its projections or not at all."
                 )
             out_key, out_module = outputs[0]
-            intermediate = base_weight_rows(out_module).shape[1]
+            hidden, intermediate = base_weight_rows(out_module).shape
+            shapes.add((hidden, intermediate))
             for key, module in inputs:
                 produced = base_weight_rows(module).shape[0]
                 parts = _fused_parts(config, key)
@@ -109,7 +128,7 @@ class ScaleModel(BaseTuner):
                         f"{f' ({parts} packed projections expected)' if parts > 1 else ''}. They are not the input and "
                         "output of one FFN: check target_modules, ffn_output_modules and ffn_fused_modules."
                     )
-        return blocks
+        return sorted(map(list, shapes))
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         is_output = module_name_matches(current_key, peft_config.ffn_output_modules)
@@ -131,23 +150,6 @@ class ScaleModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    # ---------------------------------------------------------------------------------- loading checks
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        model_state = model.state_dict()
-        for key, tensor in state_dict.items():
-            expected = model_state.get(key)
-            if expected is not None and expected.shape != tensor.shape:
-                raise ValueError(
-                    f"This SCALE adapter does not fit the base model: {key!r} has shape {tuple(tensor.shape)} in the "
-                    f"checkpoint but {tuple(expected.shape)} in this model, so the adapter was saved for a base model "
-                    f"with other layer sizes (base_model_name_or_path={config.base_model_name_or_path!r}). Load it "
-                    "into the base model it was trained on."
-                )
-        return state_dict
 
     # ------------------------------------------------------------------------------------------- merging
 
