@@ -33,8 +33,9 @@ def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
     the new neurons start as plausible neurons of this layer, not as noise at an arbitrary scale, while
     the random mixing ``G`` keeps them distinct from each other and from the old ones. When ``num_rows``
     reaches the rank, ``W21`` is drawn from exactly ``N(0, Wᵀ W / n)``, which is computed as ``G' W / sqrt(n)``
-    with ``G' ~ N(0, 1)^{num_rows x n}`` (the same distribution without an SVD). Otherwise a randomized
-    low-rank SVD (``torch.svd_lowrank``) finds the top-``r`` subspace at ``O(n d r)`` cost.
+    with ``G' ~ N(0, 1)^{num_rows x n}`` (the same distribution without an SVD). Otherwise the top-``r``
+    subspace comes from a randomized SVD with oversampling (``torch.svd_lowrank``, ``O(n d r)``), or an exact
+    SVD when ``r`` is within a factor two of the rank.
     """
     w = weight.detach().float()
     n_rows, n_cols = w.shape
@@ -42,8 +43,13 @@ def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
     r = min(num_rows, rank)
     if r == rank:
         return torch.randn(num_rows, n_rows, device=w.device) @ w / math.sqrt(n_rows)
-    _, s, v = torch.svd_lowrank(w, q=r, niter=4)  # v: (n_cols, r)
-    return (torch.randn(num_rows, r, device=w.device) * s) @ v.T / math.sqrt(n_rows)
+    oversampled = min(2 * r + 10, rank)
+    if oversampled == rank:
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.T
+    else:
+        _, s, v = torch.svd_lowrank(w, q=oversampled, niter=4)  # v: (n_cols, oversampled)
+    return (torch.randn(num_rows, r, device=w.device) * s[:r]) @ v[:, :r].T / math.sqrt(n_rows)
 
 
 def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -197,8 +203,9 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
             )
         if sum(widths) > self.in_features:
             x, *x_ups = x.split(widths, dim=-1)
-            if isinstance(self.base_layer, Conv1D):
-                x = x.contiguous()  # Conv1D.forward calls .view(), which a column slice does not allow
+            # A column slice is strided; the matmul kernels round it differently from the base model's contiguous
+            # input (and Conv1D's .view() refuses it). One copy of x keeps the original output bit-exact.
+            x = x.contiguous()
         else:
             x_ups = [None] * len(active)
 

@@ -34,9 +34,10 @@ def widened_copy(
 ) -> nn.Module:
     """Return a copy of ``base`` widened to the single matrix ``[[W, W12], [W21, 0]]``.
 
-    The base may already be a widened copy (an earlier adapter merged into it): its extra input columns
-    belong to that adapter, so this adapter's ``W21`` reads none of them (zeros there), exactly as in the
-    unmerged forward where each adapter's new rows read only the original features. With ``out_parts``
+    The base may already be a widened copy (an earlier adapter merged into it): its extra input columns and
+    output rows belong to that adapter, so this adapter's ``W21`` reads none of those columns and its ``W12``
+    writes none of those rows (zeros there), exactly as in the unmerged forward, where adapters do not see
+    each other's features. With ``out_parts``
     packed projections, each part gets its own new rows right after it, as in ``ScaleLayer.forward``.
     """
     weight = base.weight.T if isinstance(base, Conv1D) else base.weight  # (out, in)
@@ -54,7 +55,9 @@ def widened_copy(
         old = slice(p * part_out, (p + 1) * part_out)
         rows[start : start + part_out, :in_features] = weight[old]
         if w12 is not None:
-            rows[start : start + part_out, in_features:] = w12[old].to(dtype)
+            # W12 feeds the original outputs only; rows an earlier merged adapter added get none of it.
+            w12_part = w12.shape[0] // out_parts
+            rows[start : start + w12_part, in_features:] = w12[p * w12_part : (p + 1) * w12_part].to(dtype)
         if bias is not None:
             bias[start : start + part_out] = base.bias[old]
         if w21 is not None:
