@@ -9,7 +9,7 @@ import torch
 from conftest import BLOCK_PEFT, run_in_fresh_process
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tiny_models import TINY_CONFIGS, VOCAB, random_ids, tiny_model
+from tiny_models import TINY_CONFIGS, VOCAB, perturb_adapter, random_ids, tiny_model
 
 from peft_scale import FFN_LAYOUTS, ScaleConfig, ScaleLayer
 
@@ -26,15 +26,6 @@ def wrapped(model_type: str, seed: int = 0, **config):
     reference = copy.deepcopy(base)
     model = get_peft_model(base, ScaleConfig(ffn_expansion=EXPANSION, **config))
     return reference, model
-
-
-def perturb_adapter(model, seed=0, scale=0.1):
-    """Stand-in for training: move every trainable (adapter) parameter."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

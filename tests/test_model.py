@@ -12,17 +12,9 @@ from conftest import BLOCK_PEFT, run_in_fresh_process
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 from torch import nn
-from tiny_models import random_ids, tiny_llama, tiny_model
+from tiny_models import perturb_adapter, random_ids, tiny_llama, tiny_model
 
 from peft_scale import ScaleConfig, ScaleLayer, register_scale
-
-
-def move_adapter(model, adapter_name, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if f".{adapter_name}" in name and ".scale_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 # ------------------------------------------------------------------------------------------ registration
@@ -167,7 +159,7 @@ def test_custom_module_with_named_ffn_works_end_to_end(tmp_path):
     config = ScaleConfig(ffn_expansion=4, target_modules=["w_gate", "w_val", "w_out"], ffn_output_modules=["w_out"])
     model = get_peft_model(base, config)
     assert torch.equal(model(ids), reference(ids))
-    move_adapter(model, "default", seed=0)
+    perturb_adapter(model, "default", seed=0)
     adapted = model(ids)
     assert (adapted - reference(ids)).abs().max() > 1e-3
     model.save_pretrained(tmp_path)
@@ -214,8 +206,8 @@ def test_two_adapters_coexist_switch_and_delete():
     reference = tiny_llama()
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8), adapter_name="one")
     model.add_adapter("two", ScaleConfig(ffn_expansion=4, init="normal"))
-    move_adapter(model, "one", seed=0)
-    move_adapter(model, "two", seed=1)
+    perturb_adapter(model, "one", seed=0)
+    perturb_adapter(model, "two", seed=1)
     with torch.no_grad():
         out_a = model(ids).logits
         model.set_adapter("two")
@@ -237,8 +229,8 @@ def test_two_active_adapters_add_both_neuron_sets_and_merge_to_the_same():
     ids = random_ids()
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8), adapter_name="one")
     model.add_adapter("two", ScaleConfig(ffn_expansion=4))
-    move_adapter(model, "one", seed=0)
-    move_adapter(model, "two", seed=1)
+    perturb_adapter(model, "one", seed=0)
+    perturb_adapter(model, "two", seed=1)
     model.base_model.set_adapter(["one", "two"])
     with torch.no_grad():
         both = model(ids).logits
@@ -253,7 +245,7 @@ def test_two_active_adapters_add_both_neuron_sets_and_merge_to_the_same():
 def test_merge_adapter_and_unmerge_adapter_in_place():
     ids = random_ids()
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
-    move_adapter(model, "default", seed=0)
+    perturb_adapter(model, "default", seed=0)
     with torch.no_grad():
         adapted = model(ids).logits
         model.merge_adapter()
@@ -269,7 +261,7 @@ def test_merge_adapter_and_unmerge_adapter_in_place():
 def test_unload_returns_the_base_model_unchanged():
     ids = random_ids()
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
-    move_adapter(model, "default", seed=0)
+    perturb_adapter(model, "default", seed=0)
     model.merge_adapter()
     base = model.unload()
     assert base.config.intermediate_size == 64
@@ -289,7 +281,7 @@ def test_merging_different_widths_per_layer_is_an_error():
 @pytest.fixture
 def saved_adapter(tmp_path):
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
-    move_adapter(model, "default", seed=0)
+    perturb_adapter(model, "default", seed=0)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         return tmp_path, model(random_ids()).logits
@@ -349,7 +341,7 @@ with torch.no_grad():
 
 def test_merged_model_needs_no_peft(tmp_path):
     model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
-    move_adapter(model, "default", seed=0)
+    perturb_adapter(model, "default", seed=0)
     with torch.no_grad():
         torch.save(model(random_ids()).logits, tmp_path / "expected.pt")
     model.merge_and_unload().save_pretrained(tmp_path / "dense")

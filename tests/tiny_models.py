@@ -54,3 +54,12 @@ def tiny_llama(seed: int = 0, **overrides):
 def random_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def perturb_adapter(model, adapter_name: str = "default", seed: int = 0, scale: float = 0.1) -> None:
+    """Stand-in for training: move every SCALE parameter of one adapter by seeded noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".scale_" in name and name.endswith(f".{adapter_name}"):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
