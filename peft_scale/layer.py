@@ -67,7 +67,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
     The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::
 
         [ y    ]   [ W    W12 ] [ x    ]        y    = W x + b + W12 x_up
-        [ y_up ] = [ W21   .  ] [ x_up ]        y_up = W21 x + b21
+        [ y_up ] = [ W21  W22 ] [ x_up ]        y_up = W21 x + b21 + W22 x_up
 
     - ``W`` (and ``b``) is the pre-trained ``base_layer``: frozen, never copied or modified.
     - ``W12`` (``scale_w12``, ``out x in_expansion``) is the only path from new features to the original
@@ -76,12 +76,21 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
     - ``W21`` (``scale_w21``, ``out_expansion x in``) and ``b21`` (``scale_b21``, when the base has a bias)
       produce new output features from the original ones. ``W21`` must not start at zero: with ``W12`` also
       zero, no gradient would ever reach either (see ``init_rows_svd``). ``b21`` starts at zero.
+    - ``W22`` (``scale_w22``) maps new features to new features, when both sides are widened.
+    - An absent block is a zero block. A variant that keeps ``W12`` frozen at zero (SCALE-Preserve, and the
+      bottom ``preserve_layers`` of SCALE-Adapt/-Route) simply does not create it (``open_w12=False``).
 
     In FFN mode the input projections (``gate``/``up``) have only ``W21`` (their output is widened) and the
     output projection (``down``) has only ``W12`` (its input is widened).
 
     With several active adapters, the input is ``[x; x_up_a; x_up_b; ...]`` and the new outputs follow the
-    original ones in the same order. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
+    original ones in the same order.
+
+    SCALE-Route carries a *preservation copy* ``x_pres`` of the original features in front of the stream,
+    ``[x_pres; x; x_up]``, in the layers where its adaptation path may differ from the base model. Only the
+    frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``. ``preservation_copy`` says when
+    the layer expects it: ``"off"``, ``"eval"`` (when not training: routing at evaluation and generation) or
+    ``"always"``. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
     gets its new rows after each part, ``[gate; gate_up_a; up; up_up_a]``, so the model's own ``chunk`` still
     splits it correctly.
 
@@ -98,7 +107,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         ValueError: the base output does not split into ``out_parts`` equal parts.
     """
 
-    adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21")
+    adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22")
     other_param_names = ("in_expansion", "out_expansion")
 
     def __init__(
@@ -109,6 +118,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         in_expansion: int = 0,
         init: str = "svd",
         out_parts: int = 1,
+        open_w12: bool = True,
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
@@ -128,6 +138,8 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         self.scale_w12 = nn.ParameterDict()
         self.scale_w21 = nn.ParameterDict()
         self.scale_b21 = nn.ParameterDict()
+        self.scale_w22 = nn.ParameterDict()
+        self.preservation_copy = "off"
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
         self._disable_adapters = False
@@ -136,12 +148,20 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         # is neither saved with the adapter nor counted twice in `parameters()`).
         self._unmerged_base_layer: list[nn.Module] = []
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, out_expansion, in_expansion, init, inference_mode=inference_mode)
+        self.update_layer(
+            adapter_name, out_expansion, in_expansion, init, open_w12=open_w12, inference_mode=inference_mode
+        )
 
     def update_layer(
-        self, adapter_name: str, out_expansion: int, in_expansion: int, init: str, inference_mode: bool = False
+        self,
+        adapter_name: str,
+        out_expansion: int,
+        in_expansion: int,
+        init: str,
+        open_w12: bool = True,
+        inference_mode: bool = False,
     ) -> None:
-        """Add the blocks of one adapter."""
+        """Add the blocks of one adapter (``open_w12=False``: ``W12`` stays a frozen zero block, i.e. absent)."""
         if out_expansion < 0 or in_expansion < 0 or out_expansion + in_expansion == 0:
             raise ValueError(f"A SCALE layer needs a positive expansion, got out={out_expansion}, in={in_expansion}.")
         base = self.get_base_layer()
@@ -152,8 +172,12 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
             self.scale_w21[adapter_name] = nn.Parameter(rows)
             if base.bias is not None:
                 self.scale_b21[adapter_name] = nn.Parameter(torch.empty(self.out_parts * out_expansion, **factory))
-        if in_expansion:
+        if in_expansion and open_w12:
             self.scale_w12[adapter_name] = nn.Parameter(torch.empty(self.out_features, in_expansion, **factory))
+        if in_expansion and out_expansion:
+            self.scale_w22[adapter_name] = nn.Parameter(
+                torch.empty(self.out_parts * out_expansion, in_expansion, **factory)
+            )
         self.out_expansion[adapter_name] = out_expansion
         self.in_expansion[adapter_name] = in_expansion
         self.reset_scale_parameters(adapter_name, init)
@@ -161,7 +185,8 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
 
     @torch.no_grad()
     def reset_scale_parameters(self, adapter_name: str, init: str) -> None:
-        """``W21`` from the base rows (each packed part from its own rows); ``b21`` and ``W12`` at zero."""
+        """``W21`` from the base rows (each packed part from its own rows); ``W22`` normal at the base weight's
+        scale; ``b21`` and ``W12`` at zero."""
         if adapter_name in self.scale_w12:
             self.scale_w12[adapter_name].zero_()  # zero: the original output is untouched at initialisation
         if adapter_name in self.scale_b21:
@@ -176,11 +201,17 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         k = self.out_expansion[adapter_name]
         for part, rows in enumerate(base_rows.chunk(self.out_parts, dim=0)):
             w21[part * k : (part + 1) * k].copy_(make_rows(rows, k))
+        if adapter_name in self.scale_w22:
+            w22 = self.scale_w22[adapter_name]
+            w22.copy_(torch.randn_like(w22, dtype=torch.float32) * base_rows.float().std())
 
     # ----------------------------------------------------------------------------------------------- forward
 
     def _active_scale_adapters(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.out_expansion]
+
+    def carries_preservation_copy(self) -> bool:
+        return self.preservation_copy == "always" or (self.preservation_copy == "eval" and not self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -193,21 +224,25 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
-        widths = [self.in_features] + [self.in_expansion[name] for name in active]
+        copy = self.carries_preservation_copy()
+        widths = [self.in_features] * (2 if copy else 1) + [self.in_expansion[name] for name in active]
         if x.shape[-1] != sum(widths):
             raise RuntimeError(
-                f"SCALE layer expected {sum(widths)} input features ({self.in_features} original + "
-                f"{dict(zip(active, widths[1:]))} new) but got {x.shape[-1]}: the layers of one block disagree on "
-                "which adapters are active. Switch adapters on the whole model (model.set_adapter), not on single "
-                "layers."
+                f"SCALE layer expected {sum(widths)} input features ({self.in_features} original"
+                f"{' + a preservation copy' if copy else ''} + {dict(zip(active, widths[-len(active):]))} new) but "
+                f"got {x.shape[-1]}: the layers of one block disagree on which adapters are active. Switch adapters "
+                "on the whole model (model.set_adapter), not on single layers."
             )
+        preserved, x_ups = None, [x[..., :0]] * len(active)  # zero-width x_up: this input is not widened
         if sum(widths) > self.in_features:
-            x, *x_ups = x.split(widths, dim=-1)
+            pieces = x.split(widths, dim=-1)
+            if copy:
+                # the preservation copy sees the frozen base layer only: exactly the base model's computation
+                preserved = self.base_layer(pieces[0].contiguous(), *args, **kwargs)
+                pieces = pieces[1:]
             # A column slice is strided; the matmul kernels round it differently from the base model's contiguous
             # input (and Conv1D's .view() refuses it). One copy of x keeps the original output bit-exact.
-            x = x.contiguous()
-        else:
-            x_ups = [None] * len(active)
+            x, x_ups = pieces[0].contiguous(), pieces[1:]
 
         result = self.base_layer(x, *args, **kwargs)  # (..., out): W x + b
         new_rows = []
@@ -215,17 +250,22 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
             if name in self.scale_w12:  # + W12 x_up
                 w12 = self.scale_w12[name]
                 result = result + F.linear(self._cast_input_dtype(x_up, w12.dtype), w12).to(result.dtype)
-            if name in self.scale_w21:  # y_up = W21 x + b21
+            if name in self.scale_w21:  # y_up = W21 x + b21 (+ W22 x_up)
                 w21 = self.scale_w21[name]
                 b21 = self.scale_b21[name] if name in self.scale_b21 else None
-                new_rows.append(F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21).to(result.dtype))
-        if not new_rows:
-            return result
-        if self.out_parts == 1:
-            return torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
-        # packed projections: [part_0, new rows of part_0 per adapter, part_1, ...]
-        parts = [result.chunk(self.out_parts, dim=-1)] + [rows.chunk(self.out_parts, dim=-1) for rows in new_rows]
-        return torch.cat([piece for part in zip(*parts) for piece in part], dim=-1)
+                rows = F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
+                if name in self.scale_w22:
+                    rows = rows + F.linear(self._cast_input_dtype(x_up, w21.dtype), self.scale_w22[name])
+                new_rows.append(rows.to(result.dtype))
+        if new_rows and self.out_parts == 1:
+            result = torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
+        elif new_rows:
+            # packed projections: [part_0, new rows of part_0 per adapter, part_1, ...]
+            parts = [result.chunk(self.out_parts, dim=-1)] + [rows.chunk(self.out_parts, dim=-1) for rows in new_rows]
+            result = torch.cat([piece for part in zip(*parts) for piece in part], dim=-1)
+        if preserved is not None:
+            result = torch.cat([preserved, result], dim=-1)  # (..., out + out + new): [W x_pres; y; y_up]
+        return result
 
     # ------------------------------------------------------------------------------------------- merging
 
@@ -241,9 +281,11 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         for name in adapter_names:
             wide = widened_copy(
                 wide,
-                w12=self.scale_w12[name] if name in self.scale_w12 else None,
-                w21=self.scale_w21[name] if name in self.scale_w21 else None,
-                b21=self.scale_b21[name] if name in self.scale_b21 else None,
+                in_expansion=self.in_expansion[name],
+                w12=self.scale_w12.get(name),
+                w21=self.scale_w21.get(name),
+                b21=self.scale_b21.get(name),
+                w22=self.scale_w22.get(name),
                 out_parts=self.out_parts,
             )
         if safe_merge and not torch.isfinite(base_weight_rows(wide)).all():

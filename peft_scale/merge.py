@@ -27,12 +27,14 @@ def _new_like(base: nn.Module, weight_rows: torch.Tensor, bias: Optional[torch.T
 @torch.no_grad()
 def widened_copy(
     base: nn.Module,
+    in_expansion: int,
     w12: Optional[torch.Tensor],
     w21: Optional[torch.Tensor],
     b21: Optional[torch.Tensor],
+    w22: Optional[torch.Tensor],
     out_parts: int = 1,
 ) -> nn.Module:
-    """Return a copy of ``base`` widened to the single matrix ``[[W, W12], [W21, 0]]``.
+    """Return a copy of ``base`` widened to the single matrix ``[[W, W12], [W21, W22]]`` (absent blocks are zero).
 
     The base may already be a widened copy (an earlier adapter merged into it): its extra input columns and
     output rows belong to that adapter, so this adapter's ``W21`` reads none of those columns and its ``W12``
@@ -44,7 +46,7 @@ def widened_copy(
     dtype, device = weight.dtype, weight.device
     out_features, in_features = weight.shape
     part_out = out_features // out_parts
-    new_in = in_features + (w12.shape[1] if w12 is not None else 0)
+    new_in = in_features + in_expansion
     part_new = (w21.shape[0] // out_parts) if w21 is not None else 0
     rows = torch.zeros(out_parts * (part_out + part_new), new_in, dtype=dtype, device=device)
     bias = None
@@ -63,6 +65,8 @@ def widened_copy(
         if w21 is not None:
             new = slice(p * part_new, (p + 1) * part_new)
             rows[start + part_out : start + part_out + part_new, : w21.shape[1]] = w21[new].to(dtype)
+            if w22 is not None:
+                rows[start + part_out : start + part_out + part_new, in_features:] = w22[new].to(dtype)
             if b21 is not None:
                 bias[start + part_out : start + part_out + part_new] = b21[new].to(dtype)
     return _new_like(base, rows, bias)

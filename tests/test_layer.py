@@ -180,3 +180,44 @@ def test_safe_merge_refuses_non_finite_weights():
     with pytest.raises(ValueError, match="NaNs or infs"):
         layer.merge(safe_merge=True)
     assert not layer.merged
+
+
+def test_both_sides_widened_uses_all_four_blocks():
+    base = linear(6, 10, bias=True)
+    layer = ScaleLayer(base, "a", out_expansion=3, in_expansion=2)
+    with torch.no_grad():
+        layer.scale_w12["a"].normal_()
+    x, x_up = torch.randn(4, 6), torch.randn(4, 2)
+    y = layer(torch.cat([x, x_up], -1))
+    w12, w21, w22, b21 = (layer.scale_w12["a"], layer.scale_w21["a"], layer.scale_w22["a"], layer.scale_b21["a"])
+    assert torch.count_nonzero(w22) > 0  # new -> new starts non-zero
+    torch.testing.assert_close(y[:, :10], base(x) + x_up @ w12.T)
+    torch.testing.assert_close(y[:, 10:], x @ w21.T + b21 + x_up @ w22.T)
+
+
+def test_a_closed_w12_is_absent_so_the_original_output_never_changes():
+    base = linear(6, 10)
+    layer = ScaleLayer(base, "a", out_expansion=3, in_expansion=2, open_w12=False)
+    assert "a" not in layer.scale_w12 and "a" in layer.scale_w22
+    x = torch.randn(4, 8)
+    assert torch.equal(layer(x)[:, :10], base(x[:, :6].contiguous()))
+
+
+@pytest.mark.parametrize("mode", ["always", "eval"])
+def test_preservation_copy_sees_only_the_frozen_base(mode):
+    base = linear(6, 10, bias=True)
+    layer = ScaleLayer(base, "a", out_expansion=3, in_expansion=2)
+    with torch.no_grad():
+        layer.scale_w12["a"].normal_()
+    layer.preservation_copy = mode
+    layer.eval()
+    x_pres, x, x_up = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 2)
+    y = layer(torch.cat([x_pres, x, x_up], -1))
+    assert y.shape == (4, 10 + 10 + 3)
+    assert torch.equal(y[:, :10], base(x_pres))
+    layer.preservation_copy = "off"
+    torch.testing.assert_close(y[:, 10:], layer(torch.cat([x, x_up], -1)))
+    if mode == "eval":  # in training the copy is not carried
+        layer.preservation_copy = mode
+        layer.train()
+        assert layer(torch.cat([x, x_up], -1)).shape == (4, 13)
