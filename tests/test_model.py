@@ -73,9 +73,12 @@ def test_a_config_saved_by_version_0_1_still_loads():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, r"ffn_expansion=0\): the number of new FFN neurons per MLP must be a positive integer"),
-        ({"ffn_expansion": -3}, "must be a positive integer"),
-        ({"ffn_expansion": 2.5}, "must be a positive integer"),
+        ({}, r"needs something to widen: ffn_expansion > 0 .* and/or hidden_expansion > 0"),
+        ({"ffn_expansion": -3}, r"ffn_expansion=-3\): must be a non-negative integer"),
+        ({"ffn_expansion": 2.5}, "must be a non-negative integer"),
+        ({"ffn_expansion": 8, "variant": "route"}, r"variant='route'\) needs hidden_expansion > 0"),
+        ({"ffn_expansion": 8, "variant": "wide"}, r"variant='wide'\): choose one of"),
+        ({"ffn_expansion": 8, "adapt_modules": "attention"}, "needs hidden_expansion > 0: FFN mode widens no attention"),
         ({"ffn_expansion": 8, "init": "zeros"}, r"init='zeros'\): choose one of \['svd', 'normal'\]"),
         ({"ffn_expansion": 8, "layers_pattern": "layers"}, "only has an effect together with `layers_to_transform`"),
         ({"ffn_expansion": 8, "ffn_fused_modules": {"gate_up_proj": 0}}, "must be a positive integer"),
