@@ -60,6 +60,47 @@ FFN_LAYOUTS: dict[str, FfnLayout] = {
     ),
 }
 
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where a family keeps the modules that read or write the residual stream (full-width SCALE).
+
+    Args:
+        embedding: the token embedding (gets ``d_up`` new columns).
+        query, key, value: attention input projections (get whole new heads of the base head size; keys and
+            values in the base group ratio).
+        attention_output: the attention output projection (reads the new heads, writes ``d_up`` new features).
+        norms: the RMSNorms inside each decoder layer (split: the original slice keeps the base norm).
+        final_norm: the norm in front of the LM head (split, and carries the LM head's new block ``P``).
+        layers: the list of decoder layers (SCALE-Route adds the preservation copy at the input of one).
+        input_norm: the first module of a decoder layer to read its input (SCALE-Route checks it to know whether
+            the layer carries a preservation copy).
+    """
+
+    embedding: str = "embed_tokens"
+    query: str = "q_proj"
+    key: str = "k_proj"
+    value: str = "v_proj"
+    attention_output: str = "o_proj"
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    final_norm: str = "model.norm"
+    layers: str = "model.layers"
+    input_norm: str = "input_layernorm"
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [self.embedding, self.query, self.key, self.value, self.attention_output, *self.norms, self.final_norm]
+
+
+_LLAMA_DECODER = DecoderLayout()
+
+# Families whose whole decoder SCALE can widen (hidden_expansion > 0). Each entry also needs an FFN_LAYOUTS row.
+FULL_WIDTH_LAYOUTS: dict[str, DecoderLayout] = {
+    "llama": _LLAMA_DECODER,
+    "mistral": _LLAMA_DECODER,
+    "qwen2": _LLAMA_DECODER,
+    "qwen3": _LLAMA_DECODER,  # its per-head q_norm/k_norm act on head_dim and apply to new heads unchanged
+}
+
 # Config attributes that hold the intermediate size in families outside the table, tried in this order when a
 # model whose FFN was named by hand is merged.
 INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")

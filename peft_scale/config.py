@@ -10,6 +10,8 @@ from peft.config import PeftConfig
 from .registration import SCALE_TYPE_NAME, add_peft_type_member
 
 INIT_METHODS = ("svd", "normal")
+VARIANTS = ("preserve", "adapt", "route")
+ADAPT_MODULES = ("all", "attention", "ffn")
 
 
 @dataclass
@@ -17,13 +19,30 @@ class ScaleConfig(PeftConfig):
     """Configuration of a SCALE width expansion.
 
     SCALE widens the linear layers of a frozen pre-trained model with new blocks ``[[W, W12], [W21, W22]]``.
-    In FFN mode, every MLP gets ``ffn_expansion`` new intermediate neurons: its input projections
-    (``gate``/``up``) get new output rows ``W21`` and its output projection (``down``) gets new input
-    columns ``W12``, initialised to zero, so the model computes exactly what it did before until training
-    moves ``W12``. The pre-trained weights are frozen and never modified.
+    In FFN mode (``hidden_expansion=0``), every MLP gets ``ffn_expansion`` new intermediate neurons: its input
+    projections (``gate``/``up``) get new output rows ``W21`` and its output projection (``down``) gets new
+    input columns ``W12``, initialised to zero, so the model computes exactly what it did before until training
+    moves ``W12``. With ``hidden_expansion > 0`` the whole decoder is widened: the residual stream, attention
+    (whole new heads), the FFN, the embedding and the LM head's input. The pre-trained weights are frozen and
+    never modified.
 
     Args:
-        ffn_expansion: number of new intermediate neurons added to every targeted MLP. Must be positive.
+        ffn_expansion: number of new intermediate neurons added to every targeted MLP.
+        hidden_expansion: ``d_up``, new features of the residual stream (full-width SCALE; llama, mistral, qwen2,
+            qwen3). Must be a whole number of attention heads, and of heads per key-value head under
+            grouped-query attention (SmolLM2-135M: multiples of 64 x 3 = 192).
+        variant: which ``W12`` blocks (new -> original features) exist and train. ``"adapt"`` (default): those of
+            the layers from ``preserve_layers`` up, in ``adapt_modules``. ``"preserve"``: none (full width only):
+            the original features are the base model's forever, and new knowledge reaches the logits only through
+            the LM head's new block. ``"route"``: the body of ``"adapt"`` plus a preservation head (the base model's
+            own logits, from a copy of the original features that only frozen weights touch) and per-token
+            routing between the two heads by their cosine (full width only).
+        preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route).
+        adapt_modules: where ``W12`` opens above ``preserve_layers``: ``"all"``, ``"attention"`` or ``"ffn"``
+            (the paper finds opening only upper-layer attention forgets least).
+        route_threshold: ``tau``: a token takes the preservation logits when ``cos(z_pres, z_adapt) >= tau``.
+        route_in_training: also route during training (default: train on the adaptation logits and route at
+            evaluation and generation).
         target_modules: names (or a regex) of the FFN projections to widen. Default: the architecture's FFN
             projections from ``peft_scale.architectures.FFN_LAYOUTS``. Every MLP must be targeted whole (its
             input projections and its output projection), or injection fails.
@@ -48,6 +67,25 @@ class ScaleConfig(PeftConfig):
 
     ffn_expansion: int = field(
         default=0, metadata={"help": "Number of new intermediate neurons added to every targeted MLP."}
+    )
+    hidden_expansion: int = field(
+        default=0,
+        metadata={"help": "New residual-stream features (full-width SCALE); whole heads in the base group ratio."},
+    )
+    variant: Literal["preserve", "adapt", "route"] = field(
+        default="adapt", metadata={"help": "Which W12 blocks train: 'preserve', 'adapt' (default) or 'route'."}
+    )
+    preserve_layers: int = field(
+        default=0, metadata={"help": "Bottom layers whose W12 stay frozen at zero (adapt, route)."}
+    )
+    adapt_modules: Literal["all", "attention", "ffn"] = field(
+        default="all", metadata={"help": "Where W12 opens above preserve_layers: 'all', 'attention' or 'ffn'."}
+    )
+    route_threshold: float = field(
+        default=0.5, metadata={"help": "Route: a token takes the preservation head when cos(z_pres, z_adapt) >= tau."}
+    )
+    route_in_training: bool = field(
+        default=False, metadata={"help": "Route: also route in training (default: train on the adaptation head)."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
@@ -106,10 +144,28 @@ class ScaleConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.ffn_output_modules, str):
             self.ffn_output_modules = [self.ffn_output_modules]
-        if not isinstance(self.ffn_expansion, int) or isinstance(self.ffn_expansion, bool) or self.ffn_expansion < 1:
+        for name in ("ffn_expansion", "hidden_expansion", "preserve_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ScaleConfig({name}={value!r}): must be a non-negative integer.")
+        if self.ffn_expansion == 0 and self.hidden_expansion == 0:
             raise ValueError(
-                f"ScaleConfig(ffn_expansion={self.ffn_expansion!r}): the number of new FFN neurons per MLP must be a "
-                "positive integer, e.g. ScaleConfig(ffn_expansion=64)."
+                "ScaleConfig needs something to widen: ffn_expansion > 0 (new FFN neurons per MLP, e.g. "
+                "ScaleConfig(ffn_expansion=64)) and/or hidden_expansion > 0 (new residual-stream features)."
+            )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ScaleConfig(variant={self.variant!r}): choose one of {list(VARIANTS)}.")
+        if self.adapt_modules not in ADAPT_MODULES:
+            raise ValueError(f"ScaleConfig(adapt_modules={self.adapt_modules!r}): choose one of {list(ADAPT_MODULES)}.")
+        if self.hidden_expansion == 0 and self.variant != "adapt":
+            raise ValueError(
+                f"ScaleConfig(variant={self.variant!r}) needs hidden_expansion > 0: in FFN mode the only path from the "
+                "new neurons to the output is the W12 block of the FFN output projection, which SCALE-Adapt opens "
+                "(variant='adapt', preserve_layers=...)."
+            )
+        if self.hidden_expansion == 0 and self.adapt_modules == "attention":
+            raise ValueError(
+                "ScaleConfig(adapt_modules='attention') needs hidden_expansion > 0: FFN mode widens no attention."
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")

@@ -88,9 +88,9 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
 
     SCALE-Route carries a *preservation copy* ``x_pres`` of the original features in front of the stream,
     ``[x_pres; x; x_up]``, in the layers where its adaptation path may differ from the base model. Only the
-    frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``. ``preservation_copy`` says when
-    the layer expects it: ``"off"``, ``"eval"`` (when not training: routing at evaluation and generation) or
-    ``"always"``. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
+    frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``. ``preservation_copy[adapter]``
+    says when the layer expects it: ``"off"``, ``"eval"`` (when not training: routing at evaluation and
+    generation) or ``"always"``. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
     gets its new rows after each part, ``[gate; gate_up_a; up; up_up_a]``, so the model's own ``chunk`` still
     splits it correctly.
 
@@ -108,7 +108,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22")
-    other_param_names = ("in_expansion", "out_expansion")
+    other_param_names = ("in_expansion", "out_expansion", "preservation_copy")
 
     def __init__(
         self,
@@ -119,6 +119,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         init: str = "svd",
         out_parts: int = 1,
         open_w12: bool = True,
+        preservation_copy: str = "off",
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
@@ -139,7 +140,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         self.scale_w21 = nn.ParameterDict()
         self.scale_b21 = nn.ParameterDict()
         self.scale_w22 = nn.ParameterDict()
-        self.preservation_copy = "off"
+        self.preservation_copy: dict[str, str] = {}
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
         self._disable_adapters = False
@@ -149,7 +150,13 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         self._unmerged_base_layer: list[nn.Module] = []
         self._active_adapter = adapter_name
         self.update_layer(
-            adapter_name, out_expansion, in_expansion, init, open_w12=open_w12, inference_mode=inference_mode
+            adapter_name,
+            out_expansion,
+            in_expansion,
+            init,
+            open_w12=open_w12,
+            preservation_copy=preservation_copy,
+            inference_mode=inference_mode,
         )
 
     def update_layer(
@@ -159,6 +166,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         in_expansion: int,
         init: str,
         open_w12: bool = True,
+        preservation_copy: str = "off",
         inference_mode: bool = False,
     ) -> None:
         """Add the blocks of one adapter (``open_w12=False``: ``W12`` stays a frozen zero block, i.e. absent)."""
@@ -180,6 +188,7 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
             )
         self.out_expansion[adapter_name] = out_expansion
         self.in_expansion[adapter_name] = in_expansion
+        self.preservation_copy[adapter_name] = preservation_copy
         self.reset_scale_parameters(adapter_name, init)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -211,7 +220,11 @@ class ScaleLayer(nn.Module, BaseTunerLayer):
         return [name for name in self.active_adapters if name in self.out_expansion]
 
     def carries_preservation_copy(self) -> bool:
-        return self.preservation_copy == "always" or (self.preservation_copy == "eval" and not self.training)
+        active = self._active_scale_adapters()
+        if not active:
+            return False
+        mode = self.preservation_copy[active[0]]
+        return mode == "always" or (mode == "eval" and not self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -10,9 +10,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .architectures import FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, FfnLayout, module_name_matches
+from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, FfnLayout, module_name_matches
 from .config import ScaleConfig
+from .embedding import ScaleEmbedding
 from .layer import ScaleLayer, base_weight_rows
+from .norm import ScaleNorm
+from .plan import expansion_widths, full_width_targets, plan_module
+from .routing import LMHeadRouter, RouteResult
 
 
 def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
@@ -27,10 +31,13 @@ def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
 
 
 class ScaleModel(BaseTuner):
-    """SCALE width expansion of a pre-trained model (FFN mode).
+    """SCALE width expansion of a pre-trained model.
 
-    Every targeted MLP gets ``ffn_expansion`` new neurons (see ``ScaleLayer``). The base weights are frozen; at
-    initialisation the model computes exactly what the base model computes.
+    FFN mode: every targeted MLP gets ``ffn_expansion`` new neurons (see ``ScaleLayer``). Full width
+    (``hidden_expansion > 0``): the embedding, every norm (``ScaleNorm``), attention (whole new heads) and the
+    FFN widen together, and the final norm feeds the untouched LM head. The base weights are frozen; at
+    initialisation the model computes exactly what the base model computes. ``peft_scale.plan`` decides, module
+    by module, the widths and which ``W12`` blocks exist (the variant).
 
     Example::
 
@@ -49,6 +56,29 @@ class ScaleModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: ScaleConfig, model_config: dict) -> ScaleConfig:
         model_type = model_config.get("model_type")
         layout: Optional[FfnLayout] = FFN_LAYOUTS.get(model_type)
+        if peft_config.hidden_expansion:
+            if model_type not in FULL_WIDTH_LAYOUTS:
+                raise ValueError(
+                    f"Full-width SCALE (hidden_expansion > 0) knows the decoder layout of {sorted(FULL_WIDTH_LAYOUTS)}, "
+                    f"not of model_type {model_type!r}. For this architecture, use FFN mode (ffn_expansion alone)."
+                )
+            targets = full_width_targets(model_type)
+            if peft_config.target_modules is not None and set(peft_config.target_modules) != targets:
+                raise ValueError(
+                    "Full-width SCALE widens every module that reads or writes the residual stream, so "
+                    f"target_modules cannot be chosen (it is {sorted(targets)}); leave it unset."
+                )
+            if peft_config.layers_to_transform is not None or peft_config.exclude_modules:
+                raise ValueError(
+                    "Full-width SCALE widens the residual stream of every layer: layers_to_transform and "
+                    "exclude_modules do not apply (use preserve_layers to keep the bottom layers' W12 at zero)."
+                )
+            num_layers = model_config.get("num_hidden_layers")
+            if num_layers is not None and peft_config.preserve_layers > num_layers:
+                raise ValueError(
+                    f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers."
+                )
+            peft_config.target_modules = targets
         if peft_config.target_modules is None:
             if layout is None:
                 raise _unknown_architecture_error(model_type, "target_modules")
@@ -67,6 +97,10 @@ class ScaleModel(BaseTuner):
         config = copy.deepcopy(self.peft_config[adapter_name])
         self.peft_config[adapter_name] = config
         config = self._prepare_adapter_config(config, self.get_model_config(model))
+        if config.hidden_expansion:
+            expansion_widths(config, model.config)  # raises if the width does not fit the head layout
+        if config.variant == "route" and any(c.variant == "route" for n, c in self.peft_config.items() if n != adapter_name):
+            raise ValueError("Only one SCALE-Route adapter per model: its hooks on the LM head serve one adapter.")
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
             shapes = self._find_ffn_blocks(model, config)
@@ -80,6 +114,8 @@ class ScaleModel(BaseTuner):
                     f"{f' ({config.base_model_name_or_path!r})' if config.base_model_name_or_path else ''}."
                 )
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        if config.variant == "route":
+            self._install_routing(model, adapter_name, config)
 
     @staticmethod
     def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> list[list[int]]:
@@ -94,6 +130,8 @@ class ScaleModel(BaseTuner):
                 continue
             if not check_target_module_exists(config, key):
                 continue
+            if config.hidden_expansion and not module_name_matches(key, FFN_LAYOUTS[config_model_type(model)].target_modules):
+                continue  # full width: the attention, norms and embedding are checked by the head layout instead
             role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             blocks[key.rpartition(".")[0]][role].append((key, base))
@@ -131,25 +169,78 @@ class ScaleModel(BaseTuner):
         return sorted(map(list, shapes))
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        is_output = module_name_matches(current_key, peft_config.ffn_output_modules)
-        expansion = {
-            "out_expansion": 0 if is_output else peft_config.ffn_expansion,
-            "in_expansion": peft_config.ffn_expansion if is_output else 0,
-            "init": peft_config.init,
-        }
-        if isinstance(target, ScaleLayer):
-            target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **expansion)
+        plan = plan_module(peft_config, getattr(self.model, "config", None), current_key, self._num_layers())
+        common = {"inference_mode": peft_config.inference_mode}
+        if plan.role == "embedding":
+            cls, args = ScaleEmbedding, {"expansion": plan.out_expansion, "init": peft_config.init}
+        elif plan.role in ("norm", "final_norm"):
+            cls, args = ScaleNorm, {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
+            if plan.role == "final_norm":
+                args["routing"] = plan.routing
+        else:
+            cls, args = ScaleLayer, {
+                "out_expansion": plan.out_expansion,
+                "in_expansion": plan.in_expansion,
+                "init": peft_config.init,
+                "open_w12": plan.open_w12,
+                "preservation_copy": plan.preservation_copy,
+            }
+        if isinstance(target, cls):
+            target.update_layer(adapter_name, **args, **common)
             return
-        new_module = ScaleLayer(
-            target,
-            adapter_name,
-            out_parts=_fused_parts(peft_config, current_key),
-            inference_mode=peft_config.inference_mode,
-            **expansion,
-        )
+        if cls is ScaleLayer:
+            args["out_parts"] = _fused_parts(peft_config, current_key)
+        if cls is ScaleNorm:
+            args["final"] = plan.role == "final_norm"
+        new_module = cls(target, adapter_name, **args, **common)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _num_layers(self) -> Optional[int]:
+        return getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+
+    # -------------------------------------------------------------------------------------------- routing
+
+    def _install_routing(self, model: nn.Module, adapter_name: str, config: ScaleConfig) -> None:
+        """Hooks for SCALE-Route: the preservation copy enters at layer ``preserve_layers``; the LM head routes."""
+        decoder = FULL_WIDTH_LAYOUTS[config_model_type(model)]
+        handles = []
+        if config.preserve_layers < self._num_layers():
+            layer = model.get_submodule(f"{decoder.layers}.{config.preserve_layers}")
+            handles.append(
+                layer.register_forward_pre_hook(
+                    _copy_original_slice(getattr(layer, decoder.input_norm)), with_kwargs=True
+                )
+            )
+        if getattr(self, "_router", None) is None:
+            self._router = LMHeadRouter(model.get_output_embeddings(), self._active_route_threshold)
+        self._route_hooks = {**getattr(self, "_route_hooks", {}), adapter_name: handles}
+
+    def _active_route_threshold(self) -> float:
+        routes = [self.peft_config[name] for name in self.active_adapters if self.peft_config[name].variant == "route"]
+        if len(routes) != 1 or len(self.active_adapters) != 1:
+            raise RuntimeError(f"SCALE-Route needs its adapter active alone; active: {self.active_adapters}.")
+        return routes[0].route_threshold
+
+    @property
+    def last_routing(self) -> Optional[RouteResult]:
+        """Both heads' logits and the routing mask of the last routed forward pass (SCALE-Route), else ``None``."""
+        router = getattr(self, "_router", None)
+        return router.last if router is not None else None
+
+    def _remove_routing(self, adapter_names=None) -> None:
+        hooks = getattr(self, "_route_hooks", {})
+        for name in list(hooks if adapter_names is None else adapter_names):
+            for handle in hooks.pop(name, []):
+                handle.remove()
+        if not hooks and getattr(self, "_router", None) is not None:
+            self._router.remove()
+            self._router = None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._remove_routing([adapter_name])
+        super().delete_adapter(adapter_name)
 
     # ------------------------------------------------------------------------------------------- merging
 
@@ -183,6 +274,12 @@ class ScaleModel(BaseTuner):
         return next((name for name in INTERMEDIATE_SIZE_FIELDS if hasattr(config, name)), None)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        merging = [self.peft_config[name] for name in (adapter_names or self.active_adapters)] if merge else []
+        if any(config.variant == "route" for config in merging):
+            raise ValueError(
+                "Cannot merge a SCALE-Route adapter: its preservation head needs the frozen original weights apart "
+                "from the new blocks, which merging folds together. Keep the model unmerged for routing."
+            )
         config_field = self._intermediate_size_field()
         new_size = None
         if merge and getattr(self.model, "config", None) is not None:
@@ -210,12 +307,54 @@ class ScaleModel(BaseTuner):
             for module in self.model.modules():
                 if isinstance(module, ScaleLayer) and module.merged:
                     module.unmerge()
+        self._remove_routing()
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
         if new_size is not None:
             setattr(model.config, config_field, new_size)
+        if any(config.hidden_expansion for config in merging):
+            _refuse_standard_checkpoint(model)
         return model
+
+
+def config_model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _copy_original_slice(input_norm: ScaleNorm):
+    """Forward pre-hook of the first routed decoder layer: ``[x; x_up] -> [x_pres; x; x_up]`` with ``x_pres = x``.
+
+    Below this layer no ``W12`` exists, so ``x`` is still exactly the base model's hidden state and can seed the
+    preservation copy. The layer's input norm says whether the copy is wanted (route adapter active, routing mode).
+    """
+
+    def hook(module, args, kwargs):
+        if not input_norm.carries_preservation_copy():
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = torch.cat([hidden[..., : input_norm.features], hidden], dim=-1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def _refuse_standard_checkpoint(model: nn.Module) -> None:
+    """A merged full-width model keeps split norms: no checkpoint of its architecture can hold it."""
+    architecture = type(model).__name__
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            f"This merged full-width SCALE model cannot be saved as a {architecture} checkpoint: its norms normalise "
+            "the original and the new features separately (SplitRMSNorm), which the architecture's config cannot "
+            "express, so the checkpoint would not load. Use it in memory for fast inference, and save the adapter "
+            "instead: PeftModel.save_pretrained before merging."
+        )
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = save_pretrained
 
 
 def _fused_parts(config: ScaleConfig, key: str) -> int:

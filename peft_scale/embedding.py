@@ -1,0 +1,67 @@
+"""The token embedding widened with new feature columns."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .layer import INIT_ROWS
+
+
+class ScaleEmbedding(nn.Module, BaseTunerLayer):
+    """``E -> [E, E_up]``: every token gets ``d_up`` new features next to its frozen embedding.
+
+        out = [ E[ids] ; E_up[ids] ]
+
+    ``E_up`` (``scale_embedding``, ``vocab x d_up``) starts non-zero: it is where the new slice of the residual
+    stream comes from. With ``init="svd"`` its columns are drawn like ``init_rows_svd`` draws new rows, from the
+    principal subspace of ``E``'s columns at their scale, so each new feature is distributed over the vocabulary
+    like an existing one. The frozen ``E`` is untouched, so a tied LM head keeps its weight.
+    """
+
+    adapter_layer_names = ("scale_embedding",)
+    other_param_names = ("expansion",)
+
+    def __init__(self, base_layer: nn.Embedding, adapter_name: str, expansion: int, init: str = "svd", **kwargs):
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"ScaleEmbedding widens nn.Embedding, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.scale_embedding = nn.ParameterDict()
+        self.expansion: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, expansion, init, **kwargs)
+
+    def update_layer(self, adapter_name: str, expansion: int, init: str = "svd", inference_mode=False) -> None:
+        weight = self.base_layer.weight
+        self.scale_embedding[adapter_name] = nn.Parameter(
+            torch.empty(weight.shape[0], expansion, device=weight.device, dtype=weight.dtype)
+        )
+        self.expansion[adapter_name] = expansion
+        with torch.no_grad():
+            if weight.device.type != "meta":
+                self.scale_embedding[adapter_name].copy_(INIT_ROWS[init](weight.T, expansion).T)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.expansion]
+        if self.disable_adapters or self.merged or not active:
+            return result
+        new = [F.embedding(ids, self.scale_embedding[name]).to(result.dtype) for name in active]
+        return torch.cat([result, *new], dim=-1)  # (..., d + d_up)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
+        if not merge:
+            return self.base_layer
+        names = adapter_names or [name for name in self.active_adapters if name in self.expansion]
+        weight = torch.cat([self.base_layer.weight, *[self.scale_embedding[n].to(self.base_layer.weight.dtype) for n in names]], 1)
+        merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
+        merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        return merged

@@ -1,0 +1,175 @@
+"""Split normalisation for a widened residual stream."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama computes it: statistics in fp32, gain applied in the input dtype."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return gain * x.to(dtype)
+
+
+def norm_epsilon(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        if isinstance(getattr(norm, name, None), float):
+            return getattr(norm, name)
+    raise TypeError(f"Cannot find the epsilon of {type(norm).__name__}; SCALE splits RMSNorm-style layers only.")
+
+
+class ScaleNorm(nn.Module, BaseTunerLayer):
+    """An RMSNorm over the widened stream ``[x; x_up]``, normalising each slice on its own.
+
+        out = [ norm(x) ; rms(x_up) * g_up ]
+
+    ``norm(x)`` is the base layer applied to the original slice alone, with its own weights: normalising
+    over ``[x; x_up]`` together would let the new features change the original ones through the shared
+    statistic, and the original computation would be lost (the method note's preservation condition 1).
+    The new slice gets its own statistic and its own trainable gain ``g_up`` (``scale_gain``), which starts
+    at the mean of the base gain so the new features enter at the scale of the old ones.
+
+    The *final* norm also feeds the untouched LM head (``final=True``). It returns the base width::
+
+        out = norm(x) + P rms(x_up) g_up,       logits = W_out out = W_out norm(x) + (W_out P) rms(x_up) g_up
+
+    i.e. the LM head's new block is ``W_out_up = W_out P`` (``scale_head`` is ``P``, ``d x d_up``, zero at
+    initialisation). The head module is never wrapped, so TRL's fused LM head, which multiplies the last hidden
+    state by ``lm_head.weight`` directly, still works.
+
+    With a preservation copy (SCALE-Route) the input is ``[x_pres; x; x_up]`` and the output gains
+    ``norm(x_pres)`` in front. When ``routing`` applies, the final norm returns ``[norm(x_pres); out]`` (twice
+    the base width) and the LM-head hooks of ``peft_scale.routing`` turn that into the two heads' logits.
+
+    Args:
+        base_layer: the model's RMSNorm (weight ``d``, epsilon).
+        adapter_name: name of the first adapter.
+        expansion: ``d_up``, the width of the new slice.
+        final: whether this is the norm in front of the LM head.
+    """
+
+    adapter_layer_names = ("scale_gain", "scale_head")
+    other_param_names = ("expansion", "preservation_copy")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, expansion: int, final: bool = False, **kwargs):
+        super().__init__()
+        self.base_layer = base_layer
+        self.features = base_layer.weight.shape[0]
+        self.eps = norm_epsilon(base_layer)
+        self.final = final
+        self.scale_gain = nn.ParameterDict()
+        self.scale_head = nn.ParameterDict()
+        self.expansion: dict[str, int] = {}
+        self.preservation_copy: dict[str, str] = {}
+        self.routing: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, expansion, **kwargs)
+
+    def update_layer(
+        self, adapter_name: str, expansion: int, preservation_copy: str = "off", routing: str = "off", inference_mode=False
+    ) -> None:
+        weight = self.base_layer.weight
+        self.scale_gain[adapter_name] = nn.Parameter(torch.empty(expansion, device=weight.device, dtype=weight.dtype))
+        if self.final:
+            self.scale_head[adapter_name] = nn.Parameter(
+                torch.empty(self.features, expansion, device=weight.device, dtype=weight.dtype)
+            )
+        self.expansion[adapter_name] = expansion
+        self.preservation_copy[adapter_name] = preservation_copy
+        self.routing[adapter_name] = routing
+        self.reset_scale_parameters(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_scale_parameters(self, adapter_name: str) -> None:
+        gain = self.scale_gain[adapter_name]
+        if gain.device.type != "meta":
+            gain.fill_(self.base_layer.weight.float().mean().item())
+        if adapter_name in self.scale_head:
+            self.scale_head[adapter_name].zero_()  # zero: the logits start as the base model's
+
+    def _active_scale_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.expansion]
+
+    def _mode_applies(self, modes: dict[str, str]) -> bool:
+        active = self._active_scale_adapters()
+        if self.disable_adapters or not active:
+            return False
+        mode = modes[active[0]]
+        return mode == "always" or (mode == "eval" and not self.training)
+
+    def carries_preservation_copy(self) -> bool:
+        """Whether the input holds a preservation copy ``[x_pres; x; x_up]`` (SCALE-Route, routed layers)."""
+        return self._mode_applies(self.preservation_copy)
+
+    def routes(self) -> bool:
+        """Whether this final norm emits both heads' inputs ``[norm(x_pres); out]``."""
+        return self.final and self._mode_applies(self.routing)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self._active_scale_adapters()
+        if self.disable_adapters or not active:
+            return self.base_layer(x, *args, **kwargs)
+        copy = self.carries_preservation_copy()
+        widths = [self.features] * (2 if copy else 1) + [self.expansion[name] for name in active]
+        if x.shape[-1] != sum(widths):
+            raise RuntimeError(
+                f"SCALE norm expected {sum(widths)} features but got {x.shape[-1]}: the widened layers disagree on "
+                "which adapters are active. Switch adapters on the whole model (model.set_adapter)."
+            )
+        pieces = x.split(widths, dim=-1)
+        preserved = self.base_layer(pieces[0].contiguous()) if copy else None
+        pieces = pieces[1:] if copy else pieces
+        original = self.base_layer(pieces[0].contiguous())  # norm(x): the base norm over the original slice only
+        new = [  # rms(x_up) * g_up, per adapter
+            rms_norm(x_up, self.scale_gain[name], self.eps).to(original.dtype) for name, x_up in zip(active, pieces[1:])
+        ]
+        if self.final:
+            out = original
+            for name, x_up in zip(active, new):
+                head = self.scale_head[name]
+                out = out + F.linear(x_up.to(head.dtype), head).to(out.dtype)  # + P rms(x_up) g_up
+            if self.routes():
+                return torch.cat([preserved if copy else original, out], dim=-1)  # (..., 2d)
+            return out  # (..., d): what the LM head and TRL expect
+        return torch.cat([original, *new] if preserved is None else [preserved, original, *new], dim=-1)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
+        """A norm over two slices has no single-module equivalent: merging keeps a plain ``SplitRMSNorm``."""
+        if not merge:
+            return self.base_layer
+        names = adapter_names or self._active_scale_adapters()
+        heads = [self.scale_head[name].detach() for name in names] if self.final else None
+        return SplitRMSNorm(self.base_layer, [self.scale_gain[name].detach() for name in names], self.eps, heads)
+
+
+class SplitRMSNorm(nn.Module):
+    """The merged form of ``ScaleNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
+    into a standard checkpoint of the base architecture, whose norm spans the whole hidden size)."""
+
+    def __init__(self, base: nn.Module, gains: list[torch.Tensor], eps: float, heads: Optional[list[torch.Tensor]]):
+        super().__init__()
+        self.base = base
+        self.gains = nn.ParameterList([nn.Parameter(g, requires_grad=False) for g in gains])
+        self.heads = nn.ParameterList([nn.Parameter(h, requires_grad=False) for h in heads]) if heads else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.base.weight.shape[0]
+        pieces = x.split([d] + [g.shape[0] for g in self.gains], dim=-1)
+        original = self.base(pieces[0].contiguous())
+        new = [rms_norm(p, g, self.eps) for p, g in zip(pieces[1:], self.gains)]
+        if self.heads is None:
+            return torch.cat([original, *new], dim=-1)
+        for head, x_up in zip(self.heads, new):
+            original = original + F.linear(x_up.to(head.dtype), head).to(original.dtype)
+        return original
