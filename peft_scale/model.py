@@ -197,6 +197,14 @@ class ScaleModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, (ScaleEmbedding, ScaleNorm)) and not isinstance(new_module, BaseTunerLayer):
+            # Unloading: the module is already complete (a merged, wider embedding or a SplitRMSNorm); PEFT's
+            # version would copy the old base layer's weight onto it.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _num_layers(self) -> Optional[int]:
         return getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
 
