@@ -76,7 +76,9 @@ class DecoderLayout:
             the layer carries a preservation copy).
     """
 
-    embedding: str = "embed_tokens"
+    # "model.embed_tokens", not "embed_tokens": PEFT saves the whole (frozen) embedding matrix with the adapter
+    # when the bare name is a target, which SCALE does not need (only its new columns are saved).
+    embedding: str = "model.embed_tokens"
     query: str = "q_proj"
     key: str = "k_proj"
     value: str = "v_proj"

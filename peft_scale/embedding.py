@@ -44,9 +44,10 @@ class ScaleEmbedding(nn.Module, BaseTunerLayer):
             torch.empty(weight.shape[0], expansion, device=weight.device, dtype=weight.dtype)
         )
         self.expansion[adapter_name] = expansion
-        with torch.no_grad():
-            if weight.device.type != "meta":
-                self.scale_embedding[adapter_name].copy_(INIT_ROWS[init](weight.T, expansion).T)
+        new = self.scale_embedding[adapter_name]
+        if new.device.type != "meta":  # low_cpu_mem_usage: the values come from a checkpoint
+            with torch.no_grad():
+                new.copy_(INIT_ROWS[init](weight.T, expansion).T)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:

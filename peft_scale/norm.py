@@ -56,7 +56,7 @@ class ScaleNorm(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("scale_gain", "scale_head")
-    other_param_names = ("expansion", "preservation_copy")
+    other_param_names = ("expansion", "preservation_copy", "routing")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, expansion: int, final: bool = False, **kwargs):
         super().__init__()

@@ -253,3 +253,14 @@ def test_one_route_adapter_per_model():
     _, model = full_width("llama", "route")
     with pytest.raises(ValueError, match="Only one SCALE-Route adapter per model"):
         model.add_adapter("second", ScaleConfig(hidden_expansion=16, variant="route"))
+
+
+def test_the_saved_adapter_holds_only_the_new_blocks(tmp_path):
+    from safetensors.torch import load_file
+
+    _, model = full_width("llama", "route")
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(".scale_" in key for key in saved)  # no frozen base weight (e.g. the embedding) is copied
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert sum(t.numel() for t in saved.values()) == trainable
