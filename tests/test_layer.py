@@ -62,16 +62,19 @@ def test_packed_parts_initialised_from_their_own_rows():
     assert up_rows.norm() > 20 * gate_rows.norm()
 
 
-def test_svd_init_lies_in_the_principal_subspace_at_the_base_scale():
+@pytest.mark.parametrize("shape", [(64, 32), (512, 300)])  # exact SVD; randomized SVD (r small next to the rank)
+def test_svd_init_lies_in_the_principal_subspace_at_the_base_scale(shape):
     torch.manual_seed(0)
-    weight = torch.randn(64, 32) @ torch.diag(torch.logspace(0, -3, 32))  # decaying spectrum
+    n, d = shape
+    weight = torch.randn(n, d) @ torch.diag(torch.logspace(0, -3, d))  # decaying spectrum
     _, _, vh = torch.linalg.svd(weight, full_matrices=False)
     k = 4
     rows = init_rows_svd(weight, k)
-    assert rows.shape == (k, 32)
-    # rows are combinations of the top-k right singular vectors (up to the randomized SVD's accuracy)
+    assert rows.shape == (k, d)
+    # rows are combinations of the top-k right singular vectors (up to the randomized SVD's accuracy, which a
+    # slowly decaying spectrum like this one limits)
     outside = rows - rows @ vh[:k].T @ vh[:k]
-    assert outside.norm() / rows.norm() < 1e-3
+    assert outside.norm() / rows.norm() < (1e-4 if n == 64 else 1e-2)
     # expected squared row norm: sum of the top-k squared singular values over the number of rows
     s = torch.linalg.svdvals(weight)
     expected = (s[:k] ** 2).sum() / weight.shape[0]
