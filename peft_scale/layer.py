@@ -34,8 +34,9 @@ def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
     the random mixing ``G`` keeps them distinct from each other and from the old ones. When ``num_rows``
     reaches the rank, ``W21`` is drawn from exactly ``N(0, Wᵀ W / n)``, which is computed as ``G' W / sqrt(n)``
     with ``G' ~ N(0, 1)^{num_rows x n}`` (the same distribution without an SVD). Otherwise the top-``r``
-    subspace comes from an exact SVD, or, when ``r`` is small next to the rank (below a quarter of it, after
-    oversampling), from a randomized SVD (``torch.svd_lowrank``, ``O(n d r)`` instead of ``O(n d min(n, d))``).
+    subspace comes from an exact SVD, or, for a large matrix (rank above 1024) whose ``r`` is small next to the
+    rank (below a quarter of it, after oversampling), from a randomized SVD (``torch.svd_lowrank``, ``O(n d r)``
+    instead of ``O(n d min(n, d))``).
     """
     w = weight.detach().float()
     n_rows, n_cols = w.shape
@@ -44,7 +45,7 @@ def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
     if r == rank:
         return torch.randn(num_rows, n_rows, device=w.device) @ w / math.sqrt(n_rows)
     oversampled = 2 * r + 10
-    if 4 * oversampled >= rank:
+    if rank <= 1024 or 4 * oversampled >= rank:
         _, s, vh = torch.linalg.svd(w, full_matrices=False)
         v = vh.T
     else:

@@ -62,7 +62,7 @@ def test_packed_parts_initialised_from_their_own_rows():
     assert up_rows.norm() > 20 * gate_rows.norm()
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (512, 300)])  # exact SVD; randomized SVD (r small next to the rank)
+@pytest.mark.parametrize("shape", [(64, 32), (1600, 1100)])  # exact SVD; randomized SVD (r small next to the rank)
 def test_svd_init_lies_in_the_principal_subspace_at_the_base_scale(shape):
     torch.manual_seed(0)
     n, d = shape
