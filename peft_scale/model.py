@@ -73,12 +73,10 @@ class ScaleModel(BaseTuner):
                     "Full-width SCALE widens the residual stream of every layer: layers_to_transform and "
                     "exclude_modules do not apply (use preserve_layers to keep the bottom layers' W12 at zero)."
                 )
-            num_layers = model_config.get("num_hidden_layers")
-            if num_layers is not None and peft_config.preserve_layers > num_layers:
-                raise ValueError(
-                    f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers."
-                )
             peft_config.target_modules = targets
+        num_layers = model_config.get("num_hidden_layers")
+        if num_layers is not None and peft_config.preserve_layers > num_layers:
+            raise ValueError(f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers.")
         if peft_config.target_modules is None:
             if layout is None:
                 raise _unknown_architecture_error(model_type, "target_modules")

@@ -119,6 +119,26 @@ def test_layers_to_transform_widens_only_those_layers():
     assert widened == [f"base_model.model.model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
 
 
+def test_ffn_mode_preserve_layers_keeps_the_bottom_layers_w12_at_zero():
+    reference = tiny_llama()
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8, preserve_layers=1))
+    downs = [layer.mlp.down_proj for layer in model.base_model.model.model.layers]
+    assert [("default" in down.scale_w12) for down in downs] == [False, True]
+    perturb_adapter(model)
+    captured = []
+    handle = model.base_model.model.model.layers[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    reference_handle = reference.model.layers[0].register_forward_hook(lambda m, a, out: captured.append(out))
+    ids = random_ids()
+    with torch.no_grad():
+        model(ids)
+        reference(ids)
+    handle.remove()
+    reference_handle.remove()
+    assert torch.equal(captured[0], captured[1])  # layer 0 still computes exactly what the base model does
+    with pytest.raises(ValueError, match="preserve_layers=3 exceeds the model's 2 layers"):
+        get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8, preserve_layers=3))
+
+
 def test_unknown_architecture_says_how_to_name_the_modules():
     class Block(nn.Module):
         def __init__(self):
