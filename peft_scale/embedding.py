@@ -6,13 +6,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .layer import INIT_ROWS
+from .layer import INIT_ROWS, ScaleTunerLayer
 
 
-class ScaleEmbedding(nn.Module, BaseTunerLayer):
+class ScaleEmbedding(nn.Module, ScaleTunerLayer):
     """``E -> [E, E_up]``: every token gets ``d_up`` new features next to its frozen embedding.
 
         out = [ E[ids] ; E_up[ids] ]

@@ -62,7 +62,12 @@ def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
 INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
-class ScaleLayer(nn.Module, BaseTunerLayer):
+class ScaleTunerLayer(BaseTunerLayer):
+    """What every SCALE module is (``ScaleLayer``, ``ScaleNorm``, ``ScaleEmbedding``): PEFT switches, deletes and
+    freezes adapters on the modules of the tuner's ``tuner_layer_cls``, and all three must follow together."""
+
+
+class ScaleLayer(nn.Module, ScaleTunerLayer):
     """A frozen linear map ``y = W x + b`` widened by SCALE blocks.
 
     The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, FfnLayout, module_name_matches
 from .config import ScaleConfig
 from .embedding import ScaleEmbedding
-from .layer import ScaleLayer, base_weight_rows
+from .layer import ScaleLayer, ScaleTunerLayer, base_weight_rows
 from .norm import ScaleNorm
 from .plan import expansion_widths, full_width_targets, plan_module
 from .routing import LMHeadRouter, RouteResult
@@ -48,7 +49,7 @@ class ScaleModel(BaseTuner):
     """
 
     prefix: str = "scale_"
-    tuner_layer_cls = ScaleLayer
+    tuner_layer_cls = ScaleTunerLayer
     target_module_mapping = {model_type: layout.target_modules for model_type, layout in FFN_LAYOUTS.items()}
 
     # ------------------------------------------------------------------------------------------ injection
@@ -207,6 +208,27 @@ class ScaleModel(BaseTuner):
         return getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
 
     # -------------------------------------------------------------------------------------------- routing
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel enters this around every forward pass, with the forward's keyword arguments."""
+        if not kwargs.get("fused_lm_head"):
+            yield
+            return
+        # TRL's fused LM head multiplies the backbone's last hidden state by lm_head.weight itself, so the routing
+        # hooks on the head never run: give it the adaptation path alone, at the base width.
+        saved = []
+        for module in self.model.modules():
+            for attr in ("preservation_copy", "routing"):
+                modes = getattr(module, attr, None) if isinstance(module, ScaleTunerLayer) else None
+                if modes:
+                    saved.append((modes, dict(modes)))
+                    modes.update(dict.fromkeys(modes, "off"))
+        try:
+            yield
+        finally:
+            for modes, original in saved:
+                modes.update(original)
 
     def _install_routing(self, model: nn.Module, adapter_name: str, config: ScaleConfig) -> None:
         """Hooks for SCALE-Route: the preservation copy enters at layer ``preserve_layers``; the LM head routes."""

@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .layer import ScaleTunerLayer
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,7 +26,7 @@ def norm_epsilon(norm: nn.Module) -> float:
     raise TypeError(f"Cannot find the epsilon of {type(norm).__name__}; SCALE splits RMSNorm-style layers only.")
 
 
-class ScaleNorm(nn.Module, BaseTunerLayer):
+class ScaleNorm(nn.Module, ScaleTunerLayer):
     """An RMSNorm over the widened stream ``[x; x_up]``, normalising each slice on its own.
 
         out = [ norm(x) ; rms(x_up) * g_up ]
