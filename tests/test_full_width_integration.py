@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import run_in_fresh_process
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from test_real_model import SENTENCE, lapack_single_threaded
+from test_real_model import SENTENCE
 from test_training_integration import (
     adapter_params,
     assert_bit_identical,
@@ -44,19 +44,6 @@ VARIANTS = ("preserve", "adapt", "route")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Everything in this module runs on one thread (restored afterwards), fixtures included.
-
-    On this 2-core machine shared with other processes, each threaded LAPACK call of the SVD initialisation
-    spin-waits on its thread barrier (see test_real_model.lapack_single_threaded): wrapping a 4-layer tiny model took
-    ~4 s on 2 threads and 0.02 s on 1, and SmolLM2's forward and backward passes were also faster on one thread under
-    load. One thread count for every forward pass also keeps the model's and the base's logits computed alike.
-    Nothing here asserts timings."""
-    with lapack_single_threaded():
-        yield
 
 
 def tiny_base(model_type: str = "llama", seed: int = 0):
@@ -174,7 +161,6 @@ def test_full_width_adapters_save_and_load_in_a_fresh_process(tmp_path):
     out = run_in_fresh_process(
         f"""
 import json, torch, peft_scale
-torch.set_num_threads(1)  # the SVD initialisation of the loaded adapters (see one_thread)
 from peft import PeftModel
 from tiny_models import random_ids, tiny_model
 ids = random_ids(seed=5)
@@ -623,8 +609,7 @@ def test_smollm2_full_width_keeps_the_base_model(smollm2, smol_ids, smol_base, v
     base_logits, base_states = smol_base
     config = ScaleConfig(hidden_expansion=192, ffn_expansion=64, variant=variant, preserve_layers=SMOL_PRESERVE)
     torch.manual_seed(0)
-    with lapack_single_threaded():
-        model = get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(copy.deepcopy(base), config)
 
     # At init the wrapped model computes the base model's logits (for route: both heads, and the routed output).
     model.eval()

@@ -4,7 +4,6 @@ Every test works on deep copies of the loaded model, so the module-scoped origin
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -55,22 +54,6 @@ def training_ids(smollm2):
     return ids
 
 
-@contextlib.contextmanager
-def lapack_single_threaded():
-    """Run SCALE's SVD initialisation on one thread (restored afterwards).
-
-    Wrapping SmolLM2 runs 60 small randomized SVDs (``torch.svd_lowrank``: QR + SVD LAPACK calls). On this 2-core
-    machine, when another process keeps the cores busy, each threaded LAPACK call spin-waits on its thread barrier:
-    measured 14-330 s per wrap with 2 threads versus ~3 s with 1 thread. Nothing here asserts timings or the drawn
-    values, so the thread count only changes the runtime."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def plain_weights(model) -> dict[str, torch.Tensor]:
     """The pre-trained weights under the plain model's names (``.base_layer`` removed, adapters left out)."""
     plain = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -84,8 +67,7 @@ def trained(smollm2, training_ids, sentence_ids):
     Also records the wrapped model's logits before training (wrapping with the SVD init takes seconds: done once)."""
     model, _ = smollm2
     torch.manual_seed(0)
-    with lapack_single_threaded():
-        peft_model = get_peft_model(copy.deepcopy(model), ScaleConfig(ffn_expansion=EXPANSION))
+    peft_model = get_peft_model(copy.deepcopy(model), ScaleConfig(ffn_expansion=EXPANSION))
     adapters = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in adapters.items()}
     with torch.no_grad():
@@ -177,8 +159,7 @@ def test_save_and_reload_onto_a_fresh_base(smollm2, trained, sentence_ids, tmp_p
     # fp32 adapter only: 3,317,760 parameters x 4 bytes plus the safetensors header, far below the 540 MB base.
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     assert LAYERS * 3 * EXPANSION * HIDDEN * 4 < size < LAYERS * 3 * EXPANSION * HIDDEN * 4 + 100_000
-    with lapack_single_threaded():  # the adapter is initialised (then overwritten by the checkpoint) as in get_peft_model
-        reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sentence_ids).logits, trained["logits"])
 
