@@ -34,14 +34,26 @@ def smollm2_folder() -> Path:
 
 
 def load_smollm2(dtype=None):
-    """(model, tokenizer) of SmolLM2-135M-Instruct from the bundled GGUF file (~20 s)."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the bundled GGUF file (~20 s), as a plain trainable model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
+    _detach_gguf_quantizer(model)
     return model, tokenizer
+
+
+def _detach_gguf_quantizer(model) -> None:
+    """transformers dequantises every GGUF weight to float on load but leaves its GGUF quantizer attached, and
+    ``Trainer`` refuses to train a model whose quantizer does not support training: drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if getattr(quantizer, "packed_modules", None):
+        raise RuntimeError("The model kept packed GGUF layers, which cannot be trained; load it dequantized.")
+    quantizer.remove_quantization_config(model)
 
 
 def wiki_summaries(language: str) -> list[str]:
