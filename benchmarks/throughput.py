@@ -1,0 +1,536 @@
+"""Throughput and memory of SCALE against its baselines, side by side on one machine and one model.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/throughput.py --model tiny            # ~1-2 min on 2 CPU cores
+    PYTHONPATH=. python benchmarks/throughput.py --model smollm2         # the bundled SmolLM2-135M
+    PYTHONPATH=. python benchmarks/throughput.py --quick                 # seconds: smoke run
+
+What is measured
+----------------
+Every number comes from ``--warmup`` untimed runs followed by ``--repeats`` timed runs (``time.perf_counter``,
+``torch.cuda.synchronize`` around each run on CUDA); the table shows the median and the spread (min-max); the
+JSON keeps every sample. Precision: fp32 always; bf16 as well when CUDA is available (base weights cast to bf16,
+adapter weights as the PEFT method creates them).
+
+Training, one step = forward with ``labels`` (causal-LM loss) + backward + ``AdamW.step`` + ``zero_grad`` on a
+fixed random batch of ``batch x seq`` tokens; tokens/s = ``batch * seq / median step time``. Rows:
+
+- ``full_ft``: every weight of the base model trains.
+- ``floor``: every weight frozen, ``enable_input_require_grads()``, so the backward pass runs through all the
+  activations but computes no weight gradient, and there is no optimizer step. No parameter-efficient method
+  that trains something inside the model can be faster than this: it is the cost of backpropagating at all.
+- ``lora``: PEFT LoRA on gate/up/down, rank chosen so its trainable parameter count is closest to ``scale_ffn``'s.
+- ``scale_ffn``: ``ScaleConfig(ffn_expansion=k)``.
+- ``scale_preserve`` / ``scale_route``: full-width SCALE, ``ScaleConfig(hidden_expansion=d_up, ffn_expansion=k,
+  variant=...)``.
+- ``dense_ffn``: full fine-tuning of a fresh dense model with ``intermediate_size + k`` (what ``scale_ffn``
+  merges into). ``dense_wide``: fresh dense model with ``hidden_size + d_up``, the matching extra heads and
+  ``intermediate_size + k`` (the size of the full-width SCALE model).
+
+Memory of a training step. On CUDA: ``torch.cuda.max_memory_allocated`` over one step, after
+``reset_peak_memory_stats`` (``peak_mib``). On CPU there is no allocator statistic that can be reset, and the
+process' max RSS only ever grows, so the JSON gives an *accounting estimate* instead (``est_peak_mib``) =
+parameters (all, trainable or not) + gradients (of trainable parameters) + AdamW state (after a step) + the
+tensors autograd saves for backward during one forward (counted with ``torch.autograd.graph.saved_tensors_hooks``,
+each storage once, storages of parameters excluded). It leaves out transient buffers (e.g. the logits' softmax
+workspace), so it is a lower bound on the true peak, but it is deterministic and comparable between rows.
+
+Inference (``torch.no_grad``, eval mode): ``prefill`` = one forward of ``batch x seq`` tokens (tokens/s =
+``batch * seq / time``); ``decode`` = ``generate`` with greedy search and KV cache, ``decode_tokens`` new tokens
+for each of ``batch`` prompts of 8 tokens (tokens/s = ``batch * decode_tokens / time``, the short prompt's prefill
+included). Rows: ``base``, ``scale_unmerged`` (the ``scale_ffn`` PEFT model), ``scale_merged``
+(``merge_and_unload()`` of it) and ``dense_ffn`` (fresh dense model of the merged size).
+
+Reading the ratios: each is ``time(numerator) / time(denominator)`` of the medians, so > 1 means the numerator is
+slower (for tokens/s it is the inverse). ``scale_ffn / floor`` is SCALE's overhead above the unavoidable cost of
+backpropagation; ``scale_ffn / lora`` compares two PEFT methods of the same trainable size; ``scale_* / dense_wide``
+asks whether a widened frozen model trains faster than the dense model of the same size; ``merged / dense_ffn``
+should be ~1 (a merged SCALE model *is* a dense model); ``unmerged / base`` is the inference price of not merging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results"
+FFN_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+# Tiny Llama layouts built from a config with random weights. 16 heads of 32 over 8 key-value heads: a new
+# key-value head brings 2 query heads, so hidden_expansion comes in steps of 64 (12.5% of 512).
+TINY_CONFIGS = {
+    "tiny": dict(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=32, vocab_size=8192,
+    ),
+    "tiny_quick": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256,
+    ),
+}
+# Default workloads: (batch, seq, decode_tokens, warmup, repeats)
+WORKLOADS = {
+    "tiny": dict(batch=4, seq=128, decode_tokens=32, warmup=2, repeats=5),
+    "smollm2": dict(batch=4, seq=128, decode_tokens=32, warmup=1, repeats=3),
+    "quick": dict(batch=2, seq=16, decode_tokens=4, warmup=1, repeats=2),
+}
+TRAIN_ROWS = ("full_ft", "floor", "lora", "scale_ffn", "scale_preserve", "scale_route", "dense_ffn", "dense_wide")
+INFER_ROWS = ("base", "scale_unmerged", "scale_merged", "dense_ffn")
+# (name, numerator row, denominator row): ratios of median times
+TRAIN_RATIOS = (
+    ("scale_ffn/lora", "scale_ffn", "lora"),
+    ("scale_ffn/floor", "scale_ffn", "floor"),
+    ("lora/floor", "lora", "floor"),
+    ("full_ft/floor", "full_ft", "floor"),
+    ("scale_ffn/dense_ffn", "scale_ffn", "dense_ffn"),
+    ("scale_preserve/floor", "scale_preserve", "floor"),
+    ("scale_route/floor", "scale_route", "floor"),
+    ("scale_preserve/dense_wide", "scale_preserve", "dense_wide"),
+    ("scale_route/dense_wide", "scale_route", "dense_wide"),
+)
+INFER_RATIOS = (
+    ("scale_merged/dense_ffn", "scale_merged", "dense_ffn"),
+    ("scale_merged/base", "scale_merged", "base"),
+    ("scale_unmerged/base", "scale_unmerged", "base"),
+    ("scale_unmerged/scale_merged", "scale_unmerged", "scale_merged"),
+)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def build_base(model: str, dtype: torch.dtype, seed: int):
+    """The base model (eval mode, requested dtype) and its config."""
+    torch.manual_seed(seed)
+    if model == "smollm2":
+        sys.path.insert(0, str(REPO / "examples"))
+        from bundled import load_smollm2
+
+        base, _ = load_smollm2(dtype=dtype)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            **TINY_CONFIGS[model], max_position_embeddings=1024, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        base = LlamaForCausalLM(config).to(dtype)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = base.config.eos_token_id
+    return base.eval()
+
+
+def expansion_sizes(config) -> dict:
+    """ffn_expansion k (~10% of the FFN) and hidden_expansion d_up (the valid size nearest 10% of hidden, >= 1 step)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    step = head_dim * (heads // kv_heads)
+    d_up = max(1, round(0.1 * config.hidden_size / step)) * step
+    k = max(8, int(round(0.1 * config.intermediate_size / 8)) * 8)
+    return dict(ffn_expansion=k, hidden_expansion=d_up, hidden_step=step, head_dim=head_dim)
+
+
+def dense_like(base, dtype: torch.dtype, seed: int, ffn_extra: int, hidden_extra: int = 0):
+    """A fresh random dense model of the base's architecture with intermediate_size + ffn_extra and, when
+    hidden_extra > 0, hidden_size + hidden_extra with the heads that SCALE's full width adds (head_dim kept)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(base.config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    config.intermediate_size += ffn_extra
+    if hidden_extra:
+        new_heads = hidden_extra // head_dim
+        config.head_dim = head_dim
+        config.hidden_size += hidden_extra
+        config.num_attention_heads = heads + new_heads
+        config.num_key_value_heads = kv_heads + new_heads // (heads // kv_heads)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def scale_model(base, **scale_kwargs):
+    import peft_scale  # noqa: F401  (registers SCALE)
+    from peft import get_peft_model
+    from peft_scale import ScaleConfig
+
+    return get_peft_model(copy.deepcopy(base), ScaleConfig(**scale_kwargs))
+
+
+def lora_model(base, target_trainable: int):
+    """LoRA on the FFN modules with the rank whose trainable parameter count is closest to ``target_trainable``."""
+    from peft import LoraConfig, get_peft_model
+
+    def make(rank):
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=FFN_MODULES)
+        return get_peft_model(copy.deepcopy(base), config)
+
+    per_rank = count_trainable(make(1))
+    rank = max(1, round(target_trainable / per_rank))
+    return make(rank), rank
+
+
+def floor_model(base):
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+def full_model(base):
+    model = copy.deepcopy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: list[float], tokens: int) -> dict:
+    median = statistics.median(times)
+    return dict(
+        median_s=median, min_s=min(times), max_s=max(times), samples_s=times, tokens=tokens,
+        tokens_per_s=tokens / median,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def saved_activation_bytes(loss_fn: Callable[[], torch.Tensor], params) -> int:
+    """Bytes of the tensors autograd saves for backward during one forward (each storage once, parameters out)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_storages and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    del loss
+    return sum(seen.values())
+
+
+def training_memory(model, step: Callable[[], None], loss_fn, optimizer, device: torch.device) -> dict:
+    """CUDA: allocator peak over one step. CPU: parameters + gradients + optimizer state + saved activations."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    memory = dict(
+        param_mib=tensor_bytes(params) / 2**20,
+        grad_mib=tensor_bytes(trainable) / 2**20,
+        optimizer_mib=0.0,
+    )
+    if optimizer is not None:
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        memory["optimizer_mib"] = tensor_bytes(state) / 2**20
+    memory["activation_mib"] = saved_activation_bytes(loss_fn, params) / 2**20
+    memory["est_peak_mib"] = sum(memory[k] for k in ("param_mib", "grad_mib", "optimizer_mib", "activation_mib"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        memory["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, lr: float = 1e-5) -> dict:
+    device = ids.device
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr) if trainable else None
+
+    def loss_fn():
+        return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        loss_fn().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    times = time_runs(step, warmup, repeats, device)
+    result = summarise(times, ids.numel())
+    result["trainable_params"] = sum(p.numel() for p in trainable)
+    result["memory"] = training_memory(model, step, loss_fn, optimizer, device)
+    model.to("cpu")
+    return result
+
+
+def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -> tuple[dict, dict]:
+    """Every training row, built one at a time from the same base weights (freed after measuring)."""
+    k, d_up = sizes["ffn_expansion"], sizes["hidden_expansion"]
+    scale_trainable = count_trainable(scale_model(base, ffn_expansion=k))
+    builders = {
+        "full_ft": lambda: full_model(base),
+        "floor": lambda: floor_model(base),
+        "lora": None,  # below: also returns its rank
+        "scale_ffn": lambda: scale_model(base, ffn_expansion=k),
+        "scale_preserve": lambda: scale_model(base, hidden_expansion=d_up, ffn_expansion=k, variant="preserve"),
+        "scale_route": lambda: scale_model(base, hidden_expansion=d_up, ffn_expansion=k, variant="route"),
+        "dense_ffn": lambda: full_model(dense_like(base, dtype, seed, k)),
+        "dense_wide": lambda: full_model(dense_like(base, dtype, seed, k, d_up)),
+    }
+    rows, extra = {}, {}
+    for name in TRAIN_ROWS:
+        torch.manual_seed(seed)
+        if name == "lora":
+            model, rank = lora_model(base, scale_trainable)
+            extra["lora_rank"] = rank
+        else:
+            model = builders[name]()
+        rows[name] = bench_training(model, ids, warmup, repeats)
+        log(f"  train {name:<15} {rows[name]['median_s'] * 1e3:9.1f} ms")
+        del model
+    return rows, extra
+
+
+# --------------------------------------------------------------------------------------------------- inference
+
+
+def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats) -> dict:
+    device = prefill_ids.device
+    model.to(device).eval()
+    pad = model.config.pad_token_id
+
+    @torch.no_grad()
+    def prefill():
+        model(input_ids=prefill_ids, use_cache=False)
+
+    @torch.no_grad()
+    def decode():
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=decode_tokens,
+            min_new_tokens=decode_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
+        )
+        assert out.shape[1] == prompt_ids.shape[1] + decode_tokens, out.shape
+
+    result = dict(
+        prefill=summarise(time_runs(prefill, warmup, repeats, device), prefill_ids.numel()),
+        decode=summarise(time_runs(decode, warmup, repeats, device), prompt_ids.shape[0] * decode_tokens),
+    )
+    model.to("cpu")
+    return result
+
+
+def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_tokens, warmup, repeats, seed, log):
+    k = sizes["ffn_expansion"]
+    unmerged = scale_model(base, ffn_expansion=k)
+    rows = {"base": bench_inference(base, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)}
+    rows["scale_unmerged"] = bench_inference(unmerged, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    merged = unmerged.merge_and_unload()
+    rows["scale_merged"] = bench_inference(merged, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    del unmerged, merged
+    dense = dense_like(base, dtype, seed, k)
+    rows["dense_ffn"] = bench_inference(dense, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    for name, row in rows.items():
+        log(f"  infer {name:<15} prefill {row['prefill']['median_s'] * 1e3:8.1f} ms  "
+            f"decode {row['decode']['median_s'] * 1e3:8.1f} ms")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ ratios
+
+
+def ratios(rows: dict, spec, key: Optional[str] = None) -> dict:
+    """name -> median time of numerator / median time of denominator (``key`` picks prefill/decode)."""
+    out = {}
+    for name, num, den in spec:
+        a, b = (rows[num][key], rows[den][key]) if key else (rows[num], rows[den])
+        out[name] = a["median_s"] / b["median_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- table
+
+
+def fmt_time(row: dict) -> str:
+    return f"{row['median_s'] * 1e3:9.1f} [{row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f}]"
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for run in result["runs"]:
+        mem_key = "peak_mib" if run["device"] == "cuda" else "est_peak_mib"
+        lines.append(f"\n== {result['model']} | {run['device']} | {run['dtype']} | batch {result['workload']['batch']}"
+                     f" x seq {result['workload']['seq']} | warmup {result['workload']['warmup']},"
+                     f" repeats {result['workload']['repeats']} ==")
+        lines.append(f"{'training step':<16}{'median ms [min-max]':>30}{'tokens/s':>11}{'trainable':>12}"
+                     f"{mem_key:>14}")
+        for name, row in run["training"].items():
+            lines.append(f"{name:<16}{fmt_time(row):>30}{row['tokens_per_s']:>11.0f}{row['trainable_params']:>12,}"
+                         f"{row['memory'][mem_key]:>14.1f}")
+        lines.append("time ratios (median; >1 = slower): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in run["training_ratios"].items()))
+        lines.append(f"\n{'inference':<16}{'prefill ms [min-max]':>30}{'tok/s':>9}"
+                     f"{'decode ms [min-max]':>32}{'tok/s':>9}")
+        for name, row in run["inference"].items():
+            p, d = row["prefill"], row["decode"]
+            lines.append(f"{name:<16}{fmt_time(p):>30}{p['tokens_per_s']:>9.0f}{fmt_time(d):>32}"
+                         f"{d['tokens_per_s']:>9.0f}")
+        for phase in ("prefill", "decode"):
+            lines.append(f"{phase} time ratios: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in run["inference_ratios"][phase].items()))
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def machine_info(device: torch.device) -> dict:
+    info = dict(
+        cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+        python=platform.python_version(), platform=platform.platform(), processor=platform.processor(),
+        device=str(device),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import peft
+        import transformers
+
+        info.update(peft=peft.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny sizes, 1 warm-up, 2 repeats")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    args = parser.parse_args(argv)
+    workload = dict(WORKLOADS["quick" if args.quick else args.model])
+    for key in workload:
+        if getattr(args, key) is not None:
+            workload[key] = getattr(args, key)
+    if workload["repeats"] < 1 or workload["warmup"] < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args, workload
+
+
+def warm_up_process(base, ids: torch.Tensor) -> None:
+    """One untimed training step and forward before any row, so that the first row does not pay for the process'
+    first-touch costs (allocator growth, thread-pool start-up, lazy kernel initialisation)."""
+    model = full_model(base).to(ids.device).train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        model.eval()(input_ids=ids[:, :8])
+    del model
+
+
+def run_one(args, workload, dtype, device, log) -> dict:
+    model_name = "tiny_quick" if args.quick and args.model == "tiny" else args.model
+    base = build_base(model_name, dtype, args.seed)
+    sizes = expansion_sizes(base.config)
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = base.config.vocab_size
+    ids = torch.randint(3, vocab, (workload["batch"], workload["seq"]), generator=generator).to(device)
+    prompt = torch.randint(3, vocab, (workload["batch"], 8), generator=generator).to(device)
+    log(f"{model_name} {dtype} on {device}: ffn_expansion {sizes['ffn_expansion']}, "
+        f"hidden_expansion {sizes['hidden_expansion']}")
+    warm_up_process(base, ids)
+    train, extra = training_rows(base, dtype, device, ids, sizes, workload["warmup"], workload["repeats"], args.seed, log)
+    infer = inference_rows(base, dtype, device, ids, prompt, sizes, workload["decode_tokens"], workload["warmup"],
+                           workload["repeats"], args.seed, log)
+    return dict(
+        device=device.type, dtype=str(dtype).replace("torch.", ""), model_config=dict(
+            hidden_size=base.config.hidden_size, intermediate_size=base.config.intermediate_size,
+            num_hidden_layers=base.config.num_hidden_layers, vocab_size=vocab,
+            num_attention_heads=base.config.num_attention_heads,
+            num_key_value_heads=base.config.num_key_value_heads),
+        sizes=sizes, **extra, training=train, inference=infer,
+        training_ratios=ratios(train, TRAIN_RATIOS),
+        inference_ratios={phase: ratios(infer, INFER_RATIOS, phase) for phase in ("prefill", "decode")},
+    )
+
+
+def main(argv=None) -> dict:
+    args, workload = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    result = dict(
+        model=args.model + (" (quick)" if args.quick else ""), date=_dt.datetime.now().isoformat(timespec="seconds"),
+        argv=list(sys.argv[1:] if argv is None else argv), workload=workload, machine=machine_info(device),
+        runs=[run_one(args, workload, dtype, device, log) for dtype in dtypes],
+    )
+    result["wall_s"] = time.perf_counter() - started
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.output_dir / f"throughput_{args.model}{'_quick' if args.quick else ''}_{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    result["json_path"] = str(path)
+    print(format_table(result))
+    print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
