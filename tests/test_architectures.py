@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import BLOCK_PEFT, run_in_fresh_process
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import TINY_CONFIGS, VOCAB, perturb_adapter, random_ids, tiny_model
 
