@@ -144,6 +144,30 @@ def expansion_sizes(config) -> dict:
     return dict(ffn_expansion=k, hidden_expansion=d_up, hidden_step=step, head_dim=head_dim)
 
 
+def arithmetic_ratio(config, seq: int, hidden_extra: int, ffn_extra: int) -> float:
+    """Matmul work per token of the widened decoder over the base's, from the layer shapes alone.
+
+    Counts multiply-adds of every projection as full blocks ``(in + in_up) x (out + out_up)`` (an upper bound: a
+    variant without some ``W12`` blocks does less), attention scores and values at ``seq`` tokens (grow with the
+    heads), and the LM head (``d x vocab``, plus ``P``: ``d x d_up``). This is the expansion's own cost: a widened
+    model cannot train faster than ``floor x arithmetic_ratio`` without doing less work.
+    """
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+
+    def per_token(d_up: int, i_up: int, with_head_block: bool) -> float:
+        q = (heads + d_up // head_dim) * head_dim
+        kv = (kv_heads + d_up * kv_heads // heads // head_dim) * head_dim
+        projections = (d + d_up) * (2 * q + 2 * kv) + 3 * (d + d_up) * (inter + i_up)  # q, o, k, v; gate, up, down
+        attention = 2 * seq * q  # scores and weighted values over the sequence
+        head = d * vocab + (d * d_up if with_head_block else 0)
+        return config.num_hidden_layers * (projections + attention) + head
+
+    return per_token(hidden_extra, ffn_extra, True) / per_token(0, 0, False)
+
+
 def dense_like(base, dtype: torch.dtype, seed: int, ffn_extra: int, hidden_extra: int = 0):
     """A fresh random dense model of the base's architecture with intermediate_size + ffn_extra and, when
     hidden_extra > 0, hidden_size + hidden_extra with the heads that SCALE's full width adds (head_dim kept)."""
@@ -395,6 +419,14 @@ def ratios(rows: dict, spec, key: Optional[str] = None) -> dict:
 # ------------------------------------------------------------------------------------------------------- table
 
 
+def with_arithmetic_bound(training_ratios: dict, arithmetic: float) -> dict:
+    """Add the full-width expansion's arithmetic ratio and each full-width row over ``floor x arithmetic``."""
+    bounded = {"full_width_arithmetic": arithmetic}
+    for variant in ("scale_preserve", "scale_route"):
+        bounded[f"{variant}/(floor*arithmetic)"] = training_ratios[f"{variant}/floor"] / arithmetic
+    return {**training_ratios, **bounded}
+
+
 def fmt_time(row: dict) -> str:
     return f"{row['median_s'] * 1e3:9.1f} [{row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f}]"
 
@@ -500,7 +532,10 @@ def run_one(args, workload, dtype, device, log) -> dict:
             num_attention_heads=base.config.num_attention_heads,
             num_key_value_heads=base.config.num_key_value_heads),
         sizes=sizes, **extra, training=train, inference=infer,
-        training_ratios=ratios(train, TRAIN_RATIOS),
+        training_ratios=with_arithmetic_bound(
+            ratios(train, TRAIN_RATIOS),
+            arithmetic_ratio(base.config, workload["seq"], sizes["hidden_expansion"], sizes["ffn_expansion"]),
+        ),
         inference_ratios={phase: ratios(infer, INFER_RATIOS, phase) for phase in ("prefill", "decode")},
     )
 

@@ -78,15 +78,32 @@ def test_trainable_parameter_counts(quick_run):
 def test_ratios_match_absolute_numbers(quick_run):
     throughput, _, data = quick_run
     for run in data["runs"]:
-        assert set(run["training_ratios"]) == {name for name, _, _ in throughput.TRAIN_RATIOS}
+        bounds = {"full_width_arithmetic", "scale_preserve/(floor*arithmetic)", "scale_route/(floor*arithmetic)"}
+        assert set(run["training_ratios"]) == {name for name, _, _ in throughput.TRAIN_RATIOS} | bounds
         for name, num, den in throughput.TRAIN_RATIOS:
             expected = run["training"][num]["median_s"] / run["training"][den]["median_s"]
             assert positive_finite(run["training_ratios"][name])
             assert run["training_ratios"][name] == pytest.approx(expected), name
+        arithmetic = run["training_ratios"]["full_width_arithmetic"]
+        assert arithmetic > 1
+        for variant in ("scale_preserve", "scale_route"):
+            bound = run["training_ratios"][f"{variant}/floor"] / arithmetic
+            assert run["training_ratios"][f"{variant}/(floor*arithmetic)"] == pytest.approx(bound)
         for phase in ("prefill", "decode"):
             for name, num, den in throughput.INFER_RATIOS:
                 expected = run["inference"][num][phase]["median_s"] / run["inference"][den][phase]["median_s"]
                 assert run["inference_ratios"][phase][name] == pytest.approx(expected), (phase, name)
+
+
+def test_arithmetic_ratio_on_a_hand_counted_layer(quick_run):
+    throughput, _, _ = quick_run
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=10)
+    # base per token: projections 8*(2*8 + 2*8) + 3*8*16 = 640, attention 2*1*8 = 16, head 8*10 = 80 -> 736
+    # one new head (d_up = 4): 12*(2*12 + 2*12) + 3*12*16 = 1152, attention 24, head 80 + 8*4 = 112 -> 1288
+    assert throughput.arithmetic_ratio(config, seq=1, hidden_extra=4, ffn_extra=0) == pytest.approx(1288 / 736)
 
 
 def test_table_is_printed(quick_run):
