@@ -62,6 +62,11 @@ def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
 INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
+def mode_applies(mode: str, training: bool) -> bool:
+    """SCALE-Route's modes (preservation copy, routing): ``"always"``, ``"eval"`` (when not training) or ``"off"``."""
+    return mode == "always" or (mode == "eval" and not training)
+
+
 class ScaleTunerLayer(BaseTunerLayer):
     """What every SCALE module is (``ScaleLayer``, ``ScaleNorm``, ``ScaleEmbedding``): PEFT switches, deletes and
     freezes adapters on the modules of the tuner's ``tuner_layer_cls``, and all three must follow together."""
@@ -229,8 +234,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         active = self._active_scale_adapters()
         if not active:
             return False
-        mode = self.preservation_copy[active[0]]
-        return mode == "always" or (mode == "eval" and not self.training)
+        return mode_applies(self.preservation_copy[active[0]], self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

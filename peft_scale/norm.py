@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ScaleTunerLayer
+from .layer import ScaleTunerLayer, mode_applies
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -105,8 +105,7 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
         active = self._active_scale_adapters()
         if self.disable_adapters or not active:
             return False
-        mode = modes[active[0]]
-        return mode == "always" or (mode == "eval" and not self.training)
+        return mode_applies(modes[active[0]], self.training)
 
     def carries_preservation_copy(self) -> bool:
         """Whether the input holds a preservation copy ``[x_pres; x; x_up]`` (SCALE-Route, routed layers)."""

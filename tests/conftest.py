@@ -20,6 +20,15 @@ import peft_scale  # noqa: E402,F401  (registers SCALE)
 from tiny_models import random_ids, tiny_llama  # noqa: E402,F401  (re-exported for the tests)
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the bundled SmolLM2-135M, loaded once per test run (~15 s); tests deep-copy the model."""
+    from bundled import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return model.eval(), tokenizer
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

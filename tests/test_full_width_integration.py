@@ -557,14 +557,6 @@ SMOL_HIDDEN, SMOL_LAYERS, SMOL_PRESERVE = 576, 30, 20
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from bundled import load_smollm2
-
-    model, tokenizer = load_smollm2()
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
 def smol_ids(smollm2):
     """32 tokens of a real English Wikipedia summary to train on, and a different sentence to evaluate on."""
     from bundled import wiki_summaries

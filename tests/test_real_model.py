@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from bundled import load_smollm2, wiki_summaries
+from bundled import wiki_summaries
 from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
@@ -20,12 +20,6 @@ pytestmark = pytest.mark.slow
 EXPANSION = 64
 LAYERS, HIDDEN, FFN = 30, 576, 1536
 SENTENCE = "The capital of France is Paris, a city known for the Eiffel Tower and its museums."
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_smollm2()
-    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="module")
