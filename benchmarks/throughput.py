@@ -3,15 +3,17 @@
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/throughput.py --model tiny            # ~1-2 min on 2 CPU cores
-    PYTHONPATH=. python benchmarks/throughput.py --model smollm2         # the bundled SmolLM2-135M
+    PYTHONPATH=. python benchmarks/throughput.py --model smollm2_shape   # SmolLM2-135M's shapes, random weights
+    PYTHONPATH=. python benchmarks/throughput.py --model smollm2         # the bundled SmolLM2-135M checkpoint
     PYTHONPATH=. python benchmarks/throughput.py --quick                 # seconds: smoke run
 
 What is measured
 ----------------
 Every number comes from ``--warmup`` untimed runs followed by ``--repeats`` timed runs (``time.perf_counter``,
 ``torch.cuda.synchronize`` around each run on CUDA); the table shows the median and the spread (min-max); the
-JSON keeps every sample. Precision: fp32 always; bf16 as well when CUDA is available (base weights cast to bf16,
-adapter weights as the PEFT method creates them).
+JSON keeps every sample. Precision: fp32 always; bf16 as well when CUDA is available (``--dtype`` picks one): base
+weights cast to bf16, adapter weights as the PEFT method creates them (fp32, LoRA and SCALE alike), everything run
+under ``torch.autocast(bf16)`` as ``Trainer(bf16=True)`` does.
 
 Training, one step = forward with ``labels`` (causal-LM loss) + backward + ``AdamW.step`` + ``zero_grad`` on a
 fixed random batch of ``batch x seq`` tokens; tokens/s = ``batch * seq / median step time``. Rows:
@@ -28,6 +30,15 @@ fixed random batch of ``batch x seq`` tokens; tokens/s = ``batch * seq / median 
   merges into). ``dense_wide``: fresh dense model with ``hidden_size + d_up``, the matching extra heads and
   ``intermediate_size + k`` (the size of the full-width SCALE model).
 
+Arithmetic: each training row's FLOPs of one forward + backward, counted by ``torch.utils.flop_counter`` from the
+shapes of the products that actually run (``flops`` in the JSON). ``row/(floor*arithmetic)`` = time ratio to the
+floor over FLOP ratio to the floor: 1.0 means the row runs exactly as fast as its extra arithmetic allows.
+
+SCALE-Route at evaluation (``route_eval``): evaluation forward (``eval()``, routing on) of full-width SCALE-Adapt
+and SCALE-Route at the same sizes and ``preserve_layers``, and of ``base_upper``, the base model cut to its layers
+from ``preserve_layers`` up (the frozen original-slice work the preservation copy repeats, with the LM head of the
+preservation logits). ``scale_route/(scale_adapt+base_upper)`` is the price of routing over that work.
+
 Memory of a training step. On CUDA: ``torch.cuda.max_memory_allocated`` over one step, after
 ``reset_peak_memory_stats`` (``peak_mib``). On CPU there is no allocator statistic that can be reset, and the
 process' max RSS only ever grows, so the JSON gives an *accounting estimate* instead (``est_peak_mib``) =
@@ -35,6 +46,9 @@ parameters (all, trainable or not) + gradients (of trainable parameters) + AdamW
 tensors autograd saves for backward during one forward (counted with ``torch.autograd.graph.saved_tensors_hooks``,
 each storage once, storages of parameters excluded). It leaves out transient buffers (e.g. the logits' softmax
 workspace), so it is a lower bound on the true peak, but it is deterministic and comparable between rows.
+``row/(lora+new state+new activations)``: the row's peak over LoRA's peak + its new parameters' weights, gradients
+and AdamW state + the activations it saves beyond the floor's. On CUDA this checks that no frozen weight is copied
+per step; on CPU the estimate holds by construction (tests/test_efficiency.py checks the same rule op by op).
 
 Inference (``torch.no_grad``, eval mode): ``prefill`` = one forward of ``batch x seq`` tokens (tokens/s =
 ``batch * seq / time``); ``decode`` = ``generate`` with greedy search and KV cache, ``decode_tokens`` new tokens
@@ -52,6 +66,7 @@ should be ~1 (a merged SCALE model *is* a dense model); ``unmerged / base`` is t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -69,9 +84,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results"
 FFN_MODULES = ["gate_proj", "up_proj", "down_proj"]
 
-# Tiny Llama layouts built from a config with random weights. 16 heads of 32 over 8 key-value heads: a new
-# key-value head brings 2 query heads, so hidden_expansion comes in steps of 64 (12.5% of 512).
-TINY_CONFIGS = {
+# Llama layouts built from a config with random weights (timing does not depend on the values). "tiny": 16 heads
+# of 32 over 8 key-value heads: a new key-value head brings 2 query heads, so hidden_expansion comes in steps of 64
+# (12.5% of 512). "smollm2_shape": SmolLM2-135M's exact shapes (no checkpoint needed, e.g. on a GPU machine).
+RANDOM_MODELS = {
     "tiny": dict(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
         head_dim=32, vocab_size=8192,
@@ -80,15 +96,27 @@ TINY_CONFIGS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=256,
     ),
+    "smollm2_shape": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+    ),
 }
 # Default workloads: (batch, seq, decode_tokens, warmup, repeats)
 WORKLOADS = {
     "tiny": dict(batch=4, seq=128, decode_tokens=32, warmup=2, repeats=5),
     "smollm2": dict(batch=4, seq=128, decode_tokens=32, warmup=1, repeats=3),
+    "smollm2_shape": dict(batch=8, seq=256, decode_tokens=32, warmup=2, repeats=5),
     "quick": dict(batch=2, seq=16, decode_tokens=4, warmup=1, repeats=2),
 }
 TRAIN_ROWS = ("full_ft", "floor", "lora", "scale_ffn", "scale_preserve", "scale_route", "dense_ffn", "dense_wide")
 INFER_ROWS = ("base", "scale_unmerged", "scale_merged", "dense_ffn")
+# SCALE-Route at evaluation against what it must cost: SCALE-Adapt's forward plus the frozen original-slice work of
+# the layers from preserve_layers up (the base model cut to those layers, with its embedding and LM head).
+ROUTE_EVAL_ROWS = ("scale_adapt", "scale_route", "base_upper")
+# Rows whose time is also compared with the floor scaled by their own arithmetic (FLOPs of one step / floor's).
+ARITHMETIC_ROWS = ("lora", "scale_ffn", "scale_preserve", "scale_route")
+# Rows whose peak memory is compared with LoRA's + their new parameters' state + their new activations.
+MEMORY_ROWS = ("scale_ffn", "scale_preserve", "scale_route")
 # (name, numerator row, denominator row): ratios of median times
 TRAIN_RATIOS = (
     ("scale_ffn/lora", "scale_ffn", "lora"),
@@ -123,10 +151,8 @@ def build_base(model: str, dtype: torch.dtype, seed: int):
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            **TINY_CONFIGS[model], max_position_embeddings=1024, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        )
+        shape = {"tie_word_embeddings": False, **RANDOM_MODELS[model]}
+        config = LlamaConfig(**shape, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         base = LlamaForCausalLM(config).to(dtype)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = base.config.eos_token_id
@@ -141,31 +167,29 @@ def expansion_sizes(config) -> dict:
     step = head_dim * (heads // kv_heads)
     d_up = max(1, round(0.1 * config.hidden_size / step)) * step
     k = max(8, int(round(0.1 * config.intermediate_size / 8)) * 8)
-    return dict(ffn_expansion=k, hidden_expansion=d_up, hidden_step=step, head_dim=head_dim)
+    # adapt/route keep W12 at zero in the bottom quarter of the layers (the paper's L_fp is a fraction of the depth)
+    preserve_layers = config.num_hidden_layers // 4
+    return dict(ffn_expansion=k, hidden_expansion=d_up, hidden_step=step, head_dim=head_dim,
+                preserve_layers=preserve_layers)
 
 
-def arithmetic_ratio(config, seq: int, hidden_extra: int, ffn_extra: int) -> float:
-    """Matmul work per token of the widened decoder over the base's, from the layer shapes alone.
+def step_flops(model, ids: torch.Tensor, precision) -> int:
+    """FLOPs of one training step's forward and backward, counted by ``torch.utils.flop_counter`` from the shapes of
+    the matrix products and attention calls that actually run (the optimizer's elementwise update is not counted).
 
-    Counts multiply-adds of every projection as full blocks ``(in + in_up) x (out + out_up)`` (an upper bound: a
-    variant without some ``W12`` blocks does less), attention scores and values at ``seq`` tokens (grow with the
-    heads), and the LM head (``d x vocab``, plus ``P``: ``d x d_up``). This is the expansion's own cost: a widened
-    model cannot train faster than ``floor x arithmetic_ratio`` without doing less work.
+    This is each row's own arithmetic: frozen weights cost a forward product and an input-gradient product, trained
+    weights a weight-gradient product as well, a variant without some ``W12`` blocks does less. ``time(row) /
+    time(floor)`` over ``flops(row) / flops(floor)`` is then how much slower than its arithmetic a row runs: a
+    widened model cannot train faster than ``floor x arithmetic`` without doing less work.
     """
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def per_token(d_up: int, i_up: int, with_head_block: bool) -> float:
-        q = (heads + d_up // head_dim) * head_dim
-        kv = (kv_heads + d_up * kv_heads // heads // head_dim) * head_dim
-        projections = (d + d_up) * (2 * q + 2 * kv) + 3 * (d + d_up) * (inter + i_up)  # q, o, k, v; gate, up, down
-        attention = 2 * seq * q  # scores and weighted values over the sequence
-        head = d * vocab + (d * d_up if with_head_block else 0)
-        return config.num_hidden_layers * (projections + attention) + head
-
-    return per_token(hidden_extra, ffn_extra, True) / per_token(0, 0, False)
+    model.to(ids.device).train()
+    counter = FlopCounterMode(display=False)
+    with counter, precision():
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def dense_like(base, dtype: torch.dtype, seed: int, ffn_extra: int, hidden_extra: int = 0):
@@ -236,6 +260,14 @@ def full_model(base):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def precision_context(device: torch.device, dtype: torch.dtype):
+    """What ``Trainer(bf16=True)`` does: autocast to the half dtype, so that adapter weights kept in fp32 (PEFT's
+    default, LoRA and SCALE alike) multiply in bf16 like the base weights. fp32 runs need no context."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def time_runs(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
@@ -309,14 +341,16 @@ def training_memory(model, step: Callable[[], None], loss_fn, optimizer, device:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, lr: float = 1e-5) -> dict:
+def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, precision, lr: float = 1e-5) -> dict:
     device = ids.device
+    flops = step_flops(model, ids, precision)
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr) if trainable else None
 
     def loss_fn():
-        return model(input_ids=ids, labels=ids).loss
+        with precision():
+            return model(input_ids=ids, labels=ids).loss
 
     def step():
         loss_fn().backward()
@@ -327,6 +361,7 @@ def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, lr: floa
     times = time_runs(step, warmup, repeats, device)
     result = summarise(times, ids.numel())
     result["trainable_params"] = sum(p.numel() for p in trainable)
+    result["flops"] = flops
     result["memory"] = training_memory(model, step, loss_fn, optimizer, device)
     model.to("cpu")
     return result
@@ -334,7 +369,8 @@ def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, lr: floa
 
 def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -> tuple[dict, dict]:
     """Every training row, built one at a time from the same base weights (freed after measuring)."""
-    k, d_up = sizes["ffn_expansion"], sizes["hidden_expansion"]
+    k, d_up, fp = sizes["ffn_expansion"], sizes["hidden_expansion"], sizes["preserve_layers"]
+    precision = precision_context(device, dtype)
     scale_trainable = count_trainable(scale_model(base, ffn_expansion=k))
     builders = {
         "full_ft": lambda: full_model(base),
@@ -342,7 +378,9 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -
         "lora": None,  # below: also returns its rank
         "scale_ffn": lambda: scale_model(base, ffn_expansion=k),
         "scale_preserve": lambda: scale_model(base, hidden_expansion=d_up, ffn_expansion=k, variant="preserve"),
-        "scale_route": lambda: scale_model(base, hidden_expansion=d_up, ffn_expansion=k, variant="route"),
+        "scale_route": lambda: scale_model(
+            base, hidden_expansion=d_up, ffn_expansion=k, variant="route", preserve_layers=fp
+        ),
         "dense_ffn": lambda: full_model(dense_like(base, dtype, seed, k)),
         "dense_wide": lambda: full_model(dense_like(base, dtype, seed, k, d_up)),
     }
@@ -354,7 +392,7 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -
             extra["lora_rank"] = rank
         else:
             model = builders[name]()
-        rows[name] = bench_training(model, ids, warmup, repeats)
+        rows[name] = bench_training(model, ids, warmup, repeats, precision)
         log(f"  train {name:<15} {rows[name]['median_s'] * 1e3:9.1f} ms")
         del model
     return rows, extra
@@ -363,21 +401,23 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -
 # --------------------------------------------------------------------------------------------------- inference
 
 
-def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats) -> dict:
+def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision) -> dict:
     device = prefill_ids.device
     model.to(device).eval()
     pad = model.config.pad_token_id
 
     @torch.no_grad()
     def prefill():
-        model(input_ids=prefill_ids, use_cache=False)
+        with precision():
+            model(input_ids=prefill_ids, use_cache=False)
 
     @torch.no_grad()
     def decode():
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=decode_tokens,
-            min_new_tokens=decode_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
-        )
+        with precision():
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=decode_tokens,
+                min_new_tokens=decode_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
+            )
         assert out.shape[1] == prompt_ids.shape[1] + decode_tokens, out.shape
 
     result = dict(
@@ -390,17 +430,55 @@ def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repea
 
 def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_tokens, warmup, repeats, seed, log):
     k = sizes["ffn_expansion"]
+    run = dict(prefill_ids=prefill_ids, prompt_ids=prompt_ids, decode_tokens=decode_tokens, warmup=warmup,
+               repeats=repeats, precision=precision_context(device, dtype))
     unmerged = scale_model(base, ffn_expansion=k)
-    rows = {"base": bench_inference(base, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)}
-    rows["scale_unmerged"] = bench_inference(unmerged, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    rows = {"base": bench_inference(base, **run)}
+    rows["scale_unmerged"] = bench_inference(unmerged, **run)
     merged = unmerged.merge_and_unload()
-    rows["scale_merged"] = bench_inference(merged, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    rows["scale_merged"] = bench_inference(merged, **run)
     del unmerged, merged
-    dense = dense_like(base, dtype, seed, k)
-    rows["dense_ffn"] = bench_inference(dense, prefill_ids, prompt_ids, decode_tokens, warmup, repeats)
+    rows["dense_ffn"] = bench_inference(dense_like(base, dtype, seed, k), **run)
     for name, row in rows.items():
         log(f"  infer {name:<15} prefill {row['prefill']['median_s'] * 1e3:8.1f} ms  "
             f"decode {row['decode']['median_s'] * 1e3:8.1f} ms")
+    return rows
+
+
+def base_upper(base, from_layer: int):
+    """The base model with only its decoder layers ``from_layer..`` (plus embedding and LM head): the frozen
+    original-slice work that SCALE-Route's preservation copy adds above ``preserve_layers`` at evaluation."""
+    model = copy.deepcopy(base)
+    model.model.layers = torch.nn.ModuleList(list(model.model.layers)[from_layer:])
+    model.config.num_hidden_layers = len(model.model.layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[from_layer:]
+    return model
+
+
+def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, log) -> dict:
+    """Evaluation forward (``eval()``: SCALE-Route routes) of full-width adapt and route at the same sizes, and of
+    the frozen work the preservation copy repeats."""
+    precision = precision_context(device, dtype)
+    wide = dict(hidden_expansion=sizes["hidden_expansion"], ffn_expansion=sizes["ffn_expansion"],
+                preserve_layers=sizes["preserve_layers"])
+    builders = {
+        "scale_adapt": lambda: scale_model(base, variant="adapt", **wide),
+        "scale_route": lambda: scale_model(base, variant="route", **wide),
+        "base_upper": lambda: base_upper(base, sizes["preserve_layers"]),
+    }
+    rows = {}
+    for name in ROUTE_EVAL_ROWS:
+        model = builders[name]().to(device).eval()
+
+        @torch.no_grad()
+        def forward(model=model):
+            with precision():
+                model(input_ids=prefill_ids, use_cache=False)
+
+        rows[name] = summarise(time_runs(forward, warmup, repeats, device), prefill_ids.numel())
+        log(f"  eval  {name:<15} {rows[name]['median_s'] * 1e3:9.1f} ms")
+        del model
     return rows
 
 
@@ -419,12 +497,35 @@ def ratios(rows: dict, spec, key: Optional[str] = None) -> dict:
 # ------------------------------------------------------------------------------------------------------- table
 
 
-def with_arithmetic_bound(training_ratios: dict, arithmetic: float) -> dict:
-    """Add the full-width expansion's arithmetic ratio and each full-width row over ``floor x arithmetic``."""
-    bounded = {"full_width_arithmetic": arithmetic}
-    for variant in ("scale_preserve", "scale_route"):
-        bounded[f"{variant}/(floor*arithmetic)"] = training_ratios[f"{variant}/floor"] / arithmetic
-    return {**training_ratios, **bounded}
+def arithmetic_ratios(train: dict) -> dict:
+    """Each ``ARITHMETIC_ROWS`` row's FLOPs over the floor's (``arithmetic:row``) and its time over ``floor x`` that
+    (``row/(floor*arithmetic)``: 1.0 = as fast as its arithmetic allows)."""
+    out = {}
+    for name in ARITHMETIC_ROWS:
+        arithmetic = train[name]["flops"] / train["floor"]["flops"]
+        out[f"arithmetic:{name}"] = arithmetic
+        out[f"{name}/(floor*arithmetic)"] = train[name]["median_s"] / train["floor"]["median_s"] / arithmetic
+    return out
+
+
+def route_eval_ratio(rows: dict) -> dict:
+    """SCALE-Route's evaluation forward over SCALE-Adapt's plus the frozen work its preservation copy repeats."""
+    bound = rows["scale_adapt"]["median_s"] + rows["base_upper"]["median_s"]
+    return {"scale_route/(scale_adapt+base_upper)": rows["scale_route"]["median_s"] / bound}
+
+
+def memory_ratios(train: dict, key: str) -> dict:
+    """Peak training memory of each ``MEMORY_ROWS`` row over LoRA's peak + the row's new parameters' weights,
+    gradients and optimizer state + its new activations (saved activations beyond the floor's). A per-step copy of
+    frozen weights would push this above 1; it is only meaningful for the allocator's real peak (CUDA)."""
+    out = {}
+    for name in MEMORY_ROWS:
+        mem = train[name]["memory"]
+        new_state = 2 * mem["grad_mib"] + mem["optimizer_mib"]  # weights (same bytes as their gradients) + grads + AdamW
+        new_activations = mem["activation_mib"] - train["floor"]["memory"]["activation_mib"]
+        bound = train["lora"]["memory"][key] + new_state + new_activations
+        out[f"{name}/(lora+new state+new activations)"] = mem[key] / bound
+    return out
 
 
 def fmt_time(row: dict) -> str:
@@ -445,6 +546,13 @@ def format_table(result: dict) -> str:
                          f"{row['memory'][mem_key]:>14.1f}")
         lines.append("time ratios (median; >1 = slower): " + ", ".join(
             f"{k} {v:.2f}" for k, v in run["training_ratios"].items()))
+        lines.append(f"memory ratios ({mem_key}): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in run["memory_ratios"].items()))
+        lines.append(f"\n{'evaluation forward':<20}{'median ms [min-max]':>30}   (preserve_layers "
+                     f"{run['sizes']['preserve_layers']})")
+        for name, row in run["route_eval"].items():
+            lines.append(f"{name:<20}{fmt_time(row):>30}")
+        lines.append("route ratio: " + ", ".join(f"{k} {v:.2f}" for k, v in run["route_eval_ratios"].items()))
         lines.append(f"\n{'inference':<16}{'prefill ms [min-max]':>30}{'tok/s':>9}"
                      f"{'decode ms [min-max]':>32}{'tok/s':>9}")
         for name, row in run["inference"].items():
@@ -480,13 +588,15 @@ def machine_info(device: torch.device) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--model", choices=["tiny", "smollm2_shape", "smollm2"], default="tiny",
+                        help="tiny / smollm2_shape: random weights; smollm2: the bundled checkpoint")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny sizes, 1 warm-up, 2 repeats")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
     parser.add_argument("--decode-tokens", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32, and bf16 too on CUDA")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -525,17 +635,18 @@ def run_one(args, workload, dtype, device, log) -> dict:
     train, extra = training_rows(base, dtype, device, ids, sizes, workload["warmup"], workload["repeats"], args.seed, log)
     infer = inference_rows(base, dtype, device, ids, prompt, sizes, workload["decode_tokens"], workload["warmup"],
                            workload["repeats"], args.seed, log)
+    route_eval = route_eval_rows(base, dtype, device, ids, sizes, workload["warmup"], workload["repeats"], log)
+    mem_key = "peak_mib" if device.type == "cuda" else "est_peak_mib"
     return dict(
         device=device.type, dtype=str(dtype).replace("torch.", ""), model_config=dict(
             hidden_size=base.config.hidden_size, intermediate_size=base.config.intermediate_size,
             num_hidden_layers=base.config.num_hidden_layers, vocab_size=vocab,
             num_attention_heads=base.config.num_attention_heads,
             num_key_value_heads=base.config.num_key_value_heads),
-        sizes=sizes, **extra, training=train, inference=infer,
-        training_ratios=with_arithmetic_bound(
-            ratios(train, TRAIN_RATIOS),
-            arithmetic_ratio(base.config, workload["seq"], sizes["hidden_expansion"], sizes["ffn_expansion"]),
-        ),
+        sizes=sizes, **extra, training=train, inference=infer, route_eval=route_eval,
+        training_ratios={**ratios(train, TRAIN_RATIOS), **arithmetic_ratios(train)},
+        memory_ratios=memory_ratios(train, mem_key),
+        route_eval_ratios=route_eval_ratio(route_eval),
         inference_ratios={phase: ratios(infer, INFER_RATIOS, phase) for phase in ("prefill", "decode")},
     )
 
@@ -546,6 +657,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    if args.dtype:
+        dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]]
 
     def log(message):
         print(message, file=sys.stderr, flush=True)

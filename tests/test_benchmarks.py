@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -50,8 +51,12 @@ def test_quick_run_writes_every_row(quick_run):
     for run in data["runs"]:
         assert set(run["training"]) == set(throughput.TRAIN_ROWS)
         assert set(run["inference"]) == set(throughput.INFER_ROWS)
+        assert set(run["route_eval"]) == set(throughput.ROUTE_EVAL_ROWS)
+        for row in run["route_eval"].values():
+            check_timing(row)
         for name, row in run["training"].items():
             check_timing(row)
+            assert isinstance(row["flops"], int) and row["flops"] > 0, (name, row["flops"])
             memory = row["memory"]
             for key in ("param_mib", "activation_mib", "est_peak_mib"):
                 assert positive_finite(memory[key]), (name, key, memory[key])
@@ -78,32 +83,45 @@ def test_trainable_parameter_counts(quick_run):
 def test_ratios_match_absolute_numbers(quick_run):
     throughput, _, data = quick_run
     for run in data["runs"]:
-        bounds = {"full_width_arithmetic", "scale_preserve/(floor*arithmetic)", "scale_route/(floor*arithmetic)"}
-        assert set(run["training_ratios"]) == {name for name, _, _ in throughput.TRAIN_RATIOS} | bounds
+        train = run["training"]
+        arithmetic = {f"arithmetic:{n}" for n in throughput.ARITHMETIC_ROWS}
+        bounded = {f"{n}/(floor*arithmetic)" for n in throughput.ARITHMETIC_ROWS}
+        assert set(run["training_ratios"]) == {name for name, _, _ in throughput.TRAIN_RATIOS} | arithmetic | bounded
         for name, num, den in throughput.TRAIN_RATIOS:
-            expected = run["training"][num]["median_s"] / run["training"][den]["median_s"]
+            expected = train[num]["median_s"] / train[den]["median_s"]
             assert positive_finite(run["training_ratios"][name])
             assert run["training_ratios"][name] == pytest.approx(expected), name
-        arithmetic = run["training_ratios"]["full_width_arithmetic"]
-        assert arithmetic > 1
-        for variant in ("scale_preserve", "scale_route"):
-            bound = run["training_ratios"][f"{variant}/floor"] / arithmetic
-            assert run["training_ratios"][f"{variant}/(floor*arithmetic)"] == pytest.approx(bound)
+        for name in throughput.ARITHMETIC_ROWS:
+            flops_ratio = train[name]["flops"] / train["floor"]["flops"]
+            assert run["training_ratios"][f"arithmetic:{name}"] == pytest.approx(flops_ratio)
+            time_ratio = train[name]["median_s"] / train["floor"]["median_s"]
+            assert run["training_ratios"][f"{name}/(floor*arithmetic)"] == pytest.approx(time_ratio / flops_ratio)
+        # full width does more arithmetic than the floor; full fine-tuning adds every weight gradient
+        assert run["training_ratios"]["arithmetic:scale_preserve"] > 1
+        assert train["full_ft"]["flops"] > train["floor"]["flops"]
+        evaluation = run["route_eval"]
+        bound = evaluation["scale_adapt"]["median_s"] + evaluation["base_upper"]["median_s"]
+        assert run["route_eval_ratios"]["scale_route/(scale_adapt+base_upper)"] == pytest.approx(
+            evaluation["scale_route"]["median_s"] / bound)
+        key = "peak_mib" if run["device"] == "cuda" else "est_peak_mib"
+        for name in throughput.MEMORY_ROWS:
+            mem, floor = train[name]["memory"], train["floor"]["memory"]
+            bound = (train["lora"]["memory"][key] + 2 * mem["grad_mib"] + mem["optimizer_mib"]
+                     + mem["activation_mib"] - floor["activation_mib"])
+            assert run["memory_ratios"][f"{name}/(lora+new state+new activations)"] == pytest.approx(mem[key] / bound)
         for phase in ("prefill", "decode"):
             for name, num, den in throughput.INFER_RATIOS:
                 expected = run["inference"][num][phase]["median_s"] / run["inference"][den][phase]["median_s"]
                 assert run["inference_ratios"][phase][name] == pytest.approx(expected), (phase, name)
 
 
-def test_arithmetic_ratio_on_a_hand_counted_layer(quick_run):
+def test_base_upper_keeps_the_top_layers(quick_run):
     throughput, _, _ = quick_run
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
-                         num_hidden_layers=1, vocab_size=10)
-    # base per token: projections 8*(2*8 + 2*8) + 3*8*16 = 640, attention 2*1*8 = 16, head 8*10 = 80 -> 736
-    # one new head (d_up = 4): 12*(2*12 + 2*12) + 3*12*16 = 1152, attention 24, head 80 + 8*4 = 112 -> 1288
-    assert throughput.arithmetic_ratio(config, seq=1, hidden_extra=4, ffn_extra=0) == pytest.approx(1288 / 736)
+    base = throughput.build_base("tiny_quick", torch.float32, 0)
+    upper = throughput.base_upper(base, 1)
+    assert upper.config.num_hidden_layers == 1 and len(upper.model.layers) == 1
+    assert torch.equal(upper.model.layers[0].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)
+    assert len(base.model.layers) == 2  # the base is not modified
 
 
 def test_table_is_printed(quick_run):
@@ -112,3 +130,4 @@ def test_table_is_printed(quick_run):
     for name in throughput.TRAIN_ROWS + throughput.INFER_ROWS:
         assert name in table
     assert "scale_ffn/lora" in table and "scale_merged/dense_ffn" in table
+    assert "scale_route/(scale_adapt+base_upper)" in table and "lora+new state+new activations" in table
