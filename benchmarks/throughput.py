@@ -54,7 +54,8 @@ Inference (``torch.no_grad``, eval mode): ``prefill`` = one forward of ``batch x
 ``batch * seq / time``); ``decode`` = ``generate`` with greedy search and KV cache, ``decode_tokens`` new tokens
 for each of ``batch`` prompts of 8 tokens (tokens/s = ``batch * decode_tokens / time``, the short prompt's prefill
 included). Rows: ``base``, ``scale_unmerged`` (the ``scale_ffn`` PEFT model), ``scale_merged``
-(``merge_and_unload()`` of it) and ``dense_ffn`` (fresh dense model of the merged size).
+(``merge_and_unload()`` of it), ``dense_ffn`` (fresh dense model of the merged size) and ``lora_unmerged`` (LoRA of
+the same trainable size: the price any unmerged PEFT adapter pays, for comparison).
 
 Reading the ratios: each is ``time(numerator) / time(denominator)`` of the medians, so > 1 means the numerator is
 slower (for tokens/s it is the inverse). ``scale_ffn / floor`` is SCALE's overhead above the unavoidable cost of
@@ -109,7 +110,7 @@ WORKLOADS = {
     "quick": dict(batch=2, seq=16, decode_tokens=4, warmup=1, repeats=2),
 }
 TRAIN_ROWS = ("full_ft", "floor", "lora", "scale_ffn", "scale_preserve", "scale_route", "dense_ffn", "dense_wide")
-INFER_ROWS = ("base", "scale_unmerged", "scale_merged", "dense_ffn")
+INFER_ROWS = ("base", "scale_unmerged", "scale_merged", "dense_ffn", "lora_unmerged")
 # SCALE-Route at evaluation against what it must cost: SCALE-Adapt's forward plus the frozen original-slice work of
 # the layers from preserve_layers up (the base model cut to those layers, with its embedding and LM head).
 ROUTE_EVAL_ROWS = ("scale_adapt", "scale_route", "base_upper")
@@ -134,6 +135,7 @@ INFER_RATIOS = (
     ("scale_merged/base", "scale_merged", "base"),
     ("scale_unmerged/base", "scale_unmerged", "base"),
     ("scale_unmerged/scale_merged", "scale_unmerged", "scale_merged"),
+    ("lora_unmerged/base", "lora_unmerged", "base"),
 )
 
 
@@ -185,9 +187,17 @@ def step_flops(model, ids: torch.Tensor, precision) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model.to(ids.device).train()
+    # Counted with eager attention: the counter's rule for fused attention rejects grouped-query shapes (bf16 on
+    # CUDA), and eager attention does the same products.
+    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = transformer.config._attn_implementation
+    transformer.set_attn_implementation("eager")
     counter = FlopCounterMode(display=False)
-    with counter, precision():
-        model(input_ids=ids, labels=ids).loss.backward()
+    try:
+        with counter, precision():
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        transformer.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -439,6 +449,8 @@ def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_t
     rows["scale_merged"] = bench_inference(merged, **run)
     del unmerged, merged
     rows["dense_ffn"] = bench_inference(dense_like(base, dtype, seed, k), **run)
+    # the inference price of any unmerged PEFT adapter: LoRA of the same trainable size
+    rows["lora_unmerged"] = bench_inference(lora_model(base, count_trainable(scale_model(base, ffn_expansion=k)))[0], **run)
     for name, row in rows.items():
         log(f"  infer {name:<15} prefill {row['prefill']['median_s'] * 1e3:8.1f} ms  "
             f"decode {row['decode']['median_s'] * 1e3:8.1f} ms")

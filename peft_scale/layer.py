@@ -257,6 +257,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 "on the whole model (model.set_adapter), not on single layers."
             )
         preserved, x_ups = None, [x[..., :0]] * len(active)  # zero-width x_up: this input is not widened
+        # [x; x_up] of a single adapter as one tensor: W21 and W22 then act as one product [W21 W22] [x; x_up]
+        x_and_up = x[..., self.in_features :] if copy else x
         if sum(widths) > self.in_features:
             pieces = x.split(widths, dim=-1)
             if copy:
@@ -274,12 +276,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 w12 = self.scale_w12[name]
                 result = result + F.linear(self._cast_input_dtype(x_up, w12.dtype), w12).to(result.dtype)
             if name in self.scale_w21:  # y_up = W21 x + b21 (+ W22 x_up)
-                w21 = self.scale_w21[name]
-                b21 = self.scale_b21[name] if name in self.scale_b21 else None
-                rows = F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
-                if name in self.scale_w22:
-                    rows = rows + F.linear(self._cast_input_dtype(x_up, w21.dtype), self.scale_w22[name])
-                new_rows.append(rows.to(result.dtype))
+                new_rows.append(self._new_rows(name, x, x_up, x_and_up if len(active) == 1 else None).to(result.dtype))
         if new_rows and self.out_parts == 1:
             result = torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
         elif new_rows:
@@ -289,6 +286,22 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         if preserved is not None:
             result = torch.cat([preserved, result], dim=-1)  # (..., out + out + new): [W x_pres; y; y_up]
         return result
+
+    def _new_rows(self, name: str, x: torch.Tensor, x_up: torch.Tensor, x_and_up: Optional[torch.Tensor]):
+        """``y_up = W21 x + b21 + W22 x_up``.
+
+        With ``W22`` and the input ``[x; x_up]`` at hand as one tensor (a single active adapter), this is one
+        product with ``[W21 W22]``: one matrix product instead of two and an addition, forward and backward,
+        for the price of concatenating the (small, trainable) new blocks. The frozen ``W`` is never copied."""
+        w21 = self.scale_w21[name]
+        b21 = self.scale_b21[name] if name in self.scale_b21 else None
+        if name not in self.scale_w22:
+            return F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
+        w22 = self.scale_w22[name]
+        if x_and_up is not None:
+            return F.linear(self._cast_input_dtype(x_and_up, w21.dtype), torch.cat([w21, w22], dim=1), b21)
+        rows = F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
+        return rows + F.linear(self._cast_input_dtype(x_up, w21.dtype), w22)
 
     # ------------------------------------------------------------------------------------------- merging
 
