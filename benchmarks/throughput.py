@@ -187,6 +187,9 @@ def step_flops(model, ids: torch.Tensor, precision) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     model.to(ids.device).train()
+    # Every product is linear in the batch, so one sequence is counted and multiplied (eager attention on the whole
+    # batch would hold every layer's attention matrix).
+    batch, ids = ids.shape[0], ids[:1]
     # Counted with eager attention: the counter's rule for fused attention rejects grouped-query shapes (bf16 on
     # CUDA), and eager attention does the same products.
     transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -199,7 +202,7 @@ def step_flops(model, ids: torch.Tensor, precision) -> int:
     finally:
         transformer.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return batch * counter.get_total_flops()
 
 
 def dense_like(base, dtype: torch.dtype, seed: int, ffn_extra: int, hidden_extra: int = 0):
