@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results"
@@ -175,7 +176,20 @@ def expansion_sizes(config) -> dict:
                 preserve_layers=preserve_layers)
 
 
-def step_flops(model, ids: torch.Tensor, precision) -> int:
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched (views included): in eager mode each costs a roughly fixed CPU time
+    and, on a GPU, most launch a kernel, so at small token counts a step's time follows this count, not its FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_flops(model, ids: torch.Tensor, precision) -> tuple[int, int]:
     """FLOPs of one training step's forward and backward, counted by ``torch.utils.flop_counter`` from the shapes of
     the matrix products and attention calls that actually run (the optimizer's elementwise update is not counted).
 
@@ -183,6 +197,8 @@ def step_flops(model, ids: torch.Tensor, precision) -> int:
     weights a weight-gradient product as well, a variant without some ``W12`` blocks does less. ``time(row) /
     time(floor)`` over ``flops(row) / flops(floor)`` is then how much slower than its arithmetic a row runs: a
     widened model cannot train faster than ``floor x arithmetic`` without doing less work.
+
+    Also returns the number of aten operations of the step (``OpCounter``), for one sequence.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -195,14 +211,14 @@ def step_flops(model, ids: torch.Tensor, precision) -> int:
     transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = transformer.config._attn_implementation
     transformer.set_attn_implementation("eager")
-    counter = FlopCounterMode(display=False)
+    counter, ops = FlopCounterMode(display=False), OpCounter()
     try:
-        with counter, precision():
+        with counter, ops, precision():
             model(input_ids=ids, labels=ids).loss.backward()
     finally:
         transformer.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
-    return batch * counter.get_total_flops()
+    return batch * counter.get_total_flops(), ops.count
 
 
 def dense_like(base, dtype: torch.dtype, seed: int, ffn_extra: int, hidden_extra: int = 0):
@@ -356,7 +372,7 @@ def training_memory(model, step: Callable[[], None], loss_fn, optimizer, device:
 
 def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, precision, lr: float = 1e-5) -> dict:
     device = ids.device
-    flops = step_flops(model, ids, precision)
+    flops, ops = step_flops(model, ids, precision)
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr) if trainable else None
@@ -375,6 +391,7 @@ def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, precisio
     result = summarise(times, ids.numel())
     result["trainable_params"] = sum(p.numel() for p in trainable)
     result["flops"] = flops
+    result["aten_ops"] = ops
     result["memory"] = training_memory(model, step, loss_fn, optimizer, device)
     model.to("cpu")
     return result
@@ -555,10 +572,10 @@ def format_table(result: dict) -> str:
                      f" x seq {result['workload']['seq']} | warmup {result['workload']['warmup']},"
                      f" repeats {result['workload']['repeats']} ==")
         lines.append(f"{'training step':<16}{'median ms [min-max]':>30}{'tokens/s':>11}{'trainable':>12}"
-                     f"{mem_key:>14}")
+                     f"{mem_key:>14}{'GFLOP':>9}{'aten ops':>10}")
         for name, row in run["training"].items():
             lines.append(f"{name:<16}{fmt_time(row):>30}{row['tokens_per_s']:>11.0f}{row['trainable_params']:>12,}"
-                         f"{row['memory'][mem_key]:>14.1f}")
+                         f"{row['memory'][mem_key]:>14.1f}{row['flops'] / 1e9:>9.1f}{row['aten_ops']:>10}")
         lines.append("time ratios (median; >1 = slower): " + ", ".join(
             f"{k} {v:.2f}" for k, v in run["training_ratios"].items()))
         lines.append(f"memory ratios ({mem_key}): " + ", ".join(

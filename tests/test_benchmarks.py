@@ -57,6 +57,7 @@ def test_quick_run_writes_every_row(quick_run):
         for name, row in run["training"].items():
             check_timing(row)
             assert isinstance(row["flops"], int) and row["flops"] > 0, (name, row["flops"])
+            assert isinstance(row["aten_ops"], int) and row["aten_ops"] > 0, (name, row["aten_ops"])
             memory = row["memory"]
             for key in ("param_mib", "activation_mib", "est_peak_mib"):
                 assert positive_finite(memory[key]), (name, key, memory[key])
