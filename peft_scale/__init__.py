@@ -8,6 +8,7 @@
 from .architectures import FFN_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .layer import ScaleLayer
+from .mer import MERCallback
 from .model import ScaleModel
 from .registration import register_scale
 
@@ -15,4 +16,13 @@ register_scale()
 
 __version__ = "0.1.0"
 
-__all__ = ["FFN_LAYOUTS", "FfnLayout", "ScaleConfig", "ScaleLayer", "ScaleModel", "register_scale", "__version__"]
+__all__ = [
+    "FFN_LAYOUTS",
+    "FfnLayout",
+    "MERCallback",
+    "ScaleConfig",
+    "ScaleLayer",
+    "ScaleModel",
+    "register_scale",
+    "__version__",
+]
