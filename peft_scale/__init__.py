@@ -10,9 +10,11 @@ from .config import ScaleConfig
 from .layer import ScaleLayer
 from .mer import MERCallback
 from .model import ScaleModel
+from .model_card import install_model_card_hook
 from .registration import register_scale
 
 register_scale()
+install_model_card_hook()  # save_pretrained's README.md names the method and shows how to load it
 
 __version__ = "0.1.0"
 
