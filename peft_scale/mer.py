@@ -53,7 +53,9 @@ class MERCallback(TrainerCallback):
 
     def __init__(self, k: int, gamma: float):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"MERCallback(k={k!r}): k is the number of optimizer steps per window; use an integer >= 1.")
+            raise ValueError(
+                f"MERCallback(k={k!r}): k is the number of optimizer steps per window; use an integer >= 1."
+            )
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0 < gamma <= 1:
             raise ValueError(
                 f"MERCallback(gamma={gamma!r}): gamma is the fraction of each window's update that is kept; "

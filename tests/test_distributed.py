@@ -33,7 +33,11 @@ def ddp_run(tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     done = subprocess.run(
         [*command, "tests/distributed_worker.py", str(out), "ddp"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return out

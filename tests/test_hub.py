@@ -61,7 +61,9 @@ def test_card_of_a_full_width_route_adapter_and_a_second_adapter(tmp_path):
     model.add_adapter("extra", ScaleConfig(hidden_expansion=16, ffn_expansion=4, variant="preserve"))
     model.save_pretrained(tmp_path / "out")
     text = read_card(tmp_path / "out").text
-    assert "| `default` | `.` | full width | 32 + 16 | 64 + 8 | route (tau = 0.5) | all, layers 1 and up | svd |" in text
+    assert (
+        "| `default` | `.` | full width | 32 + 16 | 64 + 8 | route (tau = 0.5) | all, layers 1 and up | svd |" in text
+    )
     assert "| `extra` | `extra` | full width | 32 + 16 | 64 + 4 | preserve | none (W12 = 0 everywhere) | svd |" in text
     assert "merge_and_unload" not in text  # neither can be saved merged
     assert "AutoPeftModelForCausalLM" not in text  # no task_type: PeftModel only
