@@ -25,11 +25,14 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_cosine_schedule_with_warmup, set_seed
 
-import peft_scale
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import wiki_summaries  # noqa: E402
-from causal_lm import load_causal_lm  # noqa: E402
+from causal_lm import (  # noqa: E402
+    add_common_arguments,
+    load_causal_lm,
+    parse_args_with_tiny_defaults,
+    scale_config_from_args,
+)
 from text_blocks import first_blocks, packed_blocks, split_texts  # noqa: E402
 
 TINY_DEFAULTS = dict(
@@ -39,26 +42,15 @@ TINY_DEFAULTS = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="causal LM folder or Hub id (default: bundled SmolLM2-135M)")
-    parser.add_argument("--language", choices=("es", "en", "fr"), default="es", help="bundled summaries to train on")
-    parser.add_argument("--train-texts", type=int, default=1000)
-    parser.add_argument("--eval-texts", type=int, default=200)
-    parser.add_argument("--eval-blocks", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--ffn-expansion", type=int, default=256)
-    parser.add_argument("--hidden-expansion", type=int, default=0)
-    parser.add_argument("--variant", choices=("preserve", "adapt", "route"), default="adapt")
-    parser.add_argument("--max-steps", type=int, default=40, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per process")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=None, help="save the adapter (and its model card) here")
-    parser.add_argument("--tiny", action="store_true", help=f"smoke test on a tiny random Llama: {TINY_DEFAULTS}")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        parser.set_defaults(**TINY_DEFAULTS)
-        args = parser.parse_args(argv)
+    train = add_common_arguments(parser, max_steps=40, tiny_defaults=TINY_DEFAULTS)
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    data = parser.add_argument_group("data")
+    data.add_argument("--language", choices=("es", "en", "fr"), default="es", help="bundled summaries to train on")
+    data.add_argument("--train-texts", type=int, default=1000)
+    data.add_argument("--eval-texts", type=int, default=200)
+    data.add_argument("--eval-blocks", type=int, default=16)
+    data.add_argument("--seq-len", type=int, default=128)
+    args = parse_args_with_tiny_defaults(parser, argv, TINY_DEFAULTS)
     return args
 
 
@@ -90,12 +82,7 @@ def main(argv=None) -> int:
         eval_blocks.with_format("torch"), batch_size=args.batch_size, collate_fn=default_data_collator
     )
 
-    config = peft_scale.ScaleConfig(
-        ffn_expansion=args.ffn_expansion,
-        hidden_expansion=args.hidden_expansion,
-        variant=args.variant,
-        task_type="CAUSAL_LM",
-    )
+    config = scale_config_from_args(args)
     model = get_peft_model(model, config)
     if accelerator.is_main_process:
         model.print_trainable_parameters()

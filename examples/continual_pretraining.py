@@ -15,7 +15,9 @@ Teaches a model new text (``--new-files``) while measuring what it forgets of ol
 
 Defaults: the bundled SmolLM2-135M-Instruct, Spanish Wikipedia summaries as new text and English ones as old text
 (``examples/bundled.py``). ``--tiny`` runs the same code in seconds on a tiny random Llama and a few bundled
-summaries. Under ``torchrun``/``accelerate launch`` the Trainer runs DDP; ``--output-dir`` gets the adapter.
+summaries. ``--output-dir`` gets the adapter and its model card. Under ``torchrun``/``accelerate launch`` the
+Trainer runs DDP; ``accelerate launch --config_file examples/configs/fsdp2.yaml`` runs FSDP2, and
+``--deepspeed examples/configs/deepspeed_zero2.json`` DeepSpeed ZeRO-2 (not run here; see the README).
 
     python examples/continual_pretraining.py --replay 0.25 --mer 5 0.5 --output-dir out/cpt
     python examples/continual_pretraining.py --model HuggingFaceTB/SmolLM2-360M --new-files my_corpus/*.txt \\
@@ -39,7 +41,12 @@ import peft_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import wiki_summaries  # noqa: E402
-from causal_lm import load_causal_lm  # noqa: E402
+from causal_lm import (  # noqa: E402
+    add_common_arguments,
+    load_causal_lm,
+    parse_args_with_tiny_defaults,
+    scale_config_from_args,
+)
 from text_blocks import SAMPLE_BY, first_blocks, packed_blocks, read_documents, replay_mix, split_texts  # noqa: E402
 
 TINY_DEFAULTS = dict(
@@ -78,14 +85,18 @@ class ForgettingLearningCallback(TrainerCallback):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("model and data")
-    data.add_argument("--model", default=None, help="causal LM folder or Hub id (default: the bundled SmolLM2-135M)")
+    train = add_common_arguments(parser, max_steps=40, tiny_defaults=TINY_DEFAULTS)
+    train.add_argument("--eval-steps", type=int, default=10, help="evaluate old and new text every this many steps")
+    train.add_argument(
+        "--deepspeed", default=None, help="DeepSpeed config for the Trainer (examples/configs/deepspeed_zero2.json)"
+    )
+    data = parser.add_argument_group("data")
     data.add_argument("--new-files", nargs="+", default=None, help="new text to learn (default: Spanish summaries)")
     data.add_argument(
         "--old-files", nargs="+", default=None, help="old text: replayed and evaluated (default: English)"
     )
     data.add_argument("--sample-by", choices=SAMPLE_BY, default="paragraph", help="what one document is in the files")
-    data.add_argument("--train-texts", type=int, default=1000, help="new documents to train on (default 1000)")
+    data.add_argument("--train-texts", type=int, default=1000, help="new documents to train on")
     data.add_argument(
         "--replay-texts",
         type=int,
@@ -95,26 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--eval-texts", type=int, default=200, help="held-out documents per side, never trained on")
     data.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per side that are evaluated")
     data.add_argument("--seq-len", type=int, default=128, help="tokens per packed block")
-    scale = parser.add_argument_group("SCALE")
-    scale.add_argument("--ffn-expansion", type=int, default=256, help="new neurons per MLP")
-    scale.add_argument("--hidden-expansion", type=int, default=0, help="new residual features (full width)")
-    scale.add_argument("--variant", choices=("preserve", "adapt", "route"), default="adapt")
-    scale.add_argument("--preserve-layers", type=int, default=0, help="bottom layers whose W12 stay zero")
     cl = parser.add_argument_group("continual learning")
     cl.add_argument("--replay", type=float, default=0.0, help="fraction of training blocks drawn from the old text")
     cl.add_argument("--mer", nargs=2, metavar=("K", "GAMMA"), default=None, help="MERCallback(k=K, gamma=GAMMA)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=40)
-    train.add_argument("--batch-size", type=int, default=8, help="blocks per step per process")
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--eval-steps", type=int, default=10, help="evaluate old and new text every this many steps")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--output-dir", type=Path, default=None, help="save the trained adapter here")
-    train.add_argument("--tiny", action="store_true", help=f"smoke test on a tiny random Llama: {TINY_DEFAULTS}")
-    args = parser.parse_args(argv)
-    if args.tiny:  # re-parse so that flags given explicitly still win over the tiny defaults
-        parser.set_defaults(**TINY_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_args_with_tiny_defaults(parser, argv, TINY_DEFAULTS)
     if args.mer is not None:
         args.mer = dict(k=int(args.mer[0]), gamma=float(args.mer[1]))
     return args
@@ -167,13 +162,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_causal_lm(args.model, tiny=args.tiny)
     train_blocks, eval_blocks = build_datasets(args, tokenizer)
     print(f"Training stream: {len(train_blocks)} blocks of {args.seq_len} tokens (replay fraction {args.replay})")
-    config = peft_scale.ScaleConfig(
-        ffn_expansion=args.ffn_expansion,
-        hidden_expansion=args.hidden_expansion,
-        variant=args.variant,
-        preserve_layers=args.preserve_layers,
-        task_type="CAUSAL_LM",
-    )
+    config = scale_config_from_args(args)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
@@ -199,6 +188,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
+            deepspeed=args.deepspeed,
         )
         trainer = Trainer(
             model=model,

@@ -24,11 +24,14 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-import peft_scale
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import wiki_articles  # noqa: E402
-from causal_lm import load_causal_lm  # noqa: E402
+from causal_lm import (  # noqa: E402
+    add_common_arguments,
+    load_causal_lm,
+    parse_args_with_tiny_defaults,
+    scale_config_from_args,
+)
 from text_blocks import split_texts  # noqa: E402
 
 QUESTION = {"es": "¿Qué es {title}?", "en": "What is {title}?", "fr": "Qu'est-ce que {title} ?"}
@@ -50,24 +53,13 @@ def conversations(language: str, count: int, seed: int) -> tuple[Dataset, list[d
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="chat model folder or Hub id (default: bundled SmolLM2-135M)")
-    parser.add_argument("--language", choices=sorted(QUESTION), default="es", help="bundled articles to learn")
-    parser.add_argument("--train-examples", type=int, default=500)
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
-    parser.add_argument("--ffn-expansion", type=int, default=256)
-    parser.add_argument("--hidden-expansion", type=int, default=0)
-    parser.add_argument("--variant", choices=("preserve", "adapt", "route"), default="adapt")
-    parser.add_argument("--max-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--new-tokens", type=int, default=48, help="tokens generated for the held-out question")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=None, help="save the adapter (and its model card) here")
-    parser.add_argument("--tiny", action="store_true", help=f"smoke test on a tiny random Llama: {TINY_DEFAULTS}")
-    args = parser.parse_args(argv)
-    if args.tiny:
-        parser.set_defaults(**TINY_DEFAULTS)
-        args = parser.parse_args(argv)
+    train = add_common_arguments(parser, max_steps=30, tiny_defaults=TINY_DEFAULTS)
+    train.add_argument("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
+    train.add_argument("--new-tokens", type=int, default=48, help="tokens generated for the held-out question")
+    data = parser.add_argument_group("data")
+    data.add_argument("--language", choices=sorted(QUESTION), default="es", help="bundled articles to learn")
+    data.add_argument("--train-examples", type=int, default=500)
+    args = parse_args_with_tiny_defaults(parser, argv, TINY_DEFAULTS)
     return args
 
 
@@ -76,12 +68,7 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     model, tokenizer = load_causal_lm(args.model, tiny=args.tiny)
     train, held_out = conversations(args.language, args.train_examples, args.seed)
-    scale_config = peft_scale.ScaleConfig(
-        ffn_expansion=args.ffn_expansion,
-        hidden_expansion=args.hidden_expansion,
-        variant=args.variant,
-        task_type="CAUSAL_LM",
-    )
+    scale_config = scale_config_from_args(args)
     with tempfile.TemporaryDirectory() as scratch:
         sft_config = SFTConfig(
             output_dir=str(args.output_dir or scratch),
