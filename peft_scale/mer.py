@@ -37,7 +37,8 @@ class MERCallback(TrainerCallback):
 
     Windows count optimizer steps (``state.global_step``), so gradient accumulation does not change them. The
     first window starts when training (or a resumed run) begins; windows end at multiples of ``k``. Under DDP
-    every process holds the same weights after each step and applies the same update, so they stay identical.
+    every process holds the same weights after each step and applies the same update, so they stay identical;
+    under FSDP each process applies the (elementwise) update to its own shard.
 
     Args:
         k: optimizer steps per window (the paper's number of batches per Reptile step).

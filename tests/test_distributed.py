@@ -16,8 +16,6 @@ import torch
 from conftest import REPO, run_in_fresh_process
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
-
 WORLD_SIZE = 2
 
 
