@@ -10,8 +10,9 @@ process writes what it holds; the test compares them:
 - from rank 0 only: ``adapter/`` (``Trainer.save_model``: the adapter and its model card), ``initial.safetensors``
   (the adapter before training) and ``logits.safetensors`` (the trained model's logits on fixed ids).
 
-Usage: ``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [ddp|fsdp|fsdp1]`` (the repo and
-tests/ on PYTHONPATH). accelerate sets up FSDP only on accelerators, so ``fsdp``/``fsdp1`` need a GPU.
+Usage: ``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [ddp|fsdp|fsdp1|fully_shard]``
+(the repo and tests/ on PYTHONPATH). accelerate sets up FSDP only on accelerators, so ``fsdp``/``fsdp1`` need a GPU;
+``fully_shard`` (below) runs torch's FSDP2 on CPU without the Trainer.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def main(out: Path, engine: str = "ddp") -> None:
-    model = get_peft_model(tiny_llama(seed=0), peft_scale.ScaleConfig(**SCALE_CONFIG))
+    model = wrapped_model()
     initial = adapter_tensors(model)
     ids = random_ids(batch=32, length=12, seed=3).tolist()
     args = TrainingArguments(
@@ -97,5 +98,59 @@ def main(out: Path, engine: str = "ddp") -> None:
         save_file({"logits": logits.cpu().contiguous()}, str(out / "logits.safetensors"))
 
 
+# ------------------------------------------------------------------------------ FSDP2 on CPU, without the Trainer
+# accelerate (and so the Trainer) sets FSDP up only on accelerators, but torch's FSDP2 itself, ``fully_shard``, runs
+# on CPU over gloo. This variant shards the same model the way accelerate's FSDP2 plugin does (one unit per decoder
+# layer, then the root) and trains it with plain SGD, so that the test can compare it with one process training on
+# the whole batch: the gradients FSDP averages over the processes are that process's gradients.
+
+SHARDED_STEPS = 3
+SHARDED_LR = 0.1
+
+
+def sharded_run_batch() -> torch.Tensor:
+    return random_ids(batch=4, length=12, seed=3)
+
+
+def wrapped_model():
+    return get_peft_model(tiny_llama(seed=0), peft_scale.ScaleConfig(**SCALE_CONFIG))
+
+
+def train_with_sgd(model, ids: torch.Tensor) -> None:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SHARDED_LR)
+    for _ in range(SHARDED_STEPS):
+        model(input_ids=ids, labels=ids).loss.backward()  # mean over this process's tokens
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def main_fully_shard(out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = wrapped_model()
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = sharded_run_batch().chunk(world_size)[rank]  # each process trains on its own rows
+    train_with_sgd(model, ids)
+    record = {
+        "world_size": world_size,
+        # every trainable parameter is a DTensor holding only this process's shard
+        "sharded": all(type(p).__name__ == "DTensor" and p.to_local().numel() < p.numel() for p in trainable),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    save_file(adapter_tensors(model), str(out / f"rank{rank}.safetensors"))  # gathers every shard
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:])
+    if sys.argv[2:] == ["fully_shard"]:
+        main_fully_shard(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), *sys.argv[2:])

@@ -1,7 +1,8 @@
 """Multi-process training: two processes (``torchrun``, DDP over gloo on CPU) train SCALE with the HF ``Trainer``.
 
-``tests/distributed_worker.py`` is what each process runs. The FSDP variants of the same worker need a GPU
-(accelerate sets up FSDP only on accelerators); the README says how they were run.
+``tests/distributed_worker.py`` is what each process runs. Its FSDP variants with the Trainer need a GPU (accelerate
+sets FSDP up only on accelerators; the README says how they were run), but torch's FSDP2 (``fully_shard``) runs on
+CPU over gloo, and is tested here against one process training on the whole batch.
 """
 
 from __future__ import annotations
@@ -19,18 +20,12 @@ from safetensors.torch import load_file
 WORLD_SIZE = 2
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """The output folder of one 2-process DDP run of the worker (about 15 s)."""
-    out = tmp_path_factory.mktemp("ddp")
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
-        OMP_NUM_THREADS="1",
-    )
+def launch_worker(out, engine: str):
+    """Run ``tests/distributed_worker.py`` in WORLD_SIZE processes (torchrun, gloo on CPU); return ``out``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     done = subprocess.run(
-        [*command, "tests/distributed_worker.py", str(out), "ddp"],
+        [*command, "tests/distributed_worker.py", str(out), engine],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -39,6 +34,12 @@ def ddp_run(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The output folder of one 2-process DDP run of the worker with the Trainer (about 15 s)."""
+    return launch_worker(tmp_path_factory.mktemp("ddp"), "ddp")
 
 
 def test_every_process_trained_in_one_ddp_group(ddp_run):
@@ -79,3 +80,25 @@ with torch.no_grad():
 assert torch.equal(logits, load_file({str(ddp_run / "logits.safetensors")!r})["logits"])
 """
     )
+
+
+def test_fsdp2_fully_shard_on_cpu_trains_the_sharded_adapter_like_one_process_on_the_whole_batch(tmp_path):
+    from distributed_worker import sharded_run_batch, train_with_sgd, wrapped_model
+    from peft import get_peft_model_state_dict
+
+    out = launch_worker(tmp_path, "fully_shard")
+    for rank in range(WORLD_SIZE):
+        assert json.loads((out / f"rank{rank}.json").read_text()) == {"world_size": WORLD_SIZE, "sharded": True}
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    # One process, the same initialisation, the whole batch: FSDP averages the two halves' gradients, which is the
+    # gradient of the whole batch's mean loss (every row has the same number of tokens).
+    reference = wrapped_model()
+    initial = {key: tensor.clone() for key, tensor in get_peft_model_state_dict(reference).items()}
+    train_with_sgd(reference, sharded_run_batch())
+    expected = get_peft_model_state_dict(reference)
+    assert rank0.keys() == rank1.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert not torch.equal(tensor, initial[key]), key  # trained
+        # the same sums in another order (all-reduce, sharded updates): equal to float rounding
+        torch.testing.assert_close(rank0[key], tensor, rtol=1e-5, atol=1e-6)
