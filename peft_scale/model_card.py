@@ -39,6 +39,9 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
     else:
         mode = "FFN"
         hidden_text = "unchanged"
+        if config.layers_to_transform is not None:
+            layers = config.layers_to_transform
+            mode += f" (layers {layers if isinstance(layers, int) else ', '.join(map(str, layers))})"
     ffn_text = f"{_one_or_list(intermediate)} + {config.ffn_expansion}" if intermediate else f"+{config.ffn_expansion}"
     if config.variant == "preserve":
         w12 = "none (W12 = 0 everywhere)"

@@ -69,6 +69,11 @@ def test_card_of_a_full_width_route_adapter_and_a_second_adapter(tmp_path):
     assert "AutoPeftModelForCausalLM" not in text  # no task_type: PeftModel only
 
 
+def test_card_names_the_widened_layers_when_not_all_are(tmp_path):
+    wrapped(ScaleConfig(ffn_expansion=8, layers_to_transform=[1])).save_pretrained(tmp_path)
+    assert "| `default` | `.` | FFN (layers 1) | unchanged | 64 + 8 |" in read_card(tmp_path).text
+
+
 def test_saving_again_replaces_the_section_and_keeps_the_rest_of_the_card(tmp_path):
     folder = tmp_path / "out"
     wrapped(ScaleConfig(ffn_expansion=8)).save_pretrained(folder)
