@@ -111,16 +111,17 @@ def test_forgetting_learning_callback_adds_perplexity_and_its_change_to_the_logs
 
     callback, state = ForgettingLearningCallback(), TrainerState()
     args, control = TrainingArguments(output_dir=str(tmp_path), report_to=[]), TrainerControl()
-    expected = {}
+    first_loss = {"old": 2.0, "new": 3.0}
     for step, old_loss, new_loss in [(0, 2.0, 3.0), (5, 2.5, 2.0)]:
         state.global_step = step
         for name, loss in (("old", old_loss), ("new", new_loss)):
             logs = {f"eval_{name}_loss": loss, "epoch": 0.0}
             state.log_history.append({**logs, "step": step})  # what Trainer.log stores before the callbacks
             callback.on_log(args, state, control, logs=logs)
-            expected = {f"eval_{name}_perplexity": math.exp(loss)}
-            first = math.exp({"old": 2.0, "new": 3.0}[name])
-            expected[f"eval_{name}_perplexity_change"] = math.exp(loss) / first - 1
+            expected = {
+                f"eval_{name}_perplexity": math.exp(loss),
+                f"eval_{name}_perplexity_change": math.exp(loss) / math.exp(first_loss[name]) - 1,
+            }
             for key, value in expected.items():
                 assert logs[key] == pytest.approx(value, rel=1e-12)
                 assert state.log_history[-1][key] == logs[key]
