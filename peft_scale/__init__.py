@@ -8,11 +8,23 @@
 from .architectures import FFN_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .layer import ScaleLayer
+from .mer import MERCallback
 from .model import ScaleModel
+from .model_card import install_model_card_hook
 from .registration import register_scale
 
 register_scale()
+install_model_card_hook()  # save_pretrained's README.md names the method and shows how to load it
 
 __version__ = "0.1.0"
 
-__all__ = ["FFN_LAYOUTS", "FfnLayout", "ScaleConfig", "ScaleLayer", "ScaleModel", "register_scale", "__version__"]
+__all__ = [
+    "FFN_LAYOUTS",
+    "FfnLayout",
+    "MERCallback",
+    "ScaleConfig",
+    "ScaleLayer",
+    "ScaleModel",
+    "register_scale",
+    "__version__",
+]
