@@ -71,9 +71,18 @@ def test_route_rows_report_routing_and_no_drift_on_preserved_tokens(quick):
     _, results = quick
     for key in ("scale_route@0.001", "scale_route_replay@0.001"):
         curve = results["runs"][key]["curve"]
-        assert all(0 < share <= 1 for share in curve["routed_to_preservation"])
+        assert all(0 < share <= 1 for share in curve["old_routed_to_preservation"])
+        assert all(0 <= share <= 1 for share in curve["new_routed_to_preservation"])
         assert all(drift == 0.0 for drift in curve["drift_on_preservation"])
-    assert "routed_to_preservation" not in results["runs"]["scale_adapt@0.001"]["curve"]
+        sweep = results["runs"][key]["route_threshold_sweep"]
+        assert set(sweep) == {"new", "old"}
+        assert [float(tau) for tau in sweep["old"]] == list(measures.ROUTE_THRESHOLDS)
+        # tau 0.5 is the model's own threshold: the sweep reproduces the routed output's numbers
+        assert sweep["old"]["0.5"]["drift"] == pytest.approx(curve["drift"][-1], rel=1e-6, abs=1e-12)
+        assert sweep["new"]["0.5"]["perplexity"] == pytest.approx(curve["new_perplexity"][-1], rel=1e-6)
+        assert sweep["old"]["0.5"]["routed_to_preservation"] == curve["old_routed_to_preservation"][-1]
+    assert "old_routed_to_preservation" not in results["runs"]["scale_adapt@0.001"]["curve"]
+    assert results["runs"]["scale_adapt@0.001"]["route_threshold_sweep"] == {}
 
 
 def test_rerun_skips_finished_runs_and_refuses_other_settings(quick, capsys):
@@ -110,13 +119,24 @@ def test_route_drift_is_zero_exactly_on_tokens_sent_to_the_preservation_head():
     cosine = torch.nn.functional.cosine_similarity(routing.preservation_logits, routing.adaptation_logits, dim=-1)
     model.peft_config["default"].route_threshold = cosine.median().item()  # about half the tokens each way
 
-    result = measures.text_measures(model, blocks, 2, "fp32", base_logprobs)
+    result = measures.text_measures(model, blocks, 2, "fp32", base_logprobs, route_thresholds=(-1.0, 2.0))
     assert 0.3 < result["routed_to_preservation"] < 0.7
     assert result["drift_on_preservation"] == 0.0
     assert result["drift_on_adaptation"] > 0
     share = result["routed_to_preservation"]
     assert result["drift"] == pytest.approx((1 - share) * result["drift_on_adaptation"], rel=1e-5)
     assert result["drift_adaptation_head"] >= result["drift"]
+    # tau -1: every token to the base model's logits; tau 2: none, i.e. the adaptation head alone
+    everything, nothing = result["threshold_sweep"]["-1"], result["threshold_sweep"]["2"]
+    assert everything == {"routed_to_preservation": 1.0, "drift": 0.0, "perplexity": pytest.approx(base_perplexity(blocks))}
+    assert nothing["routed_to_preservation"] == 0.0
+    assert nothing["drift"] == pytest.approx(result["drift_adaptation_head"], rel=1e-6)
+    assert nothing["perplexity"] == pytest.approx(result["perplexity_adaptation_head"], rel=1e-6)
+
+
+def base_perplexity(blocks) -> float:
+    with torch.no_grad():
+        return math.exp(tiny_llama()(input_ids=blocks, labels=blocks).loss.item())
 
 
 def test_text_measures_perplexity_and_drift_by_hand():

@@ -73,56 +73,94 @@ def block_logprobs(model, blocks: torch.Tensor, batch_size: int, precision: str)
     return torch.cat(out)
 
 
+def _sum_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Summed next-token NLL of ``input_ids`` (every position but the first is a target)."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum").item()
+
+
+ROUTE_THRESHOLDS = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # the evaluation-only threshold sweep of SCALE-Route
+
+
 @torch.no_grad()
 def text_measures(
-    model, blocks: torch.Tensor, batch_size: int, precision: str, base_logprobs: Optional[torch.Tensor] = None
-) -> dict[str, float]:
+    model,
+    blocks: torch.Tensor,
+    batch_size: int,
+    precision: str,
+    base_logprobs: Optional[torch.Tensor] = None,
+    route_thresholds: Sequence[float] = (),
+) -> dict:
     """Perplexity of ``blocks`` and, given the base model's log-probabilities of the same blocks, the drift (b).
 
-    Returns ``perplexity``; with ``base_logprobs`` also ``drift`` (mean KL over every position); for a routing
-    model also ``routed_to_preservation`` (share of positions), ``drift_on_preservation`` /
-    ``drift_on_adaptation`` (mean KL over the positions of each routing decision, ``None`` where there are none)
-    and ``drift_adaptation_head`` (the adaptation head's KL over every position, as if nothing were routed).
+    Returns ``perplexity``; with ``base_logprobs`` also ``drift`` (mean KL over every position). For a routing
+    model (SCALE-Route in eval mode) also: ``routed_to_preservation`` (share of positions that got the base model's
+    logits) and ``perplexity_adaptation_head`` (the adaptation head's perplexity, as if nothing were routed); with
+    ``base_logprobs``, ``drift_on_preservation`` / ``drift_on_adaptation`` (mean KL over the positions of each
+    routing decision, ``None`` where there are none) and ``drift_adaptation_head``; with ``route_thresholds``,
+    ``threshold_sweep``: ``{f"{tau:g}": {perplexity, routed_to_preservation[, drift]}}``, what routing at each other
+    threshold would have given, from the same two heads' logits (evaluation only: the model is not retrained).
     """
     model.eval()
     device = model_device(model)
-    nll, predicted = 0.0, 0
-    kl_sum, kl_count = 0.0, 0
-    routed = {"positions": 0, "preservation": 0, "kl_preservation": 0.0, "kl_adaptation": 0.0, "kl_head": 0.0}
+    nll, predicted, kl_sum, kl_count = 0.0, 0, 0.0, 0
+    routed = dict.fromkeys(("positions", "kept", "nll_head", "kl_kept", "kl_other", "kl_head"), 0.0)
+    sweep = {tau: dict.fromkeys(("kept", "nll", "kl"), 0.0) for tau in route_thresholds}
     saw_routing = False
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks[start : start + batch_size].to(device)
+        base = None if base_logprobs is None else base_logprobs[start : start + len(input_ids)]
         before = routing_of(model)
         with autocast(device, precision):
             logits = model(input_ids=input_ids).logits
-        logits = logits.float()
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum").item()
+        nll += _sum_nll(logits, input_ids)
         predicted += input_ids[:, 1:].numel()
-        if base_logprobs is None:
-            continue
-        kl = token_kl(base_logprobs[start : start + len(input_ids)], logits)  # (B, T)
-        kl_sum += kl.sum().item()
-        kl_count += kl.numel()
+        kl = None
+        if base is not None:
+            kl = token_kl(base, logits)  # (B, T)
+            kl_sum += kl.sum().item()
+            kl_count += kl.numel()
         routing = routing_of(model)
-        if routing is not None and routing is not before:  # a new routing decision, made by this forward pass
-            saw_routing = True
-            mask = routing.to_preservation
-            routed["positions"] += mask.numel()
-            routed["preservation"] += int(mask.sum())
-            routed["kl_preservation"] += kl[mask].sum().item()
-            routed["kl_adaptation"] += kl[~mask].sum().item()
-            head_kl = token_kl(base_logprobs[start : start + len(input_ids)], routing.adaptation_logits)
-            routed["kl_head"] += head_kl.sum().item()
+        if routing is None or routing is before:  # no routing decision made by this forward pass
+            continue
+        saw_routing = True
+        mask = routing.to_preservation
+        routed["positions"] += mask.numel()
+        routed["kept"] += int(mask.sum())
+        routed["nll_head"] += _sum_nll(routing.adaptation_logits, input_ids)
+        if kl is not None:
+            routed["kl_kept"] += kl[mask].sum().item()
+            routed["kl_other"] += kl[~mask].sum().item()
+            routed["kl_head"] += token_kl(base, routing.adaptation_logits).sum().item()
+        if route_thresholds:
+            cosine = F.cosine_similarity(routing.preservation_logits.float(), routing.adaptation_logits.float(), dim=-1)
+            for tau, sums in sweep.items():
+                keep = cosine >= tau
+                at_tau = torch.where(keep.unsqueeze(-1), routing.preservation_logits, routing.adaptation_logits)
+                sums["kept"] += int(keep.sum())
+                sums["nll"] += _sum_nll(at_tau, input_ids)
+                if base is not None:
+                    sums["kl"] += token_kl(base, at_tau).sum().item()
 
-    result = {"perplexity": math.exp(nll / predicted)}
+    result: dict = {"perplexity": math.exp(nll / predicted)}
     if base_logprobs is not None:
         result["drift"] = kl_sum / kl_count
     if saw_routing:
-        n, kept = routed["positions"], routed["preservation"]
+        n, kept = routed["positions"], routed["kept"]
         result["routed_to_preservation"] = kept / n
-        result["drift_on_preservation"] = routed["kl_preservation"] / kept if kept else None
-        result["drift_on_adaptation"] = routed["kl_adaptation"] / (n - kept) if n - kept else None
-        result["drift_adaptation_head"] = routed["kl_head"] / n
+        result["perplexity_adaptation_head"] = math.exp(routed["nll_head"] / predicted)
+        if base_logprobs is not None:
+            result["drift_on_preservation"] = routed["kl_kept"] / kept if kept else None
+            result["drift_on_adaptation"] = routed["kl_other"] / (n - kept) if n - kept else None
+            result["drift_adaptation_head"] = routed["kl_head"] / n
+        if route_thresholds:
+            result["threshold_sweep"] = {  # keyed by the threshold as text, as JSON will have it
+                f"{tau:g}": {
+                    "routed_to_preservation": sums["kept"] / n,
+                    "perplexity": math.exp(sums["nll"] / predicted),
+                    **({"drift": sums["kl"] / n} if base_logprobs is not None else {}),
+                }
+                for tau, sums in sweep.items()
+            }
     return result
 
 

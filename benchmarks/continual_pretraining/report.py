@@ -44,7 +44,7 @@ def selected_runs(results: dict) -> dict[str, dict]:
 
 def _row(record: dict, base: dict) -> str:
     final = record["final"]
-    routed = final.get("routed_to_preservation")
+    routed = final.get("old_routed_to_preservation")
     cells = [
         f"`{record['run']}`",
         f"{record['lr']:g}",
@@ -53,7 +53,7 @@ def _row(record: dict, base: dict) -> str:
         f"{final['old_perplexity']:.2f} ({change(final['old_perplexity'], base['old_perplexity']):+.1%})",
         f"{final['drift']:.3g}",
         f"{final['answer_perplexity']:.3f} ({change(final['answer_perplexity'], base['answer_perplexity']):+.1%})",
-        "-" if routed is None else f"{routed:.0%}",
+        "-" if routed is None else f"{routed:.0%} / {final['new_routed_to_preservation']:.0%}",
         f"{record['seconds']['step_median']:.3f}",
     ]
     return "| " + " | ".join(cells) + " |"
@@ -61,7 +61,7 @@ def _row(record: dict, base: dict) -> str:
 
 TABLE_HEAD = (
     "| method | lr | trainable | new-language ppl (learning) | (a) old-language ppl | (b) drift, nats/token "
-    "| (c) chat-answer ppl | routed to base | s/step |\n|---|---|---|---|---|---|---|---|---|"
+    "| (c) chat-answer ppl | routed to base (old / new text) | s/step |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -90,6 +90,44 @@ def bar_lines(selected: dict[str, dict], base: dict) -> list[str]:
     return lines
 
 
+def route_lines(results: dict, base: dict) -> list[str]:
+    """SCALE-Route's two heads at the last step, and what other routing thresholds would have given (evaluation
+    only, from the same logits): where the learning and the forgetting of a route run come from."""
+    records = [r for r in results["runs"].values() if r.get("route_threshold_sweep")]
+    if not records:
+        return []
+    lines = [
+        "## SCALE-Route: the two heads, and the routing threshold",
+        "",
+        "The adaptation head alone (no routing) against the routed output; then, for other thresholds tau (a token takes "
+        "the base model's logits where cos(z_pres, z_adapt) >= tau), the routed output's new-language perplexity, drift "
+        "and share of tokens routed to the base model (old / new text). Evaluation only: the same trained model.",
+        "",
+        "| run | adaptation head: new ppl, drift | routed (tau 0.5): new ppl, drift | "
+        + " | ".join(f"tau {tau}" for tau in results_thresholds(records)) + " |",
+        "|---|---|---|" + "---|" * len(results_thresholds(records)),
+    ]
+    for record in records:
+        final, sweep = record["final"], record["route_threshold_sweep"]
+        cells = [
+            f"`{record['run']}` lr {record['lr']:g}",
+            f"{final['new_perplexity_adaptation_head']:.2f}, {final['drift_adaptation_head']:.3g}",
+            f"{final['new_perplexity']:.2f}, {final['drift']:.3g}",
+        ]
+        for tau in results_thresholds(records):
+            new, old = sweep["new"][tau], sweep["old"][tau]
+            cells.append(
+                f"{new['perplexity']:.2f}, {old['drift']:.3g} "
+                f"({old['routed_to_preservation']:.0%} / {new['routed_to_preservation']:.0%})"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def results_thresholds(records: list[dict]) -> list[str]:
+    return list(records[0]["route_threshold_sweep"]["new"])  # JSON keys: the thresholds as strings
+
+
 def write_report(results: dict, output_dir: Path) -> None:
     """results.md and the PNGs from ``results`` (as written to results.json)."""
     output_dir = Path(output_dir)
@@ -116,6 +154,7 @@ def write_report(results: dict, output_dir: Path) -> None:
         "",
         *bar_lines(selected, base),
         "",
+        *route_lines(results, base),
         "## Every run",
         "",
         TABLE_HEAD,

@@ -187,14 +187,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(model, text, reference: dict, args) -> dict[str, float]:
-    """Learning and the three forgetting measures of ``model`` (see ``measures.py``)."""
-    new = measures.text_measures(model, text.new_eval, args.eval_batch_size, args.dtype)
-    old = measures.text_measures(model, text.old_eval, args.eval_batch_size, args.dtype, reference["old_logprobs"])
-    answers = measures.answer_perplexity(model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"])
-    point = {"new_perplexity": new["perplexity"], "old_perplexity": old.pop("perplexity"), **old}
-    point["answer_perplexity"] = answers
-    return point
+def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[dict[str, float], dict]:
+    """Learning and the three forgetting measures of ``model`` (see ``measures.py``), as one point of the curves:
+    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_perplexity``;
+    and SCALE-Route's evaluation-only threshold sweep ``{"new": ..., "old": ...}`` when ``route_thresholds`` are given
+    (empty for other methods)."""
+    new = measures.text_measures(model, text.new_eval, args.eval_batch_size, args.dtype, None, route_thresholds)
+    old = measures.text_measures(
+        model, text.old_eval, args.eval_batch_size, args.dtype, reference["old_logprobs"], route_thresholds
+    )
+    sweep = {name: part.pop("threshold_sweep") for name, part in (("new", new), ("old", old)) if "threshold_sweep" in part}
+    point = {f"new_{key}": value for key, value in new.items()}
+    point.update({key if key.startswith("drift") else f"old_{key}": value for key, value in old.items()})
+    point["answer_perplexity"] = measures.answer_perplexity(
+        model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"]
+    )
+    return point, sweep
 
 
 def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes: MethodSizes, args) -> dict:
@@ -214,10 +222,12 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
     curve: dict[str, list] = {"step": []}
     losses, step_seconds, eval_seconds = [], [], 0.0
 
-    def record(step: int) -> None:
-        nonlocal eval_seconds
+    sweep = {}
+
+    def record(step: int, route_thresholds=()) -> None:
+        nonlocal eval_seconds, sweep
         start = time.perf_counter()
-        point = evaluate(model, text, reference, args)
+        point, sweep = evaluate(model, text, reference, args, route_thresholds)
         eval_seconds += time.perf_counter() - start
         curve["step"].append(step)
         for key, value in point.items():
@@ -242,7 +252,7 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
             print(f"  {run_name} lr={lr:g}: loss became {losses[-1]} at step {step}; stopping this run", flush=True)
             break
         if step % args.eval_every == 0 or step == args.steps:
-            record(step)
+            record(step, measures.ROUTE_THRESHOLDS if step == args.steps else ())
             shown = ", ".join(f"{k}={v[-1]:.4g}" for k, v in curve.items() if k != "step" and v[-1] is not None)
             print(f"  {run_name} lr={lr:g} step {step}: {shown}", flush=True)
     return {
@@ -253,6 +263,7 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
         "trainable_parameters": trainable,
         "curve": curve,
         "final": {key: values[-1] for key, values in curve.items()},
+        "route_threshold_sweep": sweep,  # SCALE-Route only, at the last step
         "train_loss": losses,
         "seconds": {
             "prepare": prepare_seconds,
@@ -319,7 +330,7 @@ def base_reference(model, tokenizer, text, args, cached_answers: Optional[list[d
         prompts = ENGLISH_CHAT_PROMPTS[: args.prompts]
         answers = measures.generate_base_answers(model, tokenizer, prompts, args.max_new_tokens, len(prompts), args.dtype)
     reference = {"old_logprobs": old_logprobs, "answers": answers, "pad_id": pad_id}
-    return reference, evaluate(model, text, reference, args)
+    return reference, evaluate(model, text, reference, args)[0]
 
 
 def machine_description(device: str) -> str:
