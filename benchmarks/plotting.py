@@ -77,6 +77,9 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: PathLike, title:
             raise ValueError(f"The point of {method!r} must be two finite numbers (forgetting, learning); got {point!r}.")
 
     figure, axes = plt.subplots(figsize=(7, 5))
+    # the axes through the origin: the base model (no forgetting, no learning), and what each method is measured from
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.axvline(0, color="grey", linewidth=0.8)
     for method, (forgetting, learning) in points.items():
         axes.scatter([forgetting], [learning], s=40)
         axes.annotate(method, (forgetting, learning), textcoords="offset points", xytext=(5, 4), fontsize="small")

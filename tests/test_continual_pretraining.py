@@ -176,6 +176,8 @@ def test_default_sizes_for_smollm2_shapes():
     assert run.default_sizes(smollm2, args) == MethodSizes(256, 192, 8, 6)
     args = run.parse_args(["--ffn-expansion", "64", "--preserve-layers", "0", "--llama-pro-blocks", "10"])
     assert run.default_sizes(smollm2, args) == MethodSizes(64, 192, 0, 10)
+    args = run.parse_args(["--scale-option", "adapt_modules=attention", "--scale-option", "route_threshold=0.9"])
+    assert run.default_sizes(smollm2, args).scale_options == {"adapt_modules": "attention", "route_threshold": 0.9}
 
 
 def test_planned_runs_put_every_methods_middle_learning_rate_first():

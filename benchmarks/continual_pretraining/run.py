@@ -115,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden-expansion", type=int, default=None)
     parser.add_argument("--preserve-layers", type=int, default=None)
     parser.add_argument("--llama-pro-blocks", type=int, default=None)
+    parser.add_argument("--scale-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra ScaleConfig field for every scale_* method, for ablations (repeatable), e.g. "
+                        "adapt_modules=attention, init=normal, route_threshold=0.9")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy machine)")
@@ -176,7 +179,19 @@ def default_sizes(config, args: argparse.Namespace) -> MethodSizes:
         hidden_expansion=args.hidden_expansion or head_dim * (heads // kv_heads),
         preserve_layers=args.preserve_layers if args.preserve_layers is not None else round(layers / 4),
         llama_pro_blocks=args.llama_pro_blocks or closest_divisor,
+        scale_options=dict(parse_option(option) for option in args.scale_option),
     )
+
+
+def parse_option(option: str) -> tuple[str, object]:
+    """``"key=value"`` -> ``(key, value)``, the value read as JSON (numbers, true/false) or else kept as text."""
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--scale-option {option!r}: write KEY=VALUE, e.g. adapt_modules=attention.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 # ----------------------------------------------------------------------------------------------- one training run
