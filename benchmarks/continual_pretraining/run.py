@@ -28,6 +28,12 @@ run continues where it stopped. Runs go learning rate by learning rate (each met
 run cut short still has every method at one learning rate. At the end ``results.md`` (tables and the command) and
 the PNG plots are (re)written from ``results.json`` (``report.py``).
 
+Budget: the defaults (60 steps x 4 blocks x 128 tokens = 30,720 training tokens, 4 evaluations of 16 + 16 blocks
+and 24 answers) keep one run (one method at one learning rate) under 15 minutes on one thread of the 2-core CPU this
+was written on, which other jobs kept busy: measured there, a training step of SmolLM2-135M took 7.7 s (full
+fine-tuning) and 8.1 s (SCALE-Route, the slowest), an evaluation 35 s and 72 s; the base model's reference (its
+log-probabilities and greedy answers) and loading take about 1.5 minutes once per command.
+
 Sizes (``benchmarks.methods.MethodSizes``), derived from the model's config unless given:
 ``--hidden-expansion`` = the smallest valid width (one new key-value group of heads: head size x query heads per
 key-value head; SmolLM2: 64 x 3 = 192, +33% width); ``--ffn-expansion`` = intermediate size / 6 (SmolLM2: 256,
@@ -101,10 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"runs to make, from {list(RUNS)} (default: all)")  # fmt: skip
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="learning rates for every method (default: each method's sweep, DEFAULT_LRS)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=4, help="packed blocks per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per block")
-    parser.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps (and at 0 and the end)")
+    parser.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (and at 0 and the end)")
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per language")
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--held-out-documents", type=int, default=400, help="documents per language never trained on")
