@@ -29,13 +29,15 @@ Replay (old data mixed into the new) is a data-side choice, not a method: ``mix_
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 METHODS = ("full", "lora", "freeze", "llama_pro", "scale_ffn", "scale_preserve", "scale_adapt", "scale_route")
 SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_route": "route"}
 # The linear maps of a Llama-family decoder layer: what LoRA adapts and what full-width SCALE widens.
+# ScaleConfig options that FFN mode rejects; MethodSizes.scale_options leaves them out of scale_ffn's config.
+FULL_WIDTH_ONLY_OPTIONS = ("adapt_modules", "route_threshold", "route_in_training")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -50,12 +52,15 @@ class MethodSizes:
         preserve_layers: SCALE-Adapt/Route: the bottom layers whose ``W12`` stay at zero; Freeze: the bottom layers
             that are frozen (the same "bottom layers are the base model's" budget for both).
         llama_pro_blocks: LLaMA Pro: number of copied blocks inserted (must divide the number of layers).
+        scale_options: extra ``ScaleConfig`` fields for every ``scale_*`` method, for ablations (e.g.
+            ``{"adapt_modules": "attention"}``, ``{"init": "normal"}``, ``{"route_threshold": 0.9}``).
     """
 
     ffn_expansion: int
     hidden_expansion: int
     preserve_layers: int
     llama_pro_blocks: int
+    scale_options: dict = field(default_factory=dict)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -69,12 +74,14 @@ def scale_config(name: str, sizes: MethodSizes):
     from peft_scale import ScaleConfig
 
     if name == "scale_ffn":
-        return ScaleConfig(ffn_expansion=sizes.ffn_expansion)
+        options = {k: v for k, v in sizes.scale_options.items() if k not in FULL_WIDTH_ONLY_OPTIONS}
+        return ScaleConfig(ffn_expansion=sizes.ffn_expansion, **options)
     return ScaleConfig(
         hidden_expansion=sizes.hidden_expansion,
         ffn_expansion=sizes.ffn_expansion,
         variant=SCALE_VARIANTS[name],
         preserve_layers=sizes.preserve_layers,
+        **sizes.scale_options,
     )
 
 

@@ -134,6 +134,11 @@ def test_quick_run_writes_complete_results(tmp_path):
             assert all(0.0 <= value <= 1.0 for value in run["curve"][metric]), (row, metric)
             assert entry[metric] == run["curve"][metric][-1]
         assert entry["trainable_parameters"] > 0
+    route = saved["sweep"]["scale_route"][str(saved["table"]["scale_route"]["lr"])]["curve"]
+    for key in ("to_preservation", "preservation_first_token", "adaptation_first_token"):  # routing diagnostics
+        assert all(0.0 <= value <= 1.0 for value in route[f"task0_{key}"] + route[f"task1_{key}"]), key
+    assert route["task1_first_token_tau_0.5"] == route["task1_first_token"]  # the default threshold, recomputed
+    assert "task0_to_preservation" not in saved["sweep"]["scale_adapt"][str(saved["table"]["scale_adapt"]["lr"])]["curve"]
     assert 0.0 <= saved["pretraining"]["qa_after_stage2"]["task0_first_token"] <= 1.0
     assert "python -m benchmarks.biography.run --quick" in (tmp_path / "results.md").read_text()
     assert result["table"].keys() == saved["table"].keys()

@@ -5,10 +5,10 @@ The SCALE paper's protocol (after Physics of Language Models 3.1), at CPU scale:
     stage 1  pre-train a small Llama from scratch on biographies of the Task-0 people
     stage 2  QA fine-tuning on Task-0 (every Task-0 person and attribute), all weights
     stage 3  for every method (benchmarks/methods.py) and learning rate: from the stage-2 model, learn the unseen
-             Task-1 people (their biographies and QA pairs, shuffled together); evaluate every ``eval_every`` steps
+             Task-1 people's QA pairs (``--task1-bios``: their biographies too); evaluate every ``eval_every`` steps
              Task-0 QA (retention) and Task-1 QA (acquisition), first-token accuracy and exact match
 
-Two replay rows mix 25% old data (Task-0 biographies and QA) into the same number of steps with
+Two replay rows mix 25% old data (Task-0 QA, the stage-2 data) into the same number of steps with
 ``methods.mix_with_replay``. Every row trains the same number of steps on batches of the same size.
 
 Choosing the learning rate: each method runs a small sweep (``Settings.lr_grid``); the table reports, per method,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import transformers
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -86,17 +88,18 @@ class Settings:
     sizes: MethodSizes
     lr_grid: dict
     seed: int = 0
+    task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
 
     @classmethod
     def full(cls) -> "Settings":
         """The full run, sized to fit the issue's budget (see results.md for the measured times)."""
         return cls(
             task0_people=200, task1_people=100, bios_per_person=5,
-            hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
+            hidden_size=96, intermediate_size=384, num_layers=4, num_heads=3,
             pretrain_steps=1500, pretrain_lr=1e-3, qa_steps=300, qa_lr=1e-3,
-            continual_steps=300, eval_every=30, batch_size=32,
-            # d_up = H/4 (one new head of 32), I_up = I/4, bottom half preserved, one LLaMA Pro block per 2 layers
-            sizes=MethodSizes(ffn_expansion=128, hidden_expansion=32, preserve_layers=2, llama_pro_blocks=2),
+            continual_steps=400, eval_every=40, batch_size=32,
+            # d_up = one new head of 32 (H/3), I_up = I/4, bottom half preserved, one LLaMA Pro block per 2 layers
+            sizes=MethodSizes(ffn_expansion=96, hidden_expansion=32, preserve_layers=2, llama_pro_blocks=2),
             lr_grid=default_lr_grid(),
         )
 
@@ -128,11 +131,17 @@ def default_lr_grid() -> dict:
 # ------------------------------------------------------------------------------------------------ the stages
 
 
+def is_route(model) -> bool:
+    """A SCALE-Route PeftModel (its evaluation adds routing diagnostics)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "variant", None) == "route"
+
+
 class Experiment:
     """The data, the tokenizer and the evaluation sets of one run (cheap to rebuild: workers rebuild it)."""
 
     def __init__(self, settings: Settings, device: torch.device, dtype: str):
-        self.settings, self.device = settings, device
+        self.settings, self.device, self.dtype = settings, device, dtype
         self.autocast = autocast_for(device, dtype)
         self.tokenizer = build_tokenizer()
         self.collator = make_collator(self.tokenizer)
@@ -147,9 +156,11 @@ class Experiment:
         }
 
     def evaluate(self, model) -> dict:
+        """Task-0 and Task-1 QA metrics (``task0_first_token``, ...), with routing diagnostics for SCALE-Route."""
+        routing = (lambda: model.base_model.last_routing) if is_route(model) else None  # noqa: E731
         out = {}
         for task, eval_set in self.eval_sets.items():
-            for metric, value in qa_accuracy(model, eval_set, self.device, self.autocast).items():
+            for metric, value in qa_accuracy(model, eval_set, self.device, self.autocast, routing=routing).items():
                 out[f"{task}_{metric}"] = value
         return out
 
@@ -190,13 +201,15 @@ class Experiment:
         return model, report
 
     def continual_stream(self, row: str):
-        """Stage 3's training examples in order: Task-1 biographies + QA, with 25% Task-0 data for replay rows."""
+        """Stage 3's training examples in order: Task-1 QA (and biographies with ``task1_bios``); replay rows mix
+        in 25% Task-0 QA, the old task's training data (which are also the Task-0 questions evaluated, so replay
+        here rehearses the test itself: the most replay can do)."""
         s = self.settings
         length = s.continual_steps * s.batch_size
-        new = examples_dataset(self.tokenizer, texts=self.task1_bios, pairs=self.task1_qa)
+        new = examples_dataset(self.tokenizer, texts=self.task1_bios if s.task1_bios else [], pairs=self.task1_qa)
         if row not in REPLAY_ROWS:
             return repeat_shuffled(new, length, s.seed + 2)
-        old = examples_dataset(self.tokenizer, texts=self.task0_bios, pairs=self.task0_qa)
+        old = examples_dataset(self.tokenizer, pairs=self.task0_qa)
         mixed = mix_with_replay(repeat_shuffled(new, length, s.seed + 2), repeat_shuffled(old, length, s.seed + 3),
                                 REPLAY_FRACTION, seed=s.seed + 4)
         return mixed.select(range(length))
@@ -280,7 +293,8 @@ def markdown(result: dict) -> str:
         f"{s['num_heads']} heads, {pre['parameters']:,} parameters, word-level vocabulary of {pre['vocab_size']}. "
         f"Task-0: {s['task0_people']} people, Task-1: {s['task1_people']} people, {s['bios_per_person']} "
         f"biographies each, 6 attributes. Stage 1: {s['pretrain_steps']} steps (lr {s['pretrain_lr']}); stage 2: "
-        f"{s['qa_steps']} QA steps (lr {s['qa_lr']}); stage 3: {s['continual_steps']} steps per method, batch "
+        f"{s['qa_steps']} QA steps (lr {s['qa_lr']}); stage 3: {s['continual_steps']} steps per method on Task-1 "
+        f"{'biographies and QA' if s['task1_bios'] else 'QA'}, batch "
         f"{s['batch_size']}, AdamW, cosine schedule, 5% warm-up.",
         "",
         f"After stage 2 (the model every method starts from): {fmt(pre['qa_after_stage2'])}.",
@@ -347,6 +361,7 @@ _WORKER: dict = {}
 def _init_worker(settings_json: str, device: str, dtype: str, model_dir: str, threads: int) -> None:
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     settings = settings_from_json(settings_json)
     _WORKER["experiment"] = Experiment(settings, torch.device(device), dtype)
@@ -392,6 +407,59 @@ def run_sweep(settings, rows, model, device, dtype, workers, threads, log) -> di
     return sweep
 
 
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pairs(items: list[str], flag: str) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} {item!r}: write FIELD=VALUE, e.g. {flag} preserve_layers=3.")
+        pairs[key] = value
+    return pairs
+
+
+def apply_overrides(settings: Settings, args) -> None:
+    """``--size``, ``--scale-option`` and ``--lr`` (ablations from the command line)."""
+    known = {f.name for f in dataclasses.fields(MethodSizes)} - {"scale_options"}
+    for key, value in _pairs(args.size, "--size").items():
+        if key not in known:
+            raise SystemExit(f"--size {key}=...: not a MethodSizes field; choose one of {sorted(known)}.")
+        setattr(settings.sizes, key, int(value))
+    settings.sizes.scale_options.update({k: _parse_value(v) for k, v in _pairs(args.scale_option, "--scale-option").items()})
+    for row, value in _pairs(args.lr, "--lr").items():
+        if row not in ROWS:
+            raise SystemExit(f"--lr {row}=...: unknown method; choose one of {list(ROWS)}.")
+        settings.lr_grid[row] = tuple(float(v) for v in value.split(","))
+
+
+def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
+    """Stages 1-2, or their saved result from ``cache_dir`` when a run with the same data and model made one."""
+    if cache_dir is None:
+        return experiment.pretrain(log)
+    from transformers import AutoModelForCausalLM
+
+    s = dataclasses.asdict(experiment.settings)
+    stages = {k: v for k, v in s.items() if k not in ("continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios")}
+    stages["dtype"] = experiment.dtype
+    path = Path(cache_dir) / hashlib.sha1(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
+    if (path / "report.json").exists():
+        log(f"stages 1-2: loaded from {path}")
+        model = AutoModelForCausalLM.from_pretrained(path).to(experiment.device)
+        return model, json.loads((path / "report.json").read_text())
+    model, report = experiment.pretrain(log)
+    model.save_pretrained(path)
+    (path / "report.json").write_text(json.dumps(report))
+    return model, report
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps (CI)")
@@ -403,12 +471,25 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=1, help="stage-3 runs in parallel processes (CPU: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 on a shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", default="full", choices=["full", "middle"],
+                        help="'middle': only the middle learning rate of each method's grid (a reduced run)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="reuse the stage-2 model of a previous run with the same settings (saved there)")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=INT",
+                        help="override a MethodSizes field, e.g. --size preserve_layers=3 (repeatable)")
+    parser.add_argument("--scale-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="extra ScaleConfig field for the scale_* methods, e.g. --scale-option adapt_modules=attention")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                        help="override a method's learning-rate grid, e.g. --lr scale_route=0.01,0.03")
+    parser.add_argument("--task1-bios", action="store_true",
+                        help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
     parser.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to put in results.md")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    transformers.utils.logging.disable_progress_bar()
     begin = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -416,8 +497,12 @@ def main(argv=None) -> dict:
     settings.seed = args.seed
     log = lambda message: print(f"[{time.perf_counter() - begin:7.1f}s] {message}", flush=True)  # noqa: E731
 
+    settings.task1_bios = args.task1_bios
+    apply_overrides(settings, args)
+    if args.sweep == "middle":
+        settings.lr_grid = {row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in settings.lr_grid.items()}
     experiment = Experiment(settings, device, args.dtype)
-    model, pretraining = experiment.pretrain(log)
+    model, pretraining = pretrain_or_load(experiment, args.cache_dir, log)
     sweep = run_sweep(settings, args.methods, model.cpu(), device, args.dtype, args.workers, args.threads, log)
 
     result = {

@@ -24,6 +24,7 @@ from transformers import DataCollatorForSeq2Seq, get_scheduler
 from .data import QAPair
 
 IGNORE = -100
+ROUTE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # the routing diagnostics' threshold sweep
 
 
 # ------------------------------------------------------------------------------------------------- encoding
@@ -92,29 +93,56 @@ class QAEvalSet:
 
 
 @torch.no_grad()
-def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512) -> dict:
+def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512, routing: Optional[Callable] = None) -> dict:
     """First-token accuracy and exact match of the answers, teacher-forced (argmax at every answer position).
 
     Teacher-forced argmax at every answer position is exactly greedy decoding's exact match: greedy decoding
     writes the whole answer iff every answer token is the argmax given the correct prefix. One forward per chunk,
     no generation loop. The model must already be in the mode it is evaluated in (eval: SCALE-Route routes).
+
+    ``routing`` (SCALE-Route): a function returning the last forward's ``RouteResult``; adds the share of answer
+    tokens routed to the preservation head (``to_preservation``), the first-token accuracy of each head alone
+    (``preservation_first_token``, ``adaptation_first_token``), the mean cosine of the two heads' logits at the
+    first answer position (``answer_cosine``), and the first-token accuracy the cosine rule would give at other
+    thresholds (``first_token_tau_0.9``, ...): the rule is a function of the two heads' logits, so a threshold sweep
+    needs no retraining. Together they say whether routing, or the adaptation path, is where accuracy is lost.
     """
-    first_hits, exact_hits = 0, 0
-    total = eval_set.input_ids.shape[0]
+    hits = {"first_token": 0, "exact_match": 0}
+    if routing is not None:
+        hits.update(to_preservation=0, preservation_first_token=0, adaptation_first_token=0, answer_cosine=0.0)
+        hits.update({f"first_token_tau_{tau:g}": 0 for tau in ROUTE_THRESHOLDS})
+    total, answer_tokens = eval_set.input_ids.shape[0], eval_set.answer_length.sum().item()
     for begin in range(0, total, chunk):
         ids = eval_set.input_ids[begin : begin + chunk].to(device)
         mask = eval_set.attention_mask[begin : begin + chunk].to(device)
         with autocast():
             logits = model(input_ids=ids, attention_mask=mask).logits
-        predicted = logits[:, :-1].argmax(-1)  # (B, T-1): prediction of token t+1 from prefix up to t
-        correct = predicted == ids[:, 1:]
         start = eval_set.answer_start[begin : begin + chunk].to(device)
         length = eval_set.answer_length[begin : begin + chunk].to(device)
+        first_answer = ids.gather(1, start[:, None])  # (B, 1)
+
+        def first_token_hits(scores):  # position start - 1 predicts the first answer token
+            return (scores[:, :-1].argmax(-1).gather(1, (start - 1)[:, None]) == first_answer).sum().item()
+
+        correct = logits[:, :-1].argmax(-1) == ids[:, 1:]  # (B, T-1): the prediction of token t+1 is right
         positions = torch.arange(correct.shape[1], device=device)
         in_answer = (positions >= start[:, None] - 1) & (positions < (start + length)[:, None] - 1)
-        first_hits += correct.gather(1, (start - 1)[:, None]).sum().item()
-        exact_hits += (correct | ~in_answer).all(dim=1).sum().item()
-    return {"first_token": first_hits / total, "exact_match": exact_hits / total}
+        hits["first_token"] += first_token_hits(logits)
+        hits["exact_match"] += (correct | ~in_answer).all(dim=1).sum().item()
+        if routing is not None:
+            route = routing()
+            hits["to_preservation"] += (route.to_preservation[:, :-1] & in_answer).sum().item()
+            hits["preservation_first_token"] += first_token_hits(route.preservation_logits)
+            hits["adaptation_first_token"] += first_token_hits(route.adaptation_logits)
+            rows = torch.arange(ids.shape[0], device=device)
+            preservation = route.preservation_logits[rows, start - 1].float()  # (B, V) at the first answer position
+            adaptation = route.adaptation_logits[rows, start - 1].float()
+            cosine = torch.nn.functional.cosine_similarity(preservation, adaptation, dim=-1)
+            hits["answer_cosine"] += cosine.sum().item()
+            for tau in ROUTE_THRESHOLDS:
+                routed = torch.where(cosine >= tau, preservation.argmax(-1), adaptation.argmax(-1))
+                hits[f"first_token_tau_{tau:g}"] += (routed == first_answer[:, 0]).sum().item()
+    return {key: value / (answer_tokens if key == "to_preservation" else total) for key, value in hits.items()}
 
 
 # -------------------------------------------------------------------------------------------------- training
