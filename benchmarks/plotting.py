@@ -90,6 +90,39 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: PathLike, title:
     _save(figure, path)
 
 
+def plot_tradeoff_sweeps(
+    sweeps: dict[str, list[tuple[float, float, str]]], path: PathLike, title: str, xlabel: str, ylabel: str
+) -> None:
+    """Like ``plot_tradeoff``, with several points per method joined by a line: ``sweeps[method]`` is a list of
+    ``(forgetting, learning, label)``, e.g. one point per learning rate labelled with it, so each method draws its
+    own forgetting-vs-learning curve and methods compare at equal learning rather than at one chosen setting.
+
+    Raises:
+        ValueError: no methods, a method without points, or a point whose first two entries are not finite numbers.
+    """
+    if not sweeps or not all(sweeps.values()):
+        raise ValueError("plot_tradeoff_sweeps needs {method: [(forgetting, learning, label), ...]}, no method empty.")
+    for method, points in sweeps.items():
+        for point in points:
+            if len(point) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in point[:2]):
+                raise ValueError(f"A point of {method!r} must be (forgetting, learning, label) with finite numbers; got {point!r}.")
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.axvline(0, color="grey", linewidth=0.8)
+    for method, points in sweeps.items():
+        xs, ys, labels = zip(*points)
+        (line,) = axes.plot(xs, ys, marker="o", markersize=4, label=method)
+        for x, y, label in points:
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color=line.get_color())
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    _save(figure, path)
+
+
 def _save(figure, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from benchmarks.plotting import plot_curves, plot_tradeoff  # noqa: E402
+from benchmarks.plotting import plot_curves, plot_tradeoff, plot_tradeoff_sweeps  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,4 +43,18 @@ def test_plot_curves_rejects_bad_input(tmp_path, curves, message):
 def test_plot_tradeoff_rejects_bad_input(tmp_path, points, message):
     with pytest.raises(ValueError, match=message):
         plot_tradeoff(points, tmp_path / "x.png", title="t", xlabel="x", ylabel="y")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_tradeoff_sweeps_writes_a_png(tmp_path):
+    sweeps = {"full": [(0.01, 20.0, "1e-5"), (0.04, 36.0, "3e-5")], "scale_ffn": [(0.15, 42.0, "1e-3")]}
+    path = tmp_path / "sweeps.png"
+    plot_tradeoff_sweeps(sweeps, path, title="t", xlabel="drift", ylabel="drop")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("sweeps", [{}, {"full": []}, {"full": [(0.1, float("inf"), "1e-5")]}, {"full": [(0.1, 2.0)]}])
+def test_plot_tradeoff_sweeps_rejects_bad_input(tmp_path, sweeps):
+    with pytest.raises(ValueError, match="forgetting, learning, label"):
+        plot_tradeoff_sweeps(sweeps, tmp_path / "x.png", title="t", xlabel="x", ylabel="y")
     assert not (tmp_path / "x.png").exists()

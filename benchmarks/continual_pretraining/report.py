@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from benchmarks.plotting import plot_curves, plot_tradeoff
+from benchmarks.plotting import plot_curves, plot_tradeoff, plot_tradeoff_sweeps
 
 # The bar of the issue, for SCALE against full fine-tuning at their selected learning rates.
 BAR_DRIFT_RATIO = 0.10  # SCALE's drift <= 10% of full fine-tuning's
@@ -65,19 +65,23 @@ TABLE_HEAD = (
 )
 
 
-def bar_lines(selected: dict[str, dict], base: dict) -> list[str]:
-    """Each SCALE method against full fine-tuning, on the issue's three criteria."""
+def bar_lines(selected: dict[str, dict], runs: list[dict], base: dict) -> list[str]:
+    """Every SCALE run (each learning rate) against full fine-tuning at its selected learning rate, on the issue's
+    three criteria."""
     if "full" not in selected:
         return ["(no `full` run: the bar compares with full fine-tuning)"]
     full = selected["full"]["final"]
     full_drop = base["new_perplexity"] - full["new_perplexity"]
     lines = [
-        f"| method | drift / full's (bar <= {BAR_DRIFT_RATIO:.0%}) | chat-answer ppl rise (bar <= {BAR_ANSWER_RISE:.0%}) "
+        f"Full fine-tuning at lr {selected['full']['lr']:g}: drift {full['drift']:.3g}, new-language perplexity drop "
+        f"{full_drop:.2f}.",
+        "",
+        f"| run | lr | drift / full's (bar <= {BAR_DRIFT_RATIO:.0%}) | chat-answer ppl rise (bar <= {BAR_ANSWER_RISE:.0%}) "
         f"| new-language ppl drop / full's (bar >= {BAR_LEARNING_RATIO:.0%}) | meets all |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    for name, record in selected.items():
-        if not name.startswith("scale"):
+    for record in sorted(runs, key=lambda r: (r["run"], r["lr"])):
+        if not record["run"].startswith("scale"):
             continue
         final = record["final"]
         drift_ratio = final["drift"] / full["drift"] if full["drift"] > 0 else float("inf")
@@ -85,7 +89,8 @@ def bar_lines(selected: dict[str, dict], base: dict) -> list[str]:
         learning_ratio = (base["new_perplexity"] - final["new_perplexity"]) / full_drop if full_drop > 0 else float("nan")
         meets = drift_ratio <= BAR_DRIFT_RATIO and rise <= BAR_ANSWER_RISE and learning_ratio >= BAR_LEARNING_RATIO
         lines.append(
-            f"| `{name}` | {drift_ratio:.1%} | {rise:+.1%} | {learning_ratio:.0%} | {'yes' if meets else 'no'} |"
+            f"| `{record['run']}` | {record['lr']:g} | {drift_ratio:.1%} | {rise:+.1%} | {learning_ratio:.0%} "
+            f"| {'yes' if meets else 'no'} |"
         )
     return lines
 
@@ -150,9 +155,9 @@ def write_report(results: dict, output_dir: Path) -> None:
         TABLE_HEAD,
         *(_row(record, base) for record in selected.values()),
         "",
-        "## Against the bar (each SCALE method at its selected learning rate vs full fine-tuning at its own)",
+        "## Against the bar (every SCALE run vs full fine-tuning at its selected learning rate)",
         "",
-        *bar_lines(selected, base),
+        *bar_lines(selected, list(results["runs"].values()), base),
         "",
         *route_lines(results, base),
         "## Every run",
@@ -170,22 +175,30 @@ def write_report(results: dict, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.md").write_text("\n".join(lines))
     if selected:
-        write_plots(selected, base, output_dir)
+        write_plots(selected, list(results["runs"].values()), base, output_dir)
 
 
 def plot_files() -> list[str]:
-    return [f"curves_{key}.png" for key in CURVES] + [
-        "tradeoff_drift.png", "tradeoff_old_perplexity.png", "tradeoff_answer_perplexity.png"
-    ]  # fmt: skip
+    measures = ("drift", "old_perplexity", "answer_perplexity")
+    return (
+        [f"curves_{key}.png" for key in CURVES]
+        + [f"tradeoff_{key}.png" for key in measures]
+        + [f"sweep_tradeoff_{key}.png" for key in measures]
+    )
 
 
-def write_plots(selected: dict[str, dict], base: dict, output_dir: Path) -> None:
+def write_plots(selected: dict[str, dict], runs: list[dict], base: dict, output_dir: Path) -> None:
+    """Curves of the selected runs; forgetting-vs-learning scatters of the selected runs (``tradeoff_*``) and of
+    every run, one line per method through its learning rates (``sweep_tradeoff_*``)."""
     labels = {name: f"{name} (lr {record['lr']:g})" for name, record in selected.items()}
     for key, ylabel in CURVES.items():
         curves = {labels[name]: record["curve"] for name, record in selected.items()}
         plot_curves(curves, "step", key, output_dir / f"curves_{key}.png", title=f"{ylabel} over training", ylabel=ylabel)
 
-    learning = {name: -change(r["final"]["new_perplexity"], base["new_perplexity"]) * 100 for name, r in selected.items()}
+    def learning_of(record: dict) -> float:
+        return -change(record["final"]["new_perplexity"], base["new_perplexity"]) * 100
+
+    learning = {name: learning_of(r) for name, r in selected.items()}
     ylabel = "learning: new-language perplexity drop, % (higher is better)"
     forgetting = {
         "drift": ("forgetting (b): drift, KL(base || adapted) nats/token", lambda f: f["drift"]),
@@ -198,6 +211,24 @@ def write_plots(selected: dict[str, dict], base: dict, output_dir: Path) -> None
             lambda f: change(f["answer_perplexity"], base["answer_perplexity"]) * 100,
         ),
     }
+    sweeps: dict[str, list[dict]] = {}
+    for record in sorted(runs, key=lambda r: r["lr"]):
+        sweeps.setdefault(record["run"], []).append(record)
     for key, (xlabel, measure) in forgetting.items():
         points = {labels[name]: (measure(r["final"]), learning[name]) for name, r in selected.items()}
         plot_tradeoff(points, output_dir / f"tradeoff_{key}.png", title="forgetting vs learning", xlabel=xlabel, ylabel=ylabel)
+        curves = {
+            name: [(measure(r["final"]), learning_of(r), f"{r['lr']:g}") for r in records if _finite(r)]
+            for name, records in sweeps.items()
+        }
+        curves = {name: points for name, points in curves.items() if points}
+        if curves:
+            plot_tradeoff_sweeps(
+                curves, output_dir / f"sweep_tradeoff_{key}.png", title="forgetting vs learning, every learning rate",
+                xlabel=xlabel, ylabel=ylabel,
+            )  # fmt: skip
+
+
+def _finite(record: dict) -> bool:
+    final = record["final"]
+    return all(math.isfinite(final[key]) for key in ("new_perplexity", "old_perplexity", "drift", "answer_perplexity"))
