@@ -81,6 +81,7 @@ def test_route_rows_report_routing_and_no_drift_on_preserved_tokens(quick):
         assert sweep["old"]["0.5"]["drift"] == pytest.approx(curve["drift"][-1], rel=1e-6, abs=1e-12)
         assert sweep["new"]["0.5"]["perplexity"] == pytest.approx(curve["new_perplexity"][-1], rel=1e-6)
         assert sweep["old"]["0.5"]["routed_to_preservation"] == curve["old_routed_to_preservation"][-1]
+        assert all(math.isfinite(v) for v in curve["answer_perplexity_adaptation_head"])
     assert "old_routed_to_preservation" not in results["runs"]["scale_adapt@0.001"]["curve"]
     assert results["runs"]["scale_adapt@0.001"]["route_threshold_sweep"] == {}
 
@@ -164,7 +165,7 @@ def test_answer_perplexity_scores_only_the_answer_tokens():
             start = len(answer.prompt_ids)
             nll -= sum(logprobs[start - 1 + i, token].item() for i, token in enumerate(answer.answer_ids))
     expected = math.exp(nll / 5)
-    assert measures.answer_perplexity(model, answers, 2, "fp32", pad_id=0) == pytest.approx(expected, rel=1e-5)
+    assert measures.answer_measures(model, answers, 2, "fp32", pad_id=0) == {"perplexity": pytest.approx(expected, rel=1e-5)}
 
 
 def test_default_sizes_for_smollm2_shapes():

@@ -73,9 +73,12 @@ def block_logprobs(model, blocks: torch.Tensor, batch_size: int, precision: str)
     return torch.cat(out)
 
 
-def _sum_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Summed next-token NLL of ``input_ids`` (every position but the first is a target)."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="sum").item()
+def _sum_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token NLL of ``targets`` (token ids, or labels with ``IGNORE`` where nothing is scored); every
+    position but the first is a target."""
+    return F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    ).item()
 
 
 ROUTE_THRESHOLDS = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # the evaluation-only threshold sweep of SCALE-Route
@@ -221,11 +224,12 @@ def generate_base_answers(
 
 
 @torch.no_grad()
-def answer_perplexity(model, answers: Sequence[ChatAnswer], batch_size: int, precision: str, pad_id: int) -> float:
-    """``exp`` of the mean NLL of the answer tokens (only those) given prompt and chat template, right-padded."""
+def answer_measures(model, answers: Sequence[ChatAnswer], batch_size: int, precision: str, pad_id: int) -> dict:
+    """``perplexity``: ``exp`` of the mean NLL of the answer tokens (only those) given prompt and chat template,
+    right-padded; for a routing model also ``perplexity_adaptation_head``, the same for its adaptation head alone."""
     model.eval()
     device = model_device(model)
-    nll, scored = 0.0, 0
+    nll, head_nll, scored, saw_routing = 0.0, 0.0, 0, False
     for start in range(0, len(answers), batch_size):
         batch = answers[start : start + batch_size]
         rows = [a.prompt_ids + a.answer_ids for a in batch]
@@ -236,10 +240,16 @@ def answer_perplexity(model, answers: Sequence[ChatAnswer], batch_size: int, pre
             [[IGNORE] * len(a.prompt_ids) + a.answer_ids + [IGNORE] * (width - len(r)) for a, r in zip(batch, rows)],
             device=device,
         )
+        before = routing_of(model)
         with autocast(device, precision):
             logits = model(input_ids=input_ids, attention_mask=mask).logits
-        nll += F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-        ).item()
+        nll += _sum_nll(logits, labels)
         scored += int((labels[:, 1:] != IGNORE).sum())
-    return math.exp(nll / scored)
+        routing = routing_of(model)
+        if routing is not None and routing is not before:
+            saw_routing = True
+            head_nll += _sum_nll(routing.adaptation_logits, labels)
+    result = {"perplexity": math.exp(nll / scored)}
+    if saw_routing:
+        result["perplexity_adaptation_head"] = math.exp(head_nll / scored)
+    return result

@@ -108,7 +108,7 @@ def route_lines(results: dict, base: dict) -> list[str]:
         "the base model's logits where cos(z_pres, z_adapt) >= tau), the routed output's new-language perplexity, drift "
         "and share of tokens routed to the base model (old / new text). Evaluation only: the same trained model.",
         "",
-        "| run | adaptation head: new ppl, drift | routed (tau 0.5): new ppl, drift | "
+        "| run | adaptation head: new ppl, drift, chat-answer ppl | routed (tau 0.5): new ppl, drift | "
         + " | ".join(f"tau {tau}" for tau in results_thresholds(records)) + " |",
         "|---|---|---|" + "---|" * len(results_thresholds(records)),
     ]
@@ -116,7 +116,8 @@ def route_lines(results: dict, base: dict) -> list[str]:
         final, sweep = record["final"], record["route_threshold_sweep"]
         cells = [
             f"`{record['run']}` lr {record['lr']:g}",
-            f"{final['new_perplexity_adaptation_head']:.2f}, {final['drift_adaptation_head']:.3g}",
+            f"{final['new_perplexity_adaptation_head']:.2f}, {final['drift_adaptation_head']:.3g}, "
+            f"{final.get('answer_perplexity_adaptation_head', float('nan')):.3f}",
             f"{final['new_perplexity']:.2f}, {final['drift']:.3g}",
         ]
         for tau in results_thresholds(records):

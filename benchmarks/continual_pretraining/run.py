@@ -210,7 +210,7 @@ def synchronize(device: torch.device) -> None:
 
 def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[dict[str, float], dict]:
     """Learning and the three forgetting measures of ``model`` (see ``measures.py``), as one point of the curves:
-    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_perplexity``;
+    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_*``;
     and SCALE-Route's evaluation-only threshold sweep ``{"new": ..., "old": ...}`` when ``route_thresholds`` are given
     (empty for other methods)."""
     new = measures.text_measures(model, text.new_eval, args.eval_batch_size, args.dtype, None, route_thresholds)
@@ -220,9 +220,8 @@ def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[d
     sweep = {name: part.pop("threshold_sweep") for name, part in (("new", new), ("old", old)) if "threshold_sweep" in part}
     point = {f"new_{key}": value for key, value in new.items()}
     point.update({key if key.startswith("drift") else f"old_{key}": value for key, value in old.items()})
-    point["answer_perplexity"] = measures.answer_perplexity(
-        model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"]
-    )
+    answers = measures.answer_measures(model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"])
+    point.update({f"answer_{key}": value for key, value in answers.items()})
     return point, sweep
 
 
