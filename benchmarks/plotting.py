@@ -50,12 +50,7 @@ def plot_curves(
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, curve in curves.items():
         axes.plot(curve[x_key], curve[y_key], marker="o", markersize=3, label=method)
-    axes.set_xlabel(x_key)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    _save(figure, path)
+    _finish(figure, axes, path, title, x_key, ylabel, legend=True)
 
 
 def plot_tradeoff(points: dict[str, tuple[float, float]], path: PathLike, title: str, xlabel: str, ylabel: str) -> None:
@@ -76,18 +71,11 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: PathLike, title:
         if len(point) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in point):
             raise ValueError(f"The point of {method!r} must be two finite numbers (forgetting, learning); got {point!r}.")
 
-    figure, axes = plt.subplots(figsize=(7, 5))
-    # the axes through the origin: the base model (no forgetting, no learning), and what each method is measured from
-    axes.axhline(0, color="grey", linewidth=0.8)
-    axes.axvline(0, color="grey", linewidth=0.8)
+    figure, axes = _tradeoff_axes(figsize=(7, 5))
     for method, (forgetting, learning) in points.items():
         axes.scatter([forgetting], [learning], s=40)
         axes.annotate(method, (forgetting, learning), textcoords="offset points", xytext=(5, 4), fontsize="small")
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    _save(figure, path)
+    _finish(figure, axes, path, title, xlabel, ylabel, legend=False)
 
 
 def plot_tradeoff_sweeps(
@@ -107,23 +95,32 @@ def plot_tradeoff_sweeps(
             if len(point) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in point[:2]):
                 raise ValueError(f"A point of {method!r} must be (forgetting, learning, label) with finite numbers; got {point!r}.")
 
-    figure, axes = plt.subplots(figsize=(8, 5.5))
-    axes.axhline(0, color="grey", linewidth=0.8)
-    axes.axvline(0, color="grey", linewidth=0.8)
+    figure, axes = _tradeoff_axes(figsize=(8, 5.5))
     for method, points in sweeps.items():
         xs, ys, labels = zip(*points)
         (line,) = axes.plot(xs, ys, marker="o", markersize=4, label=method)
         for x, y, label in points:
             axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color=line.get_color())
+    _finish(figure, axes, path, title, xlabel, ylabel, legend=True)
+
+
+def _tradeoff_axes(figsize):
+    """A figure with the axes drawn through the origin: the base model (no forgetting, no learning), from which
+    every method is measured."""
+    figure, axes = plt.subplots(figsize=figsize)
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.axvline(0, color="grey", linewidth=0.8)
+    return figure, axes
+
+
+def _finish(figure, axes, path: PathLike, title: str, xlabel: str, ylabel: str, legend: bool) -> None:
+    """Label, grid and (optionally) legend, then write the PNG (parent folders created) and free the figure."""
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    _save(figure, path)
-
-
-def _save(figure, path: PathLike) -> None:
+    if legend:
+        axes.legend(fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
