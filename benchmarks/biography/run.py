@@ -1,0 +1,532 @@
+"""Experiment 1 of issue 5: forgetting vs learning on synthetic biographies, for every compared method.
+
+The SCALE paper's protocol (after Physics of Language Models 3.1), at CPU scale::
+
+    stage 1  pre-train a small Llama from scratch on biographies of the Task-0 people
+    stage 2  QA fine-tuning on Task-0 (every Task-0 person and attribute), all weights
+    stage 3  for every method (benchmarks/methods.py) and learning rate: from the stage-2 model, learn the unseen
+             Task-1 people's QA pairs (``--task1-bios``: their biographies too); evaluate every ``eval_every`` steps
+             Task-0 QA (retention) and Task-1 QA (acquisition), first-token accuracy and exact match
+
+Two replay rows mix 25% old data (Task-0 QA, the stage-2 data) into the same number of steps with
+``methods.mix_with_replay``. Every row trains the same number of steps on batches of the same size.
+
+Choosing the learning rate: each method runs a small sweep (``Settings.lr_grid``); the table reports, per method,
+the learning rate with the highest final Task-1 first-token accuracy (ties within 0.005 go to the higher final
+Task-0 accuracy), i.e. every method at its best *learning*, and shows what it forgets there. results.json keeps
+the whole sweep.
+
+Run from the repository root::
+
+    python -m benchmarks.biography.run                      # the full run (CPU: see Settings.full; GPU: --device cuda)
+    python -m benchmarks.biography.run --quick              # a smoke run (CI), results mean nothing
+    python -m benchmarks.biography.run --methods full scale_route --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.methods import METHODS, MethodSizes, mix_with_replay, prepare_method, trainable_parameters  # noqa: E402
+from benchmarks.biography.data import biographies, build_tokenizer, make_tasks, qa_pairs  # noqa: E402
+from benchmarks.biography.train import (  # noqa: E402
+    QAEvalSet,
+    autocast_for,
+    examples_dataset,
+    make_collator,
+    qa_accuracy,
+    repeat_shuffled,
+    train,
+)
+
+DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "biography"
+REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route"}
+ROWS = (*METHODS, *REPLAY_ROWS)
+REPLAY_FRACTION = 0.25
+METRICS = ("task0_first_token", "task0_exact_match", "task1_first_token", "task1_exact_match")
+
+
+@dataclass
+class Settings:
+    """Everything that defines a run (written to results.json)."""
+
+    task0_people: int
+    task1_people: int
+    bios_per_person: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    pretrain_steps: int
+    pretrain_lr: float
+    qa_steps: int
+    qa_lr: float
+    continual_steps: int
+    eval_every: int
+    batch_size: int
+    sizes: MethodSizes
+    lr_grid: dict
+    seed: int = 0
+    task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
+
+    @classmethod
+    def full(cls) -> "Settings":
+        """The full run, sized to fit the issue's budget (see results.md for the measured times)."""
+        return cls(
+            task0_people=200, task1_people=100, bios_per_person=5,
+            hidden_size=96, intermediate_size=384, num_layers=4, num_heads=3,
+            pretrain_steps=1500, pretrain_lr=1e-3, qa_steps=300, qa_lr=1e-3,
+            continual_steps=400, eval_every=40, batch_size=32,
+            # d_up = one new head of 32 (H/3), I_up = I/4, bottom half preserved, one LLaMA Pro block per 2 layers
+            sizes=MethodSizes(ffn_expansion=96, hidden_expansion=32, preserve_layers=2, llama_pro_blocks=2),
+            lr_grid=default_lr_grid(),
+        )
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        """A smoke run (CI): every stage and every method, a few steps each. Its numbers mean nothing."""
+        return cls(
+            task0_people=20, task1_people=10, bios_per_person=2,
+            hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+            pretrain_steps=20, pretrain_lr=3e-3, qa_steps=10, qa_lr=3e-3,
+            continual_steps=6, eval_every=3, batch_size=8,
+            sizes=MethodSizes(ffn_expansion=16, hidden_expansion=16, preserve_layers=1, llama_pro_blocks=1),
+            lr_grid={row: lrs[1:2] for row, lrs in default_lr_grid().items()},
+        )
+
+
+def default_lr_grid() -> dict:
+    """Three learning rates per method, centred where each kind of method trains well (cf. the paper: 1e-5 full
+    fine-tuning and baselines, 2e-4 LLaMA Pro, 1e-3 SCALE on a 1B model; a model this small takes larger rates)."""
+    dense = (1e-4, 3e-4, 1e-3)
+    new_parameters = (3e-4, 1e-3, 3e-3)
+    scale = (1e-3, 3e-3, 1e-2)
+    grid = {"full": dense, "freeze": dense, "lora": new_parameters, "llama_pro": new_parameters}
+    grid.update({name: scale for name in METHODS if name.startswith("scale_")})
+    grid.update({row: grid[method] for row, method in REPLAY_ROWS.items()})
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+def is_route(model) -> bool:
+    """A SCALE-Route PeftModel (its evaluation adds routing diagnostics)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "variant", None) == "route"
+
+
+class Experiment:
+    """The data, the tokenizer and the evaluation sets of one run (cheap to rebuild: workers rebuild it)."""
+
+    def __init__(self, settings: Settings, device: torch.device, dtype: str):
+        self.settings, self.device, self.dtype = settings, device, dtype
+        self.autocast = autocast_for(device, dtype)
+        self.tokenizer = build_tokenizer()
+        self.collator = make_collator(self.tokenizer)
+        s = settings
+        self.task0, self.task1 = make_tasks(s.task0_people, s.task1_people, s.seed)
+        self.task0_bios = biographies(self.task0, s.bios_per_person, s.seed)
+        self.task1_bios = biographies(self.task1, s.bios_per_person, s.seed + 1)
+        self.task0_qa, self.task1_qa = qa_pairs(self.task0), qa_pairs(self.task1)
+        self.eval_sets = {
+            "task0": QAEvalSet.build(self.tokenizer, self.task0_qa),
+            "task1": QAEvalSet.build(self.tokenizer, self.task1_qa),
+        }
+
+    def evaluate(self, model) -> dict:
+        """Task-0 and Task-1 QA metrics (``task0_first_token``, ...), with routing diagnostics for SCALE-Route."""
+        routing = (lambda: model.base_model.last_routing) if is_route(model) else None  # noqa: E731
+        out = {}
+        for task, eval_set in self.eval_sets.items():
+            for metric, value in qa_accuracy(model, eval_set, self.device, self.autocast, routing=routing).items():
+                out[f"{task}_{metric}"] = value
+        return out
+
+    def new_model(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        s = self.settings
+        config = LlamaConfig(
+            vocab_size=len(self.tokenizer), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_heads,
+            max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=self.tokenizer.pad_token_id,
+            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        torch.manual_seed(s.seed)
+        return LlamaForCausalLM(config).to(self.device)
+
+    def pretrain(self, log) -> tuple:
+        """Stages 1 and 2: biographies from scratch, then Task-0 QA. Returns (model, report)."""
+        s = self.settings
+        model = self.new_model()
+        common = dict(collator=self.collator, batch_size=s.batch_size, device=self.device, autocast=self.autocast)
+        bios = repeat_shuffled(examples_dataset(self.tokenizer, texts=self.task0_bios), s.pretrain_steps * s.batch_size, s.seed)
+        log(f"stage 1: {s.pretrain_steps} steps on {len(self.task0_bios)} Task-0 biographies")
+        stage1 = train(model, bios, lr=s.pretrain_lr, **common)
+        log(f"  {stage1['step_s'] * 1000:.1f} ms/step, final loss {stage1['final_loss']:.3f}")
+        qa = repeat_shuffled(examples_dataset(self.tokenizer, pairs=self.task0_qa), s.qa_steps * s.batch_size, s.seed)
+        log(f"stage 2: {s.qa_steps} steps on {len(self.task0_qa)} Task-0 QA pairs")
+        stage2 = train(model, qa, lr=s.qa_lr, **common)
+        after = self.evaluate(model.eval())
+        log(f"  {stage2['step_s'] * 1000:.1f} ms/step, final loss {stage2['final_loss']:.3f}, QA after: {fmt(after)}")
+        report = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(self.tokenizer),
+            "stage1": {k: v for k, v in stage1.items() if k != "curve"},
+            "stage2": {k: v for k, v in stage2.items() if k != "curve"},
+            "qa_after_stage2": after,
+        }
+        return model, report
+
+    def continual_stream(self, row: str):
+        """Stage 3's training examples in order: Task-1 QA (and biographies with ``task1_bios``); replay rows mix
+        in 25% Task-0 QA, the old task's training data (which are also the Task-0 questions evaluated, so replay
+        here rehearses the test itself: the most replay can do)."""
+        s = self.settings
+        length = s.continual_steps * s.batch_size
+        new = examples_dataset(self.tokenizer, texts=self.task1_bios if s.task1_bios else [], pairs=self.task1_qa)
+        if row not in REPLAY_ROWS:
+            return repeat_shuffled(new, length, s.seed + 2)
+        old = examples_dataset(self.tokenizer, pairs=self.task0_qa)
+        mixed = mix_with_replay(repeat_shuffled(new, length, s.seed + 2), repeat_shuffled(old, length, s.seed + 3),
+                                REPLAY_FRACTION, seed=s.seed + 4)
+        return mixed.select(range(length))
+
+    def continual(self, base_model, row: str, lr: float) -> dict:
+        """Stage 3 for one method and learning rate, from a copy of the stage-2 model."""
+        s = self.settings
+        method = REPLAY_ROWS.get(row, row)
+        torch.manual_seed(s.seed + 5)  # the methods' random initialisations (SCALE's W21/W22, LoRA's A)
+        model = prepare_method(method, copy.deepcopy(base_model), s.sizes).to(self.device)
+        result = train(
+            model, self.continual_stream(row), collator=self.collator, batch_size=s.batch_size, lr=lr,
+            device=self.device, autocast=self.autocast, eval_every=s.eval_every, evaluate=lambda: self.evaluate(model),
+        )
+        result["trainable_parameters"] = trainable_parameters(model)
+        result["final"] = {k: result["curve"][k][-1] for k in METRICS}
+        return result
+
+
+# ------------------------------------------------------------------------------------------- sweep and report
+
+
+def fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
+def best_learning_rate(runs: dict) -> str:
+    """The stated rule: highest final Task-1 first-token accuracy; within 0.005 of it, highest final Task-0."""
+    top = max(r["final"]["task1_first_token"] for r in runs.values())
+    near = {lr: r for lr, r in runs.items() if r["final"]["task1_first_token"] >= top - 0.005}
+    return max(near, key=lambda lr: (near[lr]["final"]["task0_first_token"], near[lr]["final"]["task1_first_token"]))
+
+
+def summarise(rows: dict) -> dict:
+    """Per row, at its chosen learning rate: the final metrics, retention (final / start Task-0 first-token)."""
+    table = {}
+    for row, runs in rows.items():
+        lr = best_learning_rate(runs)
+        run = runs[lr]
+        start = run["curve"]["task0_first_token"][0]
+        table[row] = {
+            "lr": float(lr),
+            **run["final"],
+            "task0_start": start,
+            "retained": run["final"]["task0_first_token"] / start if start else float("nan"),
+            "trainable_parameters": run["trainable_parameters"],
+            "step_ms": 1000 * run["step_s"],
+        }
+    return table
+
+
+def bar_check(table: dict) -> dict:
+    """The issue's bar, computed (it is reported, never tuned to)."""
+    out = {}
+    full = table.get("full")
+    for row in ("scale_route", "scale_preserve"):
+        if row in table and full:
+            learned = table[row]["task1_first_token"] / full["task1_first_token"] if full["task1_first_token"] else float("nan")
+            out[row] = {
+                "retained": table[row]["retained"], "retained_target": 0.95,
+                "task1_vs_full": learned, "task1_vs_full_target": 0.90,
+                "meets_bar": bool(table[row]["retained"] >= 0.95 and learned >= 0.90),
+            }
+    for row in ("full", "llama_pro"):
+        if row in table:
+            out[row] = {"retained": table[row]["retained"], "paper": "about 0.15 of Task-0 left"}
+    return out
+
+
+def markdown(result: dict) -> str:
+    s, table = result["settings"], result["table"]
+    pre = result["pretraining"]
+    lines = [
+        "# Synthetic biographies: forgetting (Task-0) vs learning (Task-1)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['description']}; {result['device']}, {result['dtype']}; "
+        f"total {result['total_s'] / 60:.1f} min.",
+        "",
+        f"Model: Llama, {s['num_layers']} layers, hidden {s['hidden_size']}, FFN {s['intermediate_size']}, "
+        f"{s['num_heads']} heads, {pre['parameters']:,} parameters, word-level vocabulary of {pre['vocab_size']}. "
+        f"Task-0: {s['task0_people']} people, Task-1: {s['task1_people']} people, {s['bios_per_person']} "
+        f"biographies each, 6 attributes. Stage 1: {s['pretrain_steps']} steps (lr {s['pretrain_lr']}); stage 2: "
+        f"{s['qa_steps']} QA steps (lr {s['qa_lr']}); stage 3: {s['continual_steps']} steps per method on Task-1 "
+        f"{'biographies and QA' if s['task1_bios'] else 'QA'}, batch "
+        f"{s['batch_size']}, AdamW, cosine schedule, 5% warm-up.",
+        "",
+        f"After stage 2 (the model every method starts from): {fmt(pre['qa_after_stage2'])}.",
+        "",
+        f"Sizes: {s['sizes']}. Learning rate per method: the best final Task-1 first-token accuracy of its sweep "
+        "(ties within 0.005: best Task-0); the whole sweep is in results.json.",
+        "",
+        "| method | lr | trainable | Task-0 first | Task-0 exact | retained | Task-1 first | Task-1 exact | ms/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in table.items():
+        lines.append(
+            f"| {row} | {r['lr']:g} | {r['trainable_parameters']:,} | {r['task0_first_token']:.3f} | "
+            f"{r['task0_exact_match']:.3f} | {r['retained']:.3f} | {r['task1_first_token']:.3f} | "
+            f"{r['task1_exact_match']:.3f} | {r['step_ms']:.1f} |"
+        )
+    lines += ["", "retained = final Task-0 first-token accuracy / its value at step 0 (the stage-2 model).", ""]
+    if result["bar"]:
+        lines += ["The issue's bar (reported, not tuned to):", ""]
+        for row, check in result["bar"].items():
+            lines.append(f"- {row}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items()))
+        lines.append("")
+    lines += ["Plots: " + ", ".join(f"`{name}`" for name in result["plots"]), ""]
+    if result.get("notes"):
+        lines += ["## Findings", "", result["notes"], ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, output_dir: Path) -> list[str]:
+    from benchmarks.plotting import plot_curves, plot_tradeoff
+
+    curves = {row: result["sweep"][row][str(r["lr"])]["curve"] for row, r in result["table"].items()}
+    made = []
+    for key, title, ylabel in (
+        ("task0_first_token", "Retention: Task-0 QA during Task-1 training", "Task-0 first-token accuracy"),
+        ("task1_first_token", "Acquisition: Task-1 QA during Task-1 training", "Task-1 first-token accuracy"),
+    ):
+        name = f"{key}.png"
+        plot_curves(curves, "step", key, output_dir / name, title, ylabel)
+        made.append(name)
+    points = {row: (r["task0_start"] - r["task0_first_token"], r["task1_first_token"]) for row, r in result["table"].items()}
+    plot_tradeoff(points, output_dir / "tradeoff.png", "Forgetting vs learning (biographies, final step)",
+                  "forgetting: drop in Task-0 first-token accuracy", "learning: Task-1 first-token accuracy")
+    made.append("tradeoff.png")
+    return made
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["description"] = f"{info['gpu']}"
+    else:
+        info["description"] = f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s) per process"
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings_json: str, device: str, dtype: str, model_dir: str, threads: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    settings = settings_from_json(settings_json)
+    _WORKER["experiment"] = Experiment(settings, torch.device(device), dtype)
+    _WORKER["model"] = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+
+
+def _run_job(row: str, lr: float) -> tuple:
+    begin = time.perf_counter()
+    result = _WORKER["experiment"].continual(_WORKER["model"], row, lr)
+    result["wall_s"] = time.perf_counter() - begin
+    return row, lr, result
+
+
+def settings_to_json(settings: Settings) -> str:
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def settings_from_json(text: str) -> Settings:
+    values = json.loads(text)
+    values["sizes"] = MethodSizes(**values["sizes"])
+    return Settings(**values)
+
+
+def run_sweep(settings, rows, model, device, dtype, workers, threads, log) -> dict:
+    jobs = [(row, lr) for row in rows for lr in settings.lr_grid[row]]
+    sweep: dict = {row: {} for row in rows}
+    with tempfile.TemporaryDirectory() as model_dir:
+        model.save_pretrained(model_dir)
+        init = (settings_to_json(settings), str(device), dtype, model_dir, threads)
+        if workers <= 1:
+            _init_worker(*init)
+            done = (_run_job(row, lr) for row, lr in jobs)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=init)
+            done = pool.map(_run_job, *zip(*jobs))
+        for row, lr, result in done:
+            sweep[row][str(lr)] = result
+            log(f"{row:20s} lr {lr:<7g} {result['step_s'] * 1000:6.1f} ms/step {result['wall_s']:6.1f} s  "
+                f"{fmt(result['final'])}")
+        if pool is not None:
+            pool.shutdown()
+    return sweep
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pairs(items: list[str], flag: str) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} {item!r}: write FIELD=VALUE, e.g. {flag} preserve_layers=3.")
+        pairs[key] = value
+    return pairs
+
+
+def apply_overrides(settings: Settings, args) -> None:
+    """``--size``, ``--scale-option`` and ``--lr`` (ablations from the command line)."""
+    known = {f.name for f in dataclasses.fields(MethodSizes)} - {"scale_options"}
+    for key, value in _pairs(args.size, "--size").items():
+        if key not in known:
+            raise SystemExit(f"--size {key}=...: not a MethodSizes field; choose one of {sorted(known)}.")
+        setattr(settings.sizes, key, int(value))
+    settings.sizes.scale_options.update({k: _parse_value(v) for k, v in _pairs(args.scale_option, "--scale-option").items()})
+    for row, value in _pairs(args.lr, "--lr").items():
+        if row not in ROWS:
+            raise SystemExit(f"--lr {row}=...: unknown method; choose one of {list(ROWS)}.")
+        settings.lr_grid[row] = tuple(float(v) for v in value.split(","))
+
+
+def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
+    """Stages 1-2, or their saved result from ``cache_dir`` when a run with the same data and model made one."""
+    if cache_dir is None:
+        return experiment.pretrain(log)
+    from transformers import AutoModelForCausalLM
+
+    s = dataclasses.asdict(experiment.settings)
+    stages = {k: v for k, v in s.items() if k not in ("continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios")}
+    stages["dtype"] = experiment.dtype
+    path = Path(cache_dir) / hashlib.sha1(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
+    if (path / "report.json").exists():
+        log(f"stages 1-2: loaded from {path}")
+        model = AutoModelForCausalLM.from_pretrained(path).to(experiment.device)
+        return model, json.loads((path / "report.json").read_text())
+    model, report = experiment.pretrain(log)
+    model.save_pretrained(path)
+    (path / "report.json").write_text(json.dumps(report))
+    return model, report
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps (CI)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")
+    parser.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="METHOD",
+                        help=f"rows to run (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    parser.add_argument("--workers", type=int, default=1, help="stage-3 runs in parallel processes (CPU: one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 on a shared CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", default="full", choices=["full", "middle"],
+                        help="'middle': only the middle learning rate of each method's grid (a reduced run)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="reuse the stage-2 model of a previous run with the same settings (saved there)")
+    parser.add_argument("--size", action="append", default=[], metavar="FIELD=INT",
+                        help="override a MethodSizes field, e.g. --size preserve_layers=3 (repeatable)")
+    parser.add_argument("--scale-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="extra ScaleConfig field for the scale_* methods, e.g. --scale-option adapt_modules=attention")
+    parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
+                        help="override a method's learning-rate grid, e.g. --lr scale_route=0.01,0.03")
+    parser.add_argument("--task1-bios", action="store_true",
+                        help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
+    parser.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to put in results.md")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    transformers.utils.logging.disable_progress_bar()
+    begin = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    settings = Settings.quick() if args.quick else Settings.full()
+    settings.seed = args.seed
+    log = lambda message: print(f"[{time.perf_counter() - begin:7.1f}s] {message}", flush=True)  # noqa: E731
+
+    settings.task1_bios = args.task1_bios
+    apply_overrides(settings, args)
+    if args.sweep == "middle":
+        settings.lr_grid = {row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in settings.lr_grid.items()}
+    experiment = Experiment(settings, device, args.dtype)
+    model, pretraining = pretrain_or_load(experiment, args.cache_dir, log)
+    sweep = run_sweep(settings, args.methods, model.cpu(), device, args.dtype, args.workers, args.threads, log)
+
+    result = {
+        "command": "python -m benchmarks.biography.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "device": str(device),
+        "dtype": args.dtype,
+        "machine": machine_info(device),
+        "settings": dataclasses.asdict(settings),
+        "replay_fraction": REPLAY_FRACTION,
+        "pretraining": pretraining,
+        "sweep": sweep,
+    }
+    result["table"] = summarise(sweep)
+    result["bar"] = bar_check(result["table"])
+    result["notes"] = args.notes.read_text() if args.notes else ""
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot(result, args.output_dir)
+    result["total_s"] = time.perf_counter() - begin
+    (args.output_dir / "results.json").write_text(json.dumps(result, indent=1))
+    (args.output_dir / "results.md").write_text(markdown(result))
+    log(f"wrote {args.output_dir}/results.json, results.md and {len(result['plots'])} plots")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

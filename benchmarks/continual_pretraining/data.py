@@ -1,0 +1,131 @@
+"""The text of the experiment: new-language training text, held-out evaluation text of both languages, and the
+old-language text that the replay variants mix in.
+
+Documents are split into held-out and training sets by one seeded shuffle, tokenized, joined by a blank line and
+packed into blocks of ``seq_len`` tokens, exactly as the README's demo does (``split_texts`` and ``packed_blocks``
+from ``examples/continual_pretraining_demo.py`` are reused, not copied). Every method of a run sees the same blocks
+in the same order.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
+from bundled import wiki_summaries  # noqa: E402
+from continual_pretraining_demo import packed_blocks, split_texts  # noqa: E402
+
+from benchmarks.methods import mix_with_replay  # noqa: E402
+
+
+def read_documents(paths: Sequence[str]) -> list[str]:
+    """The documents of plain-text files: each file split at blank lines, empty pieces dropped, in file order."""
+    documents = []
+    for path in paths:
+        text = Path(path).read_text(encoding="utf-8")
+        documents.extend(piece.strip() for piece in text.split("\n\n") if piece.strip())
+    if not documents:
+        raise ValueError(f"No text in {list(paths)}: give UTF-8 text files with documents separated by blank lines.")
+    return documents
+
+
+def load_documents(files: Optional[Sequence[str]], bundled_language: str) -> list[str]:
+    """``files``' documents if given, else the bundled Wikipedia summaries of ``bundled_language``."""
+    return read_documents(files) if files else wiki_summaries(bundled_language)
+
+
+def repeat_to(blocks: Dataset, count: int) -> Dataset:
+    """The first ``count`` rows of ``blocks``, cycling through it again (another epoch) if it is shorter."""
+    if len(blocks) == 0:
+        raise ValueError("No complete block of text: give more text or a shorter --seq-len.")
+    epochs = -(-count // len(blocks))  # ceil
+    if epochs > 1:
+        blocks = concatenate_datasets([blocks] * epochs)
+    return blocks.select(range(count))
+
+
+def as_tensor(blocks: Dataset) -> torch.Tensor:
+    """``(rows, seq_len)`` token ids of a packed dataset."""
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+
+
+@dataclass
+class ExperimentText:
+    """Token blocks of one run, all ``(rows, seq_len)`` long tensors on the CPU.
+
+    Attributes:
+        new_train: the new-language training stream, ``steps * batch_size`` rows, in training order.
+        replay_train: the same number of rows with a ``replay_fraction`` share of old-language blocks mixed in
+            (``benchmarks.methods.mix_with_replay``, i.e. ``datasets.interleave_datasets``); ``None`` without replay.
+        new_eval / old_eval: held-out blocks of each language (never trained on).
+        epochs: how many times the new-language training text was cycled to fill the steps (1 = no repeats).
+    """
+
+    new_train: torch.Tensor
+    replay_train: Optional[torch.Tensor]
+    new_eval: torch.Tensor
+    old_eval: torch.Tensor
+    epochs: float
+
+
+def build_text(
+    tokenizer,
+    *,
+    new_documents: list[str],
+    old_documents: list[str],
+    held_out_documents: int,
+    eval_blocks: int,
+    train_blocks: int,
+    seq_len: int,
+    replay_fraction: float,
+    seed: int,
+) -> ExperimentText:
+    """Split, tokenize and pack both languages; see ``ExperimentText``.
+
+    ``held_out_documents`` of each language are set aside before anything is trained on; the first ``eval_blocks``
+    packed blocks of them are the evaluation set.
+    """
+    for name, documents in (("new", new_documents), ("old", old_documents)):
+        if len(documents) <= held_out_documents:
+            raise ValueError(
+                f"The {name}-language text has {len(documents)} documents, not more than the {held_out_documents} held "
+                "out for evaluation: give more text or a smaller --held-out-documents."
+            )
+    new_eval_docs, new_train_docs = split_texts(new_documents, held_out_documents, len(new_documents) - held_out_documents, seed)
+    old_eval_docs, old_train_docs = split_texts(old_documents, held_out_documents, len(old_documents) - held_out_documents, seed)
+
+    evaluation = {}
+    for name, documents in (("new", new_eval_docs), ("old", old_eval_docs)):
+        blocks = packed_blocks(documents, tokenizer, seq_len)
+        if len(blocks) < eval_blocks:
+            raise ValueError(
+                f"The held-out {name}-language text fills only {len(blocks)} blocks of {seq_len} tokens, fewer than "
+                f"--eval-blocks={eval_blocks}: hold out more documents or evaluate fewer blocks."
+            )
+        evaluation[name] = as_tensor(blocks.select(range(eval_blocks)))
+
+    new_blocks = packed_blocks(new_train_docs, tokenizer, seq_len)
+    replay = None
+    if replay_fraction > 0:
+        old_blocks = packed_blocks(old_train_docs, tokenizer, seq_len)
+        # Both sources repeated to the full length, so the mix never runs short; it is then cut to train_blocks.
+        mixed = mix_with_replay(
+            repeat_to(new_blocks, train_blocks), repeat_to(old_blocks, train_blocks), replay_fraction, seed
+        )
+        replay = as_tensor(mixed.select(range(min(train_blocks, len(mixed)))))
+        if len(replay) < train_blocks:
+            replay = as_tensor(repeat_to(mixed, train_blocks))
+    return ExperimentText(
+        new_train=as_tensor(repeat_to(new_blocks, train_blocks)),
+        replay_train=replay,
+        new_eval=evaluation["new"],
+        old_eval=evaluation["old"],
+        epochs=train_blocks / len(new_blocks),
+    )

@@ -1,0 +1,409 @@
+"""Continual pre-training of one causal LM with every compared method: forgetting against learning.
+
+Run from the repository root::
+
+    python -m benchmarks.continual_pretraining.run --quick                      # smoke test, < 1 min on 1 CPU core
+    python -m benchmarks.continual_pretraining.run --device cuda                # everything (10 methods x 3 lrs)
+    python -m benchmarks.continual_pretraining.run --methods full scale_route --lrs 3e-5 1e-3 --steps 40
+    python -m benchmarks.continual_pretraining.run --model PATH --new-text a.txt --old-text b.txt
+
+Protocol
+--------
+The base model (default: the bundled SmolLM2-135M-Instruct) is loaded once; each run (method x learning rate)
+starts from a deep copy of it, so every method starts from the same weights, with the same seed, and sees the same
+training blocks in the same order: ``--steps`` optimizer steps of ``--batch-size`` packed blocks of ``--seq-len``
+tokens of the new language (default: the bundled Spanish Wikipedia summaries, held-out documents excluded). The two
+replay rows (``scale_route_replay``, ``full_replay``) see the same number of blocks, a quarter of them drawn from
+the old language's training documents (``benchmarks.methods.mix_with_replay``). Optimizer: AdamW (betas 0.9/0.999,
+no weight decay) over the method's trainable parameters, linear warm-up over the first 10% of the steps then cosine
+decay to zero, gradient norm clipped at 1. ``--dtype bf16`` trains and evaluates under bf16 autocast over fp32
+weights (pure bf16 weights would round away full fine-tuning's updates at lr 1e-5).
+
+Every ``--eval-every`` steps (and at step 0, where every method still computes the base model's logits, so the
+drift must read 0) the model is evaluated in ``eval()`` mode (``measures.py``): new-language perplexity (learning),
+and old-language perplexity (a), drift (b) and chat-answer perplexity (c) (forgetting).
+
+``results.json`` is rewritten after every run; runs already in it (same settings) are skipped, so an interrupted
+run continues where it stopped. Runs go learning rate by learning rate (each method's middle value first), so a
+run cut short still has every method at one learning rate. At the end ``results.md`` (tables and the command) and
+the PNG plots are (re)written from ``results.json`` (``report.py``).
+
+Budget: the defaults (60 steps x 4 blocks x 128 tokens = 30,720 training tokens, 4 evaluations of 16 + 16 blocks
+and 24 answers) keep one run (one method at one learning rate) under 15 minutes on one thread of the 2-core CPU this
+was written on, which other jobs kept busy: measured there, a training step of SmolLM2-135M took 7.7 s (full
+fine-tuning) and 8.1 s (SCALE-Route, the slowest), an evaluation 35 s and 72 s; the base model's reference (its
+log-probabilities and greedy answers) and loading take about 1.5 minutes once per command.
+
+Sizes (``benchmarks.methods.MethodSizes``), derived from the model's config unless given:
+``--hidden-expansion`` = the smallest valid width (one new key-value group of heads: head size x query heads per
+key-value head; SmolLM2: 64 x 3 = 192, +33% width); ``--ffn-expansion`` = intermediate size / 6 (SmolLM2: 256,
++17% FFN neurons); ``--preserve-layers`` = a quarter of the layers, rounded (SmolLM2: 8 of 30; the paper finds
+forgetting grows fast as this shrinks; Freeze freezes the same bottom layers); ``--llama-pro-blocks`` = the divisor
+of the layer count closest to a fifth of it (SmolLM2: 6 copies, one after every 5 layers, +20% depth, near LLaMA
+Pro's 8 copies over 32 layers).
+
+Learning rates (``DEFAULT_LRS``): the paper used 1e-3 for SCALE, 2e-4 for LLaMA Pro and 1e-5 for full fine-tuning and
+the other baselines, over far more steps than fit here; each method gets its paper value and the values around it
+that a short run can use (new weights trained from scratch need the larger rates of LoRA and SCALE; updates to
+pre-trained weights need small ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from benchmarks.continual_pretraining import measures, report
+from benchmarks.continual_pretraining.data import build_text, load_documents
+from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
+from benchmarks.methods import METHODS, MethodSizes, prepare_method
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "continual_pretraining"
+QUICK_OUTPUT_DIR = DEFAULT_OUTPUT_DIR / "quick"
+
+REPLAY_FRACTION = 0.25  # the share of old-language blocks in the replay rows (arXiv 2508.01908 tested 25%)
+# Replay rows: (method whose model trains, share of old data mixed into the training stream).
+RUNS = {**{name: (name, 0.0) for name in METHODS}, "scale_route_replay": ("scale_route", REPLAY_FRACTION),
+        "full_replay": ("full", REPLAY_FRACTION)}
+_SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
+DEFAULT_LRS = {
+    "full": _SMALL, "full_replay": _SMALL, "freeze": _SMALL,
+    "lora": _MIDDLE, "llama_pro": _MIDDLE,
+    "scale_ffn": _LARGE, "scale_preserve": _LARGE, "scale_adapt": _LARGE, "scale_route": _LARGE,
+    "scale_route_replay": _LARGE,
+}  # fmt: skip
+WARMUP_FRACTION = 0.1
+MAX_GRAD_NORM = 1.0
+# The settings of --quick (flags given explicitly still win): a tiny random Llama with the bundled tokenizer, a few
+# hundred documents, a handful of steps; it checks that the pipeline works, not what it measures.
+QUICK_DEFAULTS = dict(
+    model="tiny", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_blocks=2, eval_batch_size=2,
+    held_out_documents=20, max_documents=300, prompts=4, max_new_tokens=8,
+)  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.continual_pretraining.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_DEFAULTS}, each method's middle lr")
+    parser.add_argument("--model", default="bundled", help="'bundled' (SmolLM2-135M-Instruct), 'tiny', or a HF path/id")
+    parser.add_argument("--new-text", nargs="+", default=None, help="text files to learn (default: Spanish summaries)")
+    parser.add_argument("--old-text", nargs="+", default=None, help="old-language text (default: English summaries)")
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="METHOD",
+                        help=f"runs to make, from {list(RUNS)} (default: all)")  # fmt: skip
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="learning rates for every method (default: each method's sweep, DEFAULT_LRS)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=4, help="packed blocks per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per block")
+    parser.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (and at 0 and the end)")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per language")
+    parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--held-out-documents", type=int, default=400, help="documents per language never trained on")
+    parser.add_argument("--max-documents", type=int, default=None, help="use only the first N documents per language")
+    parser.add_argument("--prompts", type=int, default=len(ENGLISH_CHAT_PROMPTS), help="chat prompts for measure (c)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the base model's answers")
+    parser.add_argument("--ffn-expansion", type=int, default=None)
+    parser.add_argument("--hidden-expansion", type=int, default=None)
+    parser.add_argument("--preserve-layers", type=int, default=None)
+    parser.add_argument("--llama-pro-blocks", type=int, default=None)
+    parser.add_argument("--scale-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra ScaleConfig field for every scale_* method, for ablations (repeatable), e.g. "
+                        "adapt_modules=attention, init=normal, route_threshold=0.9")  # fmt: skip
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"default: {DEFAULT_OUTPUT_DIR.relative_to(REPO)} ({QUICK_OUTPUT_DIR.relative_to(REPO)} "
+                        "with --quick)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.quick:  # re-parse so that flags given explicitly win over the quick defaults
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = QUICK_OUTPUT_DIR if args.quick else DEFAULT_OUTPUT_DIR
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.steps < 1 or args.eval_every < 1:
+        parser.error("--steps and --eval-every must be at least 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+
+def load_model(name: str):
+    """(model in fp32, tokenizer): the bundled SmolLM2, a tiny random Llama with its tokenizer, or a HF model."""
+    if name == "bundled":
+        from bundled import load_smollm2  # examples/ is on the path (data.py)
+
+        return load_smollm2()
+    if name == "tiny":
+        return tiny_llama_with_bundled_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+
+
+def tiny_llama_with_bundled_tokenizer(seed: int = 0):
+    """A 4-layer Llama with random weights over SmolLM2's tokenizer (and chat template): for --quick."""
+    from bundled import SMOLLM2_GGUF, smollm2_folder
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def default_sizes(config, args: argparse.Namespace) -> MethodSizes:
+    """The sizes of every method (see the module docstring), from the model's config unless given."""
+    layers = config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    closest_divisor = min((d for d in range(1, layers + 1) if layers % d == 0), key=lambda d: abs(d - layers / 5))
+    return MethodSizes(
+        ffn_expansion=args.ffn_expansion or max(1, config.intermediate_size // 6),
+        hidden_expansion=args.hidden_expansion or head_dim * (heads // kv_heads),
+        preserve_layers=args.preserve_layers if args.preserve_layers is not None else round(layers / 4),
+        llama_pro_blocks=args.llama_pro_blocks or closest_divisor,
+        scale_options=dict(parse_option(option) for option in args.scale_option),
+    )
+
+
+def parse_option(option: str) -> tuple[str, object]:
+    """``"key=value"`` -> ``(key, value)``, the value read as JSON (numbers, true/false) or else kept as text."""
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--scale-option {option!r}: write KEY=VALUE, e.g. adapt_modules=attention.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+# ----------------------------------------------------------------------------------------------- one training run
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[dict[str, float], dict]:
+    """Learning and the three forgetting measures of ``model`` (see ``measures.py``), as one point of the curves:
+    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_*``;
+    and SCALE-Route's evaluation-only threshold sweep ``{"new": ..., "old": ...}`` when ``route_thresholds`` are given
+    (empty for other methods)."""
+    new = measures.text_measures(model, text.new_eval, args.eval_batch_size, args.dtype, None, route_thresholds)
+    old = measures.text_measures(
+        model, text.old_eval, args.eval_batch_size, args.dtype, reference["old_logprobs"], route_thresholds
+    )
+    sweep = {name: part.pop("threshold_sweep") for name, part in (("new", new), ("old", old)) if "threshold_sweep" in part}
+    point = {f"new_{key}": value for key, value in new.items()}
+    point.update({key if key.startswith("drift") else f"old_{key}": value for key, value in old.items()})
+    answers = measures.answer_measures(model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"])
+    point.update({f"answer_{key}": value for key, value in answers.items()})
+    return point, sweep
+
+
+def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes: MethodSizes, args) -> dict:
+    """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json."""
+    method, replay = RUNS[run_name]
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)  # the same initialisation of new weights for every learning rate
+    model = prepare_method(method, copy.deepcopy(base_model), sizes).to(device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in parameters)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.steps), args.steps)
+    blocks = text.replay_train if replay else text.new_train
+    prepare_seconds = time.perf_counter() - started
+
+    curve: dict[str, list] = {"step": []}
+    losses, step_seconds, eval_seconds = [], [], 0.0
+
+    sweep = {}
+
+    def record(step: int, route_thresholds=()) -> None:
+        nonlocal eval_seconds, sweep
+        start = time.perf_counter()
+        point, sweep = evaluate(model, text, reference, args, route_thresholds)
+        eval_seconds += time.perf_counter() - start
+        curve["step"].append(step)
+        for key, value in point.items():
+            curve.setdefault(key, []).append(value)
+
+    record(0)
+    for step in range(1, args.steps + 1):
+        model.train()
+        batch = blocks[(step - 1) * args.batch_size : step * args.batch_size].to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        with measures.autocast(device, args.dtype):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # .item() waits for the step, so the time below is the step's
+        step_seconds.append(time.perf_counter() - start)
+        if not math.isfinite(losses[-1]):
+            print(f"  {run_name} lr={lr:g}: loss became {losses[-1]} at step {step}; stopping this run", flush=True)
+            break
+        if step % args.eval_every == 0 or step == args.steps:
+            record(step, measures.ROUTE_THRESHOLDS if step == args.steps else ())
+            shown = ", ".join(f"{k}={v[-1]:.4g}" for k, v in curve.items() if k != "step" and v[-1] is not None)
+            print(f"  {run_name} lr={lr:g} step {step}: {shown}", flush=True)
+    return {
+        "method": method,
+        "run": run_name,
+        "lr": lr,
+        "replay_fraction": replay,
+        "trainable_parameters": trainable,
+        "curve": curve,
+        "final": {key: values[-1] for key, values in curve.items()},
+        "route_threshold_sweep": sweep,  # SCALE-Route only, at the last step
+        "train_loss": losses,
+        "seconds": {
+            "prepare": prepare_seconds,
+            "train": sum(step_seconds),
+            "evaluate": eval_seconds,
+            "step_median": sorted(step_seconds)[len(step_seconds) // 2],
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the whole sweep
+
+
+def planned_runs(args) -> list[tuple[str, float]]:
+    """(run name, lr) in the order they run: each method's middle learning rate first, then the others."""
+    sweeps = {name: ([args.lrs[len(args.lrs) // 2]] if args.quick else list(args.lrs)) if args.lrs else
+              ([DEFAULT_LRS[name][1]] if args.quick else list(DEFAULT_LRS[name])) for name in args.methods}  # fmt: skip
+    ordered = {name: [lrs[len(lrs) // 2]] + [lr for i, lr in enumerate(lrs) if i != len(lrs) // 2] for name, lrs in sweeps.items()}
+    depth = max(len(lrs) for lrs in ordered.values())
+    return [(name, lrs[i]) for i in range(depth) for name, lrs in ordered.items() if i < len(lrs)]
+
+
+def run_key(name: str, lr: float) -> str:
+    return f"{name}@{lr:g}"
+
+
+def settings_of(args, sizes: MethodSizes) -> dict:
+    """What a run's numbers depend on; results.json's runs are only reused under the same settings."""
+    keys = ("model", "new_text", "old_text", "steps", "batch_size", "seq_len", "eval_every", "eval_blocks",
+            "held_out_documents", "max_documents", "prompts", "max_new_tokens", "dtype", "seed")  # fmt: skip
+    settings = {key: getattr(args, key) for key in keys}
+    settings.update(device_type=torch.device(args.device).type, sizes=vars(sizes), replay_fraction=REPLAY_FRACTION)
+    return settings
+
+
+def load_results(path: Path, settings: dict) -> dict:
+    if not path.is_file():
+        return {"settings": settings, "runs": {}}
+    results = json.loads(path.read_text())
+    if results.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds runs made with other settings:\n  {results.get('settings')}\nnow:\n  {settings}\n"
+            "Give another --output-dir, or delete that results.json to start over."
+        )
+    return results
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=True))
+    os.replace(tmp, path)  # a run killed mid-write leaves the previous file whole
+
+
+def base_reference(model, tokenizer, text, args, cached_answers: Optional[list[dict]]) -> tuple[dict, dict]:
+    """What every run is compared with: the base model's log-probabilities of the old-language blocks (kept in
+    memory, for the drift) and its greedy answers (generated once and kept in results.json, so a resumed run scores
+    the same answers); and the base model's own measures."""
+    old_logprobs = measures.block_logprobs(model, text.old_eval, args.eval_batch_size, args.dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cached_answers:
+        answers = [measures.ChatAnswer(**answer) for answer in cached_answers]
+    else:
+        prompts = ENGLISH_CHAT_PROMPTS[: args.prompts]
+        answers = measures.generate_base_answers(model, tokenizer, prompts, args.max_new_tokens, len(prompts), args.dtype)
+    reference = {"old_logprobs": old_logprobs, "answers": answers, "pad_id": pad_id}
+    return reference, evaluate(model, text, reference, args)[0]
+
+
+def machine_description(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python -m benchmarks.continual_pretraining.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    model = model.to(args.device).eval()  # each run deep-copies it on the device
+    sizes = default_sizes(model.config, args)
+    settings = settings_of(args, sizes)
+    results_path = args.output_dir / "results.json"
+    results = load_results(results_path, settings)
+
+    new_documents = load_documents(args.new_text, "es")[: args.max_documents]
+    old_documents = load_documents(args.old_text, "en")[: args.max_documents]
+    text = build_text(
+        tokenizer, new_documents=new_documents, old_documents=old_documents,
+        held_out_documents=args.held_out_documents, eval_blocks=args.eval_blocks,
+        train_blocks=args.steps * args.batch_size, seq_len=args.seq_len,
+        replay_fraction=REPLAY_FRACTION if any(RUNS[name][1] for name in args.methods) else 0.0, seed=args.seed,
+    )  # fmt: skip
+    reference, base = base_reference(model, tokenizer, text, args, results.get("base_answers"))
+    results.update(
+        machine=machine_description(args.device), base=base, base_answers=[vars(a) for a in reference["answers"]],
+        text_epochs=text.epochs,
+    )  # fmt: skip
+    print(f"Base model: {base}  (setup {time.perf_counter() - started:.0f} s)", flush=True)
+
+    for name, lr in planned_runs(args):
+        key = run_key(name, lr)
+        if key in results["runs"]:
+            print(f"{key}: already in {results_path}, skipped", flush=True)
+            continue
+        print(f"{key}: training", flush=True)
+        results["runs"][key] = train_run(model, name, lr, text, reference, sizes, args)
+        if command not in results.setdefault("commands", []):  # every command that added runs
+            results["commands"].append(command)
+        write_json(results_path, results)
+        seconds = results["runs"][key]["seconds"]
+        print(f"{key}: done in {sum(v for k, v in seconds.items() if k != 'step_median'):.0f} s "
+              f"(median step {seconds['step_median']:.3f} s)", flush=True)  # fmt: skip
+    write_json(results_path, results)
+    report.write_report(results, args.output_dir)
+    print(f"Results: {results_path}, {args.output_dir / 'results.md'} ({time.perf_counter() - started:.0f} s in all)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

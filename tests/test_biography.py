@@ -1,0 +1,144 @@
+"""benchmarks/biography: the generator is seeded, the metrics are exact, and the --quick pipeline writes its outputs.
+
+The --quick run (~10 s here) checks that every stage and method runs and that the outputs are complete; it asserts
+nothing about the numbers (a few steps on a tiny model mean nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # the `benchmarks` package
+
+from benchmarks.biography.data import (  # noqa: E402
+    ATTRIBUTES,
+    EMPLOYERS,
+    biographies,
+    build_tokenizer,
+    make_profiles,
+    make_tasks,
+    qa_pairs,
+)
+from benchmarks.biography.train import IGNORE, QAEvalSet, encode_qa, qa_accuracy, repeat_shuffled  # noqa: E402
+
+
+def test_generator_is_deterministic_and_seeded():
+    first = make_tasks(30, 10, seed=7)
+    assert first == make_tasks(30, 10, seed=7)
+    assert first != make_tasks(30, 10, seed=8)
+    assert biographies(first[0], 3, seed=1) == biographies(first[0], 3, seed=1)
+    assert biographies(first[0], 3, seed=1) != biographies(first[0], 3, seed=2)
+
+
+def test_tasks_are_disjoint_people_with_consistent_attributes():
+    task0, task1 = make_tasks(50, 20, seed=0)
+    names0, names1 = {p.name for p in task0}, {p.name for p in task1}
+    assert len(names0) == 50 and len(names1) == 20 and not names0 & names1
+    assert all(EMPLOYERS[p.employer] == p.employer_city for p in task0 + task1)
+    with pytest.raises(ValueError, match="unique names"):
+        make_profiles(10**6, seed=0)
+
+
+def test_every_biography_states_all_six_attributes_in_shuffled_order():
+    profile = make_profiles(1, seed=3)[0]
+    bios = biographies([profile], 8, seed=0)
+    assert len(bios) == 8 and len(set(bios)) > 1
+    for bio in bios:
+        assert bio.count(".") == 6 and bio.count(profile.name) == 6
+        for attribute in ATTRIBUTES:
+            assert profile.value(attribute) in bio
+
+
+def test_tokenizer_knows_every_generated_word():
+    tokenizer = build_tokenizer()
+    task0, task1 = make_tasks(100, 50, seed=0)
+    words = {w for text in biographies(task0 + task1, 2, seed=0) for w in text.split()}
+    words |= {w for pair in qa_pairs(task0 + task1) for w in f"{pair.prompt} {pair.answer}".split()}
+    ids = tokenizer.convert_tokens_to_ids(sorted(words))
+    assert tokenizer.unk_token_id not in ids and len(set(ids)) == len(words)
+    assert tokenizer.decode(tokenizer(" ".join(sorted(words)))["input_ids"]) == " ".join(sorted(words))
+
+
+def test_qa_encoding_puts_the_loss_on_the_answer_only():
+    tokenizer = build_tokenizer()
+    pair = qa_pairs(make_profiles(1, seed=0))[0]  # the birth date: "Month D , YYYY" (4 tokens)
+    row = encode_qa(tokenizer, pair)
+    prompt_length = 1 + len(pair.prompt.split())
+    assert row["labels"][:prompt_length] == [IGNORE] * prompt_length
+    assert row["labels"][prompt_length:] == row["input_ids"][prompt_length:]
+    assert tokenizer.convert_ids_to_tokens(row["input_ids"][prompt_length:-1]) == pair.answer.split()
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true next token of ``targets`` everywhere, except at the (row, position) pairs in ``wrong``.
+
+    Serves the rows of ``targets`` in order over successive calls (``qa_accuracy`` evaluates in chunks).
+    """
+
+    def __init__(self, targets: torch.Tensor, vocab: int, wrong=()):
+        super().__init__()
+        self.next_ids = torch.roll(targets, -1, dims=1)
+        for row, position in wrong:
+            self.next_ids[row, position] = (self.next_ids[row, position] + 1) % vocab
+        self.vocab, self.served = vocab, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        next_ids = self.next_ids[self.served : self.served + input_ids.shape[0]]
+        self.served += input_ids.shape[0]
+        return type("Output", (), {"logits": torch.nn.functional.one_hot(next_ids, self.vocab).float()})
+
+
+def test_qa_accuracy_counts_first_token_and_exact_match():
+    tokenizer = build_tokenizer()
+    pairs = qa_pairs(make_profiles(2, seed=0))  # 12 questions; index 0 and 6 are birth dates (4 answer tokens)
+    eval_set = QAEvalSet.build(tokenizer, pairs)
+    vocab = len(tokenizer)
+    perfect = qa_accuracy(Oracle(eval_set.input_ids, vocab), eval_set, "cpu", torch.no_grad)
+    assert perfect == {"first_token": 1.0, "exact_match": 1.0}
+    start = eval_set.answer_start
+    # question 0: its 3rd answer token wrong (first token right); question 6: its first token wrong;
+    # question 1: the token after the answer (</s>) wrong, which neither metric looks at.
+    wrong = [(0, start[0].item() + 1), (6, start[6].item() - 1), (1, (start[1] + eval_set.answer_length[1]).item() - 1)]
+    scores = qa_accuracy(Oracle(eval_set.input_ids, vocab, wrong), eval_set, "cpu", torch.no_grad, chunk=5)
+    assert scores == {"first_token": 11 / 12, "exact_match": 10 / 12}
+
+
+def test_repeat_shuffled_is_whole_shuffled_epochs():
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"x": list(range(10))})
+    stream = repeat_shuffled(data, 25, seed=0)["x"]
+    assert len(stream) == 25 and sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10))
+    assert stream == repeat_shuffled(data, 25, seed=0)["x"] and stream[:10] != stream[10:20]
+
+
+def test_quick_run_writes_complete_results(tmp_path):
+    from benchmarks.biography.run import METRICS, ROWS, main
+
+    result = main(["--quick", "--output-dir", str(tmp_path)])
+    for name in ("results.json", "results.md", "task0_first_token.png", "task1_first_token.png", "tradeoff.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["table"]) == set(saved["sweep"]) == set(ROWS)
+    for row, entry in saved["table"].items():
+        run = saved["sweep"][row][str(entry["lr"])]
+        assert len(run["curve"]["step"]) >= 2 and run["curve"]["step"][-1] == saved["settings"]["continual_steps"]
+        for metric in METRICS:
+            assert all(0.0 <= value <= 1.0 for value in run["curve"][metric]), (row, metric)
+            assert entry[metric] == run["curve"][metric][-1]
+        assert entry["trainable_parameters"] > 0
+    route = saved["sweep"]["scale_route"][str(saved["table"]["scale_route"]["lr"])]["curve"]
+    for key in ("to_preservation", "preservation_first_token", "adaptation_first_token"):  # routing diagnostics
+        assert all(0.0 <= value <= 1.0 for value in route[f"task0_{key}"] + route[f"task1_{key}"]), key
+    assert route["task1_first_token_tau_0.5"] == route["task1_first_token"]  # the default threshold, recomputed
+    assert "task0_to_preservation" not in saved["sweep"]["scale_adapt"][str(saved["table"]["scale_adapt"]["lr"])]["curve"]
+    assert 0.0 <= saved["pretraining"]["qa_after_stage2"]["task0_first_token"] <= 1.0
+    assert "python -m benchmarks.biography.run --quick" in (tmp_path / "results.md").read_text()
+    assert result["table"].keys() == saved["table"].keys()

@@ -1,0 +1,202 @@
+"""benchmarks/continual_pretraining: the --quick pipeline end to end, and the measures on hand-checkable cases.
+
+The --quick run (a tiny random Llama over the bundled tokenizer, every method for 4 steps) takes ~15 s here. It
+checks that the pipeline works and what must hold exactly (no method drifts before training; SCALE-Route's
+preservation-routed tokens never drift), not what the experiment finds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from benchmarks.continual_pretraining import measures, run  # noqa: E402
+from benchmarks.continual_pretraining.data import read_documents, repeat_to  # noqa: E402
+from benchmarks.methods import MethodSizes  # noqa: E402
+from conftest import random_ids, tiny_llama  # noqa: E402
+from tiny_models import perturb_adapter  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpt")
+    results = run.main(["--quick", "--output-dir", str(out)])
+    return out, results
+
+
+def test_quick_run_writes_results_table_and_plots(quick):
+    out, results = quick
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
+    table = (out / "results.md").read_text()
+    assert "python -m benchmarks.continual_pretraining.run --quick --output-dir" in table
+    for name in run.RUNS:
+        assert f"`{name}`" in table
+    for png in run.report.plot_files():
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE, png
+
+
+def test_quick_run_has_every_method_with_finite_numbers(quick):
+    _, results = quick
+    assert {record["run"] for record in results["runs"].values()} == set(run.RUNS)
+    assert all(math.isfinite(v) and v > 0 for k, v in results["base"].items() if k != "drift")
+    for key, record in results["runs"].items():
+        assert record["curve"]["step"] == [0, 2, 4], key
+        assert len(record["train_loss"]) == 4
+        for measure in ("new_perplexity", "old_perplexity", "drift", "answer_perplexity"):
+            values = record["curve"][measure]
+            assert len(values) == 3 and all(math.isfinite(v) for v in values), (key, measure)
+        assert record["trainable_parameters"] > 0
+    # the replay rows train the same model as their plain rows, on different data
+    assert results["runs"]["full_replay@3e-05"]["train_loss"] != results["runs"]["full@3e-05"]["train_loss"]
+
+
+def test_no_method_drifts_before_training(quick):
+    """At step 0 every method computes the base model's logits bit for bit (zero-initialised W12, LoRA B and LLaMA
+    Pro output projections; full and freeze are the base model), so KL(base || adapted) is exactly 0."""
+    _, results = quick
+    for key, record in results["runs"].items():
+        assert record["curve"]["drift"][0] == 0.0, key
+        assert record["curve"]["old_perplexity"][0] == results["base"]["old_perplexity"], key
+        assert record["curve"]["answer_perplexity"][0] == results["base"]["answer_perplexity"], key
+
+
+def test_route_rows_report_routing_and_no_drift_on_preserved_tokens(quick):
+    _, results = quick
+    for key in ("scale_route@0.001", "scale_route_replay@0.001"):
+        curve = results["runs"][key]["curve"]
+        assert all(0 < share <= 1 for share in curve["old_routed_to_preservation"])
+        assert all(0 <= share <= 1 for share in curve["new_routed_to_preservation"])
+        assert all(drift == 0.0 for drift in curve["drift_on_preservation"])
+        sweep = results["runs"][key]["route_threshold_sweep"]
+        assert set(sweep) == {"new", "old"}
+        assert [float(tau) for tau in sweep["old"]] == list(measures.ROUTE_THRESHOLDS)
+        # tau 0.5 is the model's own threshold: the sweep reproduces the routed output's numbers
+        assert sweep["old"]["0.5"]["drift"] == pytest.approx(curve["drift"][-1], rel=1e-6, abs=1e-12)
+        assert sweep["new"]["0.5"]["perplexity"] == pytest.approx(curve["new_perplexity"][-1], rel=1e-6)
+        assert sweep["old"]["0.5"]["routed_to_preservation"] == curve["old_routed_to_preservation"][-1]
+        assert all(math.isfinite(v) for v in curve["answer_perplexity_adaptation_head"])
+    assert "old_routed_to_preservation" not in results["runs"]["scale_adapt@0.001"]["curve"]
+    assert results["runs"]["scale_adapt@0.001"]["route_threshold_sweep"] == {}
+
+
+def test_rerun_skips_finished_runs_and_refuses_other_settings(quick, capsys):
+    out, results = quick
+    again = run.main(["--quick", "--output-dir", str(out), "--methods", "full", "scale_ffn"])
+    assert again["runs"] == json.loads(json.dumps(results["runs"]))  # nothing retrained
+    assert "full@3e-05: already in" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):
+        run.main(["--quick", "--output-dir", str(out), "--steps", "3"])
+
+
+# ------------------------------------------------------------------------------------------------ the measures
+
+
+def route_model(threshold: float):
+    from peft import get_peft_model
+
+    from peft_scale import ScaleConfig
+
+    config = ScaleConfig(hidden_expansion=16, ffn_expansion=16, variant="route", preserve_layers=1, route_threshold=threshold)
+    model = get_peft_model(tiny_llama(), config)
+    perturb_adapter(model, scale=0.5)
+    return model.eval()
+
+
+def test_route_drift_is_zero_exactly_on_tokens_sent_to_the_preservation_head():
+    base = tiny_llama()
+    blocks = random_ids(batch=4, length=16)
+    base_logprobs = measures.block_logprobs(base, blocks, 2, "fp32")
+    model = route_model(threshold=0.5)
+    with torch.no_grad():
+        model(input_ids=blocks)
+    routing = model.base_model.last_routing
+    cosine = torch.nn.functional.cosine_similarity(routing.preservation_logits, routing.adaptation_logits, dim=-1)
+    model.peft_config["default"].route_threshold = cosine.median().item()  # about half the tokens each way
+
+    result = measures.text_measures(model, blocks, 2, "fp32", base_logprobs, route_thresholds=(-1.0, 2.0))
+    assert 0.3 < result["routed_to_preservation"] < 0.7
+    assert result["drift_on_preservation"] == 0.0
+    assert result["drift_on_adaptation"] > 0
+    share = result["routed_to_preservation"]
+    assert result["drift"] == pytest.approx((1 - share) * result["drift_on_adaptation"], rel=1e-5)
+    assert result["drift_adaptation_head"] >= result["drift"]
+    # tau -1: every token to the base model's logits; tau 2: none, i.e. the adaptation head alone
+    everything, nothing = result["threshold_sweep"]["-1"], result["threshold_sweep"]["2"]
+    assert everything == {"routed_to_preservation": 1.0, "drift": 0.0, "perplexity": pytest.approx(base_perplexity(blocks))}
+    assert nothing["routed_to_preservation"] == 0.0
+    assert nothing["drift"] == pytest.approx(result["drift_adaptation_head"], rel=1e-6)
+    assert nothing["perplexity"] == pytest.approx(result["perplexity_adaptation_head"], rel=1e-6)
+
+
+def base_perplexity(blocks) -> float:
+    with torch.no_grad():
+        return math.exp(tiny_llama()(input_ids=blocks, labels=blocks).loss.item())
+
+
+def test_text_measures_perplexity_and_drift_by_hand():
+    base, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    blocks = random_ids(batch=3, length=10)
+    base_logprobs = measures.block_logprobs(base, blocks, 2, "fp32")
+    same = measures.text_measures(base, blocks, 2, "fp32", base_logprobs)
+    assert same["drift"] == 0.0
+    with torch.no_grad():
+        loss = base(input_ids=blocks, labels=blocks).loss
+        other_logprobs = torch.log_softmax(other(input_ids=blocks).logits, -1)
+    assert same["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    kl = (base_logprobs.exp() * (base_logprobs - other_logprobs)).sum(-1).mean()
+    assert measures.text_measures(other, blocks, 2, "fp32", base_logprobs)["drift"] == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_answer_perplexity_scores_only_the_answer_tokens():
+    model = tiny_llama()
+    answers = [measures.ChatAnswer("a", [5, 6, 7], [8, 9]), measures.ChatAnswer("b", [5, 6], [10, 11, 12])]
+    with torch.no_grad():
+        nll = 0.0
+        for answer in answers:
+            ids = torch.tensor([answer.prompt_ids + answer.answer_ids])
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+            start = len(answer.prompt_ids)
+            nll -= sum(logprobs[start - 1 + i, token].item() for i, token in enumerate(answer.answer_ids))
+    expected = math.exp(nll / 5)
+    assert measures.answer_measures(model, answers, 2, "fp32", pad_id=0) == {"perplexity": pytest.approx(expected, rel=1e-5)}
+
+
+def test_default_sizes_for_smollm2_shapes():
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64)  # fmt: skip
+    args = run.parse_args([])
+    assert run.default_sizes(smollm2, args) == MethodSizes(256, 192, 8, 6)
+    args = run.parse_args(["--ffn-expansion", "64", "--preserve-layers", "0", "--llama-pro-blocks", "10"])
+    assert run.default_sizes(smollm2, args) == MethodSizes(64, 192, 0, 10)
+    args = run.parse_args(["--scale-option", "adapt_modules=attention", "--scale-option", "route_threshold=0.9"])
+    assert run.default_sizes(smollm2, args).scale_options == {"adapt_modules": "attention", "route_threshold": 0.9}
+
+
+def test_planned_runs_put_every_methods_middle_learning_rate_first():
+    args = run.parse_args(["--methods", "full", "scale_route"])
+    assert run.planned_runs(args) == [
+        ("full", 3e-5), ("scale_route", 1e-3), ("full", 1e-5), ("scale_route", 3e-4), ("full", 1e-4), ("scale_route", 3e-3)
+    ]  # fmt: skip
+    assert run.planned_runs(run.parse_args(["--methods", "lora", "--lrs", "1", "2"])) == [("lora", 2.0), ("lora", 1.0)]
+
+
+def test_documents_split_at_blank_lines_and_blocks_repeat(tmp_path):
+    from datasets import Dataset
+
+    (tmp_path / "a.txt").write_text("one\nline two\n\n\nthree\n\n")
+    (tmp_path / "b.txt").write_text("four")
+    assert read_documents([tmp_path / "a.txt", tmp_path / "b.txt"]) == ["one\nline two", "three", "four"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="No text"):
+        read_documents([tmp_path / "empty.txt"])
+    blocks = Dataset.from_dict({"input_ids": [[1], [2], [3]]})
+    assert repeat_to(blocks, 7)["input_ids"] == [[1], [2], [3], [1], [2], [3], [1]]
