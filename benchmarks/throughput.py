@@ -370,19 +370,27 @@ def training_memory(model, step: Callable[[], None], loss_fn, optimizer, device:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, precision, lr: float = 1e-5) -> dict:
+def maybe_compile(model, enabled: bool):
+    """``torch.compile(model)`` for ``--compile`` (the warm-up runs compile it, untimed), else ``model``."""
+    return torch.compile(model) if enabled else model
+
+
+def bench_training(
+    model, ids: torch.Tensor, warmup: int, repeats: int, precision, compile_model: bool = False, lr: float = 1e-5
+) -> dict:
     device = ids.device
     flops, ops = step_flops(model, ids, precision)
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr) if trainable else None
+    forward = maybe_compile(model, compile_model)
 
-    def loss_fn():
+    def loss_fn(forward=model):  # eager by default: the memory accounting hooks the saved tensors
         with precision():
-            return model(input_ids=ids, labels=ids).loss
+            return forward(input_ids=ids, labels=ids).loss
 
     def step():
-        loss_fn().backward()
+        loss_fn(forward).backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -397,7 +405,7 @@ def bench_training(model, ids: torch.Tensor, warmup: int, repeats: int, precisio
     return result
 
 
-def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -> tuple[dict, dict]:
+def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log, compile_model=False) -> tuple[dict, dict]:
     """Every training row, built one at a time from the same base weights (freed after measuring)."""
     k, d_up, fp = sizes["ffn_expansion"], sizes["hidden_expansion"], sizes["preserve_layers"]
     precision = precision_context(device, dtype)
@@ -422,7 +430,7 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -
             extra["lora_rank"] = rank
         else:
             model = builders[name]()
-        rows[name] = bench_training(model, ids, warmup, repeats, precision)
+        rows[name] = bench_training(model, ids, warmup, repeats, precision, compile_model)
         log(f"  train {name:<15} {rows[name]['median_s'] * 1e3:9.1f} ms")
         del model
     return rows, extra
@@ -431,15 +439,16 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log) -
 # --------------------------------------------------------------------------------------------------- inference
 
 
-def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision) -> dict:
+def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision, compile_model=False):
     device = prefill_ids.device
     model.to(device).eval()
     pad = model.config.pad_token_id
+    forward = maybe_compile(model, compile_model)  # prefill only: generate() runs the eager model
 
     @torch.no_grad()
     def prefill():
         with precision():
-            model(input_ids=prefill_ids, use_cache=False)
+            forward(input_ids=prefill_ids, use_cache=False)
 
     @torch.no_grad()
     def decode():
@@ -458,10 +467,11 @@ def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repea
     return result
 
 
-def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_tokens, warmup, repeats, seed, log):
+def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_tokens, warmup, repeats, seed, log,
+                   compile_model=False):
     k = sizes["ffn_expansion"]
     run = dict(prefill_ids=prefill_ids, prompt_ids=prompt_ids, decode_tokens=decode_tokens, warmup=warmup,
-               repeats=repeats, precision=precision_context(device, dtype))
+               repeats=repeats, precision=precision_context(device, dtype), compile_model=compile_model)
     unmerged = scale_model(base, ffn_expansion=k)
     rows = {"base": bench_inference(base, **run)}
     rows["scale_unmerged"] = bench_inference(unmerged, **run)
@@ -488,7 +498,7 @@ def base_upper(base, from_layer: int):
     return model
 
 
-def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, log) -> dict:
+def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, log, compile_model=False) -> dict:
     """Evaluation forward (``eval()``: SCALE-Route routes) of full-width adapt and route at the same sizes, and of
     the frozen work the preservation copy repeats."""
     precision = precision_context(device, dtype)
@@ -501,7 +511,7 @@ def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, lo
     }
     rows = {}
     for name in ROUTE_EVAL_ROWS:
-        model = builders[name]().to(device).eval()
+        model = maybe_compile(builders[name]().to(device).eval(), compile_model)
 
         @torch.no_grad()
         def forward(model=model):
@@ -629,6 +639,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32, and bf16 too on CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile'd models (training steps, prefill, route evaluation; not decode)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -664,10 +676,10 @@ def run_one(args, workload, dtype, device, log) -> dict:
     log(f"{model_name} {dtype} on {device}: ffn_expansion {sizes['ffn_expansion']}, "
         f"hidden_expansion {sizes['hidden_expansion']}")
     warm_up_process(base, ids)
-    train, extra = training_rows(base, dtype, device, ids, sizes, workload["warmup"], workload["repeats"], args.seed, log)
-    infer = inference_rows(base, dtype, device, ids, prompt, sizes, workload["decode_tokens"], workload["warmup"],
-                           workload["repeats"], args.seed, log)
-    route_eval = route_eval_rows(base, dtype, device, ids, sizes, workload["warmup"], workload["repeats"], log)
+    timing = dict(warmup=workload["warmup"], repeats=workload["repeats"], log=log, compile_model=args.compile)
+    train, extra = training_rows(base, dtype, device, ids, sizes, seed=args.seed, **timing)
+    infer = inference_rows(base, dtype, device, ids, prompt, sizes, workload["decode_tokens"], seed=args.seed, **timing)
+    route_eval = route_eval_rows(base, dtype, device, ids, sizes, **timing)
     mem_key = "peak_mib" if device.type == "cuda" else "est_peak_mib"
     return dict(
         device=device.type, dtype=str(dtype).replace("torch.", ""), model_config=dict(
@@ -697,7 +709,7 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     result = dict(
-        model=args.model + (" (quick)" if args.quick else ""), date=_dt.datetime.now().isoformat(timespec="seconds"),
+        model=args.model + (" (quick)" if args.quick else "") + (", torch.compile" if args.compile else ""), date=_dt.datetime.now().isoformat(timespec="seconds"),
         argv=list(sys.argv[1:] if argv is None else argv), workload=workload, machine=machine_info(device),
         runs=[run_one(args, workload, dtype, device, log) for dtype in dtypes],
     )
