@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -42,7 +43,9 @@ class ScaleConfig(PeftConfig):
             (the paper finds opening only upper-layer attention forgets least).
         route_threshold: ``tau``: a token takes the preservation logits when ``cos(z_pres, z_adapt) >= tau``.
         route_in_training: also route during training (default: train on the adaptation logits and route at
-            evaluation and generation).
+            evaluation and generation). Tokens routed to the preservation head give no gradient, and at
+            initialisation every token is (the two heads agree exactly): a new adapter does not train with it
+            (a warning says so); it is for continuing to train an adapter whose heads already differ.
         target_modules: names (or a regex) of the FFN projections to widen. Default: the architecture's FFN
             projections from ``peft_scale.architectures.FFN_LAYOUTS``. Every MLP must be targeted whole (its
             input projections and its output projection), or injection fails.
@@ -169,6 +172,15 @@ class ScaleConfig(PeftConfig):
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")
+        if self.variant == "route" and self.route_in_training:
+            warnings.warn(
+                "ScaleConfig(route_in_training=True): a token routed to the preservation head (the frozen base model) "
+                "gives no gradient, and a new adapter's two heads agree exactly (cos = 1 >= route_threshold), so every "
+                "token is routed there and nothing trains. Use it only to continue training an adapter whose heads "
+                "already differ; to train a new one, leave it False (training uses the adaptation head).",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("ScaleConfig: `layers_pattern` only has an effect together with `layers_to_transform`.")
         if self.ffn_fused_modules:

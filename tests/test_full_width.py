@@ -151,10 +151,23 @@ def test_route_trains_on_the_adaptation_head_and_carries_the_copy_only_when_rout
 
 
 def test_route_in_training_routes_the_training_loss_too():
-    _, model = full_width("llama", "route", route_in_training=True)
+    with pytest.warns(UserWarning, match="nothing trains"):
+        _, model = full_width("llama", "route", route_in_training=True)
     model.train()
     model(random_ids(vocab=VOCAB))
     assert model.base_model.last_routing is not None
+
+
+def test_route_in_training_gives_a_new_adapter_no_gradient_as_its_warning_says():
+    """At initialisation both heads agree exactly, every token takes the frozen preservation head: zero gradient."""
+    with pytest.warns(UserWarning, match="route_in_training=True"):
+        _, model = full_width("llama", "route", route_in_training=True)
+    model.train()
+    ids = random_ids(vocab=VOCAB)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert bool(model.base_model.last_routing.to_preservation.all())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)
 
 
 @pytest.mark.parametrize("preserve_layers", [0, LAYERS])
