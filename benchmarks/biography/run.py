@@ -18,9 +18,11 @@ the whole sweep.
 
 Run from the repository root::
 
-    python -m benchmarks.biography.run                      # the full run (CPU: see Settings.full; GPU: --device cuda)
-    python -m benchmarks.biography.run --quick              # a smoke run (CI), results mean nothing
-    python -m benchmarks.biography.run --methods full scale_route --workers 2
+    python -m benchmarks.biography.run --workers 2          # the full run: 29 min on 2 busy CPU cores
+    python -m benchmarks.biography.run --device cuda        # the same on a GPU
+    python -m benchmarks.biography.run --quick              # a smoke run (CI, seconds), results mean nothing
+    python -m benchmarks.biography.run --methods full scale_route --lr scale_route=0.001 --size preserve_layers=4
+    python -m benchmarks.biography.run --render benchmarks/results/biography/results.json --notes findings.md
 """
 
 from __future__ import annotations
