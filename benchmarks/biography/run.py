@@ -18,7 +18,7 @@ the whole sweep.
 
 Run from the repository root::
 
-    python -m benchmarks.biography.run --workers 2          # the full run: 29 min on 2 busy CPU cores
+    python -m benchmarks.biography.run                      # the full run: 29 min on 2 busy CPU cores (2 workers)
     python -m benchmarks.biography.run --device cuda        # the same on a GPU
     python -m benchmarks.biography.run --quick              # a smoke run (CI, seconds), results mean nothing
     python -m benchmarks.biography.run --methods full scale_route --lr scale_route=0.001 --size preserve_layers=4
@@ -512,7 +512,9 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="METHOD",
                         help=f"rows to run (default: all): {', '.join(ROWS)}")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--workers", type=int, default=1, help="stage-3 runs in parallel processes (CPU: one per core)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="stage-3 runs in parallel processes (default: 2 on CPU, one per core of the target "
+                        "machine; 1 with --quick or on CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 on a shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", default="full", choices=["full", "middle"],
@@ -546,6 +548,8 @@ def main(argv=None) -> dict:
     log = lambda message: print(f"[{time.perf_counter() - begin:7.1f}s] {message}", flush=True)  # noqa: E731
 
     settings.task1_bios = args.task1_bios
+    if args.workers is None:
+        args.workers = 1 if (args.quick or device.type == "cuda") else min(2, os.cpu_count() or 1)
     apply_overrides(settings, args)
     if args.sweep == "middle":
         settings.lr_grid = {row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in settings.lr_grid.items()}
@@ -557,6 +561,7 @@ def main(argv=None) -> dict:
         "command": "python -m benchmarks.biography.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "device": str(device),
         "dtype": args.dtype,
+        "workers": args.workers,
         "machine": machine_info(device),
         "settings": dataclasses.asdict(settings),
         "replay_fraction": REPLAY_FRACTION,
