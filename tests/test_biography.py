@@ -142,3 +142,10 @@ def test_quick_run_writes_complete_results(tmp_path):
     assert 0.0 <= saved["pretraining"]["qa_after_stage2"]["task0_first_token"] <= 1.0
     assert "python -m benchmarks.biography.run --quick" in (tmp_path / "results.md").read_text()
     assert result["table"].keys() == saved["table"].keys()
+    assert (tmp_path / "route_thresholds.png").stat().st_size > 0
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("SCALE-Route's finding goes here.")
+    main(["--render", str(tmp_path / "results.json"), "--notes", str(notes)])  # re-render with findings
+    assert "## Findings\n\nSCALE-Route's finding goes here." in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["sweep"] == saved["sweep"]

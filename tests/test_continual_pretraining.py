@@ -86,6 +86,16 @@ def test_route_rows_report_routing_and_no_drift_on_preserved_tokens(quick):
     assert results["runs"]["scale_adapt@0.001"]["route_threshold_sweep"] == {}
 
 
+def test_report_is_rewritten_from_results_json(quick):
+    out, _ = quick
+    table = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    (out / "tradeoff_drift.png").unlink()
+    run.report.main([str(out)])
+    assert (out / "results.md").read_text() == table
+    assert (out / "tradeoff_drift.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
 def test_rerun_skips_finished_runs_and_refuses_other_settings(quick, capsys):
     out, results = quick
     again = run.main(["--quick", "--output-dir", str(out), "--methods", "full", "scale_ffn"])

@@ -18,9 +18,11 @@ the whole sweep.
 
 Run from the repository root::
 
-    python -m benchmarks.biography.run                      # the full run (CPU: see Settings.full; GPU: --device cuda)
-    python -m benchmarks.biography.run --quick              # a smoke run (CI), results mean nothing
-    python -m benchmarks.biography.run --methods full scale_route --workers 2
+    python -m benchmarks.biography.run                      # the full run: 29 min on 2 busy CPU cores (2 workers)
+    python -m benchmarks.biography.run --device cuda        # the same on a GPU
+    python -m benchmarks.biography.run --quick              # a smoke run (CI, seconds), results mean nothing
+    python -m benchmarks.biography.run --methods full scale_route --lr scale_route=0.001 --size preserve_layers=4
+    python -m benchmarks.biography.run --render benchmarks/results/biography/results.json --notes findings.md
 """
 
 from __future__ import annotations
@@ -261,17 +263,28 @@ def summarise(rows: dict) -> dict:
     return table
 
 
-def bar_check(table: dict) -> dict:
-    """The issue's bar, computed (it is reported, never tuned to)."""
+def bar_check(table: dict, sweep: dict) -> dict:
+    """The issue's bar, computed (it is reported, never tuned to).
+
+    At the learning rate the stated rule chose, and also at the most favourable learning rate of the sweep for the
+    bar: the best retention among the learning rates that reach 90% of full fine-tuning's Task-1 accuracy.
+    """
     out = {}
     full = table.get("full")
     for row in ("scale_route", "scale_preserve"):
         if row in table and full:
+            need = 0.90 * full["task1_first_token"]
             learned = table[row]["task1_first_token"] / full["task1_first_token"] if full["task1_first_token"] else float("nan")
+            start = table[row]["task0_start"]
+            reaching = {lr: run["final"]["task0_first_token"] / start for lr, run in sweep[row].items()
+                        if run["final"]["task1_first_token"] >= need}
+            best = max(reaching, key=reaching.get) if reaching else None
             out[row] = {
                 "retained": table[row]["retained"], "retained_target": 0.95,
                 "task1_vs_full": learned, "task1_vs_full_target": 0.90,
                 "meets_bar": bool(table[row]["retained"] >= 0.95 and learned >= 0.90),
+                "best_retained_at_90pct_of_full_task1": reaching[best] if best else None,
+                "its_lr": float(best) if best else None,
             }
     for row in ("full", "llama_pro"):
         if row in table:
@@ -315,9 +328,17 @@ def markdown(result: dict) -> str:
     if result["bar"]:
         lines += ["The issue's bar (reported, not tuned to):", ""]
         for row, check in result["bar"].items():
-            lines.append(f"- {row}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items()))
+            lines.append(f"- {row}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items()))
         lines.append("")
-    lines += ["Plots: " + ", ".join(f"`{name}`" for name in result["plots"]), ""]
+    lines += ["The whole sweep (final step; the chosen learning rate in bold):", "",
+              "| method | lr | Task-0 first | Task-1 first | Task-0 exact | Task-1 exact |", "|---|---|---|---|---|---|"]
+    for row, runs in result["sweep"].items():
+        for lr, run in sorted(runs.items(), key=lambda item: float(item[0])):
+            f = run["final"]
+            mark = "**" if float(lr) == table[row]["lr"] else ""
+            lines.append(f"| {row} | {mark}{float(lr):g}{mark} | {f['task0_first_token']:.3f} | {f['task1_first_token']:.3f} | "
+                         f"{f['task0_exact_match']:.3f} | {f['task1_exact_match']:.3f} |")
+    lines += ["", "Plots: " + ", ".join(f"`{name}`" for name in result["plots"]), ""]
     if result.get("notes"):
         lines += ["## Findings", "", result["notes"], ""]
     return "\n".join(lines)
@@ -339,6 +360,16 @@ def plot(result: dict, output_dir: Path) -> list[str]:
     plot_tradeoff(points, output_dir / "tradeoff.png", "Forgetting vs learning (biographies, final step)",
                   "forgetting: drop in Task-0 first-token accuracy", "learning: Task-1 first-token accuracy")
     made.append("tradeoff.png")
+    route = result["table"].get("scale_route")
+    if route is not None:  # SCALE-Route's cosine threshold, swept at evaluation on the same two heads' logits
+        curve = result["sweep"]["scale_route"][str(route["lr"])]["curve"]
+        taus = sorted(float(k[len("task0_first_token_tau_"):]) for k in curve if k.startswith("task0_first_token_tau_"))
+        points = {f"tau {tau:g}": (route["task0_start"] - curve[f"task0_first_token_tau_{tau:g}"][-1],
+                                   curve[f"task1_first_token_tau_{tau:g}"][-1]) for tau in taus}
+        plot_tradeoff(points, output_dir / "route_thresholds.png",
+                      f"SCALE-Route (lr {route['lr']:g}): routing threshold at evaluation",
+                      "forgetting: drop in Task-0 first-token accuracy", "learning: Task-1 first-token accuracy")
+        made.append("route_thresholds.png")
     return made
 
 
@@ -460,6 +491,19 @@ def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
     return model, report
 
 
+def render(results_json: Path, notes) -> dict:
+    """Re-write results.md and the plots of a finished run (e.g. after adding findings with ``--notes``)."""
+    result = json.loads(results_json.read_text())
+    if notes is not None:
+        result["notes"] = notes.read_text()
+    result["table"] = summarise(result["sweep"])  # recomputed: the selection and the bar are functions of the sweep
+    result["bar"] = bar_check(result["table"], result["sweep"])
+    result["plots"] = plot(result, results_json.parent)
+    results_json.write_text(json.dumps(result, indent=1))
+    (results_json.parent / "results.md").write_text(markdown(result))
+    return result
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps (CI)")
@@ -468,7 +512,9 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="METHOD",
                         help=f"rows to run (default: all): {', '.join(ROWS)}")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--workers", type=int, default=1, help="stage-3 runs in parallel processes (CPU: one per core)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="stage-3 runs in parallel processes (default: 2 on CPU, one per core of the target "
+                        "machine; 1 with --quick or on CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 on a shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", default="full", choices=["full", "middle"],
@@ -483,6 +529,8 @@ def parse_args(argv):
                         help="override a method's learning-rate grid, e.g. --lr scale_route=0.01,0.03")
     parser.add_argument("--task1-bios", action="store_true",
                         help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only re-write results.md and the plots next to an existing results.json (with --notes)")
     parser.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to put in results.md")
     return parser.parse_args(argv)
 
@@ -490,6 +538,8 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     transformers.utils.logging.disable_progress_bar()
+    if args.render is not None:
+        return render(args.render, args.notes)
     begin = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -498,6 +548,8 @@ def main(argv=None) -> dict:
     log = lambda message: print(f"[{time.perf_counter() - begin:7.1f}s] {message}", flush=True)  # noqa: E731
 
     settings.task1_bios = args.task1_bios
+    if args.workers is None:
+        args.workers = 1 if (args.quick or device.type == "cuda") else min(2, os.cpu_count() or 1)
     apply_overrides(settings, args)
     if args.sweep == "middle":
         settings.lr_grid = {row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in settings.lr_grid.items()}
@@ -509,6 +561,7 @@ def main(argv=None) -> dict:
         "command": "python -m benchmarks.biography.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "device": str(device),
         "dtype": args.dtype,
+        "workers": args.workers,
         "machine": machine_info(device),
         "settings": dataclasses.asdict(settings),
         "replay_fraction": REPLAY_FRACTION,
@@ -516,7 +569,7 @@ def main(argv=None) -> dict:
         "sweep": sweep,
     }
     result["table"] = summarise(sweep)
-    result["bar"] = bar_check(result["table"])
+    result["bar"] = bar_check(result["table"], sweep)
     result["notes"] = args.notes.read_text() if args.notes else ""
     args.output_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, args.output_dir)

@@ -24,7 +24,7 @@ from transformers import DataCollatorForSeq2Seq, get_scheduler
 from .data import QAPair
 
 IGNORE = -100
-ROUTE_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # the routing diagnostics' threshold sweep
+ROUTE_THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # the routing diagnostics' threshold sweep
 
 
 # ------------------------------------------------------------------------------------------------- encoding

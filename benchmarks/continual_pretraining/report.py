@@ -233,3 +233,19 @@ def write_plots(selected: dict[str, dict], runs: list[dict], base: dict, output_
 def _finite(record: dict) -> bool:
     final = record["final"]
     return all(math.isfinite(final[key]) for key in ("new_perplexity", "old_perplexity", "drift", "answer_perplexity"))
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.continual_pretraining.report DIR``: rewrite DIR's results.md and PNGs from its
+    results.json (after editing the report code, or to look at a sweep that is still running)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.continual_pretraining.report", description=main.__doc__)
+    parser.add_argument("output_dir", type=Path, help="a folder holding results.json")
+    args = parser.parse_args(argv)
+    write_report(json.loads((args.output_dir / "results.json").read_text()), args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
