@@ -23,15 +23,22 @@ At initialisation every method except ``full``/``freeze`` computes exactly the b
 ``freeze`` *are* the base model). SCALE-Route routes between its preservation and adaptation heads only in eval
 mode (``ScaleConfig.route_in_training=False``): put the model in ``eval()`` before evaluating it.
 
-Replay (old data mixed into the new) is a data-side choice, not a method: ``mix_with_replay``.
+Replay (old data mixed into the new) is a data-side choice, not a method: ``mix_with_replay``, the examples'
+``text_blocks.replay_mix``.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
+
+# Replay is the examples' recipe (datasets.interleave_datasets), one implementation for the examples and benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from text_blocks import replay_mix as mix_with_replay  # noqa: E402
 
 METHODS = ("full", "lora", "freeze", "llama_pro", "scale_ffn", "scale_preserve", "scale_adapt", "scale_route")
 SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_route": "route"}
@@ -147,24 +154,6 @@ def prepare_method(name: str, model: nn.Module, sizes: MethodSizes) -> nn.Module
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(PROJECTIONS))
         return get_peft_model(model, config)
     return get_peft_model(model, scale_config(name, sizes))
-
-
-def mix_with_replay(new, old, fraction: float, seed: int, stopping_strategy: str = "first_exhausted"):
-    """Mix old data into new: each example comes from ``old`` with probability ``fraction`` (e.g. 0.25).
-
-    A thin wrapper around ``datasets.interleave_datasets`` (both arguments are ``datasets.Dataset`` or both
-    ``IterableDataset``); seeded, so the mixed order is reproducible. With ``"first_exhausted"`` the mix stops
-    when either source runs out: make ``old`` large enough (or repeat it) for the number of examples you take.
-    """
-    from datasets import interleave_datasets
-
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"mix_with_replay(fraction={fraction}): the share of old data must be in [0, 1), e.g. 0.25.")
-    if fraction == 0.0:
-        return new
-    return interleave_datasets(
-        [new, old], probabilities=[1.0 - fraction, fraction], seed=seed, stopping_strategy=stopping_strategy
-    )
 
 
 __all__ = [

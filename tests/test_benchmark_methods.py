@@ -17,7 +17,6 @@ from benchmarks.methods import (  # noqa: E402
     METHODS,
     MethodSizes,
     lora_parameters_per_rank,
-    mix_with_replay,
     prepare_method,
     trainable_parameters,
 )
@@ -132,18 +131,3 @@ def test_llama_pro_generates_with_kv_cache():
     uncached = model.generate(prompt, use_cache=False, **kwargs)
     torch.testing.assert_close(cached, uncached)
     assert len(model.generate(prompt, use_cache=True, return_dict_in_generate=True, **kwargs).past_key_values) == 4
-
-
-def test_mix_with_replay_is_seeded_and_mixes_the_fraction():
-    from datasets import Dataset
-
-    new = Dataset.from_dict({"source": ["new"] * 400})
-    old = Dataset.from_dict({"source": ["old"] * 400})
-    mixed = mix_with_replay(new, old, fraction=0.25, seed=3)
-    again = mix_with_replay(new, old, fraction=0.25, seed=3)
-    first = mixed["source"][:200]
-    assert first == again["source"][:200]
-    assert 0.15 <= first.count("old") / 200 <= 0.35  # binomial(200, 0.25): 0.25 +- 3 standard deviations (0.03)
-    assert mix_with_replay(new, old, fraction=0.0, seed=3) is new
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        mix_with_replay(new, old, fraction=1.0, seed=3)

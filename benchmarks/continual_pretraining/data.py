@@ -3,7 +3,7 @@ old-language text that the replay variants mix in.
 
 Documents are split into held-out and training sets by one seeded shuffle, tokenized, joined by a blank line and
 packed into blocks of ``seq_len`` tokens, exactly as the README's demo does (``split_texts`` and ``packed_blocks``
-from ``examples/continual_pretraining_demo.py`` are reused, not copied). Every method of a run sees the same blocks
+from ``examples/text_blocks.py``, which the demo uses too, are reused, not copied). Every method of a run sees the same blocks
 in the same order.
 """
 
@@ -20,7 +20,7 @@ from datasets import Dataset, concatenate_datasets
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 from bundled import wiki_summaries  # noqa: E402
-from continual_pretraining_demo import packed_blocks, split_texts  # noqa: E402
+from text_blocks import packed_blocks, split_texts  # noqa: E402
 
 from benchmarks.methods import mix_with_replay  # noqa: E402
 
