@@ -117,7 +117,7 @@ def route_lines(results: dict, base: dict) -> list[str]:
         cells = [
             f"`{record['run']}` lr {record['lr']:g}",
             f"{final['new_perplexity_adaptation_head']:.2f}, {final['drift_adaptation_head']:.3g}, "
-            f"{final.get('answer_perplexity_adaptation_head', float('nan')):.3f}",
+            + (f"{final['answer_perplexity_adaptation_head']:.3f}" if "answer_perplexity_adaptation_head" in final else "-"),
             f"{final['new_perplexity']:.2f}, {final['drift']:.3g}",
         ]
         for tau in results_thresholds(records):
