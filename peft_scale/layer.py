@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .merge import widened_copy
+from .widened_linear import widened_linear
 
 
 def base_weight_rows(layer: nn.Module) -> torch.Tensor:
@@ -256,6 +257,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 f"got {x.shape[-1]}: the layers of one block disagree on which adapters are active. Switch adapters "
                 "on the whole model (model.set_adapter), not on single layers."
             )
+        if len(active) == 1 and not copy and not args and not kwargs and self._takes_one_node():
+            return self._widened_linear(active[0], x)
         preserved, x_ups = None, [x[..., :0]] * len(active)  # zero-width x_up: this input is not widened
         # [x; x_up] of a single adapter as one tensor: W21 and W22 then act as one product [W21 W22] [x; x_up]
         x_and_up = x[..., self.in_features :] if copy else x
@@ -286,6 +289,26 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         if preserved is not None:
             result = torch.cat([preserved, result], dim=-1)  # (..., out + out + new): [W x_pres; y; y_up]
         return result
+
+    def _takes_one_node(self) -> bool:
+        """Whether ``WidenedLinear`` (one autograd node, hand-written backward) can compute this layer: a plain
+        ``nn.Linear`` base (its ``forward`` not overridden, e.g. by a quantized subclass) that is frozen, one output
+        projection (not packed parts) and PEFT's input casting left on. Otherwise the general path below runs."""
+        base = self.base_layer
+        return (
+            type(base).forward is nn.Linear.forward
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and self.out_parts == 1
+            and getattr(self, "cast_input_dtype_enabled", True)
+        )
+
+    def _widened_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return widened_linear(
+            x, base.weight, base.bias, self.scale_w12.get(name), self.scale_w21.get(name), self.scale_b21.get(name),
+            self.scale_w22.get(name),
+        )
 
     def _new_rows(self, name: str, x: torch.Tensor, x_up: torch.Tensor, x_and_up: Optional[torch.Tensor]):
         """``y_up = W21 x + b21 + W22 x_up``.

@@ -1,0 +1,148 @@
+"""WidenedLinear, the single autograd node of one adapter's widened linear layer: its hand-written backward against
+finite differences and against autograd's own gradients of the general path, in fp32, mixed dtypes and autocast;
+and when ScaleLayer uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peft_scale.layer import ScaleLayer
+from peft_scale.widened_linear import widened_linear
+
+D_IN, D_OUT = 5, 7
+
+# (out_expansion, in_expansion, open_w12): every combination of blocks a layer can hold
+BLOCKS = {
+    "w21 only (gate/up)": (3, 0, True),
+    "w12 only (down)": (0, 2, True),
+    "all four blocks": (3, 2, True),
+    "w21 and w22 (preserve)": (3, 2, False),
+    "widened input, no block reads it": (0, 2, False),
+}
+
+
+def make_layer(out_expansion, in_expansion, open_w12, bias=True, dtype=torch.float32, adapter_dtype=None):
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT, bias=bias).to(dtype).requires_grad_(False)
+    layer = ScaleLayer(base, "a", out_expansion, in_expansion, open_w12=open_w12)
+    with torch.no_grad():  # every block non-zero, so each gradient path is exercised
+        for blocks in (layer.scale_w12, layer.scale_w21, layer.scale_b21, layer.scale_w22):
+            for p in blocks.values():
+                p.normal_()
+    if adapter_dtype is not None:
+        for blocks in (layer.scale_w12, layer.scale_w21, layer.scale_b21, layer.scale_w22):
+            for name in list(blocks):
+                blocks[name] = nn.Parameter(blocks[name].detach().to(adapter_dtype))
+    return layer
+
+
+def blocks_of(layer):
+    get = lambda blocks: blocks.get("a")  # noqa: E731
+    return [get(layer.scale_w12), get(layer.scale_w21), get(layer.scale_b21), get(layer.scale_w22)]
+
+
+def general_path(layer, x):
+    """The layer's general path (several ops, autograd's own backward), which the single node replaces."""
+    layer._takes_one_node = lambda: False
+    try:
+        return layer(x)
+    finally:
+        del layer._takes_one_node
+
+
+def gradients(layer, x, forward):
+    x = x.detach().requires_grad_(True)
+    params = [p for p in blocks_of(layer) if p is not None]
+    out = forward(layer, x)
+    torch.manual_seed(1)
+    (out.float() * torch.randn(out.shape)).sum().backward()
+    grads = [x.grad] + [p.grad for p in params]
+    for t in [x, *params]:
+        t.grad = None
+    return out, grads
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS.values()), ids=list(BLOCKS))
+def test_backward_matches_finite_differences(blocks):
+    layer = make_layer(*blocks, dtype=torch.float64, adapter_dtype=torch.float64)
+    base = layer.base_layer
+    x = torch.randn(2, 3, D_IN + blocks[1], dtype=torch.float64, requires_grad=True)
+    params = blocks_of(layer)
+
+    def fn(x, *params):
+        return widened_linear(x, base.weight, base.bias, *params)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS.values()), ids=list(BLOCKS))
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_node_equals_the_general_path_in_fp32(blocks, bias):
+    layer = make_layer(*blocks, bias=bias)
+    x = torch.randn(2, 3, D_IN + blocks[1])
+    out, grads = gradients(layer, x, lambda layer, x: layer(x))
+    assert out.grad_fn.name() == "WidenedLinearBackward"
+    reference, reference_grads = gradients(layer, x, general_path)
+    assert out.grad_fn.name() != reference.grad_fn.name()  # the comparison is between two different paths
+    assert torch.equal(out, reference)  # the same forward ops: bit-identical
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS.values()), ids=list(BLOCKS))
+def test_one_node_equals_the_general_path_with_bf16_base_and_fp32_adapter(blocks):
+    """PEFT keeps adapter weights in fp32 on a bf16 model: each product runs in its weight's dtype."""
+    layer = make_layer(*blocks, dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    x = torch.randn(2, 3, D_IN + blocks[1], dtype=torch.bfloat16)
+    out, grads = gradients(layer, x, lambda layer, x: layer(x))
+    reference, reference_grads = gradients(layer, x, general_path)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+    for grad, expected in zip(grads, reference_grads):
+        assert grad.dtype == expected.dtype
+        torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS.values()), ids=list(BLOCKS))
+def test_one_node_equals_the_general_path_under_autocast(blocks):
+    """What Trainer(bf16=True) does: fp32 weights, products in bf16 under autocast, backward outside it."""
+    layer = make_layer(*blocks)
+    x = torch.randn(2, 3, D_IN + blocks[1])
+
+    def autocast(forward):
+        def run(layer, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return forward(layer, x)
+
+        return run
+
+    out, grads = gradients(layer, x, autocast(lambda layer, x: layer(x)))
+    reference, reference_grads = gradients(layer, x, autocast(general_path))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)
+    for grad, expected in zip(grads, reference_grads):
+        assert grad.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_general_path_runs_where_the_one_node_does_not_apply():
+    class QuantizedLinear(nn.Linear):  # a subclass with its own forward, as bitsandbytes' layers have
+        def forward(self, x):
+            return super().forward(x)
+
+    def grad_fn(layer, width):
+        return layer(torch.randn(2, width, requires_grad=True)).grad_fn.name()
+
+    plain = ScaleLayer(nn.Linear(D_IN, D_OUT).requires_grad_(False), "a", 3, 2)
+    assert grad_fn(plain, D_IN + 2) == "WidenedLinearBackward"
+    own_forward = ScaleLayer(QuantizedLinear(D_IN, D_OUT).requires_grad_(False), "a", 3, 2)
+    trained_base = ScaleLayer(nn.Linear(D_IN, D_OUT), "a", 3, 2)  # the base weight itself needs a gradient
+    packed = ScaleLayer(nn.Linear(D_IN, 2 * D_OUT).requires_grad_(False), "a", 3, 0, out_parts=2)
+    two_adapters = ScaleLayer(nn.Linear(D_IN, D_OUT).requires_grad_(False), "a", 3, 2)
+    two_adapters.update_layer("b", 1, 1, init="normal")
+    two_adapters.set_adapter(["a", "b"])
+    for layer, width in [(own_forward, D_IN + 2), (trained_base, D_IN + 2), (packed, D_IN), (two_adapters, D_IN + 3)]:
+        assert grad_fn(layer, width) != "WidenedLinearBackward"
+    trained = [p for p in trained_base.parameters() if p.requires_grad]
+    trained_base(torch.randn(2, D_IN + 2)).sum().backward()
+    assert all(p.grad is not None for p in trained)  # base weight included
