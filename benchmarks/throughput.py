@@ -720,7 +720,8 @@ def main(argv=None) -> dict:
     result["wall_s"] = time.perf_counter() - started
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = args.output_dir / f"throughput_{args.model}{'_quick' if args.quick else ''}_{stamp}.json"
+    suffix = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    path = args.output_dir / f"throughput_{args.model}{suffix}_{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     result["json_path"] = str(path)
     print(format_table(result))
