@@ -39,8 +39,9 @@ def ids():
     return random_ids()
 
 
-def run_in_fresh_process(code: str, timeout: int = 300) -> str:
-    """Run ``code`` in a new Python process (repo and tests/ on the path); return its stdout, fail with its stderr."""
+def run_python(*args: str, timeout: int = 300) -> str:
+    """Run ``python *args`` in a new process from the repository root (repo, tests/ and examples/ on the path);
+    return its stdout, fail with its stderr."""
     import os
     import subprocess
 
@@ -49,12 +50,15 @@ def run_in_fresh_process(code: str, timeout: int = 300) -> str:
         PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "examples")]),
         OMP_NUM_THREADS="1",  # as in this process (see torch.set_num_threads above)
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
-    )
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"fresh process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
+
+
+def run_in_fresh_process(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a new Python process (see ``run_python``)."""
+    return run_python("-c", code, timeout=timeout)
 
 
 # Prepended to a fresh-process script to make sure neither peft nor peft_scale can be imported there.

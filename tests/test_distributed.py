@@ -8,13 +8,10 @@ CPU over gloo, and is tested here against one process training on the whole batc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, run_in_fresh_process
+from conftest import run_in_fresh_process, run_python
 from safetensors.torch import load_file
 
 WORLD_SIZE = 2
@@ -22,17 +19,8 @@ WORLD_SIZE = 2
 
 def launch_worker(out, engine: str):
     """Run ``tests/distributed_worker.py`` in WORLD_SIZE processes (torchrun, gloo on CPU); return ``out``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
-    done = subprocess.run(
-        [*command, "tests/distributed_worker.py", str(out), engine],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+               "tests/distributed_worker.py", str(out), engine)
     return out
 
 

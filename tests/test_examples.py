@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_python
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -20,17 +17,7 @@ pytestmark = pytest.mark.slow  # each run loads SmolLM2's tokenizer from the bun
 
 
 def run_example(script: str, *flags: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, f"examples/{script}", "--tiny", *flags],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
+    return run_python(f"examples/{script}", "--tiny", *flags)
 
 
 def assert_scale_adapter(folder, ffn_expansion: int = 16) -> None:
