@@ -75,3 +75,11 @@ def wiki_articles(language: str) -> list[tuple[str, str]]:
 def wiki_summaries(language: str) -> list[str]:
     """The Wikipedia summaries of one language ("en", "es" or "fr"), in a fixed order (sorted by title)."""
     return [summary for _, summary in wiki_articles(language)]
+
+
+def documents_or_summaries(files, language: str, sample_by: str = "paragraph") -> list[str]:
+    """The documents of ``files`` (``text_blocks.read_documents``) if any are given, else the bundled Wikipedia
+    summaries of ``language``."""
+    from text_blocks import read_documents  # here, not at the top: it needs `datasets`, loading the model does not
+
+    return read_documents(files, sample_by) if files else wiki_summaries(language)

@@ -40,14 +40,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 import peft_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundled import wiki_summaries  # noqa: E402
+from bundled import documents_or_summaries  # noqa: E402
 from causal_lm import (  # noqa: E402
     add_common_arguments,
     load_causal_lm,
     parse_args_with_tiny_defaults,
     scale_config_from_args,
 )
-from text_blocks import SAMPLE_BY, first_blocks, packed_blocks, read_documents, replay_mix, split_texts  # noqa: E402
+from text_blocks import SAMPLE_BY, first_blocks, packed_blocks, replay_mix, split_texts  # noqa: E402
 
 TINY_DEFAULTS = dict(
     max_steps=4, batch_size=2, seq_len=32, train_texts=24, eval_texts=6, eval_blocks=2, eval_steps=2, ffn_expansion=16
@@ -115,16 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def documents(files, sample_by: str, bundled_language: str) -> list[str]:
-    return read_documents(files, sample_by) if files else wiki_summaries(bundled_language)
-
-
 def build_datasets(args, tokenizer):
     """(training blocks, {"old": held-out old blocks, "new": held-out new blocks})."""
     new_held_out, new_train = split_texts(
-        documents(args.new_files, args.sample_by, "es"), args.eval_texts, args.train_texts, args.seed
+        documents_or_summaries(args.new_files, "es", args.sample_by), args.eval_texts, args.train_texts, args.seed
     )
-    old_texts = documents(args.old_files, args.sample_by, "en")
+    old_texts = documents_or_summaries(args.old_files, "en", args.sample_by)
     replay_texts = args.train_texts if args.replay_texts is None else args.replay_texts
     old_held_out, old_pool = split_texts(old_texts, args.eval_texts, replay_texts if args.replay else 0, args.seed)
     train_blocks = packed_blocks(new_train, tokenizer, args.seq_len)

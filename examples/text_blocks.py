@@ -37,7 +37,9 @@ def read_documents(files: list[str | Path], sample_by: str = "paragraph") -> lis
             parts = [text]
         documents += [part.strip() for part in parts if part.strip()]
     if not documents:
-        raise ValueError(f"No text in {[str(file) for file in files]}.")
+        raise ValueError(
+            f"No text in {[str(file) for file in files]}: give UTF-8 text files with at least one non-blank line."
+        )
     return documents
 
 

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 from benchmarks.continual_pretraining import measures, run  # noqa: E402
-from benchmarks.continual_pretraining.data import read_documents, repeat_to  # noqa: E402
+from benchmarks.continual_pretraining.data import documents_or_summaries, repeat_to  # noqa: E402
 from benchmarks.methods import MethodSizes  # noqa: E402
 from conftest import random_ids, tiny_llama  # noqa: E402
 from tiny_models import perturb_adapter  # noqa: E402
@@ -204,9 +204,9 @@ def test_documents_split_at_blank_lines_and_blocks_repeat(tmp_path):
 
     (tmp_path / "a.txt").write_text("one\nline two\n\n\nthree\n\n")
     (tmp_path / "b.txt").write_text("four")
-    assert read_documents([tmp_path / "a.txt", tmp_path / "b.txt"]) == ["one\nline two", "three", "four"]
+    assert documents_or_summaries([tmp_path / "a.txt", tmp_path / "b.txt"], "es") == ["one\nline two", "three", "four"]
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="No text"):
-        read_documents([tmp_path / "empty.txt"])
+        documents_or_summaries([tmp_path / "empty.txt"], "es")
     blocks = Dataset.from_dict({"input_ids": [[1], [2], [3]]})
     assert repeat_to(blocks, 7)["input_ids"] == [[1], [2], [3], [1], [2], [3], [1]]

@@ -12,33 +12,17 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from datasets import Dataset, concatenate_datasets
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
-from bundled import wiki_summaries  # noqa: E402
+from bundled import documents_or_summaries  # noqa: E402,F401  (the experiment's documents, for run.py)
 from text_blocks import packed_blocks, split_texts  # noqa: E402
 
 from benchmarks.methods import mix_with_replay  # noqa: E402
-
-
-def read_documents(paths: Sequence[str]) -> list[str]:
-    """The documents of plain-text files: each file split at blank lines, empty pieces dropped, in file order."""
-    documents = []
-    for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
-        documents.extend(piece.strip() for piece in text.split("\n\n") if piece.strip())
-    if not documents:
-        raise ValueError(f"No text in {list(paths)}: give UTF-8 text files with documents separated by blank lines.")
-    return documents
-
-
-def load_documents(files: Optional[Sequence[str]], bundled_language: str) -> list[str]:
-    """``files``' documents if given, else the bundled Wikipedia summaries of ``bundled_language``."""
-    return read_documents(files) if files else wiki_summaries(bundled_language)
 
 
 def repeat_to(blocks: Dataset, count: int) -> Dataset:

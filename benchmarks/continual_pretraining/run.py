@@ -66,7 +66,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.continual_pretraining import measures, report
-from benchmarks.continual_pretraining.data import build_text, load_documents
+from benchmarks.continual_pretraining.data import build_text, documents_or_summaries
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
 from benchmarks.methods import METHODS, MethodSizes, prepare_method
 
@@ -371,8 +371,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results_path = args.output_dir / "results.json"
     results = load_results(results_path, settings)
 
-    new_documents = load_documents(args.new_text, "es")[: args.max_documents]
-    old_documents = load_documents(args.old_text, "en")[: args.max_documents]
+    new_documents = documents_or_summaries(args.new_text, "es")[: args.max_documents]
+    old_documents = documents_or_summaries(args.old_text, "en")[: args.max_documents]
     text = build_text(
         tokenizer, new_documents=new_documents, old_documents=old_documents,
         held_out_documents=args.held_out_documents, eval_blocks=args.eval_blocks,
