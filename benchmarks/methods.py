@@ -31,14 +31,28 @@ from __future__ import annotations
 
 import copy
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 # Replay is the examples' recipe (datasets.interleave_datasets), one implementation for the examples and benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from text_blocks import replay_mix as mix_with_replay  # noqa: E402
+
+
+
+def autocast(device: torch.device, precision: str):
+    """The context both experiments train and evaluate in: bf16 autocast over fp32 weights (``"bf16"``: matmuls run
+    in bf16, AdamW updates of small learning rates survive in the fp32 weights), or plain fp32 (``"fp32"``)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision={precision!r}: choose 'fp32' or 'bf16'.")
+    return nullcontext()
+
 
 METHODS = ("full", "lora", "freeze", "llama_pro", "scale_ffn", "scale_preserve", "scale_adapt", "scale_route")
 SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_route": "route"}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -50,11 +51,17 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.methods import METHODS, MethodSizes, mix_with_replay, prepare_method, trainable_parameters  # noqa: E402
+from benchmarks.methods import (  # noqa: E402
+    METHODS,
+    MethodSizes,
+    autocast,
+    mix_with_replay,
+    prepare_method,
+    trainable_parameters,
+)
 from benchmarks.biography.data import biographies, build_tokenizer, make_tasks, qa_pairs  # noqa: E402
 from benchmarks.biography.train import (  # noqa: E402
     QAEvalSet,
-    autocast_for,
     examples_dataset,
     make_collator,
     qa_accuracy,
@@ -144,7 +151,7 @@ class Experiment:
 
     def __init__(self, settings: Settings, device: torch.device, dtype: str):
         self.settings, self.device, self.dtype = settings, device, dtype
-        self.autocast = autocast_for(device, dtype)
+        self.autocast = functools.partial(autocast, device, dtype)  # a fresh context for each use
         self.tokenizer = build_tokenizer()
         self.collator = make_collator(self.tokenizer)
         s = settings

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -146,15 +145,6 @@ def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512, 
 
 
 # -------------------------------------------------------------------------------------------------- training
-
-
-def autocast_for(device: torch.device, dtype: str) -> Callable:
-    """bf16: weights stay fp32 (AdamW updates of small learning rates survive), matmuls run in bf16."""
-    if dtype == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if dtype != "fp32":
-        raise ValueError(f"dtype={dtype!r}: choose 'fp32' or 'bf16'.")
-    return nullcontext
 
 
 def train(

@@ -24,27 +24,19 @@ Every evaluation runs under ``torch.no_grad`` in ``eval()`` mode, in the precisi
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.methods import autocast
+
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
 
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast over fp32 weights (``"bf16"``), or plain fp32 (``"fp32"``)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision={precision!r}: choose 'fp32' or 'bf16'.")
-    return nullcontext()
 
 
 def routing_of(model):
