@@ -476,6 +476,7 @@ def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_t
     run = dict(prefill_ids=prefill_ids, prompt_ids=prompt_ids, decode_tokens=decode_tokens, warmup=warmup,
                repeats=repeats, precision=precision_context(device, dtype), compile_model=compile_model)
     unmerged = scale_model(base, ffn_expansion=k)
+    scale_trainable = count_trainable(unmerged)
     rows = {"base": bench_inference(base, **run)}
     rows["scale_unmerged"] = bench_inference(unmerged, **run)
     merged = unmerged.merge_and_unload()
@@ -483,7 +484,7 @@ def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_t
     del unmerged, merged
     rows["dense_ffn"] = bench_inference(dense_like(base, dtype, seed, k), **run)
     # the inference price of any unmerged PEFT adapter: LoRA of the same trainable size
-    rows["lora_unmerged"] = bench_inference(lora_model(base, count_trainable(scale_model(base, ffn_expansion=k)))[0], **run)
+    rows["lora_unmerged"] = bench_inference(lora_model(base, scale_trainable)[0], **run)
     for name, row in rows.items():
         log(f"  infer {name:<15} prefill {row['prefill']['median_s'] * 1e3:8.1f} ms  "
             f"decode {row['decode']['median_s'] * 1e3:8.1f} ms")
@@ -712,9 +713,9 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     result = dict(
-        model=args.model + (" (quick)" if args.quick else "") + (", torch.compile" if args.compile else ""), date=_dt.datetime.now().isoformat(timespec="seconds"),
-        argv=list(sys.argv[1:] if argv is None else argv), workload=workload, optimizer="torch.optim.AdamW(fused=True)",
-        machine=machine_info(device),
+        model=args.model + (" (quick)" if args.quick else "") + (", torch.compile" if args.compile else ""),
+        date=_dt.datetime.now().isoformat(timespec="seconds"), argv=list(sys.argv[1:] if argv is None else argv),
+        workload=workload, optimizer="torch.optim.AdamW(fused=True)", machine=machine_info(device),
         runs=[run_one(args, workload, dtype, device, log) for dtype in dtypes],
     )
     result["wall_s"] = time.perf_counter() - started
