@@ -102,7 +102,7 @@ def scale_config(name: str, sizes: MethodSizes):
         ffn_expansion=sizes.ffn_expansion,
         variant=SCALE_VARIANTS[name],
         preserve_layers=sizes.preserve_layers,
-        **sizes.scale_options,
+        **{"route_rule": "cosine", **sizes.scale_options},  # scale_route is the paper's SCALE-Route: the cosine rule
     )
 
 

@@ -420,7 +420,7 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log, c
         "scale_ffn": lambda: scale_model(base, ffn_expansion=k),
         "scale_preserve": lambda: scale_model(base, hidden_expansion=d_up, ffn_expansion=k, variant="preserve"),
         "scale_route": lambda: scale_model(
-            base, hidden_expansion=d_up, ffn_expansion=k, variant="route", preserve_layers=fp
+            base, hidden_expansion=d_up, ffn_expansion=k, variant="route", route_rule="cosine", preserve_layers=fp
         ),
         "dense_ffn": lambda: full_model(dense_like(base, dtype, seed, k)),
         "dense_wide": lambda: full_model(dense_like(base, dtype, seed, k, d_up)),
@@ -510,7 +510,7 @@ def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, lo
                 preserve_layers=sizes["preserve_layers"])
     builders = {
         "scale_adapt": lambda: scale_model(base, variant="adapt", **wide),
-        "scale_route": lambda: scale_model(base, variant="route", **wide),
+        "scale_route": lambda: scale_model(base, variant="route", route_rule="cosine", **wide),
         "base_upper": lambda: base_upper(base, sizes["preserve_layers"]),
     }
     rows = {}

@@ -12,6 +12,7 @@ from .mer import MERCallback
 from .model import ScaleModel
 from .model_card import install_model_card_hook
 from .registration import register_scale
+from .router_fitting import RouterFitCallback, RouterReport, fit_router
 
 register_scale()
 install_model_card_hook()  # save_pretrained's README.md names the method and shows how to load it
@@ -22,9 +23,12 @@ __all__ = [
     "FFN_LAYOUTS",
     "FfnLayout",
     "MERCallback",
+    "RouterFitCallback",
+    "RouterReport",
     "ScaleConfig",
     "ScaleLayer",
     "ScaleModel",
+    "fit_router",
     "register_scale",
     "__version__",
 ]

@@ -8,11 +8,12 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import SCALE_TYPE_NAME, add_peft_type_member
+from .peft_type import SCALE_TYPE_NAME, add_peft_type_member
 
 INIT_METHODS = ("svd", "normal")
 VARIANTS = ("preserve", "adapt", "route")
 ADAPT_MODULES = ("all", "attention", "ffn")
+ROUTE_RULES = ("learned", "cosine")
 
 
 @dataclass
@@ -35,14 +36,27 @@ class ScaleConfig(PeftConfig):
         variant: which ``W12`` blocks (new -> original features) exist and train. ``"adapt"`` (default): those of
             the layers from ``preserve_layers`` up, in ``adapt_modules``. ``"preserve"``: none (full width only):
             the original features are the base model's forever, and new knowledge reaches the logits only through
-            the LM head's new block. ``"route"``: the body of ``"adapt"`` plus a preservation head (the base model's
-            own logits, from a copy of the original features that only frozen weights touch) and per-token
-            routing between the two heads by their cosine (full width only).
-        preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route).
+            the LM head's new block. ``"route"``: the body of ``"adapt"``, switched per token by ``route_rule``
+            between the expansion and the base model.
+        route_rule: how ``"route"`` decides, per token. ``"learned"`` (default): a small router, fitted once with
+            ``peft_scale.fit_router`` on the stream entering layer ``preserve_layers`` (the base model's own hidden
+            state there), tells new-domain tokens from old ones; a token routed to the base model gets nothing of
+            the expansion (every ``W12`` and the LM head's new block are multiplied by 0 for it), in training,
+            evaluation and generation. FFN mode and full width. ``"cosine"``: the paper's rule (full width only):
+            a preservation head (the base model's own logits, from a copy of the original features that only
+            frozen weights touch) and the adaptation head, and a token takes the preservation logits when their
+            cosine is at least ``route_threshold``.
+        router_hidden: the learned router's hidden width (an MLP ``d -> router_hidden -> 1`` over the RMS-normalised
+            stream); 0 makes it a linear probe. A linear probe tells languages apart but not which entity a token is
+            about (measured: ``benchmarks/results/biography/findings.md``).
+        preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route). With the
+            learned route, the router reads the stream entering this layer, and in FFN mode only the MLPs from this
+            layer up are widened (the ones below could never reach the output).
         adapt_modules: where ``W12`` opens above ``preserve_layers``: ``"all"``, ``"attention"`` or ``"ffn"``
             (the paper finds opening only upper-layer attention forgets least).
-        route_threshold: ``tau``: a token takes the preservation logits when ``cos(z_pres, z_adapt) >= tau``.
-        route_in_training: also route during training (default: train on the adaptation logits and route at
+        route_threshold: ``tau`` of the cosine rule: a token takes the preservation logits when
+            ``cos(z_pres, z_adapt) >= tau``. (The learned router's threshold is chosen by ``fit_router``.)
+        route_in_training: cosine rule: also route during training (default: train on the adaptation logits and route at
             evaluation and generation). Tokens routed to the preservation head give no gradient, and at
             initialisation every token is (the two heads agree exactly): a new adapter does not train with it
             (a warning says so); it is for continuing to train an adapter whose heads already differ.
@@ -64,6 +78,8 @@ class ScaleConfig(PeftConfig):
         modules_to_save: extra modules to train fully and save with the adapter (as in every PEFT method).
         trainable_token_indices: token ids whose embeddings are trained (PEFT's trainable tokens; TRL sets it
             when it adds chat-template tokens).
+        router_report: filled in by ``peft_scale.fit_router``: the learned router's held-out accuracy on each side,
+            where its old side came from, and its threshold (the model card shows it).
         base_ffn_shapes: filled in by ``get_peft_model``: the ``[input, intermediate]`` sizes of the base model's
             widened FFNs. Loading the adapter into a base model with other sizes is an error that says so.
     """
@@ -83,6 +99,13 @@ class ScaleConfig(PeftConfig):
     )
     adapt_modules: Literal["all", "attention", "ffn"] = field(
         default="all", metadata={"help": "Where W12 opens above preserve_layers: 'all', 'attention' or 'ffn'."}
+    )
+    route_rule: Literal["learned", "cosine"] = field(
+        default="learned",
+        metadata={"help": "Route: 'learned' (a router fitted with peft_scale.fit_router) or 'cosine' (the paper's)."},
+    )
+    router_hidden: int = field(
+        default=64, metadata={"help": "Learned route: hidden width of the router MLP (0: a linear probe)."}
     )
     route_threshold: float = field(
         default=0.5, metadata={"help": "Route: a token takes the preservation head when cos(z_pres, z_adapt) >= tau."}
@@ -131,6 +154,10 @@ class ScaleConfig(PeftConfig):
         default=None, metadata={"help": "Token ids whose embeddings are trained (PEFT trainable tokens)."}
     )
 
+    router_report: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Filled in by fit_router: the learned router's held-out accuracy and threshold."},
+    )
     base_ffn_shapes: Optional[list[list[int]]] = field(
         default=None,
         metadata={"help": "Filled in at injection: [input, intermediate] sizes of the widened FFNs, checked on load."},
@@ -147,7 +174,7 @@ class ScaleConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.ffn_output_modules, str):
             self.ffn_output_modules = [self.ffn_output_modules]
-        for name in ("ffn_expansion", "hidden_expansion", "preserve_layers"):
+        for name in ("ffn_expansion", "hidden_expansion", "preserve_layers", "router_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ScaleConfig({name}={value!r}): must be a non-negative integer.")
@@ -160,11 +187,24 @@ class ScaleConfig(PeftConfig):
             raise ValueError(f"ScaleConfig(variant={self.variant!r}): choose one of {list(VARIANTS)}.")
         if self.adapt_modules not in ADAPT_MODULES:
             raise ValueError(f"ScaleConfig(adapt_modules={self.adapt_modules!r}): choose one of {list(ADAPT_MODULES)}.")
-        if self.hidden_expansion == 0 and self.variant != "adapt":
+        if self.route_rule not in ROUTE_RULES:
+            raise ValueError(f"ScaleConfig(route_rule={self.route_rule!r}): choose one of {list(ROUTE_RULES)}.")
+        if self.hidden_expansion == 0 and self.variant == "preserve":
             raise ValueError(
-                f"ScaleConfig(variant={self.variant!r}) needs hidden_expansion > 0: in FFN mode the only path from the "
+                "ScaleConfig(variant='preserve') needs hidden_expansion > 0: in FFN mode the only path from the "
                 "new neurons to the output is the W12 block of the FFN output projection, which SCALE-Adapt opens "
                 "(variant='adapt', preserve_layers=...)."
+            )
+        if self.hidden_expansion == 0 and self.variant == "route" and self.route_rule == "cosine":
+            raise ValueError(
+                "ScaleConfig(variant='route', route_rule='cosine') needs hidden_expansion > 0: the cosine rule compares "
+                "the preservation head with the adaptation head, which only full width has. In FFN mode use "
+                "route_rule='learned' (the default) and fit the router with peft_scale.fit_router."
+            )
+        if self.variant == "route" and self.route_rule == "learned" and self.route_in_training:
+            raise ValueError(
+                "ScaleConfig(route_in_training=True) is an option of the cosine rule. The learned router gates "
+                "training too (tokens routed to the base model give the expansion no gradient): leave it False."
             )
         if self.hidden_expansion == 0 and self.adapt_modules == "attention":
             raise ValueError(
@@ -172,7 +212,7 @@ class ScaleConfig(PeftConfig):
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")
-        if self.variant == "route" and self.route_in_training:
+        if self.variant == "route" and self.route_rule == "cosine" and self.route_in_training:
             warnings.warn(
                 "ScaleConfig(route_in_training=True): a token routed to the preservation head (the frozen base model) "
                 "gives no gradient, and a new adapter's two heads agree exactly (cos = 1 >= route_threshold), so every "
@@ -190,3 +230,18 @@ class ScaleConfig(PeftConfig):
                         f"ScaleConfig(ffn_fused_modules={{{name!r}: {parts!r}}}): the number of packed projections "
                         "must be a positive integer (2 for a fused [gate; up] projection)."
                     )
+
+
+_dataclass_init = ScaleConfig.__init__
+
+
+def _init_with_saved_defaults(self, *args, **kwargs):
+    # A config read back from adapter_config.json carries `peft_type` (a user never passes it). SCALE-Route adapters
+    # saved before the learned router existed have no `route_rule` and used the cosine rule: they keep it, so that
+    # they load and behave exactly as they did. A new ScaleConfig(variant="route") gets the learned rule.
+    if "peft_type" in kwargs and kwargs.get("variant") == "route" and "route_rule" not in kwargs:
+        kwargs["route_rule"] = "cosine"
+    _dataclass_init(self, *args, **kwargs)
+
+
+ScaleConfig.__init__ = _init_with_saved_defaults

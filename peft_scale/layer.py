@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .merge import widened_copy
+from .routing import NO_GATES, mode_applies
 from .widened_linear import widened_linear
 
 
@@ -63,11 +64,6 @@ def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
 INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
-def mode_applies(mode: str, training: bool) -> bool:
-    """SCALE-Route's modes (preservation copy, routing): ``"always"``, ``"eval"`` (when not training) or ``"off"``."""
-    return mode == "always" or (mode == "eval" and not training)
-
-
 class ScaleTunerLayer(BaseTunerLayer):
     """What every SCALE module is (``ScaleLayer``, ``ScaleNorm``, ``ScaleEmbedding``): PEFT switches, deletes and
     freezes adapters on the modules of the tuner's ``tuner_layer_cls``, and all three must follow together."""
@@ -94,6 +90,10 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
 
     In FFN mode the input projections (``gate``/``up``) have only ``W21`` (their output is widened) and the
     output projection (``down``) has only ``W12`` (its input is widened).
+
+    SCALE-Route with the learned rule gates ``W12`` per token (``route_gated[adapter]``): ``y = W x + b + g W12 x_up``
+    with ``g`` the router's 0/1 decision for the token (``peft_scale.routing``). A token routed to the base model
+    (``g = 0``) gets exactly the base layer's output and gives ``W12`` (and, through it, the expansion) no gradient.
 
     With several active adapters, the input is ``[x; x_up_a; x_up_b; ...]`` and the new outputs follow the
     original ones in the same order.
@@ -125,7 +125,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     """
 
     adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22")
-    other_param_names = ("in_expansion", "out_expansion", "preservation_copy")
+    other_param_names = ("in_expansion", "out_expansion", "preservation_copy", "route_gated")
 
     def __init__(
         self,
@@ -137,6 +137,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         out_parts: int = 1,
         open_w12: bool = True,
         preservation_copy: str = "off",
+        route_gated: bool = False,
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
@@ -158,6 +159,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         self.scale_b21 = nn.ParameterDict()
         self.scale_w22 = nn.ParameterDict()
         self.preservation_copy: dict[str, str] = {}
+        self.route_gated: dict[str, bool] = {}
+        self.route_gates = NO_GATES  # the ScaleModel's RouteGates: the learned routers' decisions in this forward pass
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
         self._disable_adapters = False
@@ -173,6 +176,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
             init,
             open_w12=open_w12,
             preservation_copy=preservation_copy,
+            route_gated=route_gated,
             inference_mode=inference_mode,
         )
 
@@ -184,6 +188,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         init: str,
         open_w12: bool = True,
         preservation_copy: str = "off",
+        route_gated: bool = False,
         inference_mode: bool = False,
     ) -> None:
         """Add the blocks of one adapter (``open_w12=False``: ``W12`` stays a frozen zero block, i.e. absent)."""
@@ -206,6 +211,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         self.out_expansion[adapter_name] = out_expansion
         self.in_expansion[adapter_name] = in_expansion
         self.preservation_copy[adapter_name] = preservation_copy
+        self.route_gated[adapter_name] = bool(route_gated and in_expansion and open_w12)
         self.reset_scale_parameters(adapter_name, init)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -262,8 +268,10 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 f"got {x.shape[-1]}: the layers of one block disagree on which adapters are active. Switch adapters "
                 "on the whole model (model.set_adapter), not on single layers."
             )
+        # (batch, seq, 1) 0/1 per adapter whose W12 the learned router gates
+        gates = {name: self.route_gates.get(name, x) for name in active if self.route_gated.get(name)}
         if len(active) == 1 and not copy and not args and not kwargs and self._takes_one_node():
-            return self._widened_linear(active[0], x)
+            return self._widened_linear(active[0], x, gates.get(active[0]))
         preserved, x_ups = None, [x[..., :0]] * len(active)  # zero-width x_up: this input is not widened
         # [x; x_up] of a single adapter as one tensor: W21 and W22 then act as one product [W21 W22] [x; x_up]
         x_and_up = x[..., self.in_features :] if copy else x
@@ -280,9 +288,10 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         result = self.base_layer(x, *args, **kwargs)  # (..., out): W x + b
         new_rows = []
         for name, x_up in zip(active, x_ups):
-            if name in self.scale_w12:  # + W12 x_up
+            if name in self.scale_w12:  # + W12 x_up (x g, the router's gate, when routed)
                 w12 = self.scale_w12[name]
-                result = result + F.linear(self._cast_input_dtype(x_up, w12.dtype), w12).to(result.dtype)
+                from_new = F.linear(self._cast_input_dtype(x_up, w12.dtype), w12).to(result.dtype)
+                result = result + (from_new * gates[name] if name in gates else from_new)
             if name in self.scale_w21:  # y_up = W21 x + b21 (+ W22 x_up)
                 new_rows.append(self._new_rows(name, x, x_up, x_and_up if len(active) == 1 else None).to(result.dtype))
         if new_rows and self.out_parts == 1:
@@ -308,11 +317,11 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
             and getattr(self, "cast_input_dtype_enabled", True)
         )
 
-    def _widened_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _widened_linear(self, name: str, x: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
         base = self.base_layer
         return widened_linear(
             x, base.weight, base.bias, self.scale_w12.get(name), self.scale_w21.get(name), self.scale_b21.get(name),
-            self.scale_w22.get(name),
+            self.scale_w22.get(name), gate=gate,
         )
 
     def _new_rows(self, name: str, x: torch.Tensor, x_up: torch.Tensor, x_and_up: Optional[torch.Tensor]):

@@ -7,7 +7,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Optional
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
@@ -17,7 +16,7 @@ from .embedding import ScaleEmbedding
 from .layer import ScaleLayer, ScaleTunerLayer, base_weight_rows
 from .norm import ScaleNorm
 from .plan import expansion_widths, full_width_targets, plan_module
-from .routing import LMHeadRouter, RouteResult
+from .routing import RouteResult, Routing
 
 
 def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
@@ -96,10 +95,18 @@ class ScaleModel(BaseTuner):
         config = copy.deepcopy(self.peft_config[adapter_name])
         self.peft_config[adapter_name] = config
         config = self._prepare_adapter_config(config, self.get_model_config(model))
+        if config.variant == "route" and config.route_rule == "learned":
+            _plan_learned_route(config, getattr(getattr(model, "config", None), "num_hidden_layers", None))
         if config.hidden_expansion:
             expansion_widths(config, model.config)  # raises if the width does not fit the head layout
-        if config.variant == "route" and any(c.variant == "route" for n, c in self.peft_config.items() if n != adapter_name):
-            raise ValueError("Only one SCALE-Route adapter per model: its hooks on the LM head serve one adapter.")
+        if _is_cosine_route(config) and any(_is_cosine_route(c) for n, c in self.peft_config.items() if n != adapter_name):
+            raise ValueError(
+                "Only one SCALE-Route adapter with the cosine rule per model: its hooks on the LM head serve one "
+                "adapter (the learned rule has no such limit)."
+            )
+        if "_routing" not in self.__dict__:
+            self.scale_router = nn.ModuleDict()  # adapter name -> TokenRouter (learned rule); saved with the adapter
+            self._routing = Routing(self.scale_router, self._active_configs)
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
             shapes = self._find_ffn_blocks(model, config)
@@ -114,7 +121,10 @@ class ScaleModel(BaseTuner):
                 )
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
-            self._install_routing(model, adapter_name, config)
+            decoder = FULL_WIDTH_LAYOUTS.get(config_model_type(model)) if config.hidden_expansion else None
+            self._routing.install(
+                model, adapter_name, config, model.config.hidden_size, decoder.layers if decoder else None
+            )
 
     @staticmethod
     def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> list[list[int]]:
@@ -176,6 +186,7 @@ class ScaleModel(BaseTuner):
             cls, args = ScaleNorm, {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
             if plan.role == "final_norm":
                 args["routing"] = plan.routing
+                args["route_gated"] = plan.route_gated
         else:
             cls, args = ScaleLayer, {
                 "out_expansion": plan.out_expansion,
@@ -183,6 +194,7 @@ class ScaleModel(BaseTuner):
                 "init": peft_config.init,
                 "open_w12": plan.open_w12,
                 "preservation_copy": plan.preservation_copy,
+                "route_gated": plan.route_gated,
             }
         if isinstance(target, cls):
             target.update_layer(adapter_name, **args, **common)
@@ -192,6 +204,8 @@ class ScaleModel(BaseTuner):
         if cls is ScaleNorm:
             args["final"] = plan.role == "final_norm"
         new_module = cls(target, adapter_name, **args, **common)
+        if cls is not ScaleEmbedding:
+            new_module.route_gates = self._routing.gates
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -212,62 +226,26 @@ class ScaleModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """PeftModel enters this around every forward pass, with the forward's keyword arguments."""
-        if not kwargs.get("fused_lm_head"):
+        if not kwargs.get("fused_lm_head") or "_routing" not in self.__dict__:
             yield
             return
-        # TRL's fused LM head multiplies the backbone's last hidden state by lm_head.weight itself, so the routing
-        # hooks on the head never run: give it the adaptation path alone, at the base width.
-        saved = []
-        for module in self.model.modules():
-            for attr in ("preservation_copy", "routing"):
-                modes = getattr(module, attr, None) if isinstance(module, ScaleTunerLayer) else None
-                if modes:
-                    saved.append((modes, dict(modes)))
-                    modes.update(dict.fromkeys(modes, "off"))
-        try:
+        with self._routing.fused_lm_head(self.model):
             yield
-        finally:
-            for modes, original in saved:
-                modes.update(original)
 
-    def _install_routing(self, model: nn.Module, adapter_name: str, config: ScaleConfig) -> None:
-        """Hooks for SCALE-Route: the preservation copy enters at layer ``preserve_layers``; the LM head routes."""
-        decoder = FULL_WIDTH_LAYOUTS[config_model_type(model)]
-        handles = []
-        if config.preserve_layers < self._num_layers():
-            layer = model.get_submodule(f"{decoder.layers}.{config.preserve_layers}")
-            handles.append(
-                layer.register_forward_pre_hook(
-                    _copy_original_slice(getattr(layer, decoder.input_norm)), with_kwargs=True
-                )
-            )
-        if getattr(self, "_router", None) is None:
-            self._router = LMHeadRouter(model.get_output_embeddings(), self._active_route_threshold)
-        self._route_hooks = {**getattr(self, "_route_hooks", {}), adapter_name: handles}
-
-    def _active_route_threshold(self) -> float:
-        routes = [self.peft_config[name] for name in self.active_adapters if self.peft_config[name].variant == "route"]
-        if len(routes) != 1 or len(self.active_adapters) != 1:
-            raise RuntimeError(f"SCALE-Route needs its adapter active alone; active: {self.active_adapters}.")
-        return routes[0].route_threshold
+    def _active_configs(self) -> list[ScaleConfig]:
+        return [self.peft_config[name] for name in self.active_adapters]
 
     @property
     def last_routing(self) -> Optional[RouteResult]:
-        """Both heads' logits and the routing mask of the last routed forward pass (SCALE-Route), else ``None``."""
-        router = getattr(self, "_router", None)
-        return router.last if router is not None else None
-
-    def _remove_routing(self, adapter_names=None) -> None:
-        hooks = getattr(self, "_route_hooks", {})
-        for name in list(hooks if adapter_names is None else adapter_names):
-            for handle in hooks.pop(name, []):
-                handle.remove()
-        if not hooks and getattr(self, "_router", None) is not None:
-            self._router.remove()
-            self._router = None
+        """What the last routed forward pass decided, per token (SCALE-Route), else ``None``."""
+        routing = self.__dict__.get("_routing")
+        return routing.last if routing is not None else None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._remove_routing([adapter_name])
+        if "_routing" in self.__dict__:
+            self._routing.remove([adapter_name])
+            if adapter_name in self.scale_router:
+                del self.scale_router[adapter_name]
         super().delete_adapter(adapter_name)
 
     # ------------------------------------------------------------------------------------------- merging
@@ -303,10 +281,18 @@ class ScaleModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         merging = [self.peft_config[name] for name in (adapter_names or self.active_adapters)] if merge else []
-        if any(config.variant == "route" for config in merging):
+        routed = [config for config in merging if config.variant == "route"]
+        if routed:
+            why = (
+                "its preservation head needs the frozen original weights apart from the new blocks, which merging "
+                "folds together"
+                if routed[0].route_rule == "cosine"
+                else "its learned router's gate depends on the input (per token: the base model or the expansion), "
+                "and a merged layer is one matrix for every token"
+            )
             raise ValueError(
-                "Cannot merge a SCALE-Route adapter: its preservation head needs the frozen original weights apart "
-                "from the new blocks, which merging folds together. Keep the model unmerged for routing."
+                f"Cannot merge a SCALE-Route adapter: {why}. Keep the model unmerged for routing (save the adapter "
+                "with save_pretrained)."
             )
         config_field = self._intermediate_size_field()
         new_size = None
@@ -335,7 +321,8 @@ class ScaleModel(BaseTuner):
             for module in self.model.modules():
                 if isinstance(module, ScaleLayer) and module.merged:
                     module.unmerge()
-        self._remove_routing()
+        if "_routing" in self.__dict__:
+            self._routing.remove()
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -348,25 +335,6 @@ class ScaleModel(BaseTuner):
 
 def config_model_type(model: nn.Module) -> Optional[str]:
     return getattr(getattr(model, "config", None), "model_type", None)
-
-
-def _copy_original_slice(input_norm: ScaleNorm):
-    """Forward pre-hook of the first routed decoder layer: ``[x; x_up] -> [x_pres; x; x_up]`` with ``x_pres = x``.
-
-    Below this layer no ``W12`` exists, so ``x`` is still exactly the base model's hidden state and can seed the
-    preservation copy. The layer's input norm says whether the copy is wanted (route adapter active, routing mode).
-    """
-
-    def hook(module, args, kwargs):
-        if not input_norm.carries_preservation_copy():
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = torch.cat([hidden[..., : input_norm.features], hidden], dim=-1)
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    return hook
 
 
 def _refuse_standard_checkpoint(model: nn.Module) -> None:
@@ -391,3 +359,32 @@ def _fused_parts(config: ScaleConfig, key: str) -> int:
             return parts
     return 1
 
+
+
+def _is_cosine_route(config: ScaleConfig) -> bool:
+    return config.variant == "route" and config.route_rule == "cosine"
+
+
+def _plan_learned_route(config: ScaleConfig, num_layers: Optional[int]) -> None:
+    """The learned router reads the stream entering layer ``preserve_layers``; check there is something above it to
+    route, and in FFN mode widen only the MLPs from that layer up (a new neuron below it has no ``W12``, so it could
+    never reach the output)."""
+    if num_layers is not None and config.preserve_layers >= num_layers:
+        raise ValueError(
+            f"ScaleConfig(variant='route', preserve_layers={config.preserve_layers}) leaves nothing to widen: the "
+            f"model has {num_layers} layers, and the learned route opens W12 from layer preserve_layers up. Choose "
+            f"preserve_layers below {num_layers} (e.g. {num_layers // 3}: the router reads the stream entering that "
+            "layer, where a third of the model has already contextualised each token)."
+        )
+    if config.hidden_expansion or num_layers is None:
+        return
+    upper = list(range(config.preserve_layers, num_layers))
+    if config.layers_to_transform is None:
+        config.layers_to_transform = upper
+    elif not set(config.layers_to_transform) <= set(upper) or config.preserve_layers not in config.layers_to_transform:
+        raise ValueError(
+            f"ScaleConfig(variant='route', layers_to_transform={sorted(config.layers_to_transform)}): with the learned "
+            f"route, the router reads the stream entering layer preserve_layers={config.preserve_layers}, and only "
+            "layers from there up can be widened. Include that layer and none below it, or leave layers_to_transform "
+            f"unset (it then widens layers {config.preserve_layers}-{num_layers - 1})."
+        )

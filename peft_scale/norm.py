@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ScaleTunerLayer, mode_applies
+from .layer import ScaleTunerLayer
+from .routing import NO_GATES, mode_applies
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,7 +46,10 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
     initialisation). The head module is never wrapped, so TRL's fused LM head, which multiplies the last hidden
     state by ``lm_head.weight`` directly, still works.
 
-    With a preservation copy (SCALE-Route) the input is ``[x_pres; x; x_up]`` and the output gains
+    With the learned route (``route_gated[adapter]``), the new block is gated per token by the router's 0/1 decision:
+    ``out = norm(x) + g P rms(x_up) g_up``, so a token routed to the base model gets the base model's logits.
+
+    With a preservation copy (SCALE-Route, cosine rule) the input is ``[x_pres; x; x_up]`` and the output gains
     ``norm(x_pres)`` in front. When ``routing`` applies, the final norm returns ``[norm(x_pres); out]`` (twice
     the base width) and the LM-head hooks of ``peft_scale.routing`` turn that into the two heads' logits.
 
@@ -57,7 +61,7 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
     """
 
     adapter_layer_names = ("scale_gain", "scale_head")
-    other_param_names = ("expansion", "preservation_copy", "routing")
+    other_param_names = ("expansion", "preservation_copy", "routing", "route_gated")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, expansion: int, final: bool = False, **kwargs):
         super().__init__()
@@ -70,13 +74,21 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
         self.expansion: dict[str, int] = {}
         self.preservation_copy: dict[str, str] = {}
         self.routing: dict[str, str] = {}
+        self.route_gated: dict[str, bool] = {}
+        self.route_gates = NO_GATES  # the ScaleModel's RouteGates (the learned routers' decisions)
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, expansion, **kwargs)
 
     def update_layer(
-        self, adapter_name: str, expansion: int, preservation_copy: str = "off", routing: str = "off", inference_mode=False
+        self,
+        adapter_name: str,
+        expansion: int,
+        preservation_copy: str = "off",
+        routing: str = "off",
+        route_gated: bool = False,
+        inference_mode=False,
     ) -> None:
         weight = self.base_layer.weight
         self.scale_gain[adapter_name] = nn.Parameter(torch.empty(expansion, device=weight.device, dtype=weight.dtype))
@@ -87,6 +99,7 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
         self.expansion[adapter_name] = expansion
         self.preservation_copy[adapter_name] = preservation_copy
         self.routing[adapter_name] = routing
+        self.route_gated[adapter_name] = bool(route_gated and self.final)
         self.reset_scale_parameters(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -137,7 +150,8 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
             out = original
             for name, x_up in zip(active, new):
                 head = self.scale_head[name]
-                out = out + F.linear(x_up.to(head.dtype), head).to(out.dtype)  # + P rms(x_up) g_up
+                from_new = F.linear(x_up.to(head.dtype), head).to(out.dtype)  # + P rms(x_up) g_up (x g when routed)
+                out = out + (from_new * self.route_gates.get(name, x) if self.route_gated[name] else from_new)
             if self.routes():
                 return torch.cat([preserved if copy else original, out], dim=-1)  # (..., 2d)
             return out  # (..., d): what the LM head and TRL expect

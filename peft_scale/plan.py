@@ -4,9 +4,10 @@ The variants are a policy on one thing, the ``W12`` blocks (new -> original feat
 
 - SCALE-Preserve: no ``W12`` anywhere; the original features are the base model's forever.
 - SCALE-Adapt: ``W12`` in the layers from ``preserve_layers`` up, in ``adapt_modules``.
-- SCALE-Route: Adapt's body, and the layers from ``preserve_layers`` up also carry a preservation copy of the
-  original features (at evaluation, or always with ``route_in_training``), so the final norm can hand the LM
-  head both the base model's hidden state and the adapted one.
+- SCALE-Route: Adapt's body, switched per token. Learned rule: every ``W12`` and the LM head's new block are
+  gated by the router's decision. Cosine rule: the layers from ``preserve_layers`` up also carry a preservation
+  copy of the original features (at evaluation, or always with ``route_in_training``), so the final norm can
+  hand the LM head both the base model's hidden state and the adapted one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class ModulePlan:
     out_expansion: int = 0
     open_w12: bool = False
     preservation_copy: str = "off"  # does the input carry [x_pres; ...]: off | eval | always
-    routing: str = "off"  # final norm only: emit both heads' inputs
+    routing: str = "off"  # final norm only: emit both heads' inputs (cosine rule)
+    route_gated: bool = False  # learned rule: the router's gate multiplies this module's W12 (or the head's P)
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,19 @@ def plan_module(config: ScaleConfig, model_config, key: str, num_layers: Optiona
     index = layer_index(key)
     upper = (index or 0) >= config.preserve_layers  # at or above L_fp (a module outside any layer list counts as 0)
     route_mode = "always" if config.route_in_training else "eval"
-    copy = route_mode if config.variant == "route" and upper else "off"
+    cosine = config.variant == "route" and config.route_rule == "cosine"
+    learned = config.variant == "route" and config.route_rule == "learned"
+    copy = route_mode if cosine and upper else "off"
 
     if role in ("embedding", "norm"):
         return ModulePlan(role, out_expansion=widths.hidden, preservation_copy=copy)
     if role == "final_norm":
         routed_layers = num_layers is not None and config.preserve_layers < num_layers
-        copy = route_mode if config.variant == "route" and routed_layers else "off"
-        routing = route_mode if config.variant == "route" else "off"
-        return ModulePlan(role, out_expansion=widths.hidden, preservation_copy=copy, routing=routing)
+        copy = route_mode if cosine and routed_layers else "off"
+        routing = route_mode if cosine else "off"
+        return ModulePlan(
+            role, out_expansion=widths.hidden, preservation_copy=copy, routing=routing, route_gated=learned
+        )
 
     in_expansion, out_expansion = {
         "query": (widths.hidden, widths.query),
@@ -117,7 +123,9 @@ def plan_module(config: ScaleConfig, model_config, key: str, num_layers: Optiona
         ATTENTION_ROLES if config.adapt_modules == "attention" else FFN_ROLES
     )
     open_w12 = config.variant != "preserve" and upper and kind_open
-    return ModulePlan(role, in_expansion, out_expansion, open_w12=open_w12, preservation_copy=copy)
+    return ModulePlan(
+        role, in_expansion, out_expansion, open_w12=open_w12, preservation_copy=copy, route_gated=learned and open_w12
+    )
 
 
 def full_width_targets(model_type: str) -> set[str]:

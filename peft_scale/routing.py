@@ -1,29 +1,184 @@
-"""SCALE-Route: two heads from one forward pass, and the per-token cosine rule between them."""
+"""SCALE-Route: per token, the expansion or the base model. Both rules, and their installation, live here.
+
+Two rules decide, token by token, whether a token gets the widened model's computation or the base model's:
+
+- ``"learned"`` (``TokenRouter``, the project's extension): a small classifier reads the stream entering layer
+  ``L = preserve_layers``. Nothing below ``L`` can change that stream (no ``W12`` exists there, and in FFN mode
+  nothing is widened there), so it is the base model's own hidden state, and the router can be fitted once,
+  before training, on frozen features (``peft_scale.router_fitting.fit_router``). Its decision is a 0/1 *gate*
+  ``g`` per token that multiplies every contribution of the expansion to the original features::
+
+        y = W x + b + g * W12 x_up                 (every widened module with a W12 block)
+        out = norm(x) + g * P rms(x_up) g_up       (the final norm: the LM head's new block)
+
+  A token with ``g = 0`` gets nothing of the expansion and gives it no gradient; a sequence whose tokens all have
+  ``g = 0`` is computed exactly as the base model computes it. (A token with ``g = 0`` in a mixed sequence still
+  attends to earlier tokens whose states the expansion changed.) The gate is computed in the same forward pass,
+  at layer ``L``, before any gated module runs, so training, evaluation and ``generate()`` (with or without the
+  KV cache: the router is per token) all see the same decisions.
+- ``"cosine"`` (the paper's rule, full width only): a preservation copy of the original features
+  ``[x_pres; x; x_up]`` enters at layer ``L`` (only frozen base weights touch it), the final norm emits both
+  heads' inputs, and hooks on the LM head route per token by ``cos(z_pres, z_adapt) >= tau``.
+
+``Routing`` is the one object that installs and removes both rules' hooks; ``ScaleModel`` owns it. The learned
+routers' numbers live in ``ScaleModel.scale_router`` (one ``TokenRouter`` per adapter, saved with the adapter under
+the ``scale_`` prefix); the gates of the forward pass in flight live in one ``RouteGates``, which every gated
+module reads.
+"""
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def mode_applies(mode: str, training: bool) -> bool:
+    """The cosine rule's modes (preservation copy, routing): ``"always"``, ``"eval"`` (when not training) or ``"off"``."""
+    return mode == "always" or (mode == "eval" and not training)
+
+
 @dataclass
 class RouteResult:
-    """What the last routed forward pass produced (``ScaleModel.last_routing``).
+    """What the last routed forward pass decided (``ScaleModel.last_routing``).
 
     Attributes:
-        preservation_logits: ``z_pres = W_out norm(x_pres)``: the base model's own logits, computed from the
-            preservation copy that only frozen base weights touched.
-        adaptation_logits: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``: the widened model's logits.
-        to_preservation: boolean mask, ``True`` where ``cos(z_pres, z_adapt) >= threshold`` and the output is
-            ``z_pres``.
+        to_preservation: boolean mask ``(batch, seq)``, ``True`` where the token got the base model's computation
+            (cosine: ``cos(z_pres, z_adapt) >= threshold``; learned: the router's score below its threshold).
+        preservation_logits: cosine rule only: ``z_pres = W_out norm(x_pres)``, the base model's own logits.
+        adaptation_logits: cosine rule only: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``.
+        scores: learned rule only: the router's probability that the token is new-domain text.
     """
 
-    preservation_logits: torch.Tensor
-    adaptation_logits: torch.Tensor
     to_preservation: torch.Tensor
+    preservation_logits: Optional[torch.Tensor] = None
+    adaptation_logits: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------------------------------------- the learned rule
+
+
+def rms_normalise(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``h / rms(h)`` in fp32, without a gain: the router sees the stream's direction, not its scale (which grows
+    with depth and differs between families)."""
+    hidden = hidden.float()
+    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class TokenRouter(nn.Module):
+    """The learned rule: is this token new-domain text (-> the expansion) or not (-> the base model)?
+
+        f = (rms_normalise(h) - mu) / sigma                 (h: the original stream entering layer L)
+        p = sigmoid(w_out . gelu(W_in f + b_in) + b_out)    (router_hidden > 0; a linear probe when 0)
+        to the expansion  <=>  p >= threshold
+
+    Every number is a buffer, not a parameter: the router is fitted by ``fit_router`` and then frozen (no optimizer
+    sees it, PEFT's adapter switching never makes it trainable), and it is saved, loaded and deleted with its
+    adapter. ``fitted`` is 0 until ``fit_router`` has run; a forward pass through an unfitted router is an error.
+
+    Args:
+        features: ``d``, the width of the original stream.
+        hidden: the MLP's hidden width (0: a linear probe).
+    """
+
+    def __init__(self, features: int, hidden: int, device=None) -> None:
+        super().__init__()
+        self.features = features
+        self.hidden = hidden
+        width = hidden or 1
+        factory = {"device": device, "dtype": torch.float32}
+        self.register_buffer("feature_mean", torch.zeros(features, **factory))
+        self.register_buffer("feature_scale", torch.ones(features, **factory))
+        self.register_buffer("w_in", torch.zeros(width, features, **factory))
+        self.register_buffer("b_in", torch.zeros(width, **factory))
+        self.register_buffer("w_out", torch.zeros(width, **factory))
+        self.register_buffer("b_out", torch.zeros(1, **factory))
+        self.register_buffer("threshold", torch.full((1,), 0.5, **factory))
+        self.register_buffer("fitted", torch.zeros(1, **factory))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted.item())
+
+    def logits(self, hidden: torch.Tensor, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The router's logit per token, ``(...)`` for ``hidden`` of shape ``(..., d)``. ``params`` overrides the
+        buffers (``fit_router`` trains copies of them)."""
+        p = params or dict(self.named_buffers())
+        f = (rms_normalise(hidden) - p["feature_mean"]) / p["feature_scale"]
+        if self.hidden == 0:
+            return f @ p["w_in"][0] + p["b_out"][0]
+        return F.gelu(F.linear(f, p["w_in"], p["b_in"])) @ p["w_out"] + p["b_out"][0]
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(to_expansion, score)`` per token: the 0/1 decision and the probability it was made from."""
+        score = torch.sigmoid(self.logits(hidden))
+        return score >= self.threshold[0], score
+
+
+class RouteGates:
+    """The learned routers' gates for the forward pass in flight, one ``(batch, seq, 1)`` tensor per adapter.
+
+    Set at the entry of layer ``L`` by the router's hook, read by every gated module above it. One object per
+    ``ScaleModel``, shared by reference with its modules.
+    """
+
+    def __init__(self) -> None:
+        self.gates: dict[str, torch.Tensor] = {}
+
+    def get(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        gate = self.gates.get(adapter_name)
+        if gate is None or gate.shape[:-1] != like.shape[:-1]:
+            raise RuntimeError(
+                f"SCALE: no routing decision of adapter {adapter_name!r} for this input of shape {tuple(like.shape)}: "
+                "the router runs at the entry of decoder layer `preserve_layers`, which this forward pass did not go "
+                "through. Call the whole model, not a single layer."
+            )
+        return gate
+
+
+NO_GATES = RouteGates()  # what a module not built by a ScaleModel reads (it is never gated)
+
+
+def decoder_layer_name(module_name: str, layer: int) -> Optional[str]:
+    """``model.layers.10.mlp.down_proj`` -> ``model.layers.10`` for ``layer=10`` (``None`` for another layer)."""
+    match = re.match(rf"^(.*?\.{layer})\.", module_name + ".")
+    return match.group(1) if match else None
+
+
+class _GateHook:
+    """Forward pre-hook of decoder layer ``L``: the router's decision for every token, stored in ``RouteGates``."""
+
+    def __init__(self, routing: "Routing", adapter_name: str, consumer: nn.Module) -> None:
+        self.routing = routing
+        self.adapter_name = adapter_name
+        self.consumer = consumer  # a gated module of the adapter: says whether the adapter computes at all
+
+    def __call__(self, module, args, kwargs):
+        consumer = self.consumer
+        if consumer.disable_adapters or self.adapter_name not in consumer.active_adapters:
+            return None
+        router = self.routing.routers[self.adapter_name]
+        if not router.is_fitted:
+            raise RuntimeError(
+                f"SCALE adapter {self.adapter_name!r} routes with a learned router that has not been fitted. Call "
+                "peft_scale.fit_router(model, new_data) before training or evaluating it (old_data=None samples the "
+                "old side from the base model), or train with the Trainer and callbacks=[peft_scale.RouterFitCallback()]."
+            )
+        hidden = args[0] if args else kwargs["hidden_states"]
+        with torch.no_grad():
+            to_expansion, score = router(hidden[..., : router.features])
+        self.routing.gates.gates[self.adapter_name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
+        self.routing.last = RouteResult(to_preservation=~to_expansion, scores=score)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ the cosine rule
 
 
 def route(preservation: torch.Tensor, adaptation: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,17 +192,16 @@ def route(preservation: torch.Tensor, adaptation: torch.Tensor, threshold: float
 
 
 class LMHeadRouter:
-    """Hooks on the (untouched) LM head that turn ``[h_pres; h_adapt]`` into routed logits.
+    """Hooks on the (untouched) LM head that turn ``[h_pres; h_adapt]`` into routed logits (the cosine rule).
 
     The final ``ScaleNorm`` emits twice the hidden width when routing applies. The pre-hook reshapes that to
     ``(..., 2, d)`` so the head computes both logits in one call; the forward hook applies ``route``. A
     hidden state of the plain width passes through untouched, so the hooks cost nothing when not routing.
     """
 
-    def __init__(self, head: nn.Module, threshold_of_active_adapter):
+    def __init__(self, head: nn.Module, routing: "Routing"):
         self.hidden = head.weight.shape[1]
-        self.threshold_of_active_adapter = threshold_of_active_adapter
-        self.last: RouteResult | None = None
+        self.routing = routing
         self._split = False  # set by the pre-hook for the call it reshaped
         self._handles = [
             head.register_forward_pre_hook(self._split_heads),
@@ -66,10 +220,128 @@ class LMHeadRouter:
             return None
         self._split = False
         preservation, adaptation = logits.unbind(-2)
-        routed, to_preservation = route(preservation, adaptation, self.threshold_of_active_adapter())
-        self.last = RouteResult(preservation.detach(), adaptation.detach(), to_preservation)
+        routed, to_preservation = route(preservation, adaptation, self.routing.cosine_threshold())
+        self.routing.last = RouteResult(to_preservation, preservation.detach(), adaptation.detach())
         return routed
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class _CopyOriginalSlice:
+    """Forward pre-hook of the first routed decoder layer (cosine rule): ``[x; x_up] -> [x_pres; x; x_up]``.
+
+    Below this layer no ``W12`` exists, so ``x`` is still exactly the base model's hidden state and can seed the
+    preservation copy. The layer's input norm says whether the copy is wanted (route adapter active, routing mode).
+    """
+
+    def __init__(self, input_norm: nn.Module) -> None:
+        self.input_norm = input_norm
+
+    def __call__(self, module, args, kwargs):
+        if not self.input_norm.carries_preservation_copy():
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = torch.cat([hidden[..., : self.input_norm.features], hidden], dim=-1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+
+# ------------------------------------------------------------------------------------------------ installation
+
+
+class Routing:
+    """Every routing hook of one ``ScaleModel``: installed per adapter, removed in one place.
+
+    Args:
+        routers: the ``ScaleModel``'s ``scale_router`` (adapter name -> ``TokenRouter``), where the learned
+            routers live so that PEFT saves them with their adapters.
+        active_configs: returns the configs of the active adapters (for the cosine threshold).
+    """
+
+    def __init__(self, routers: nn.ModuleDict, active_configs) -> None:
+        self.routers = routers
+        self.active_configs = active_configs
+        self.gates = RouteGates()
+        self.last: Optional[RouteResult] = None
+        self._handles: dict[str, list] = {}
+        self._head_router: Optional[LMHeadRouter] = None
+
+    def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder_layers: Optional[str]) -> None:
+        """Install the rule of ``config`` for ``adapter_name``. ``features``: ``d``, the original stream's width;
+        ``decoder_layers``: the layer list's name (full width; the learned rule finds layer ``preserve_layers``
+        from the names of the modules it gates)."""
+        layer = config.preserve_layers
+        if config.route_rule == "cosine":
+            self._install_cosine(model, adapter_name, config, decoder_layers)
+            return
+        consumers = [
+            (name, module)
+            for name, module in model.named_modules()
+            if adapter_name in getattr(module, "route_gated", {}) and module.route_gated[adapter_name]
+        ]
+        layer_name = next(
+            (found for name, _ in consumers if (found := decoder_layer_name(name, layer)) is not None), None
+        )
+        if layer_name is None:
+            raise ValueError(
+                f"SCALE: the learned router of adapter {adapter_name!r} reads the stream entering decoder layer "
+                f"{layer} (preserve_layers), but no widened module was found in that layer."
+            )
+        device = consumers[0][1].get_base_layer().weight.device
+        if adapter_name not in self.routers:
+            self.routers[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
+        hook = _GateHook(self, adapter_name, consumers[0][1])
+        handle = model.get_submodule(layer_name).register_forward_pre_hook(hook, with_kwargs=True)
+        self._handles[adapter_name] = [handle]
+
+    def _install_cosine(self, model, adapter_name, config, decoder_layers) -> None:
+        """The preservation copy enters at layer ``preserve_layers``; the LM head routes."""
+        handles = []
+        num_layers = len(model.get_submodule(decoder_layers))
+        if config.preserve_layers < num_layers:
+            layer = model.get_submodule(f"{decoder_layers}.{config.preserve_layers}")
+            hook = _CopyOriginalSlice(getattr(layer, "input_layernorm"))
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self._head_router is None:
+            self._head_router = LMHeadRouter(model.get_output_embeddings(), self)
+        self._handles[adapter_name] = handles
+
+    def cosine_threshold(self) -> float:
+        configs = self.active_configs()
+        routes = [c for c in configs if c.variant == "route" and c.route_rule == "cosine"]
+        if len(routes) != 1 or len(configs) != 1:
+            raise RuntimeError(
+                f"SCALE-Route with the cosine rule needs its adapter active alone; active: {len(configs)} adapters."
+            )
+        return routes[0].route_threshold
+
+    def remove(self, adapter_names=None) -> None:
+        """Remove the hooks of ``adapter_names`` (default: all); the LM-head hooks go with the last adapter."""
+        for name in list(self._handles if adapter_names is None else adapter_names):
+            for handle in self._handles.pop(name, []):
+                handle.remove()
+            self.gates.gates.pop(name, None)
+        if not self._handles and self._head_router is not None:
+            self._head_router.remove()
+            self._head_router = None
+
+    @contextmanager
+    def fused_lm_head(self, model: nn.Module):
+        """TRL's fused LM head multiplies the backbone's last hidden state by ``lm_head.weight`` itself, so the
+        cosine rule's hooks on the head never run: give it the adaptation path alone, at the base width. (The
+        learned rule keeps the base width and needs nothing here.)"""
+        saved = []
+        for module in model.modules():
+            for attr in ("preservation_copy", "routing"):
+                modes = getattr(module, attr, None) if hasattr(module, "route_gated") else None
+                if isinstance(modes, dict) and modes:
+                    saved.append((modes, dict(modes)))
+                    modes.update(dict.fromkeys(modes, "off"))
+        try:
+            yield
+        finally:
+            for modes, original in saved:
+                modes.update(original)

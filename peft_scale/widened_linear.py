@@ -43,13 +43,17 @@ class WidenedLinear(torch.autograd.Function):
     small token counts, where a step's time follows its number of operations (a GPU on a 135M model), that
     overhead is most of what full width costs beyond its arithmetic.
 
+    With a gate ``g`` (the learned router's 0/1 per token, shape ``(..., 1)``) the first row is
+    ``y = W x + b + g W12 x_up``, and ``g_y`` reaches ``W12`` and ``x_up`` as ``g g_y``: a token routed to the base
+    model gives the new -> original block no gradient.
+
     ``W`` and ``b`` are frozen (the caller checks): they get no gradient. An absent block is ``None``. Each
     product's backward runs in the dtype its forward ran in, as autograd's would (under autocast: the autocast
     dtype; otherwise the weight's dtype, the input cast to it as PEFT's layers do).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w12, w21, b21, w22):
+    def forward(ctx, x, weight, bias, w12, w21, b21, w22, gate):
         d = weight.shape[1]
         # the base product sees exactly what nn.Linear would: the original features as a contiguous tensor
         x_orig = x[..., :d].contiguous() if x.shape[-1] > d else x
@@ -58,7 +62,8 @@ class WidenedLinear(torch.autograd.Function):
         if w12 is not None:
             from_new = F.linear(x[..., d:].to(w12.dtype), w12)
             dtypes["w12"] = from_new.dtype
-            y = y + from_new.to(y.dtype)
+            from_new = from_new.to(y.dtype)
+            y = y + (from_new * gate.to(y.dtype) if gate is not None else from_new)
         w_new = None
         if w21 is not None:
             # [W21 W22] concatenates the small trainable blocks, never the frozen W
@@ -68,44 +73,46 @@ class WidenedLinear(torch.autograd.Function):
             y = torch.cat([y, new.to(y.dtype)], dim=-1)
         ctx.dtypes = dtypes
         ctx.has_w22 = w22 is not None
-        ctx.save_for_backward(x, weight, w12, w_new)
+        ctx.save_for_backward(x, weight, w12, w_new, gate)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, w12, w_new = ctx.saved_tensors
+        x, weight, w12, w_new, gate = ctx.saved_tensors
         out, d = weight.shape
         dtypes = ctx.dtypes
-        need_x, _, _, need_w12, need_w21, need_b21, need_w22 = ctx.needs_input_grad
+        need_x, _, _, need_w12, need_w21, need_b21, need_w22, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         g_y, g_up = g[:, :out], g[:, out:]
+        # what reaches W12 and x_up through it: g g_y (the gated tokens' rows are zero)
+        g_y12 = g_y if gate is None else g_y * gate.reshape(-1, 1).to(g_y.dtype)
         grad_x = grad_w12 = grad_w21 = grad_b21 = grad_w22 = None
         if need_x:
             if ctx.has_w22:  # g_up [W21 W22] spans every input column: start from it, add the rest into its slices
                 grad_x = _product(g_up, w_new, dtypes["new"]).to(x.dtype)
                 _add_product(grad_x[:, :d], g_y, weight, dtypes["base"])
                 if w12 is not None:
-                    _add_product(grad_x[:, d:], g_y, w12, dtypes["w12"])
+                    _add_product(grad_x[:, d:], g_y12, w12, dtypes["w12"])
             else:
                 grad_x = _product(g_y, weight, dtypes["base"]).to(x.dtype)
                 if w_new is not None:  # W21 alone: the input is not widened
                     _add_product(grad_x, g_up, w_new, dtypes["new"])
                 if x2.shape[1] > d:  # widened input without W21/W22: only W12 (or nothing) reads x_up
                     if w12 is not None:
-                        from_new = _product(g_y, w12, dtypes["w12"]).to(x.dtype)
+                        from_new = _product(g_y12, w12, dtypes["w12"]).to(x.dtype)
                     else:
                         from_new = grad_x.new_zeros(len(g_y), x2.shape[1] - d)
                     grad_x = torch.cat([grad_x, from_new], dim=1)
             grad_x = grad_x.view(x.shape)
         if need_w12:
-            grad_w12 = _product(g_y.T, x2[:, d:], dtypes["w12"])
+            grad_w12 = _product(g_y12.T, x2[:, d:], dtypes["w12"])
         if need_w21 or need_w22:
             grad_new = _product(g_up.T, x2 if ctx.has_w22 else x2[:, :d], dtypes["new"])
             grad_w21, grad_w22 = (grad_new[:, :d], grad_new[:, d:]) if ctx.has_w22 else (grad_new, None)
         if need_b21:
             grad_b21 = g_up.to(dtypes["new"]).sum(0)
-        return grad_x, None, None, grad_w12, grad_w21, grad_b21, grad_w22
+        return grad_x, None, None, grad_w12, grad_w21, grad_b21, grad_w22, None
 
 
 def widened_linear(
@@ -116,6 +123,7 @@ def widened_linear(
     w21: Optional[torch.Tensor] = None,
     b21: Optional[torch.Tensor] = None,
     w22: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``[W x + b + W12 x_up ; W21 x + b21 + W22 x_up]`` for ``x = [x; x_up]`` (see ``WidenedLinear``)."""
-    return WidenedLinear.apply(x, weight, bias, w12, w21, b21, w22)
+    """``[W x + b + g W12 x_up ; W21 x + b21 + W22 x_up]`` for ``x = [x; x_up]`` (see ``WidenedLinear``)."""
+    return WidenedLinear.apply(x, weight, bias, w12, w21, b21, w22, gate)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # compiling takes ~15 s per model on a CPU
 
 @pytest.mark.parametrize(
     "config",
-    [ScaleConfig(ffn_expansion=8), ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route")],
+    [ScaleConfig(ffn_expansion=8), ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route", route_rule="cosine")],
     ids=["ffn", "full-width-route"],
 )
 def test_compiled_matches_eager(config):

@@ -113,7 +113,8 @@ def route_model(threshold: float):
 
     from peft_scale import ScaleConfig
 
-    config = ScaleConfig(hidden_expansion=16, ffn_expansion=16, variant="route", preserve_layers=1, route_threshold=threshold)
+    config = ScaleConfig(hidden_expansion=16, ffn_expansion=16, variant="route", preserve_layers=1, route_threshold=threshold,
+                         route_rule="cosine")
     model = get_peft_model(tiny_llama(), config)
     perturb_adapter(model, scale=0.5)
     return model.eval()

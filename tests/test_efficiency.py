@@ -86,7 +86,7 @@ READS = {
 @pytest.mark.parametrize(
     "config",
     [dict(ffn_expansion=8), dict(hidden_expansion=16, ffn_expansion=8, variant="adapt"),
-     dict(hidden_expansion=16, ffn_expansion=8, variant="route", preserve_layers=1)],
+     dict(hidden_expansion=16, ffn_expansion=8, variant="route", preserve_layers=1, route_rule="cosine")],
     ids=["ffn", "full-width adapt", "full-width route"],
 )
 def test_no_frozen_weight_is_copied_in_a_training_step_or_a_routed_evaluation(config):

@@ -23,7 +23,7 @@ LAYERS = 4
 def full_width(model_type="llama", variant="route", preserve_layers=2, seed=0, **config):
     base = tiny_model(model_type, seed=seed, num_hidden_layers=LAYERS)
     reference = copy.deepcopy(base)
-    cfg = ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant=variant, preserve_layers=preserve_layers, **config)
+    cfg = ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant=variant, preserve_layers=preserve_layers, route_rule="cosine", **config)
     return reference, get_peft_model(base, cfg)
 
 
@@ -264,8 +264,8 @@ def test_full_width_config_errors(config, message):
 
 def test_one_route_adapter_per_model():
     _, model = full_width("llama", "route")
-    with pytest.raises(ValueError, match="Only one SCALE-Route adapter per model"):
-        model.add_adapter("second", ScaleConfig(hidden_expansion=16, variant="route"))
+    with pytest.raises(ValueError, match="Only one SCALE-Route adapter with the cosine rule per model"):
+        model.add_adapter("second", ScaleConfig(hidden_expansion=16, variant="route", route_rule="cosine"))
 
 
 def test_the_saved_adapter_holds_only_the_new_blocks(tmp_path):

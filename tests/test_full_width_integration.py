@@ -52,7 +52,9 @@ def tiny_base(model_type: str = "llama", seed: int = 0):
 
 
 def full_width_config(variant: str, **overrides) -> ScaleConfig:
-    kwargs = dict(hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant, preserve_layers=PRESERVE)
+    kwargs = dict(
+        hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant, preserve_layers=PRESERVE, route_rule="cosine"
+    )
     kwargs.update(overrides)
     return ScaleConfig(**kwargs)
 
@@ -422,7 +424,7 @@ def test_trl_sft_trainer_trains_a_full_width_adapter(tmp_path, variant):
         base_loss = fused_base(input_ids=token_ids, labels=token_ids, fused_lm_head=True).loss.item()
     args = sft_args(tmp_path)
     torch.manual_seed(0)
-    config = ScaleConfig(hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant)
+    config = ScaleConfig(hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant, route_rule="cosine")
     trainer = SFTTrainer(model=base, peft_config=config, train_dataset=data, args=args, processing_class=tokenizer)
     model = trainer.model
     assert isinstance(model, PeftModel)
@@ -489,7 +491,7 @@ def test_trl_sft_trainer_evaluates_a_full_width_adapter(tmp_path, variant):
     assert math.isfinite(base_loss)
     args = sft_args(tmp_path / "scale", max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
     torch.manual_seed(0)
-    config = ScaleConfig(hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant)
+    config = ScaleConfig(hidden_expansion=D_UP, ffn_expansion=I_UP, variant=variant, route_rule="cosine")
     trainer = SFTTrainer(
         model=tiny_base(), peft_config=config, train_dataset=data, eval_dataset=data, args=args,
         processing_class=tokenizer,
@@ -599,7 +601,9 @@ def test_smollm2_full_width_keeps_the_base_model(smollm2, smol_ids, smol_base, v
     base, _ = smollm2
     train_ids, ids = smol_ids
     base_logits, base_states = smol_base
-    config = ScaleConfig(hidden_expansion=192, ffn_expansion=64, variant=variant, preserve_layers=SMOL_PRESERVE)
+    config = ScaleConfig(
+        hidden_expansion=192, ffn_expansion=64, variant=variant, preserve_layers=SMOL_PRESERVE, route_rule="cosine"
+    )
     torch.manual_seed(0)
     model = get_peft_model(copy.deepcopy(base), config)
 

@@ -57,7 +57,7 @@ def test_card_names_the_method_sizes_variant_base_model_and_shows_how_to_load(tm
 
 
 def test_card_of_a_full_width_route_adapter_and_a_second_adapter(tmp_path):
-    model = wrapped(ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route", preserve_layers=1))
+    model = wrapped(ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route", preserve_layers=1, route_rule="cosine"))
     model.add_adapter("extra", ScaleConfig(hidden_expansion=16, ffn_expansion=4, variant="preserve"))
     model.save_pretrained(tmp_path / "out")
     text = read_card(tmp_path / "out").text

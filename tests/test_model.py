@@ -76,7 +76,7 @@ def test_a_config_saved_by_version_0_1_still_loads():
         ({}, r"needs something to widen: ffn_expansion > 0 .* and/or hidden_expansion > 0"),
         ({"ffn_expansion": -3}, r"ffn_expansion=-3\): must be a non-negative integer"),
         ({"ffn_expansion": 2.5}, "must be a non-negative integer"),
-        ({"ffn_expansion": 8, "variant": "route"}, r"variant='route'\) needs hidden_expansion > 0"),
+        ({"ffn_expansion": 8, "variant": "route", "route_rule": "cosine"}, r"route_rule='cosine'\) needs hidden_expansion > 0"),
         ({"ffn_expansion": 8, "variant": "wide"}, r"variant='wide'\): choose one of"),
         ({"ffn_expansion": 8, "adapt_modules": "attention"}, "needs hidden_expansion > 0: FFN mode widens no attention"),
         ({"ffn_expansion": 8, "init": "zeros"}, r"init='zeros'\): choose one of \['svd', 'normal'\]"),

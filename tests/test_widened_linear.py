@@ -146,3 +146,56 @@ def test_the_general_path_runs_where_the_one_node_does_not_apply():
     trained = [p for p in trained_base.parameters() if p.requires_grad]
     trained_base(torch.randn(2, D_IN + 2)).sum().backward()
     assert all(p.grad is not None for p in trained)  # base weight included
+
+
+# ------------------------------------------------------------------------ the learned router's per-token gate
+
+GATED_BLOCKS = {name: blocks for name, blocks in BLOCKS.items() if blocks[1] and blocks[2]}  # layers with a W12
+
+
+def gated_layer(blocks, gate, **kwargs):
+    """A layer whose W12 the router gates, with the gate of this forward pass set as the router would set it."""
+    from peft_scale.routing import RouteGates
+
+    layer = make_layer(*blocks, **kwargs)
+    layer.route_gated["a"] = True
+    layer.route_gates = RouteGates()
+    layer.route_gates.gates["a"] = gate
+    return layer
+
+
+@pytest.mark.parametrize("blocks", list(GATED_BLOCKS.values()), ids=list(GATED_BLOCKS))
+def test_gated_backward_matches_finite_differences(blocks):
+    layer = make_layer(*blocks, dtype=torch.float64, adapter_dtype=torch.float64)
+    base = layer.base_layer
+    x = torch.randn(2, 3, D_IN + blocks[1], dtype=torch.float64, requires_grad=True)
+    gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64).unsqueeze(-1)
+
+    def fn(x, *params):
+        return widened_linear(x, base.weight, base.bias, *params, gate=gate)
+
+    assert torch.autograd.gradcheck(fn, (x, *blocks_of(layer)))
+
+
+@pytest.mark.parametrize("blocks", list(GATED_BLOCKS.values()), ids=list(GATED_BLOCKS))
+def test_gated_one_node_equals_the_gated_general_path(blocks):
+    gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]).unsqueeze(-1)
+    layer = gated_layer(blocks, gate)
+    x = torch.randn(2, 3, D_IN + blocks[1])
+    out, grads = gradients(layer, x, lambda layer, x: layer(x))
+    assert out.grad_fn.name() == "WidenedLinearBackward"
+    reference, reference_grads = gradients(layer, x, general_path)
+    assert torch.equal(out, reference)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected)
+    # a gated token's original output is exactly the base layer's
+    closed = gate[..., 0] == 0
+    base_out = layer.base_layer(x[..., :D_IN].contiguous())
+    assert torch.equal(out[..., :D_OUT][closed], base_out[closed])
+    assert not torch.equal(out[..., :D_OUT][~closed], base_out[~closed])
+
+
+def test_a_gate_of_another_shape_is_a_clear_error():
+    layer = gated_layer(GATED_BLOCKS["all four blocks"], torch.ones(2, 5, 1))
+    with pytest.raises(RuntimeError, match=r"no routing decision of adapter 'a' for this input of shape \(2, 3, 7\)"):
+        layer(torch.randn(2, 3, D_IN + 2))

@@ -1,0 +1,495 @@
+"""Fitting the learned router of a SCALE-Route adapter: ``fit_router`` and ``RouterFitCallback``.
+
+The router (``peft_scale.routing.TokenRouter``) reads the stream entering layer ``L = preserve_layers``, which is
+the base model's own hidden state (nothing below ``L`` can change it). So it is fitted once, before the adapter
+trains, on frozen features, and it never drifts while the adapter trains:
+
+1. Features: every token of the new-domain data and of the old side, through the base model (adapter disabled)
+   up to layer ``L`` only (the forward pass stops there).
+2. The old side is the user's old data, or, with ``old_data=None``, the base model's own samples
+   (self-synthesised rehearsal: what the base model produces is by definition what it already does).
+3. Sequences (not tokens: neighbouring tokens are alike) are split into a fitting, a calibration and a held-out
+   part. The router is trained on the fitting part with a class-balanced logistic loss.
+4. The threshold is biased towards the base model: a wrong "expansion" on old text costs forgetting, a wrong
+   "base model" on new text only a little learning. It is the lowest threshold (at least 0.5) at which at most
+   ``max_old_error`` of the calibration part's old tokens reach the expansion.
+5. The report gives, on the held-out part, the share of old tokens routed to the base model and of new tokens
+   routed to the expansion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .routing import decoder_layer_name, rms_normalise
+
+logger = logging.get_logger(__name__)
+
+SPLIT = (0.6, 0.2, 0.2)  # fitting, calibration, held-out: shares of each side's sequences
+FIRST_TOKENS = 8  # the report also gives the accuracy on each sequence's first tokens, which have little context
+
+
+@dataclass
+class RouterReport:
+    """What ``fit_router`` measured, on held-out sequences it neither fitted nor calibrated on.
+
+    Attributes:
+        adapter_name: the adapter whose router was fitted.
+        layer: the decoder layer whose input the router reads (``preserve_layers``).
+        old_source: ``"old data"`` or ``"base model samples"``.
+        old_to_base: share of held-out old tokens routed to the base model.
+        new_to_expansion: share of held-out new tokens routed to the expansion.
+        threshold: the score at or above which a token goes to the expansion.
+        first_tokens_old_to_base, first_tokens_new_to_expansion: the same on the first ``FIRST_TOKENS`` tokens of
+            each held-out sequence: the router reads a contextualised stream, and the first tokens have little
+            context (measured: most of the router's errors are there).
+        calibration_old_to_base, calibration_new_to_expansion: the same on the calibration part.
+        tokens: ``{"old": n, "new": n}``: tokens of each side the router saw (all parts).
+        held_out_tokens: ``{"old": n, "new": n}`` in the held-out part.
+    """
+
+    adapter_name: str
+    layer: int
+    old_source: str
+    old_to_base: float
+    new_to_expansion: float
+    threshold: float
+    first_tokens_old_to_base: float
+    first_tokens_new_to_expansion: float
+    calibration_old_to_base: float
+    calibration_new_to_expansion: float
+    tokens: dict
+    held_out_tokens: dict
+
+    def __str__(self) -> str:
+        return (
+            f"SCALE router of adapter {self.adapter_name!r} (reads the input of layer {self.layer}; old side: "
+            f"{self.old_source}; threshold {self.threshold:.3f})\n"
+            f"  held-out old tokens routed to the base model: {self.old_to_base:.2%} of {self.held_out_tokens['old']:,}\n"
+            f"  held-out new tokens routed to the expansion:  {self.new_to_expansion:.2%} of "
+            f"{self.held_out_tokens['new']:,}\n"
+            f"  on the first {FIRST_TOKENS} tokens of each sequence: {self.first_tokens_old_to_base:.2%} (old), "
+            f"{self.first_tokens_new_to_expansion:.2%} (new)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- the data
+
+TokenData = Union[torch.Tensor, list, "datasets.Dataset"]  # noqa: F821  (datasets is optional)
+
+
+def token_sequences(data, what: str, vocab_size: Optional[int]) -> list[torch.Tensor]:
+    """``data`` as a list of 1-D ``LongTensor`` sequences (padding removed where an ``attention_mask`` says so).
+
+    Accepts a ``LongTensor`` ``(n, seq)``, a ``datasets.Dataset`` with an ``input_ids`` column, or a list of dicts
+    with ``input_ids`` (lists or tensors, optionally ``attention_mask``)."""
+    fix = (
+        f"Give {what} as a LongTensor of token ids of shape (n, seq), a datasets.Dataset with an 'input_ids' column, "
+        "or a list of dicts with 'input_ids'."
+    )
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ValueError(f"fit_router: {what} is a {data.dtype} tensor of shape {tuple(data.shape)}. {fix}")
+        rows = [{"input_ids": row} for row in data]
+    elif hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # datasets.Dataset
+        if "input_ids" not in data.column_names:
+            raise ValueError(f"fit_router: {what} has columns {data.column_names}, no 'input_ids'. Tokenize it first.")
+        rows = list(data.with_format("torch"))
+    elif isinstance(data, (list, tuple)):
+        if data and not all(isinstance(row, dict) and "input_ids" in row for row in data):
+            raise ValueError(f"fit_router: {what} is a list whose items are not dicts with 'input_ids'. {fix}")
+        rows = data
+    else:
+        raise TypeError(f"fit_router: {what} is a {type(data).__name__}. {fix}")
+    sequences = []
+    for row in rows:
+        ids = torch.as_tensor(row["input_ids"])
+        if ids.dtype.is_floating_point or ids.dim() != 1:
+            raise ValueError(f"fit_router: an item of {what} has input_ids of dtype {ids.dtype}, shape {tuple(ids.shape)}. {fix}")
+        if row.get("attention_mask") is not None:
+            ids = ids[torch.as_tensor(row["attention_mask"]).bool()]
+        if len(ids):
+            sequences.append(ids.long())
+    if not sequences:
+        raise ValueError(f"fit_router: {what} is empty (no tokens). The router needs examples of it to tell it apart.")
+    largest = max(int(ids.max()) for ids in sequences)
+    if vocab_size is not None and (largest >= vocab_size or min(int(ids.min()) for ids in sequences) < 0):
+        raise ValueError(
+            f"fit_router: {what} holds token id {largest}, outside the model's vocabulary of {vocab_size}: was it "
+            "tokenized with this model's tokenizer?"
+        )
+    return sequences
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at layer ``L``: nothing above it is needed."""
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Module, features: int, sequences, batch_size: int) -> list[torch.Tensor]:
+    """The original stream entering ``layer``, ``(len(ids), d)`` per sequence, through ``model`` (the base model:
+    the caller disables the adapters)."""
+    captured = []
+
+    def capture(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden[..., :features].float())
+        raise _Captured
+
+    device = next(model.parameters()).device
+    handle = layer.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
+    out = []
+    try:
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size]
+            length = max(len(ids) for ids in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.long)
+            for row, seq in enumerate(batch):  # right padding: positions of real tokens keep their indices
+                ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
+            captured.clear()
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _Captured:
+                pass
+            hidden = captured[0].cpu()
+            out.extend(hidden[row, : len(seq)] for row, seq in enumerate(batch))
+    finally:
+        handle.remove()
+    return out
+
+
+@torch.no_grad()
+def sample_base_model(
+    model: nn.Module, prompts: torch.Tensor, num_samples: int, length: int, batch_size: int, seed: int, progress: bool
+) -> list[torch.Tensor]:
+    """``num_samples`` sequences of ``length`` tokens sampled from ``model`` (temperature 1, no truncation), each
+    started from a row of ``prompts`` (cycled)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, num_samples, batch_size), desc="Sampling the base model", disable=not progress):
+            count = min(batch_size, num_samples - start)
+            rows = torch.arange(start, start + count) % len(prompts)
+            prompt = prompts[rows].to(device)
+            new_tokens = max(length - prompt.shape[1], 1)
+            generated = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # full-length samples: the end-of-text token is suppressed until then
+                pad_token_id=int(prompt[0, 0]),
+            )
+            samples.extend(generated.cpu())
+    return samples
+
+
+def default_prompts(model: nn.Module) -> torch.Tensor:
+    """One prompt per sample: the beginning-of-text token, where the model has one."""
+    bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
+    if bos is None:
+        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    if isinstance(bos, list):
+        bos = bos[0] if bos else None
+    if bos is None:
+        raise ValueError(
+            "fit_router(old_data=None) samples the old side from the base model, starting each sample from the "
+            "beginning-of-text token, but this model has no bos_token_id. Pass sample_prompts (a LongTensor of "
+            "shape (n, p) of prompt token ids) or old_data."
+        )
+    return torch.tensor([[bos]])
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+
+
+def _split_sequences(count: int, generator: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+    order = torch.randperm(count, generator=generator).tolist()
+    n_cal = max(1, round(SPLIT[1] * count))
+    n_test = max(1, round(SPLIT[2] * count))
+    return order[n_cal + n_test :], order[:n_cal], order[n_cal : n_cal + n_test]
+
+
+def _train_router(router, new: torch.Tensor, old: torch.Tensor, steps: int, lr: float, weight_decay: float, seed: int):
+    """Class-balanced logistic regression of ``router``'s score on fitting features (full batch, Adam)."""
+    generator = torch.Generator().manual_seed(seed)
+    pooled = torch.cat([new, old])
+    normalised = rms_normalise(pooled)
+    params = {name: buffer.detach().clone() for name, buffer in router.named_buffers()}
+    params["feature_mean"] = normalised.mean(0)
+    params["feature_scale"] = normalised.std(0).clamp_min(1e-4)
+    width, d = params["w_in"].shape
+    bound = 1 / math.sqrt(d)
+    params["w_in"] = (torch.rand(width, d, generator=generator) * 2 - 1) * bound
+    params["b_in"] = (torch.rand(width, generator=generator) * 2 - 1) * bound
+    params["w_out"] = (torch.rand(width, generator=generator) * 2 - 1) / math.sqrt(width)
+    params["b_out"] = torch.zeros(1)
+    trained = [params[name] for name in ("w_in", "b_in", "w_out", "b_out")]
+    for tensor in trained:
+        tensor.requires_grad_(True)
+    optimizer = torch.optim.Adam(trained, lr=lr)
+    labels = torch.cat([torch.ones(len(new)), torch.zeros(len(old))])
+    # each side weighs as much as the other, whatever their token counts
+    weights = torch.cat([torch.full((len(new),), 0.5 / len(new)), torch.full((len(old),), 0.5 / len(old))])
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            logits = router.logits(pooled, params)
+            loss = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weights).sum()
+            loss = loss + weight_decay * params["w_in"].pow(2).sum()
+            loss.backward()
+            optimizer.step()
+    return {name: tensor.detach() for name, tensor in params.items()}
+
+
+def fit_router(
+    model: nn.Module,
+    new_data: TokenData,
+    old_data: Optional[TokenData] = None,
+    *,
+    adapter_name: Optional[str] = None,
+    num_samples: int = 64,
+    sample_length: int = 128,
+    sample_prompts: Optional[torch.Tensor] = None,
+    max_old_error: float = 0.01,
+    steps: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> RouterReport:
+    """Fit the learned router of a SCALE-Route adapter to tell ``new_data``'s tokens from the old side's.
+
+    Args:
+        model: a ``PeftModel`` (or ``ScaleModel``) with a ``ScaleConfig(variant="route", route_rule="learned")``
+            adapter.
+        new_data: token ids of the text the adapter will learn: a ``LongTensor`` ``(n, seq)``, a
+            ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), or a list of dicts.
+        old_data: token ids of what the model must keep doing, in the same forms; ``None`` samples the old side
+            from the base model itself (``num_samples`` sequences of ``sample_length`` tokens, each started from
+            ``sample_prompts``, default the beginning-of-text token).
+        adapter_name: the adapter whose router to fit (default: the active learned-route adapter).
+        max_old_error: the share of (calibration) old tokens allowed to reach the expansion; sets the threshold.
+        steps, lr, weight_decay: the router's training (full batch, Adam).
+        batch_size: sequences per forward pass of the base model (features and sampling).
+        seed: the seed of the sampling, the split and the router's initialisation.
+        progress: show a progress bar while sampling.
+
+    Returns:
+        A ``RouterReport``: held-out accuracy on each side and the chosen threshold. The router is stored in the
+        adapter (saved, loaded and deleted with it) and stays frozen while the adapter trains.
+
+    Raises:
+        ValueError: no learned-route adapter, empty or malformed data, too few sequences to hold some out.
+        TypeError: data of an unsupported type.
+    """
+    from .model import ScaleModel
+
+    scale_model = getattr(model, "base_model", model)
+    if not isinstance(scale_model, ScaleModel):
+        raise TypeError(
+            f"fit_router needs a model made by get_peft_model(model, ScaleConfig(...)), got {type(model).__name__}."
+        )
+    adapter_name = _learned_route_adapter(scale_model, adapter_name)
+    config = scale_model.peft_config[adapter_name]
+    if not 0 < max_old_error < 0.5:
+        raise ValueError(f"fit_router(max_old_error={max_old_error}): a share between 0 and 0.5, e.g. 0.01.")
+    base = scale_model.model
+    vocab_size = getattr(base.config, "vocab_size", None)
+    new_sequences = token_sequences(new_data, "new_data", vocab_size)
+    router = scale_model.scale_router[adapter_name]
+    layer = _router_layer(scale_model, adapter_name, config.preserve_layers)
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
+    if old_data is None and positions is not None and sample_length > positions:
+        raise ValueError(
+            f"fit_router: sample_length={sample_length} is longer than the model's {positions} positions; choose "
+            f"sample_length <= {positions}."
+        )
+
+    was_training = base.training
+    base.eval()
+    try:
+        with _adapters_disabled(scale_model):
+            if old_data is None:
+                prompts = default_prompts(base) if sample_prompts is None else torch.as_tensor(sample_prompts).long()
+                if prompts.dim() != 2:
+                    raise ValueError("fit_router: sample_prompts must be a LongTensor of shape (n, prompt_length).")
+                old_sequences = sample_base_model(base, prompts, num_samples, sample_length, batch_size, seed, progress)
+                old_source = "base model samples"
+            else:
+                old_sequences = token_sequences(old_data, "old_data", vocab_size)
+                old_source = "old data"
+            sides = {}
+            for side, sequences in (("new", new_sequences), ("old", old_sequences)):
+                if len(sequences) < 3:
+                    raise ValueError(
+                        f"fit_router: the {side} side has {len(sequences)} sequence(s); at least 3 are needed (one "
+                        "each to fit, calibrate and hold out). Give more, or shorter, sequences."
+                    )
+                sides[side] = layer_inputs(base, layer, router.features, sequences, batch_size)
+    finally:
+        base.train(was_training)
+
+    generator = torch.Generator().manual_seed(seed)
+    splits = {side: _split_sequences(len(feats), generator) for side, feats in sides.items()}
+    parts = {side: [torch.cat([sides[side][i] for i in idx]) for idx in split] for side, split in splits.items()}
+    first = {side: torch.cat([sides[side][i][:FIRST_TOKENS] for i in splits[side][2]]) for side in sides}
+    params = _train_router(router, parts["new"][0], parts["old"][0], steps, lr, weight_decay, seed)
+
+    def scores(features):
+        return torch.sigmoid(router.logits(features, params))
+
+    calibration_old, calibration_new = scores(parts["old"][1]), scores(parts["new"][1])
+    allowed = math.floor(max_old_error * len(calibration_old))  # old calibration tokens that may reach the expansion
+    highest = calibration_old.sort(descending=True).values
+    threshold = max(0.5, float(torch.nextafter(highest[allowed], torch.tensor(2.0))) if allowed < len(highest) else 0.5)
+    params["threshold"] = torch.tensor([threshold])
+    params["fitted"] = torch.ones(1)
+    with torch.no_grad():
+        for name, buffer in router.named_buffers():
+            buffer.copy_(params[name].to(buffer.device))
+    test_old, test_new = scores(parts["old"][2]), scores(parts["new"][2])
+    first_old, first_new = scores(first["old"]), scores(first["new"])
+    report = RouterReport(
+        adapter_name=adapter_name,
+        layer=config.preserve_layers,
+        old_source=old_source,
+        old_to_base=float((test_old < threshold).float().mean()),
+        new_to_expansion=float((test_new >= threshold).float().mean()),
+        threshold=threshold,
+        first_tokens_old_to_base=float((first_old < threshold).float().mean()),
+        first_tokens_new_to_expansion=float((first_new >= threshold).float().mean()),
+        calibration_old_to_base=float((calibration_old < threshold).float().mean()),
+        calibration_new_to_expansion=float((calibration_new >= threshold).float().mean()),
+        tokens={side: sum(len(f) for f in feats) for side, feats in sides.items()},
+        held_out_tokens={"old": len(test_old), "new": len(test_new)},
+    )
+    _record_report(config, report)
+    return report
+
+
+def _record_report(config, report: RouterReport) -> None:
+    """Keep the held-out accuracy in the adapter's config, so the saved adapter (and its model card) says it."""
+    config.router_report = {
+        "old_to_base": round(report.old_to_base, 4),
+        "new_to_expansion": round(report.new_to_expansion, 4),
+        "old_source": report.old_source,
+        "threshold": report.threshold,
+    }
+
+
+def _learned_route_adapter(scale_model, adapter_name: Optional[str]) -> str:
+    learned = [
+        name
+        for name, config in scale_model.peft_config.items()
+        if config.variant == "route" and config.route_rule == "learned"
+    ]
+    if adapter_name is not None:
+        if adapter_name not in learned:
+            raise ValueError(
+                f"fit_router: adapter {adapter_name!r} has no learned router (learned-route adapters: {learned}). "
+                "Create it with ScaleConfig(variant='route', route_rule='learned', preserve_layers=...)."
+            )
+        return adapter_name
+    active = [name for name in scale_model.active_adapters if name in learned]
+    if len(active) == 1:
+        return active[0]
+    if not learned:
+        raise ValueError(
+            "fit_router: this model has no learned-route SCALE adapter. Create it with "
+            "ScaleConfig(ffn_expansion=..., variant='route', route_rule='learned', preserve_layers=...)."
+        )
+    raise ValueError(f"fit_router: several learned-route adapters ({learned}); say which with adapter_name=.")
+
+
+def _router_layer(scale_model, adapter_name: str, layer: int) -> nn.Module:
+    for name, module in scale_model.model.named_modules():
+        if getattr(module, "route_gated", {}).get(adapter_name) and (found := decoder_layer_name(name, layer)):
+            return scale_model.model.get_submodule(found)
+    raise ValueError(f"fit_router: adapter {adapter_name!r} gates no module in layer {layer}.")
+
+
+class _adapters_disabled:
+    """The base model's computation: SCALE's layers switched off, and back on only if they were on."""
+
+    def __init__(self, scale_model) -> None:
+        self.scale_model = scale_model
+
+    def __enter__(self):
+        from .layer import ScaleTunerLayer
+
+        layers = [m for m in self.scale_model.model.modules() if isinstance(m, ScaleTunerLayer)]
+        self.was_enabled = not layers[0].disable_adapters if layers else False
+        if self.was_enabled:
+            self.scale_model.disable_adapter_layers()
+
+    def __exit__(self, *exc):
+        if self.was_enabled:
+            self.scale_model.enable_adapter_layers()
+        return False
+
+
+# ------------------------------------------------------------------------------------------------- the Trainer
+
+
+class RouterFitCallback(TrainerCallback):
+    """Fit the learned router before the ``Trainer`` trains, on the first training batches as the new side.
+
+    ``Trainer(..., callbacks=[peft_scale.RouterFitCallback()])``: at the start of training, every learned-route
+    adapter whose router is not fitted yet is fitted with ``fit_router``: the new side is ``new_data`` or, by
+    default, the first ``num_batches`` batches of the training data loader (so do not use the default when the
+    training stream mixes in replayed old data: pass ``new_data``); the old side is ``old_data`` or the base model's
+    own samples. The report is logged and kept in ``self.reports``. A router that is already fitted (e.g. loaded
+    with the adapter, or when resuming) is left as it is.
+
+    Args:
+        new_data, old_data: as in ``fit_router``.
+        num_batches: training batches to take as the new side when ``new_data`` is not given.
+        **fit_kwargs: further arguments of ``fit_router``.
+    """
+
+    def __init__(self, new_data=None, old_data=None, num_batches: int = 8, **fit_kwargs) -> None:
+        self.new_data = new_data
+        self.old_data = old_data
+        self.num_batches = num_batches
+        self.fit_kwargs = fit_kwargs
+        self.reports: list[RouterReport] = []
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        scale_model = getattr(model, "base_model", model)
+        routers = getattr(scale_model, "scale_router", {})
+        for name, router in routers.items():
+            if router.is_fitted:
+                continue
+            new_data = self.new_data if self.new_data is not None else self._first_batches(train_dataloader)
+            report = fit_router(model, new_data, self.old_data, adapter_name=name, **self.fit_kwargs)
+            logger.warning(str(report))
+            self.reports.append(report)
+
+    def _first_batches(self, loader) -> list[dict]:
+        if loader is None:
+            raise ValueError("RouterFitCallback: no training data loader to take new_data from; pass new_data.")
+        rows = []
+        for index, batch in enumerate(loader):
+            if index == self.num_batches:
+                break
+            mask = batch.get("attention_mask")
+            for row, ids in enumerate(batch["input_ids"]):
+                rows.append({"input_ids": ids.cpu(), "attention_mask": None if mask is None else mask[row].cpu()})
+        return rows

@@ -1,0 +1,409 @@
+"""SCALE-Route with the learned router: per token, the expansion or exactly the base model.
+
+Two separable synthetic domains on a tiny 4-layer Llama: the *old* domain is token ids 4-63 (the base model is
+first trained to speak it, so that its own samples are old-domain text), the *new* domain ids 64-127. The router
+reads the stream entering layer ``PRESERVE``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import run_in_fresh_process
+from datasets import Dataset
+from peft import get_peft_model
+from tiny_models import perturb_adapter, tiny_model
+from transformers import Trainer, TrainingArguments
+
+import peft_scale
+from peft_scale import RouterFitCallback, ScaleConfig, fit_router
+
+LAYERS, PRESERVE = 4, 2
+OLD, NEW = (4, 64), (64, 128)
+MODES = {
+    "ffn": dict(ffn_expansion=16),
+    "full_width": dict(hidden_expansion=16, ffn_expansion=8),
+}
+
+
+def domain_ids(domain, n: int = 64, length: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(*domain, (n, length), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def old_speaker():
+    """A tiny Llama trained (60 Adam steps) on old-domain text: what it generates is old-domain text."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=LAYERS).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        ids = torch.cat([torch.ones(16, 1, dtype=torch.long), domain_ids(OLD, 16, 23, seed=100 + step)], 1)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def routed(base, mode="ffn", **overrides):
+    """(untouched copy of ``base``, routed SCALE model of ``mode``) ."""
+    reference = copy.deepcopy(base)
+    config = ScaleConfig(**MODES[mode], variant="route", preserve_layers=PRESERVE, **overrides)
+    return reference, get_peft_model(copy.deepcopy(base), config)
+
+
+def fitted(base, mode="ffn", **overrides):
+    reference, model = routed(base, mode, **overrides)
+    report = fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False)
+    return reference, model, report
+
+
+def scale_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if ".scale_" in name}
+
+
+# ------------------------------------------------------------------------------------------- 1. exactness
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tokens_routed_to_the_base_get_the_base_models_logits(old_speaker, mode):
+    reference, model, _ = fitted(old_speaker, mode)
+    perturb_adapter(model, scale=0.5)  # stand-in for training: the expansion now changes what it touches
+    old, new = domain_ids(OLD, 4, 16, seed=7), domain_ids(NEW, 4, 16, seed=8)
+    with torch.no_grad():
+        old_logits = model(input_ids=old).logits
+        assert model.base_model.last_routing.to_preservation.all()
+        assert (old_logits - reference(input_ids=old).logits).abs().max() <= 1e-6
+        new_logits = model(input_ids=new).logits
+        assert model.base_model.last_routing.to_preservation.float().mean() < 0.1  # (the router is not perfect)
+        assert (new_logits - reference(input_ids=new).logits).abs().max() > 1e-2
+        # the same expansion, ungated, would have changed the old sequence too
+        model.base_model.scale_router["default"].threshold.fill_(0.0)
+        assert (model(input_ids=old).logits - reference(input_ids=old).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tokens_routed_to_the_base_give_the_expansion_no_gradient(old_speaker, mode):
+    _, model, _ = fitted(old_speaker, mode)
+    perturb_adapter(model, scale=0.5)
+    model.train()
+    params = scale_parameters(model)
+    assert params and all(p.requires_grad for p in params.values())
+    old = domain_ids(OLD, 4, 16, seed=7)
+    model(input_ids=old, labels=old).loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in params.values())
+    model.zero_grad()
+    new = domain_ids(NEW, 4, 16, seed=8)
+    model(input_ids=new, labels=new).loss.backward()
+    assert sum(p.grad is not None and bool(p.grad.any()) for p in params.values()) == len(params)
+    # the router is a set of frozen buffers: nothing for an optimizer to move
+    assert not any("router" in name for name, _ in model.named_parameters())
+
+
+def test_ffn_mode_widens_only_the_layers_the_router_gates(old_speaker):
+    _, model = routed(old_speaker)
+    assert model.peft_config["default"].layers_to_transform == [2, 3]
+    gated = sorted(name for name, m in model.named_modules() if any(getattr(m, "route_gated", {}).values()))
+    assert gated == [f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (2, 3)]
+
+
+# --------------------------------------------------------------------------------------------- 4. fitting
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fit_router_with_old_data_separates_the_domains(old_speaker, mode):
+    _, model, report = fitted(old_speaker, mode)
+    assert report.old_source == "old data"
+    assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
+    assert report.threshold >= 0.5
+    assert report.held_out_tokens["old"] > 0 and report.tokens["old"] == 64 * 48
+    assert model.peft_config["default"].router_report["old_to_base"] == round(report.old_to_base, 4)
+    assert "held-out old tokens routed to the base model" in str(report)
+
+
+def test_fit_router_without_old_data_samples_the_base_model(old_speaker):
+    _, model = routed(old_speaker)
+    report = fit_router(model, domain_ids(NEW, seed=1), None, num_samples=64, sample_length=24, progress=False)
+    assert report.old_source == "base model samples"
+    assert report.tokens["old"] == 64 * 24
+    assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
+
+
+def test_fit_router_accepts_datasets_and_lists_of_dicts(old_speaker):
+    new, old = domain_ids(NEW, seed=1), domain_ids(OLD, seed=2)
+    _, model = routed(old_speaker)
+    from_tensor = fit_router(model, new, old, progress=False)
+    as_dataset = fit_router(model, Dataset.from_dict({"input_ids": new.tolist()}), [{"input_ids": r} for r in old])
+    assert (as_dataset.old_to_base, as_dataset.new_to_expansion, as_dataset.threshold) == (
+        from_tensor.old_to_base, from_tensor.new_to_expansion, from_tensor.threshold,
+    )
+    # padding marked by an attention mask is not a token
+    padded = [{"input_ids": list(r) + [0] * 4, "attention_mask": [1] * len(r) + [0] * 4} for r in new.tolist()]
+    assert fit_router(model, padded, old).tokens["new"] == new.numel()
+
+
+def test_the_threshold_leans_towards_the_base_model(old_speaker):
+    """With overlapping domains, a smaller allowed share of old tokens in the expansion raises the threshold."""
+    _, model = routed(old_speaker)
+    new = domain_ids((34, 94), seed=1)  # shares ids 34-63 with the old domain
+    old = domain_ids(OLD, seed=2)
+    loose = fit_router(model, new, old, max_old_error=0.2, progress=False)
+    strict = fit_router(model, new, old, max_old_error=0.01, progress=False)
+    assert strict.threshold > loose.threshold
+    assert strict.calibration_old_to_base >= 0.99 > loose.calibration_old_to_base
+    assert strict.new_to_expansion < loose.new_to_expansion
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "error", "message"),
+    [
+        (torch.zeros(0, 5, dtype=torch.long), None, ValueError, "new_data is empty"),
+        ("some text", None, TypeError, "new_data is a str. Give new_data as a LongTensor"),
+        (torch.rand(4, 5), None, ValueError, r"new_data is a torch.float32 tensor of shape \(4, 5\)"),
+        (Dataset.from_dict({"text": ["a b"]}), None, ValueError, r"no 'input_ids'. Tokenize it first"),
+        ([1, 2, 3], None, ValueError, "items are not dicts with 'input_ids'"),
+        (torch.full((4, 5), 500), None, ValueError, "token id 500, outside the model's vocabulary of 128"),
+        (domain_ids(NEW, n=2), domain_ids(OLD), ValueError, r"new side has 2 sequence\(s\); at least 3"),
+    ],
+)
+def test_fit_router_bad_data(old_speaker, new, old, error, message):
+    _, model = routed(old_speaker)
+    with pytest.raises(error, match=message):
+        fit_router(model, new, old if old is not None else domain_ids(OLD), progress=False)
+
+
+def test_fit_router_bad_calls(old_speaker):
+    _, model = routed(old_speaker)
+    with pytest.raises(ValueError, match="sample_length=100 is longer than the model's 64 positions"):
+        fit_router(model, domain_ids(NEW), None, sample_length=100, progress=False)
+    with pytest.raises(ValueError, match="max_old_error=0.7"):
+        fit_router(model, domain_ids(NEW), domain_ids(OLD), max_old_error=0.7)
+    no_bos = copy.deepcopy(model)
+    no_bos.base_model.model.config.bos_token_id = None
+    no_bos.base_model.model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="has no bos_token_id. Pass sample_prompts"):
+        fit_router(no_bos, domain_ids(NEW), None, sample_length=16, progress=False)
+    plain = get_peft_model(copy.deepcopy(old_speaker), ScaleConfig(ffn_expansion=8))
+    with pytest.raises(ValueError, match="has no learned-route SCALE adapter"):
+        fit_router(plain, domain_ids(NEW), domain_ids(OLD))
+    with pytest.raises(TypeError, match="needs a model made by get_peft_model"):
+        fit_router(old_speaker, domain_ids(NEW), domain_ids(OLD))
+
+
+def test_an_unfitted_router_is_an_error_that_says_to_fit_it(old_speaker):
+    _, model = routed(old_speaker)
+    with pytest.raises(RuntimeError, match=r"has not been fitted. Call peft_scale.fit_router\(model, new_data\)"):
+        model(input_ids=domain_ids(NEW, 2, 8))
+    with model.disable_adapter():  # the base model needs no router
+        model(input_ids=domain_ids(NEW, 2, 8))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(ffn_expansion=8, variant="route", route_rule="nearest"), r"route_rule='nearest'\): choose one of"),
+        (dict(ffn_expansion=8, variant="route", route_in_training=True), "an option of the cosine rule"),
+        (dict(ffn_expansion=8, variant="route", route_rule="cosine"), r"route_rule='cosine'\) needs hidden_expansion"),
+        (dict(ffn_expansion=8, variant="route", router_hidden=-1), r"router_hidden=-1\): must be a non-negative"),
+    ],
+)
+def test_config_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(**config)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(ffn_expansion=8, variant="route", preserve_layers=LAYERS), "leaves nothing to widen"),
+        (dict(hidden_expansion=16, variant="route", preserve_layers=LAYERS), "leaves nothing to widen"),
+        (dict(ffn_expansion=8, variant="route", preserve_layers=2, layers_to_transform=[1, 2, 3]), "none below it"),
+    ],
+)
+def test_injection_errors(old_speaker, config, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(copy.deepcopy(old_speaker), ScaleConfig(**config))
+
+
+def test_merging_a_learned_route_adapter_is_refused(old_speaker):
+    _, model, _ = fitted(old_speaker)
+    with pytest.raises(ValueError, match="learned router's gate depends on the input"):
+        model.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------------- 3. generation
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generate_cache_equals_no_cache_and_old_prompts_generate_as_the_base(old_speaker, mode):
+    reference, model, _ = fitted(old_speaker, mode)
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    new_prompt = domain_ids(NEW, 2, 6, seed=9)
+    cached = model.generate(input_ids=new_prompt, use_cache=True, **settings)
+    uncached = model.generate(input_ids=new_prompt, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+    old_prompt = torch.cat([torch.ones(2, 1, dtype=torch.long), domain_ids(OLD, 2, 6, seed=10)], 1)
+    generated = model.generate(input_ids=old_prompt, **settings)
+    assert torch.equal(generated, reference.generate(input_ids=old_prompt, **settings))
+    assert (generated[:, 7:] < OLD[1]).all()  # the base model continues in its own domain
+
+
+# ---------------------------------------------------------------------------------------- 2. save / load
+
+
+def test_save_and_load_in_a_fresh_process_with_a_second_plain_adapter(old_speaker, tmp_path):
+    reference = copy.deepcopy(old_speaker)
+    model = get_peft_model(
+        copy.deepcopy(old_speaker), ScaleConfig(ffn_expansion=16, variant="route", preserve_layers=PRESERVE),
+        adapter_name="routed",
+    )
+    fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False)
+    model.add_adapter("plain", ScaleConfig(ffn_expansion=8))
+    perturb_adapter(model, "routed", seed=1, scale=0.5)
+    perturb_adapter(model, "plain", seed=2, scale=0.5)
+    mixed = torch.cat([domain_ids(OLD, 1, 24, seed=11), domain_ids(NEW, 1, 24, seed=12)])  # an old and a new row
+    expected = {}
+    with torch.no_grad():
+        for name in ("routed", "plain"):
+            model.set_adapter(name)
+            expected[name] = model(input_ids=mixed).logits
+        routing = model.base_model.last_routing
+        model.set_adapter("routed")
+        model(input_ids=mixed)
+        mask = model.base_model.last_routing.to_preservation
+    assert routing is not None and mask[0].all() and (~mask[1]).float().mean() > 0.8
+    reference.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapters")
+    saved = json.loads((tmp_path / "adapters" / "routed" / "adapter_config.json").read_text())  # PEFT: one folder each
+    assert saved["route_rule"] == "learned" and saved["router_report"]["old_source"] == "old data"
+    torch.save({"mixed": mixed}, tmp_path / "inputs.pt")
+    run_in_fresh_process(
+        f"""
+import torch, peft_scale
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+root = Path({str(tmp_path)!r})
+torch.set_num_threads(1)
+base = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+folder = root / "adapters"
+model = PeftModel.from_pretrained(base, folder / "routed", adapter_name="routed")
+model.load_adapter(folder / "plain", adapter_name="plain")
+mixed = torch.load(root / "inputs.pt")["mixed"]
+out = {{}}
+with torch.no_grad():
+    for name in ("plain", "routed"):
+        model.set_adapter(name)
+        out[name] = model(input_ids=mixed).logits
+    out["mask"] = model.base_model.last_routing.to_preservation
+torch.save(out, root / "loaded.pt")
+"""
+    )
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert torch.equal(loaded["mask"], mask)
+    for name in ("routed", "plain"):
+        assert torch.allclose(loaded[name], expected[name], atol=1e-6, rtol=0), name
+
+
+def test_delete_adapter_removes_its_router(old_speaker):
+    _, model, _ = fitted(old_speaker)
+    model.add_adapter("other", ScaleConfig(ffn_expansion=8))
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    assert "default" not in model.base_model.scale_router
+    assert not any("scale_router" in key for key in model.state_dict())
+    model(input_ids=domain_ids(OLD, 2, 8))  # the gate hook went with the adapter
+
+
+def test_saved_cosine_route_config_without_route_rule_loads_as_cosine(tmp_path):
+    config = ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route", route_rule="cosine")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["route_rule"], saved["router_hidden"], saved["router_report"]  # an adapter saved before the router
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(tmp_path).route_rule == "cosine"
+    assert ScaleConfig(ffn_expansion=8, variant="route").route_rule == "learned"
+
+
+# ------------------------------------------------------------------------------------ 5. Trainer and TRL
+
+
+def new_domain_dataset(n=32, length=48, seed=3) -> Dataset:
+    ids = domain_ids(NEW, n, length, seed=seed).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def trainer_args(tmp_path, **overrides):
+    return TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        logging_steps=1, **overrides,
+    )
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_trainer_with_the_router_callback_trains_and_keeps_the_base(old_speaker, mode, tmp_path):
+    reference, model = routed(old_speaker, mode)
+    before = {name: p.detach().clone() for name, p in scale_parameters(model).items()}
+    callback = RouterFitCallback(old_data=domain_ids(OLD, seed=2), progress=False)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=new_domain_dataset(),
+                      callbacks=[callback])
+    trainer.train()
+    assert len(callback.reports) == 1 and callback.reports[0].new_to_expansion >= 0.95  # fitted on 8 batches
+    router = {k: v.clone() for k, v in model.base_model.scale_router["default"].state_dict().items()}
+    after = scale_parameters(model)
+    assert all(not torch.equal(after[name], tensor) for name, tensor in before.items())
+    model.eval()
+    old = domain_ids(OLD, 4, 16, seed=7)
+    with torch.no_grad():
+        assert (model(input_ids=old).logits - reference(input_ids=old).logits).abs().max() <= 1e-6
+    # training again leaves the (already fitted) router as it is
+    Trainer(model=model, args=trainer_args(tmp_path), train_dataset=new_domain_dataset(seed=4),
+            callbacks=[RouterFitCallback()]).train()
+    for key, value in model.base_model.scale_router["default"].state_dict().items():
+        assert torch.equal(value, router[key]), key
+
+
+def test_trl_sft_trainer_trains_a_routed_adapter(old_speaker, tmp_path):
+    from test_training_integration import word_tokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = word_tokenizer()  # "w{i}" is token id 4 + i
+    texts = [" ".join(f"w{i - 4}" for i in row) for row in domain_ids(NEW, 12, 12, seed=5).tolist()]
+    reference = copy.deepcopy(old_speaker)
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", save_strategy="no", max_length=16, report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True, logging_steps=1,
+    )
+    trainer = SFTTrainer(
+        model=copy.deepcopy(old_speaker),
+        peft_config=ScaleConfig(ffn_expansion=16, variant="route", preserve_layers=PRESERVE),
+        train_dataset=Dataset.from_dict({"text": texts}), args=args, processing_class=tokenizer,
+        callbacks=[RouterFitCallback(old_data=domain_ids(OLD, seed=2), progress=False)],
+    )
+    assert args.bf16 and args.gradient_checkpointing  # TRL's defaults, kept: the gate survives both
+    before = {name: p.detach().clone() for name, p in scale_parameters(trainer.model).items()}
+    trainer.train()
+    after = scale_parameters(trainer.model)
+    assert all(not torch.equal(after[name], tensor) for name, tensor in before.items())
+    model = trainer.model.eval()
+    old = domain_ids(OLD, 4, 16, seed=7)
+    # accelerate leaves the trained model's forward under the bf16 autocast TRL trained it with: compare alike
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=old).logits
+        whole_rows = model.base_model.last_routing.to_preservation.all(dim=1)  # every token of the row to the base
+        assert whole_rows.sum() >= 3
+        assert (logits - reference(input_ids=old).logits)[whole_rows].abs().max() <= 1e-6
+
+
+def test_public_names():
+    assert peft_scale.fit_router is fit_router and peft_scale.RouterFitCallback is RouterFitCallback
