@@ -16,8 +16,14 @@ Both experiments (``benchmarks/biography`` and ``benchmarks/continual_pretrainin
                block copies inserted evenly; only they train.
 ``scale_ffn``  ``ScaleConfig(ffn_expansion=...)``: FFN mode, new FFN neurons in every layer, every ``W12`` trainable.
 ``scale_*``    full width, ``ScaleConfig(hidden_expansion=..., ffn_expansion=..., variant=...)``; ``preserve`` (no
-               ``W12``), ``adapt`` and ``route`` (``W12`` trainable above ``preserve_layers``).
+               ``W12``), ``adapt`` and ``route`` (``W12`` trainable above ``preserve_layers``; the paper's cosine rule).
+``scale_ffn_routed``  FFN mode with the learned router (``variant="route"``, ``route_rule="learned"``): new neurons
+               in the layers from ``preserve_layers`` up, gated per token by a router fitted before training.
+``scale_routed``      full width (the ``scale_route`` body) with the learned router instead of the cosine rule.
 ============== ======================================================================================================
+
+The two learned-route methods (``ROUTED_METHODS``) need ``fit_method_router`` (``peft_scale.fit_router``) after
+``prepare_method`` and before training; the experiments choose the data of both sides.
 
 At initialisation every method except ``full``/``freeze`` computes exactly the base model's logits (``full`` and
 ``freeze`` *are* the base model). SCALE-Route routes between its preservation and adaptation heads only in eval
@@ -56,6 +62,8 @@ def autocast(device: torch.device, precision: str):
 
 METHODS = ("full", "lora", "freeze", "llama_pro", "scale_ffn", "scale_preserve", "scale_adapt", "scale_route")
 SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_route": "route"}
+# Learned-route methods: the router must be fitted (fit_method_router) before the model trains or is evaluated.
+ROUTED_METHODS = ("scale_ffn_routed", "scale_routed")
 # The linear maps of a Llama-family decoder layer: what LoRA adapts and what full-width SCALE widens.
 # ScaleConfig options that FFN mode rejects; MethodSizes.scale_options leaves them out of scale_ffn's config.
 FULL_WIDTH_ONLY_OPTIONS = ("adapt_modules", "route_threshold", "route_in_training")
@@ -94,9 +102,21 @@ def scale_config(name: str, sizes: MethodSizes):
     import peft_scale  # noqa: F401  (registers SCALE with PEFT)
     from peft_scale import ScaleConfig
 
-    if name == "scale_ffn":
+    if name in ("scale_ffn", "scale_ffn_routed"):
         options = {k: v for k, v in sizes.scale_options.items() if k not in FULL_WIDTH_ONLY_OPTIONS}
+        if name == "scale_ffn_routed":
+            options = {"variant": "route", "route_rule": "learned", "preserve_layers": sizes.preserve_layers, **options}
         return ScaleConfig(ffn_expansion=sizes.ffn_expansion, **options)
+    if name == "scale_routed":
+        options = {k: v for k, v in sizes.scale_options.items() if k not in ("route_threshold", "route_in_training")}
+        return ScaleConfig(
+            hidden_expansion=sizes.hidden_expansion,
+            ffn_expansion=sizes.ffn_expansion,
+            variant="route",
+            route_rule="learned",
+            preserve_layers=sizes.preserve_layers,
+            **options,
+        )
     return ScaleConfig(
         hidden_expansion=sizes.hidden_expansion,
         ffn_expansion=sizes.ffn_expansion,
@@ -144,8 +164,8 @@ def prepare_method(name: str, model: nn.Module, sizes: MethodSizes) -> nn.Module
     ``requires_grad`` set on exactly the method's trainable parameters (see the module docstring). Evaluate
     ``scale_route`` in ``eval()`` mode, where it routes.
     """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}: choose one of {list(METHODS)}.")
+    if name not in METHODS + ROUTED_METHODS:
+        raise ValueError(f"Unknown method {name!r}: choose one of {list(METHODS + ROUTED_METHODS)}.")
     num_layers = model.config.num_hidden_layers
     if sizes.preserve_layers > num_layers:
         raise ValueError(f"MethodSizes.preserve_layers={sizes.preserve_layers} exceeds the model's {num_layers} layers.")
@@ -170,8 +190,19 @@ def prepare_method(name: str, model: nn.Module, sizes: MethodSizes) -> nn.Module
     return get_peft_model(model, scale_config(name, sizes))
 
 
+def fit_method_router(model: nn.Module, new_data, old_data=None, **fit_kwargs):
+    """Fit the learned router of a ``ROUTED_METHODS`` model (``peft_scale.fit_router``); returns its report.
+
+    ``old_data=None`` samples the old side from the base model (``fit_router``'s options say how much)."""
+    from peft_scale import fit_router
+
+    return fit_router(model, new_data, old_data, progress=False, **fit_kwargs)
+
+
 __all__ = [
     "METHODS",
+    "ROUTED_METHODS",
+    "fit_method_router",
     "MethodSizes",
     "PROJECTIONS",
     "lora_parameters_per_rank",
