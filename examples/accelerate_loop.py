@@ -25,11 +25,14 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_cosine_schedule_with_warmup, set_seed
 
+import peft_scale
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import wiki_summaries  # noqa: E402
 from causal_lm import (  # noqa: E402
     add_common_arguments,
     load_causal_lm,
+    needs_router,
     parse_args_with_tiny_defaults,
     scale_config_from_args,
 )
@@ -84,6 +87,8 @@ def main(argv=None) -> int:
 
     config = scale_config_from_args(args)
     model = get_peft_model(model, config)
+    if needs_router(config):  # before training: the router reads frozen features, so it is fitted once
+        print(peft_scale.fit_router(model, train_blocks.select(range(min(64, len(train_blocks)))), old_data=None))
     if accelerator.is_main_process:
         model.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)

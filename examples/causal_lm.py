@@ -63,6 +63,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, max_steps: int, tiny_d
     scale.add_argument("--ffn-expansion", type=int, default=256, help="new neurons per MLP")
     scale.add_argument("--hidden-expansion", type=int, default=0, help="new residual features (full width)")
     scale.add_argument("--variant", choices=("preserve", "adapt", "route"), default="adapt")
+    scale.add_argument(
+        "--route-rule", choices=("learned", "cosine"), default="learned",
+        help="route: a router fitted before training (learned) or the paper's rule (cosine, full width only)",
+    )
     scale.add_argument("--preserve-layers", type=int, default=0, help="bottom layers whose W12 stay zero")
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=int, default=max_steps, help="optimizer steps")
@@ -87,6 +91,12 @@ def scale_config_from_args(args: argparse.Namespace) -> ScaleConfig:
         ffn_expansion=args.ffn_expansion,
         hidden_expansion=args.hidden_expansion,
         variant=args.variant,
+        route_rule=args.route_rule,
         preserve_layers=args.preserve_layers,
         task_type="CAUSAL_LM",
     )
+
+
+def needs_router(config: ScaleConfig) -> bool:
+    """Whether the adapter routes with a learned router, which ``peft_scale.fit_router`` fits before training."""
+    return config.variant == "route" and config.route_rule == "learned"

@@ -44,6 +44,7 @@ from bundled import documents_or_summaries  # noqa: E402
 from causal_lm import (  # noqa: E402
     add_common_arguments,
     load_causal_lm,
+    needs_router,
     parse_args_with_tiny_defaults,
     scale_config_from_args,
 )
@@ -116,14 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_datasets(args, tokenizer):
-    """(training blocks, {"old": held-out old blocks, "new": held-out new blocks})."""
+    """(training blocks, {"old": held-out old blocks, "new": held-out new blocks}, the new-text training blocks)."""
     new_held_out, new_train = split_texts(
         documents_or_summaries(args.new_files, "es", args.sample_by), args.eval_texts, args.train_texts, args.seed
     )
     old_texts = documents_or_summaries(args.old_files, "en", args.sample_by)
     replay_texts = args.train_texts if args.replay_texts is None else args.replay_texts
     old_held_out, old_pool = split_texts(old_texts, args.eval_texts, replay_texts if args.replay else 0, args.seed)
-    train_blocks = packed_blocks(new_train, tokenizer, args.seq_len)
+    new_blocks = train_blocks = packed_blocks(new_train, tokenizer, args.seq_len)
     if args.replay:
         train_blocks = replay_mix(
             train_blocks, packed_blocks(old_pool, tokenizer, args.seq_len), args.replay, args.seed
@@ -132,7 +133,7 @@ def build_datasets(args, tokenizer):
         "old": first_blocks(packed_blocks(old_held_out, tokenizer, args.seq_len), args.eval_blocks, "old"),
         "new": first_blocks(packed_blocks(new_held_out, tokenizer, args.seq_len), args.eval_blocks, "new"),
     }
-    return train_blocks, eval_blocks
+    return train_blocks, eval_blocks, new_blocks
 
 
 def summary(log_history) -> str:
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     datasets.disable_progress_bars()
     model, tokenizer = load_causal_lm(args.model, tiny=args.tiny)
-    train_blocks, eval_blocks = build_datasets(args, tokenizer)
+    train_blocks, eval_blocks, new_blocks = build_datasets(args, tokenizer)
     print(f"Training stream: {len(train_blocks)} blocks of {args.seq_len} tokens (replay fraction {args.replay})")
     config = scale_config_from_args(args)
     model = get_peft_model(model, config)
@@ -165,6 +166,10 @@ def main(argv=None) -> int:
     callbacks = [ForgettingLearningCallback()]
     if args.mer is not None:
         callbacks.append(peft_scale.MERCallback(**args.mer))
+    if needs_router(config):
+        # The router's new side is the new text only (the training stream may mix in replayed old text); its old
+        # side is sampled from the base model.
+        callbacks.append(peft_scale.RouterFitCallback(new_data=new_blocks.select(range(min(64, len(new_blocks))))))
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(
             output_dir=str(args.output_dir or scratch),

@@ -24,11 +24,14 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+import peft_scale
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundled import wiki_articles  # noqa: E402
 from causal_lm import (  # noqa: E402
     add_common_arguments,
     load_causal_lm,
+    needs_router,
     parse_args_with_tiny_defaults,
     scale_config_from_args,
 )
@@ -86,8 +89,11 @@ def main(argv=None) -> int:
             use_cpu=not torch.cuda.is_available(),
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # fp32 on CPU
         )
+        # a learned router is fitted on the first training batches, against the base model's own samples
+        callbacks = [peft_scale.RouterFitCallback()] if needs_router(scale_config) else []
         trainer = SFTTrainer(
-            model=model, args=sft_config, train_dataset=train, processing_class=tokenizer, peft_config=scale_config
+            model=model, args=sft_config, train_dataset=train, processing_class=tokenizer, peft_config=scale_config,
+            callbacks=callbacks,
         )
         trainer.model.print_trainable_parameters()
         trainer.train()

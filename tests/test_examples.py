@@ -42,6 +42,22 @@ def test_continual_pretraining_with_replay_and_mer_logs_forgetting_and_learning(
     assert_scale_adapter(tmp_path)
 
 
+def test_continual_pretraining_with_the_learned_router(tmp_path):
+    """--variant route: the router is fitted (on the new text, against the base model's samples) before training."""
+    from safetensors.torch import load_file
+
+    run_example(
+        "continual_pretraining.py", "--variant", "route", "--preserve-layers", "1", "--replay", "0.25",
+        "--output-dir", str(tmp_path),
+    )
+    assert_scale_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["route_rule"], config["layers_to_transform"]) == ("learned", [1])
+    assert config["router_report"]["old_source"] == "base model samples"
+    router = load_file(tmp_path / "adapter_model.safetensors")["base_model.scale_router.fitted"]
+    assert router.item() == 1
+
+
 def test_sft_with_trl(tmp_path):
     out = run_example("sft_trl.py", "--output-dir", str(tmp_path))
     assert "\nQ: ¿Qué es " in out and "\nA: " in out
