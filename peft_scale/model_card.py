@@ -49,7 +49,20 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
         w12 = f"FFN, layers {config.preserve_layers} and up"
     else:
         w12 = f"{config.adapt_modules}, layers {config.preserve_layers} and up"
-    variant = config.variant + (f" (tau = {config.route_threshold})" if config.variant == "route" else "")
+    variant = config.variant
+    if config.variant == "route" and config.route_rule == "cosine":
+        variant += f" (cosine rule, tau = {config.route_threshold})"
+    elif config.variant == "route":
+        variant += f" (learned router on the input of layer {config.preserve_layers}"
+        report = config.router_report
+        if report:
+            variant += (
+                f"; held out: {report['old_to_base']:.1%} of old tokens to the base model, "
+                f"{report['new_to_expansion']:.1%} of new tokens to the expansion; old side: {report['old_source']}"
+            )
+        else:
+            variant += "; not fitted yet: call peft_scale.fit_router"
+        variant += ")"
     return {
         "mode": mode,
         "hidden size": hidden_text,
@@ -98,7 +111,7 @@ def scale_section(configs: dict[str, ScaleConfig], adapter_id: str) -> str:
             "from peft import AutoPeftModelForCausalLM",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter_id}")',
         ]
-    if any(not config.hidden_expansion for config in configs.values()):
+    if any(not config.hidden_expansion and config.variant != "route" for config in configs.values()):
         load += ["", "dense = model.merge_and_unload()  # FFN mode: a plain model with the wider intermediate size"]
     load.append("```")
 

@@ -62,11 +62,30 @@ def test_card_of_a_full_width_route_adapter_and_a_second_adapter(tmp_path):
     model.save_pretrained(tmp_path / "out")
     text = read_card(tmp_path / "out").text
     assert (
-        "| `default` | `.` | full width | 32 + 16 | 64 + 8 | route (tau = 0.5) | all, layers 1 and up | svd |" in text
+        "| `default` | `.` | full width | 32 + 16 | 64 + 8 | route (cosine rule, tau = 0.5) | all, layers 1 and up | svd |"
+        in text
     )
     assert "| `extra` | `extra` | full width | 32 + 16 | 64 + 4 | preserve | none (W12 = 0 everywhere) | svd |" in text
     assert "merge_and_unload" not in text  # neither can be saved merged
     assert "AutoPeftModelForCausalLM" not in text  # no task_type: PeftModel only
+
+
+def test_card_of_a_learned_route_adapter_gives_its_routers_held_out_accuracy(tmp_path):
+    import peft_scale
+
+    model = wrapped(ScaleConfig(ffn_expansion=8, variant="route", preserve_layers=1))
+    model.save_pretrained(tmp_path / "unfitted")
+    assert "route (learned router on the input of layer 1; not fitted yet" in read_card(tmp_path / "unfitted").text
+    generator = torch.Generator().manual_seed(0)
+    new, old = torch.randint(64, 128, (16, 12), generator=generator), torch.randint(4, 64, (16, 12), generator=generator)
+    report = peft_scale.fit_router(model, new, old, progress=False)
+    model.save_pretrained(tmp_path / "fitted")
+    text = read_card(tmp_path / "fitted").text
+    assert (
+        f"route (learned router on the input of layer 1; held out: {report.old_to_base:.1%} of old tokens to the base "
+        f"model, {report.new_to_expansion:.1%} of new tokens to the expansion; old side: old data)"
+    ) in text
+    assert "merge_and_unload" not in text  # a routed adapter cannot be merged
 
 
 def test_card_names_the_widened_layers_when_not_all_are(tmp_path):
