@@ -109,7 +109,7 @@ class TokenRouter(nn.Module):
     def logits(self, hidden: torch.Tensor, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """The router's logit per token, ``(...)`` for ``hidden`` of shape ``(..., d)``. ``params`` overrides the
         buffers (``fit_router`` trains copies of them)."""
-        p = params or dict(self.named_buffers())
+        p = params or self._buffers  # (the module's own dict: no copy per call, which decoding would feel)
         f = (rms_normalise(hidden) - p["feature_mean"]) / p["feature_scale"]
         if self.hidden == 0:
             return f @ p["w_in"][0] + p["b_out"][0]

@@ -132,3 +132,19 @@ def test_table_is_printed(quick_run):
         assert name in table
     assert "scale_ffn/lora" in table and "scale_merged/dense_ffn" in table
     assert "scale_route/(scale_adapt+base_upper)" in table and "lora+new state+new activations" in table
+
+
+def test_router_cost_quick_run_writes_its_table_and_json(tmp_path):
+    """benchmarks/router_cost.py: the router's share of a step and routed inference against the base model."""
+    from benchmarks import router_cost
+
+    output = tmp_path / "router_cost.json"
+    result = router_cost.main(["--quick", "--output", str(output)])
+    data = json.loads(output.read_text())
+    assert set(data["train"]) == {"scale_ffn_upper", "scale_ffn_routed"}
+    assert set(data["inference"]) == {"base", "scale_ffn_routed"}
+    assert data["ratios"]["router/step"] == data["router"]["median_s"] / data["train"]["scale_ffn_routed"]["median_s"]
+    assert set(data["goals"]) == {"router/step", "routed_prefill/base", "routed_decode/base"}
+    # the two training rows widen the same layers: the router adds no trainable parameter
+    assert data["train"]["scale_ffn_upper"]["trainable_params"] == data["train"]["scale_ffn_routed"]["trainable_params"]
+    assert result["ratios"] == data["ratios"]

@@ -1,0 +1,148 @@
+"""What the learned router costs: in a training step, and in unmerged inference against the base model.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/router_cost.py --model tiny            # ~1 min on 2 CPU cores
+    PYTHONPATH=. python benchmarks/router_cost.py --model smollm2_shape   # SmolLM2-135M's shapes, random weights
+    PYTHONPATH=. python benchmarks/router_cost.py --quick                 # seconds: smoke run
+
+Rows (the same base model, sizes and workloads as ``benchmarks/throughput.py``, whose timing helpers this uses):
+
+- ``scale_ffn_upper``: SCALE-FFN with ``k`` new neurons in the layers from ``preserve_layers`` up, no router.
+- ``scale_ffn_routed``: the same widening with ``variant="route"`` and the learned router (fitted once on random
+  ids; its decisions do not change what is computed, only what is added).
+- ``router``: the router alone (``TokenRouter`` on a ``batch x seq x d`` stream), forward only, as it runs inside
+  each step.
+
+Goals (issue 11): ``router / scale_ffn_routed step <= 2%``; routed unmerged inference ``<= 1.15x`` the base model
+(prefill and decode). ``scale_ffn_routed / scale_ffn_upper`` is the whole price of routing in a step (the router,
+the hook, the gate products), within the run-to-run noise (~5%) of a CPU.
+
+Tokens routed to the base model still run through the expansion's products (their contribution is multiplied by
+zero): skipping that work would need a gather of the routed tokens per layer, which is not implemented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.throughput import (  # noqa: E402
+    WORKLOADS,
+    bench_inference,
+    bench_training,
+    build_base,
+    expansion_sizes,
+    machine_info,
+    precision_context,
+    scale_model,
+    summarise,
+    time_runs,
+)
+
+OUTPUT_DIR = REPO / "benchmarks" / "results"
+
+
+def routed_models(base, sizes: dict):
+    """(SCALE-FFN widened from preserve_layers up, the same with the learned router fitted on random ids)."""
+    import peft_scale
+
+    k, fp = sizes["ffn_expansion"], sizes["preserve_layers"]
+    layers = list(range(fp, base.config.num_hidden_layers))
+    plain = scale_model(base, ffn_expansion=k, layers_to_transform=layers)
+    routed = scale_model(base, ffn_expansion=k, variant="route", preserve_layers=fp)
+    generator = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+    new = torch.randint(vocab // 2, vocab, (8, 32), generator=generator)
+    old = torch.randint(3, vocab // 2, (8, 32), generator=generator)
+    peft_scale.fit_router(routed, new, old, steps=20, progress=False)
+    return plain, routed
+
+
+def router_alone(routed, batch: int, seq: int, warmup: int, repeats: int) -> dict:
+    router = routed.base_model.scale_router["default"]
+    hidden = torch.randn(batch, seq, router.features)
+    with torch.no_grad():
+        return summarise(time_runs(lambda: router(hidden), warmup, repeats, torch.device("cpu")), batch * seq)
+
+
+def run(model: str, quick: bool, seed: int = 0) -> dict:
+    workload = WORKLOADS["quick" if quick else model]
+    batch, seq, decode_tokens = workload["batch"], workload["seq"], workload["decode_tokens"]
+    warmup, repeats = workload["warmup"], workload["repeats"]
+    dtype, device = torch.float32, torch.device("cpu")
+    precision = precision_context(device, dtype)
+    base = build_base(model, dtype, seed)
+    sizes = expansion_sizes(base.config)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, base.config.vocab_size, (batch, seq), generator=generator)
+    prompt = ids[:, :8]
+    plain, routed = routed_models(base, sizes)
+    train = {
+        name: bench_training(model_, ids, warmup, repeats, precision)
+        for name, model_ in (("scale_ffn_upper", plain), ("scale_ffn_routed", routed))
+    }
+    router = router_alone(routed, batch, seq, warmup, max(repeats, 20))
+    infer = {
+        name: bench_inference(model_, ids, prompt, decode_tokens, warmup, repeats, precision)
+        for name, model_ in (("base", base), ("scale_ffn_routed", routed))
+    }
+    step = train["scale_ffn_routed"]["median_s"]
+    ratios = {
+        "router/step": router["median_s"] / step,
+        "scale_ffn_routed/scale_ffn_upper": step / train["scale_ffn_upper"]["median_s"],
+        "routed_prefill/base": infer["scale_ffn_routed"]["prefill"]["median_s"] / infer["base"]["prefill"]["median_s"],
+        "routed_decode/base": infer["scale_ffn_routed"]["decode"]["median_s"] / infer["base"]["decode"]["median_s"],
+    }
+    goals = {"router/step": 0.02, "routed_prefill/base": 1.15, "routed_decode/base": 1.15}
+    for row in train.values():
+        row.pop("memory", None)
+    return dict(
+        model=model, quick=quick, machine=machine_info(device), sizes=sizes,
+        workload=dict(batch=batch, seq=seq, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats),
+        train=train, router=router, inference=infer, ratios=ratios,
+        goals={name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in goals.items()},
+    )  # fmt: skip
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"Router cost, {result['model']} ({result['machine'].get('cpu', 'cpu')}), batch {result['workload']['batch']} "
+        f"x {result['workload']['seq']} tokens, fp32",
+        "",
+        "| ratio | measured | goal |",
+        "|---|---|---|",
+    ]
+    for name, value in result["ratios"].items():
+        goal = result["goals"].get(name)
+        shown = f"{value:.2%}" if name == "router/step" else f"{value:.3f}"
+        target = "-" if goal is None else (f"<= {goal['goal']:.0%}" if name == "router/step" else f"<= {goal['goal']}")
+        lines.append(f"| {name} | {shown} | {target}{'' if goal is None else (' met' if goal['met'] else ' MISSED')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "smollm2_shape", "smollm2"), default="tiny")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the 'quick' workload")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args.model, args.quick)
+    print(format_table(result))
+    output = args.output or OUTPUT_DIR / f"router_cost_{args.model}{'_quick' if args.quick else ''}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    print(f"JSON: {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
