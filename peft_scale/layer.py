@@ -124,7 +124,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         ValueError: the base output does not split into ``out_parts`` equal parts.
     """
 
-    adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22")
+    # scale_router: the learned router of a route adapter, held by the first module it gates (peft_scale.routing)
+    adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22", "scale_router")
     other_param_names = ("in_expansion", "out_expansion", "preservation_copy", "route_gated")
 
     def __init__(
@@ -158,6 +159,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         self.scale_w21 = nn.ParameterDict()
         self.scale_b21 = nn.ParameterDict()
         self.scale_w22 = nn.ParameterDict()
+        self.scale_router = nn.ModuleDict()
         self.preservation_copy: dict[str, str] = {}
         self.route_gated: dict[str, bool] = {}
         self.route_gates = NO_GATES  # the ScaleModel's RouteGates: the learned routers' decisions in this forward pass

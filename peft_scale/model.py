@@ -105,8 +105,7 @@ class ScaleModel(BaseTuner):
                 "adapter (the learned rule has no such limit)."
             )
         if "_routing" not in self.__dict__:
-            self.scale_router = nn.ModuleDict()  # adapter name -> TokenRouter (learned rule); saved with the adapter
-            self._routing = Routing(self.scale_router, self._active_configs)
+            self._routing = Routing(self._active_configs)
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
             shapes = self._find_ffn_blocks(model, config)
@@ -236,6 +235,12 @@ class ScaleModel(BaseTuner):
         return [self.peft_config[name] for name in self.active_adapters]
 
     @property
+    def scale_router(self) -> dict:
+        """Adapter name -> ``TokenRouter`` of each learned-route adapter (``peft_scale.routing``)."""
+        routing = self.__dict__.get("_routing")
+        return routing.routers() if routing is not None else {}
+
+    @property
     def last_routing(self) -> Optional[RouteResult]:
         """What the last routed forward pass decided, per token (SCALE-Route), else ``None``."""
         routing = self.__dict__.get("_routing")
@@ -244,9 +249,7 @@ class ScaleModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         if "_routing" in self.__dict__:
             self._routing.remove([adapter_name])
-            if adapter_name in self.scale_router:
-                del self.scale_router[adapter_name]
-        super().delete_adapter(adapter_name)
+        super().delete_adapter(adapter_name)  # the router goes with the module that holds it
 
     # ------------------------------------------------------------------------------------------- merging
 

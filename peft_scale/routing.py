@@ -20,10 +20,11 @@ Two rules decide, token by token, whether a token gets the widened model's compu
   ``[x_pres; x; x_up]`` enters at layer ``L`` (only frozen base weights touch it), the final norm emits both
   heads' inputs, and hooks on the LM head route per token by ``cos(z_pres, z_adapt) >= tau``.
 
-``Routing`` is the one object that installs and removes both rules' hooks; ``ScaleModel`` owns it. The learned
-routers' numbers live in ``ScaleModel.scale_router`` (one ``TokenRouter`` per adapter, saved with the adapter under
-the ``scale_`` prefix); the gates of the forward pass in flight live in one ``RouteGates``, which every gated
-module reads.
+``Routing`` is the one object that installs and removes both rules' hooks; ``ScaleModel`` owns it. A learned
+router's numbers live in the first module it gates (``ScaleLayer.scale_router[adapter]``, inside the model, so that
+PEFT and transformers' ``load_adapter`` save, load and delete it with its adapter like any block;
+``ScaleModel.scale_router`` maps adapter names to them); the gates of the forward pass in flight live in one
+``RouteGates``, which every gated module reads.
 """
 
 from __future__ import annotations
@@ -154,16 +155,16 @@ def decoder_layer_name(module_name: str, layer: int) -> Optional[str]:
 class _GateHook:
     """Forward pre-hook of decoder layer ``L``: the router's decision for every token, stored in ``RouteGates``."""
 
-    def __init__(self, routing: "Routing", adapter_name: str, consumer: nn.Module) -> None:
+    def __init__(self, routing: "Routing", adapter_name: str, holder: nn.Module) -> None:
         self.routing = routing
         self.adapter_name = adapter_name
-        self.consumer = consumer  # a gated module of the adapter: says whether the adapter computes at all
+        self.holder = holder  # the gated module that holds the router; it says whether the adapter computes at all
 
     def __call__(self, module, args, kwargs):
-        consumer = self.consumer
-        if consumer.disable_adapters or self.adapter_name not in consumer.active_adapters:
+        holder = self.holder
+        if holder.disable_adapters or self.adapter_name not in holder.active_adapters:
             return None
-        router = self.routing.routers[self.adapter_name]
+        router = holder.scale_router[self.adapter_name]
         if not router.is_fitted:
             raise RuntimeError(
                 f"SCALE adapter {self.adapter_name!r} routes with a learned router that has not been fitted. Call "
@@ -256,17 +257,15 @@ class Routing:
     """Every routing hook of one ``ScaleModel``: installed per adapter, removed in one place.
 
     Args:
-        routers: the ``ScaleModel``'s ``scale_router`` (adapter name -> ``TokenRouter``), where the learned
-            routers live so that PEFT saves them with their adapters.
         active_configs: returns the configs of the active adapters (for the cosine threshold).
     """
 
-    def __init__(self, routers: nn.ModuleDict, active_configs) -> None:
-        self.routers = routers
+    def __init__(self, active_configs) -> None:
         self.active_configs = active_configs
         self.gates = RouteGates()
         self.last: Optional[RouteResult] = None
         self._handles: dict[str, list] = {}
+        self._gate_hooks: dict[str, _GateHook] = {}
         self._head_router: Optional[LMHeadRouter] = None
 
     def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder_layers: Optional[str]) -> None:
@@ -290,12 +289,15 @@ class Routing:
                 f"SCALE: the learned router of adapter {adapter_name!r} reads the stream entering decoder layer "
                 f"{layer} (preserve_layers), but no widened module was found in that layer."
             )
-        device = consumers[0][1].get_base_layer().weight.device
-        if adapter_name not in self.routers:
-            self.routers[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
-        hook = _GateHook(self, adapter_name, consumers[0][1])
+        # the router lives in the first module it gates in layer L
+        holder = next(m for name, m in consumers if decoder_layer_name(name, layer) == layer_name)
+        if adapter_name not in holder.scale_router:
+            device = holder.get_base_layer().weight.device
+            holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
+        hook = _GateHook(self, adapter_name, holder)
         handle = model.get_submodule(layer_name).register_forward_pre_hook(hook, with_kwargs=True)
         self._handles[adapter_name] = [handle]
+        self._gate_hooks[adapter_name] = hook
 
     def _install_cosine(self, model, adapter_name, config, decoder_layers) -> None:
         """The preservation copy enters at layer ``preserve_layers``; the LM head routes."""
@@ -318,12 +320,17 @@ class Routing:
             )
         return routes[0].route_threshold
 
+    def routers(self) -> dict[str, TokenRouter]:
+        """Adapter name -> its learned router."""
+        return {name: hook.holder.scale_router[name] for name, hook in self._gate_hooks.items()}
+
     def remove(self, adapter_names=None) -> None:
         """Remove the hooks of ``adapter_names`` (default: all); the LM-head hooks go with the last adapter."""
         for name in list(self._handles if adapter_names is None else adapter_names):
             for handle in self._handles.pop(name, []):
                 handle.remove()
             self.gates.gates.pop(name, None)
+            self._gate_hooks.pop(name, None)
         if not self._handles and self._head_router is not None:
             self._head_router.remove()
             self._head_router = None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_in_fresh_process
 from datasets import Dataset
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from tiny_models import perturb_adapter, tiny_model
 from transformers import Trainer, TrainingArguments
 
@@ -309,6 +309,28 @@ torch.save(out, root / "loaded.pt")
     assert torch.equal(loaded["mask"], mask)
     for name in ("routed", "plain"):
         assert torch.allclose(loaded[name], expected[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("loader", ["peft", "peft_low_cpu_mem_usage", "transformers_load_adapter"])
+def test_every_loading_path_brings_the_fitted_router(old_speaker, loader, tmp_path):
+    _, model, _ = fitted(old_speaker)
+    perturb_adapter(model, scale=0.5)
+    ids = torch.cat([domain_ids(OLD, 2, 24, seed=11), domain_ids(NEW, 2, 24, seed=12)])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    mask = model.base_model.last_routing.to_preservation
+    model.save_pretrained(tmp_path)
+    base = copy.deepcopy(old_speaker)
+    if loader == "transformers_load_adapter":  # no PeftModel: the router must live inside the model itself
+        base.load_adapter(str(tmp_path))
+        loaded = base
+    else:
+        loaded = PeftModel.from_pretrained(base, tmp_path, low_cpu_mem_usage=loader.endswith("usage"))
+        assert torch.equal(loaded.base_model.scale_router["default"].threshold, model.base_model.scale_router["default"].threshold)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    if loader != "transformers_load_adapter":
+        assert torch.equal(loaded.base_model.last_routing.to_preservation, mask)
 
 
 def test_delete_adapter_removes_its_router(old_speaker):
