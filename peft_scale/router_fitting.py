@@ -83,7 +83,7 @@ class RouterReport:
 
 # --------------------------------------------------------------------------------------------------- the data
 
-TokenData = Union[torch.Tensor, list, "datasets.Dataset"]  # noqa: F821  (datasets is optional)
+TokenData = Union[torch.Tensor, list, object]  # a LongTensor, a list of dicts, or a datasets.Dataset
 
 
 def token_sequences(data, what: str, vocab_size: Optional[int]) -> list[torch.Tensor]:
