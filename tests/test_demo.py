@@ -11,7 +11,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_and_the_disabled_adapter_is_the_base_model():
+def test_demo_prints_one_row_per_model_and_the_disabled_adapter_is_the_base_model():
     done = subprocess.run(
         [sys.executable, "examples/continual_pretraining_demo.py", "--quick", "--threads", "1"],
         capture_output=True,
@@ -21,5 +21,14 @@ def test_demo_runs_and_the_disabled_adapter_is_the_base_model():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "English   forgetting" in out and "Spanish   learning" in out
-    assert "relative gap 0.0e+00): base model preserved" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[header - 1].split() == ["learning", "forgetting", "genre", "learned"]
+    assert lines[header].split()[1:] == ["Spanish", "ppl", "English", "drift", "answer", "ppl", "English", "ppl"]
+    base, scale = lines[header + 2].split(), lines[header + 3].split()
+    assert base[:2] == ["base", "model"] and base[3] == "0.0000"  # the base model's drift from itself
+    assert scale[0] == "SCALE-FFN" and float(scale[3]) > 0  # training moved the English predictions
+    assert "SCALE-FFN, adapter disabled: English ppl" in out
+    assert "relative gap 0.0e+00), drift 0.0e+00: base model preserved" in out
+    # A clean screen: the progress bars of loading and training only, no warnings, no datasets "Map" bars.
+    assert "Warning" not in done.stderr and "Map" not in done.stderr, done.stderr[-3000:]
