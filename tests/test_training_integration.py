@@ -289,9 +289,11 @@ def test_trl_sft_trainer_trains_scale_adapter(tmp_path):
     assert sorted(losses) == [1, 2, 3]
     assert all(math.isfinite(loss) for loss in losses.values())
     # Step 1 runs the just-wrapped model through TRL's fused (tiled) LM head, which never calls the LM head module:
-    # SCALE leaves the backbone's last hidden state unchanged at init, so this is exactly the base model's loss
-    # (measured bit-equal; without autocast the fused reduction differs from the HF loss by ~5e-7).
-    assert losses[1] == base_loss
+    # SCALE leaves the backbone's last hidden state unchanged at init, so this is the base model's loss up to the
+    # fused head's own reduction order: bit-equal on the machine this was written on; 1.0e-7 relative on an AMD EPYC
+    # without AVX512-BF16 (the same gap before and after the learned router landed, so not SCALE's); without
+    # autocast the fused reduction differs from the HF loss by ~5e-7.
+    assert losses[1] == pytest.approx(base_loss, rel=1e-6, abs=0)
     # Training on one repeated text lowers its loss.
     assert losses[3] < losses[1]
     after = adapter_params(trainer.model)
