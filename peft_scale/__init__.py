@@ -11,6 +11,7 @@ from .layer import ScaleLayer
 from .mer import MERCallback
 from .model import ScaleModel
 from .model_card import install_model_card_hook
+from .optim import create_scale_optimizer, scale_optimizer_param_groups
 from .registration import register_scale
 from .router_fitting import RouterFitCallback, RouterReport, fit_router
 
@@ -28,7 +29,9 @@ __all__ = [
     "ScaleConfig",
     "ScaleLayer",
     "ScaleModel",
+    "create_scale_optimizer",
     "fit_router",
     "register_scale",
+    "scale_optimizer_param_groups",
     "__version__",
 ]
