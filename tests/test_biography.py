@@ -120,7 +120,7 @@ def test_repeat_shuffled_is_whole_shuffled_epochs():
 
 
 def test_quick_run_writes_complete_results(tmp_path):
-    from benchmarks.biography.run import METRICS, ROWS, main
+    from benchmarks.biography.run import METRICS, ROUTED_ROWS, ROWS, main
 
     result = main(["--quick", "--output-dir", str(tmp_path)])
     for name in ("results.json", "results.md", "task0_first_token.png", "task1_first_token.png", "tradeoff.png"):
@@ -143,9 +143,37 @@ def test_quick_run_writes_complete_results(tmp_path):
     assert "python -m benchmarks.biography.run --quick" in (tmp_path / "results.md").read_text()
     assert result["table"].keys() == saved["table"].keys()
     assert (tmp_path / "route_thresholds.png").stat().st_size > 0
+    for row in ROUTED_ROWS:  # the learned router: fitted before stage 3, its report kept, its routing diagnosed
+        run = saved["sweep"][row][str(saved["table"][row]["lr"])]
+        for key in ("old_to_base", "new_to_expansion", "first_tokens_old_to_base", "first_tokens_new_to_expansion"):
+            assert 0.0 <= run["router"][key] <= 1.0, (row, key)
+        assert 0.5 <= run["router"]["threshold"] <= 1.0
+        assert run["router"]["layer"] == saved["settings"]["sizes"]["preserve_layers"]
+        for task in ("task0", "task1"):
+            curve = run["curve"]
+            assert all(0.0 <= v <= 1.0 for v in curve[f"{task}_to_preservation"] + curve[f"{task}_to_base_answer"])
+            right = curve[f"{task}_first_token_right_at_base"][-1] + curve[f"{task}_first_token_right_at_expansion"][-1]
+            assert right == pytest.approx(curve[f"{task}_first_token"][-1])
+        assert saved["bar"][row]["meets_goal"] in (True, False)
+    for row in ("scale_ffn_routed+samples", "scale_routed+samples"):  # fitted on the samples full+replay_samples replays
+        router = saved["sweep"][row][str(saved["table"][row]["lr"])]["router"]
+        assert router["old_source"] == "base model samples" and router["samples_equal_replay_samples"] is True
+    assert "| scale_routed+samples |" in (tmp_path / "results.md").read_text()
 
     notes = tmp_path / "notes.md"
     notes.write_text("SCALE-Route's finding goes here.")
     main(["--render", str(tmp_path / "results.json"), "--notes", str(notes)])  # re-render with findings
     assert "## Findings\n\nSCALE-Route's finding goes here." in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["sweep"] == saved["sweep"]
+
+    # --merge: a run of one row at another learning rate joins the existing results (the same stage-2 model)
+    main(["--quick", "--output-dir", str(tmp_path), "--methods", "scale_ffn_routed", "--lr", "scale_ffn_routed=0.01",
+          "--merge"])
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert set(merged["sweep"]["scale_ffn_routed"]) == {str(saved["table"]["scale_ffn_routed"]["lr"]), "0.01"}
+    assert {row: runs for row, runs in merged["sweep"].items() if row != "scale_ffn_routed"} == {
+        row: runs for row, runs in saved["sweep"].items() if row != "scale_ffn_routed"}
+    assert merged["command"] == saved["command"] and merged["merged_runs"][0]["rows"] == ["scale_ffn_routed"]
+    assert "SCALE-Route's finding goes here." in (tmp_path / "results.md").read_text()  # the notes are kept
+    with pytest.raises(SystemExit, match="--merge: this run does not match"):
+        main(["--quick", "--output-dir", str(tmp_path), "--methods", "full", "--size", "ffn_expansion=8", "--merge"])

@@ -8,8 +8,18 @@ The SCALE paper's protocol (after Physics of Language Models 3.1), at CPU scale:
              Task-1 people's QA pairs (``--task1-bios``: their biographies too); evaluate every ``eval_every`` steps
              Task-0 QA (retention) and Task-1 QA (acquisition), first-token accuracy and exact match
 
-Two replay rows mix 25% old data (Task-0 QA, the stage-2 data) into the same number of steps with
-``methods.mix_with_replay``. Every row trains the same number of steps on batches of the same size.
+Three replay rows mix 25% old data into the same number of steps with ``methods.mix_with_replay``: Task-0 QA (the
+stage-2 data; ``full+replay``, ``scale_route+replay``) or the base model's own samples (``full+replay_samples``).
+Every row trains the same number of steps on batches of the same size.
+
+Four learned-route rows (``methods.ROUTED_METHODS``: ``scale_ffn_routed``, FFN mode; ``scale_routed``, full width)
+fit the router (``methods.fit_method_router``, ``peft_scale.fit_router``) after ``prepare_method`` and before
+stage 3, with an MLP router of ``Settings.router_hidden`` (256) hidden units reading the stream entering layer
+``preserve_layers``. The new side is the Task-1 training sequences; the old side is the Task-0 QA (the rows without
+a suffix) or, for the ``+samples`` rows, ``Settings.router_samples`` samples of the base model (the stage-2 model),
+each started from the beginning of a Task-1 question (``<s>`` and its first word) and as long as the longest
+Task-1 QA sequence. ``full+replay_samples`` replays exactly those samples (checked: ``samples_equal_replay_samples``
+in each ``+samples`` run's router report).
 
 Choosing the learning rate: each method runs a small sweep (``Settings.lr_grid``); the table reports, per method,
 the learning rate with the highest final Task-1 first-token accuracy (ties within 0.005 go to the higher final
@@ -18,16 +28,20 @@ the whole sweep.
 
 Run from the repository root::
 
-    python -m benchmarks.biography.run                      # the full run: 29 min on 2 busy CPU cores (2 workers)
+    python -m benchmarks.biography.run                      # the full run (2 workers): 29 min on 2 busy CPU cores
+                                                            # before the 15 learned-router runs were added
     python -m benchmarks.biography.run --device cuda        # the same on a GPU
     python -m benchmarks.biography.run --quick              # a smoke run (CI, seconds), results mean nothing
     python -m benchmarks.biography.run --methods full scale_route --lr scale_route=0.001 --size preserve_layers=4
     python -m benchmarks.biography.run --render benchmarks/results/biography/results.json --notes findings.md
+    python -m benchmarks.biography.run --methods scale_routed full+replay_samples --merge --cache-dir CACHE
+                                                            # add rows to an existing results.json (same stage 2)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -55,13 +69,16 @@ from benchmarks.methods import (  # noqa: E402
     METHODS,
     MethodSizes,
     autocast,
+    fit_method_router,
     mix_with_replay,
     prepare_method,
     trainable_parameters,
 )
 from benchmarks.biography.data import biographies, build_tokenizer, make_tasks, qa_pairs  # noqa: E402
 from benchmarks.biography.train import (  # noqa: E402
+    IGNORE,
     QAEvalSet,
+    encode_qa,
     examples_dataset,
     make_collator,
     qa_accuracy,
@@ -70,9 +87,22 @@ from benchmarks.biography.train import (  # noqa: E402
 )
 
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "biography"
-REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route"}
-ROWS = (*METHODS, *REPLAY_ROWS)
+# replay rows: the method, and the replayed old data (Task-0 QA, or the base model's own samples)
+REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route", "full+replay_samples": "full"}
+REPLAY_SOURCES = {"full+replay": "task0_qa", "scale_route+replay": "task0_qa", "full+replay_samples": "samples"}
+# learned-route rows: the method, and the router's old side (Task-0 QA, or the base model's own samples)
+ROUTED_ROWS = {
+    "scale_ffn_routed": ("scale_ffn_routed", "task0_qa"),
+    "scale_routed": ("scale_routed", "task0_qa"),
+    "scale_ffn_routed+samples": ("scale_ffn_routed", "samples"),
+    "scale_routed+samples": ("scale_routed", "samples"),
+}
+ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
+# the rows of the learned router's own plots (the main plots keep the other rows: one colour each)
+LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "scale_route", *ROUTED_ROWS)
 REPLAY_FRACTION = 0.25
+ROUTER_BATCH = 32  # sequences per forward of fit_router (features and sampling) and of the replayed samples
+GOAL = {"task0_retained": 0.95, "task1_first_token": 0.95}  # the learned router's goal (routed rows)
 METRICS = ("task0_first_token", "task0_exact_match", "task1_first_token", "task1_exact_match")
 
 
@@ -98,6 +128,8 @@ class Settings:
     lr_grid: dict
     seed: int = 0
     task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
+    router_hidden: int = 256  # the learned routers' MLP width (ScaleConfig.router_hidden) of the routed rows
+    router_samples: int = 600  # base-model samples of the +samples rows and full+replay_samples (one per Task-1 QA)
 
     @classmethod
     def full(cls) -> "Settings":
@@ -122,6 +154,7 @@ class Settings:
             continual_steps=6, eval_every=3, batch_size=8,
             sizes=MethodSizes(ffn_expansion=16, hidden_expansion=16, preserve_layers=1, llama_pro_blocks=1),
             lr_grid={row: lrs[1:2] for row, lrs in default_lr_grid().items()},
+            router_hidden=16, router_samples=20,
         )
 
 
@@ -134,7 +167,15 @@ def default_lr_grid() -> dict:
     grid = {"full": dense, "freeze": dense, "lora": new_parameters, "llama_pro": new_parameters}
     grid.update({name: scale for name in METHODS if name.startswith("scale_")})
     grid.update({row: grid[method] for row, method in REPLAY_ROWS.items()})
+    grid.update({row: scale for row in ROUTED_ROWS})
     return grid
+
+
+def row_method(row: str) -> str:
+    """The ``benchmarks.methods`` method a row trains."""
+    if row in REPLAY_ROWS:
+        return REPLAY_ROWS[row]
+    return ROUTED_ROWS[row][0] if row in ROUTED_ROWS else row
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -163,6 +204,12 @@ class Experiment:
             "task0": QAEvalSet.build(self.tokenizer, self.task0_qa),
             "task1": QAEvalSet.build(self.tokenizer, self.task1_qa),
         }
+        task1_rows = [encode_qa(self.tokenizer, pair) for pair in self.task1_qa]
+        # the base model's samples start where a Task-1 question starts (<s> and its first word), one per question,
+        # and are as long as the longest Task-1 QA sequence (so every sampled question has room for its answer)
+        self.sample_prompts = torch.tensor([row["input_ids"][:2] for row in task1_rows])
+        self.sample_length = max(len(row["input_ids"]) for row in task1_rows)
+        self._samples = None
 
     def evaluate(self, model) -> dict:
         """Task-0 and Task-1 QA metrics (``task0_first_token``, ...), with routing diagnostics for SCALE-Route."""
@@ -209,33 +256,117 @@ class Experiment:
         }
         return model, report
 
-    def continual_stream(self, row: str):
+    def new_data(self):
+        """Stage 3's new data (each example once): Task-1 QA, and Task-1 biographies with ``task1_bios``."""
+        s = self.settings
+        return examples_dataset(self.tokenizer, texts=self.task1_bios if s.task1_bios else [], pairs=self.task1_qa)
+
+    def base_samples(self, base_model) -> list:
+        """``router_samples`` samples of ``base_model`` (the stage-2 model), drawn exactly as ``fit_router`` draws
+        its old side with the same arguments (``sample_base_model``: temperature 1, full length, the same seed)."""
+        from peft_scale.router_fitting import sample_base_model
+
+        if self._samples is None:
+            s = self.settings
+            was_training = base_model.training
+            base_model.eval()
+            self._samples = sample_base_model(base_model, self.sample_prompts, s.router_samples, self.sample_length,
+                                              ROUTER_BATCH, s.seed, progress=False)
+            base_model.train(was_training)
+        return self._samples
+
+    def samples_dataset(self, base_model):
+        """The base model's samples as training examples: the loss on every sampled token (not on the prompt)."""
+        prompt = self.sample_prompts.shape[1]
+        rows = [{"input_ids": ids.tolist(), "labels": [IGNORE] * prompt + ids[prompt:].tolist()}
+                for ids in self.base_samples(base_model)]
+        from datasets import Dataset
+
+        return Dataset.from_list(rows)
+
+    def continual_stream(self, row: str, base_model=None):
         """Stage 3's training examples in order: Task-1 QA (and biographies with ``task1_bios``); replay rows mix
-        in 25% Task-0 QA, the old task's training data (which are also the Task-0 questions evaluated, so replay
-        here rehearses the test itself: the most replay can do)."""
+        in 25% old data: Task-0 QA, the old task's training data (which are also the Task-0 questions evaluated, so
+        replay here rehearses the test itself: the most replay can do), or the base model's own samples."""
         s = self.settings
         length = s.continual_steps * s.batch_size
-        new = examples_dataset(self.tokenizer, texts=self.task1_bios if s.task1_bios else [], pairs=self.task1_qa)
+        new = self.new_data()
         if row not in REPLAY_ROWS:
             return repeat_shuffled(new, length, s.seed + 2)
-        old = examples_dataset(self.tokenizer, pairs=self.task0_qa)
+        if REPLAY_SOURCES[row] == "samples":
+            old = self.samples_dataset(base_model)
+        else:
+            old = examples_dataset(self.tokenizer, pairs=self.task0_qa)
         mixed = mix_with_replay(repeat_shuffled(new, length, s.seed + 2), repeat_shuffled(old, length, s.seed + 3),
                                 REPLAY_FRACTION, seed=s.seed + 4)
         return mixed.select(range(length))
 
-    def continual(self, base_model, row: str, lr: float) -> dict:
-        """Stage 3 for one method and learning rate, from a copy of the stage-2 model."""
+    def row_sizes(self, row: str) -> MethodSizes:
+        """The sizes a row builds its method with: the routed rows add ``router_hidden`` to the scale options (an
+        explicit ``--scale-option router_hidden=...`` wins)."""
+        sizes = self.settings.sizes
+        if row not in ROUTED_ROWS:
+            return sizes
+        return dataclasses.replace(sizes, scale_options={"router_hidden": self.settings.router_hidden,
+                                                         **sizes.scale_options})
+
+    def fit_router(self, model, row: str, base_model) -> dict:
+        """Fit a routed row's router before stage 3: the new side is stage 3's new data; the old side is the
+        Task-0 QA or (``+samples``) the base model's own samples. Returns fit_router's report (and its time)."""
         s = self.settings
-        method = REPLAY_ROWS.get(row, row)
+        begin = time.perf_counter()
+        common = dict(batch_size=ROUTER_BATCH, seed=s.seed)
+        if ROUTED_ROWS[row][1] == "task0_qa":
+            report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa), **common)
+            extra = {"old_side": "Task-0 QA"}
+        else:
+            captured: list = []
+            with _capturing_samples(captured):
+                report = fit_method_router(model, self.new_data(), None, sample_prompts=self.sample_prompts,
+                                           num_samples=s.router_samples, sample_length=self.sample_length, **common)
+            fit_s = time.perf_counter() - begin
+            replayed = self.base_samples(base_model)
+            same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
+            extra = {"old_side": "base model samples", "samples_equal_replay_samples": same,
+                     "sample_length": self.sample_length, "num_samples": s.router_samples, "fit_s": fit_s}
+        return {**dataclasses.asdict(report), "fit_s": time.perf_counter() - begin, **extra}
+
+    def continual(self, base_model, row: str, lr: float) -> dict:
+        """Stage 3 for one method and learning rate, from a copy of the stage-2 model (a routed row fits its
+        router first)."""
+        s = self.settings
         torch.manual_seed(s.seed + 5)  # the methods' random initialisations (SCALE's W21/W22, LoRA's A)
-        model = prepare_method(method, copy.deepcopy(base_model), s.sizes).to(self.device)
+        model = prepare_method(row_method(row), copy.deepcopy(base_model), self.row_sizes(row)).to(self.device)
+        router = self.fit_router(model, row, base_model) if row in ROUTED_ROWS else None
         result = train(
-            model, self.continual_stream(row), collator=self.collator, batch_size=s.batch_size, lr=lr,
+            model, self.continual_stream(row, base_model), collator=self.collator, batch_size=s.batch_size, lr=lr,
             device=self.device, autocast=self.autocast, eval_every=s.eval_every, evaluate=lambda: self.evaluate(model),
         )
+        if router is not None:
+            result["router"] = router
         result["trainable_parameters"] = trainable_parameters(model)
         result["final"] = {k: result["curve"][k][-1] for k in METRICS}
         return result
+
+
+@contextlib.contextmanager
+def _capturing_samples(store: list):
+    """Keep what ``fit_router`` samples from the base model (``router_fitting.sample_base_model``) in ``store``, to
+    check that ``full+replay_samples`` replays the very samples the ``+samples`` routers were fitted on."""
+    from peft_scale import router_fitting
+
+    original = router_fitting.sample_base_model
+
+    def sample_and_keep(*args, **kwargs):
+        samples = original(*args, **kwargs)
+        store.extend(samples)
+        return samples
+
+    router_fitting.sample_base_model = sample_and_keep
+    try:
+        yield
+    finally:
+        router_fitting.sample_base_model = original
 
 
 # ------------------------------------------------------------------------------------------- sweep and report
@@ -267,7 +398,14 @@ def summarise(rows: dict) -> dict:
             "trainable_parameters": run["trainable_parameters"],
             "step_ms": 1000 * run["step_s"],
         }
+        if "router" in run:
+            table[row]["router"] = {k: run["router"][k] for k in ROUTER_REPORT_KEYS if k in run["router"]}
     return table
+
+
+ROUTER_REPORT_KEYS = ("old_side", "old_to_base", "new_to_expansion", "threshold", "first_tokens_old_to_base",
+                      "first_tokens_new_to_expansion", "layer", "tokens", "held_out_tokens", "fit_s",
+                      "samples_equal_replay_samples")
 
 
 def bar_check(table: dict, sweep: dict) -> dict:
@@ -296,6 +434,21 @@ def bar_check(table: dict, sweep: dict) -> dict:
     for row in ("full", "llama_pro"):
         if row in table:
             out[row] = {"retained": table[row]["retained"], "paper": "about 0.15 of Task-0 left"}
+    for row in ROUTED_ROWS:  # the learned router's goal: keep >= 0.95 of Task-0 and learn >= 0.95 of Task-1
+        if row in table:
+            start = table[row]["task0_start"]
+
+            def meets(final):
+                return final["task0_first_token"] / start >= GOAL["task0_retained"] and \
+                    final["task1_first_token"] >= GOAL["task1_first_token"]
+
+            out[row] = {
+                "retained": table[row]["retained"], "retained_target": GOAL["task0_retained"],
+                "task1_first_token": table[row]["task1_first_token"], "task1_target": GOAL["task1_first_token"],
+                "meets_goal": bool(meets(table[row])),
+                "lrs_meeting_goal": [float(lr) for lr, run in sorted(sweep[row].items(), key=lambda i: float(i[0]))
+                                     if meets(run["final"])],
+            }
     return out
 
 
@@ -309,6 +462,9 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']['description']}; {result['device']}, {result['dtype']}; "
         f"total {result['total_s'] / 60:.1f} min.",
         "",
+        *[f"Rows added later (`--merge`, same stage-2 model): {', '.join(run['rows'])}: `{run['command']}`; "
+          f"{run['machine']['description']}; {run['total_s'] / 60:.1f} min.  " for run in result.get("merged_runs", [])],
+        *([""] if result.get("merged_runs") else []),
         f"Model: Llama, {s['num_layers']} layers, hidden {s['hidden_size']}, FFN {s['intermediate_size']}, "
         f"{s['num_heads']} heads, {pre['parameters']:,} parameters, word-level vocabulary of {pre['vocab_size']}. "
         f"Task-0: {s['task0_people']} people, Task-1: {s['task1_people']} people, {s['bios_per_person']} "
@@ -332,6 +488,7 @@ def markdown(result: dict) -> str:
             f"{r['task1_exact_match']:.3f} | {r['step_ms']:.1f} |"
         )
     lines += ["", "retained = final Task-0 first-token accuracy / its value at step 0 (the stage-2 model).", ""]
+    lines += learned_router_markdown(result)
     if result["bar"]:
         lines += ["The issue's bar (reported, not tuned to):", ""]
         for row, check in result["bar"].items():
@@ -351,18 +508,73 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def learned_router_markdown(result: dict) -> list[str]:
+    """The routed rows: the goal, fit_router's held-out report and where the router sent each kind of token."""
+    table = result["table"]
+    routed = [row for row in ROUTED_ROWS if row in table]
+    if not routed:
+        return []
+    s = result["settings"]
+    lines = [
+        "Learned router (routed rows): router MLP of "
+        f"{s.get('router_hidden', '?')} hidden units on the stream entering layer {s['sizes']['preserve_layers']}; "
+        "new side: the Task-1 training sequences; old side: the Task-0 QA, or (+samples) "
+        f"{s.get('router_samples', '?')} base-model samples started from `<s>` and the first word of a Task-1 "
+        "question. Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
+        "held-out report (old tokens to the base model, new tokens to the expansion; the same on each sequence's "
+        "first 8 tokens). Routing columns (final evaluation): share of answer tokens and of first-answer positions "
+        "(the `:` that predicts it) sent to the base model, and of questions with every token on the base model.",
+        "",
+        "| row | lr | Task-0 kept | Task-1 learned | goal | router old->base | router new->exp | first 8 old/new | "
+        "threshold | T0 answer->base | T0 first->base | T0 all-base | T1 answer->base | T1 first->base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in routed:
+        r, router = table[row], table[row].get("router", {})
+        curve = result["sweep"][row][str(r["lr"])]["curve"]
+
+        def last(key):
+            return f"{curve[key][-1]:.3f}" if key in curve else "-"
+
+        goal = result["bar"].get(row, {})
+        lines.append(
+            f"| {row} | {r['lr']:g} | {r['retained']:.3f} | {r['task1_first_token']:.3f} | "
+            f"{'met' if goal.get('meets_goal') else 'missed'} | {router.get('old_to_base', float('nan')):.3f} | "
+            f"{router.get('new_to_expansion', float('nan')):.3f} | {router.get('first_tokens_old_to_base', float('nan')):.3f}"
+            f" / {router.get('first_tokens_new_to_expansion', float('nan')):.3f} | {router.get('threshold', float('nan')):.6g} | "
+            f"{last('task0_to_preservation')} | {last('task0_first_answer_to_base')} | {last('task0_sequences_all_base')} | "
+            f"{last('task1_to_preservation')} | {last('task1_first_answer_to_base')} |"
+        )
+    from benchmarks.biography.train import TOKEN_ROLES
+
+    lines += ["", "Share of each kind of token the router sends to the base model (final evaluation; Task-0 / Task-1):", "",
+              "| row | " + " | ".join(TOKEN_ROLES) + " |", "|---|" + "---|" * len(TOKEN_ROLES)]
+    for row in routed:
+        curve = result["sweep"][row][str(table[row]["lr"])]["curve"]
+        cells = [f"{curve[f'task0_to_base_{role}'][-1]:.3f} / {curve[f'task1_to_base_{role}'][-1]:.3f}"
+                 if f"task0_to_base_{role}" in curve else "-" for role in TOKEN_ROLES]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def plot(result: dict, output_dir: Path) -> list[str]:
     from benchmarks.plotting import plot_curves, plot_tradeoff
 
     curves = {row: result["sweep"][row][str(r["lr"])]["curve"] for row, r in result["table"].items()}
+    learned = {row: curve for row, curve in curves.items() if row in LEARNED_ROUTER_PLOT_ROWS}
+    main_curves = {row: curve for row, curve in curves.items() if row not in (*ROUTED_ROWS, "full+replay_samples")}
     made = []
     for key, title, ylabel in (
         ("task0_first_token", "Retention: Task-0 QA during Task-1 training", "Task-0 first-token accuracy"),
         ("task1_first_token", "Acquisition: Task-1 QA during Task-1 training", "Task-1 first-token accuracy"),
     ):
-        name = f"{key}.png"
-        plot_curves(curves, "step", key, output_dir / name, title, ylabel)
-        made.append(name)
+        for prefix, rows in (("", main_curves), ("learned_router_", learned)):
+            if rows and (prefix == "" or any(row in ROUTED_ROWS for row in rows)):
+                name = f"{prefix}{key}.png"
+                plot_curves(rows, "step", key, output_dir / name, title if not prefix else f"{title} (learned router)",
+                            ylabel)
+                made.append(name)
     points = {row: (r["task0_start"] - r["task0_first_token"], r["task1_first_token"]) for row, r in result["table"].items()}
     plot_tradeoff(points, output_dir / "tradeoff.png", "Forgetting vs learning (biographies, final step)",
                   "forgetting: drop in Task-0 first-token accuracy", "learning: Task-1 first-token accuracy")
@@ -478,6 +690,9 @@ def apply_overrides(settings: Settings, args) -> None:
         settings.lr_grid[row] = tuple(float(v) for v in value.split(","))
 
 
+STAGE3_SETTINGS = ("continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples")
+
+
 def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
     """Stages 1-2, or their saved result from ``cache_dir`` when a run with the same data and model made one."""
     if cache_dir is None:
@@ -485,7 +700,7 @@ def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
     from transformers import AutoModelForCausalLM
 
     s = dataclasses.asdict(experiment.settings)
-    stages = {k: v for k, v in s.items() if k not in ("continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios")}
+    stages = {k: v for k, v in s.items() if k not in STAGE3_SETTINGS}
     stages["dtype"] = experiment.dtype
     path = Path(cache_dir) / hashlib.sha1(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
     if (path / "report.json").exists():
@@ -496,6 +711,38 @@ def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
     model.save_pretrained(path)
     (path / "report.json").write_text(json.dumps(report))
     return model, report
+
+
+def merge(previous: dict, new: dict) -> dict:
+    """``new``'s runs added to ``previous`` (a results.json of the same settings and the same stage-2 model): a run
+    of the same row and learning rate replaces the old one; the caller recomputes the table, the bar and the plots.
+    Raises SystemExit when the two runs do not share their settings (other than the learning-rate grid and the
+    router's) or their stage-2 model (its losses and accuracies after stages 1-2)."""
+    mine, theirs = previous["settings"], new["settings"]
+    differ = [k for k in mine if k not in ("lr_grid", "router_hidden", "router_samples") and mine[k] != theirs.get(k)]
+    if previous["dtype"] != new["dtype"]:
+        differ.append("dtype")
+    same_model = all(previous["pretraining"][key] == new["pretraining"][key] for key in ("qa_after_stage2", "parameters"))
+    same_model = same_model and all(previous["pretraining"][stage]["final_loss"] == new["pretraining"][stage]["final_loss"]
+                                    for stage in ("stage1", "stage2"))
+    if differ or not same_model:
+        raise SystemExit(
+            f"--merge: this run does not match {previous['command']!r}: different settings {differ}"
+            + ("" if same_model else " and a different stage-2 model (losses or accuracies after stage 2)")
+            + ". Write it to another --output-dir instead."
+        )
+    merged = copy.deepcopy(previous)
+    for row, runs in new["sweep"].items():
+        merged["sweep"].setdefault(row, {}).update(runs)
+        grid = set(merged["settings"]["lr_grid"].get(row, ())) | set(theirs["lr_grid"][row])
+        merged["settings"]["lr_grid"][row] = sorted(grid)
+    order = {row: index for index, row in enumerate(ROWS)}
+    merged["sweep"] = dict(sorted(merged["sweep"].items(), key=lambda item: order.get(item[0], len(order))))
+    for key in ("router_hidden", "router_samples"):
+        merged["settings"][key] = theirs[key]
+    run = {key: new[key] for key in ("command", "device", "workers", "machine", "total_s")}
+    merged.setdefault("merged_runs", []).append({**run, "rows": list(new["sweep"])})
+    return merged
 
 
 def render(results_json: Path, notes) -> dict:
@@ -539,6 +786,9 @@ def parse_args(argv):
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only re-write results.md and the plots next to an existing results.json (with --notes)")
     parser.add_argument("--notes", type=Path, default=None, help="a markdown file of findings to put in results.md")
+    parser.add_argument("--merge", action="store_true",
+                        help="add this run's rows to OUTPUT_DIR/results.json (a run of the same settings and stage-2 "
+                        "model; refused otherwise) instead of replacing it, and re-render results.md and the plots")
     return parser.parse_args(argv)
 
 
@@ -562,8 +812,6 @@ def main(argv=None) -> dict:
         settings.lr_grid = {row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in settings.lr_grid.items()}
     experiment = Experiment(settings, device, args.dtype)
     model, pretraining = pretrain_or_load(experiment, args.cache_dir, log)
-    sweep = run_sweep(settings, args.methods, model.cpu(), device, args.dtype, args.workers, args.threads, log)
-
     result = {
         "command": "python -m benchmarks.biography.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "device": str(device),
@@ -573,14 +821,23 @@ def main(argv=None) -> dict:
         "settings": dataclasses.asdict(settings),
         "replay_fraction": REPLAY_FRACTION,
         "pretraining": pretraining,
-        "sweep": sweep,
+        "sweep": {},
+        "total_s": 0.0,
     }
-    result["table"] = summarise(sweep)
-    result["bar"] = bar_check(result["table"], sweep)
+    if args.merge:  # refuse before the sweep, not after it
+        previous = json.loads((args.output_dir / "results.json").read_text())
+        merge(previous, result)
+    result["sweep"] = run_sweep(settings, args.methods, model.cpu(), device, args.dtype, args.workers, args.threads, log)
     result["notes"] = args.notes.read_text() if args.notes else ""
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot(result, args.output_dir)
     result["total_s"] = time.perf_counter() - begin
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        notes = result["notes"] or previous.get("notes", "")
+        result = merge(previous, result)
+        result["notes"] = notes
+    result["table"] = summarise(result["sweep"])
+    result["bar"] = bar_check(result["table"], result["sweep"])
+    result["plots"] = plot(result, args.output_dir)
     (args.output_dir / "results.json").write_text(json.dumps(result, indent=1))
     (args.output_dir / "results.md").write_text(markdown(result))
     log(f"wrote {args.output_dir}/results.json, results.md and {len(result['plots'])} plots")

@@ -76,6 +76,7 @@ class QAEvalSet:
     attention_mask: torch.Tensor  # (N, T)
     answer_start: torch.Tensor  # (N,) index of the first answer token
     answer_length: torch.Tensor  # (N,) answer tokens (without </s>)
+    roles: Optional[torch.Tensor] = None  # (N, T) the role of each token (TOKEN_ROLES; 0: padding)
 
     @classmethod
     def build(cls, tokenizer, pairs: list[QAPair]) -> "QAEvalSet":
@@ -83,12 +84,34 @@ class QAEvalSet:
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        roles = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, pair) in enumerate(zip(rows, pairs)):
             ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
             mask[i, : len(row["input_ids"])] = 1
+            roles[i, : len(row["input_ids"])] = torch.tensor(token_roles(pair))
         start = torch.tensor([sum(label == IGNORE for label in r["labels"]) for r in rows])  # the prompt's length
         length = torch.tensor([len(p.answer.split()) for p in pairs])
-        return cls(ids, mask, start, length)
+        return cls(ids, mask, start, length, roles)
+
+
+# What each token of an encoded QA pair is (``token_roles``): the learned router's diagnostics are per role.
+TOKEN_ROLES = ("question", "first_name", "last_name", "answer_prefix", "answer", "eos")
+
+
+def token_roles(pair: QAPair) -> list[int]:
+    """Per token of ``encode_qa(pair)``, its role's index in ``TOKEN_ROLES`` plus 1 (0 is padding): ``<s>`` and the
+    question's template words, the person's first name and last name, ``? Answer :`` (the last of which predicts
+    the first answer token), the answer's tokens, ``</s>``."""
+    words, name = pair.prompt.split(), pair.person.split()
+    at = next(i for i in range(len(words)) if words[i : i + len(name)] == name)
+    prompt = ["question"] * len(words)
+    prompt[at] = "first_name"
+    for i in range(at + 1, at + len(name)):
+        prompt[i] = "last_name"
+    for i in range(len(words) - 3, len(words)):  # every question ends "{name} ? Answer :"
+        prompt[i] = "answer_prefix"
+    names = ["question", *prompt, *["answer"] * len(pair.answer.split()), "eos"]
+    return [TOKEN_ROLES.index(role) + 1 for role in names]
 
 
 @torch.no_grad()
@@ -105,12 +128,20 @@ def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512, 
     first answer position (``answer_cosine``), and the first-token accuracy the cosine rule would give at other
     thresholds (``first_token_tau_0.9``, ...): the rule is a function of the two heads' logits, so a threshold sweep
     needs no retraining. Together they say whether routing, or the adaptation path, is where accuracy is lost.
+
+    With the learned rule (the route has no per-head logits) it adds instead: ``to_preservation`` as above (answer
+    tokens routed to the base model), ``first_answer_to_base`` (questions whose first answer token is predicted by
+    the base model's computation), ``first_token_right_at_base`` / ``first_token_right_at_expansion`` (questions
+    whose first answer token is right and routed there; the two sum to ``first_token``), ``sequences_all_base``
+    (questions with every token routed to the base model: computed exactly as the base model computes them), and
+    ``to_base_<role>`` for every role of ``TOKEN_ROLES`` (the share of those tokens routed to the base model).
     """
     hits = {"first_token": 0, "exact_match": 0}
-    if routing is not None:
-        hits.update(to_preservation=0, preservation_first_token=0, adaptation_first_token=0, answer_cosine=0.0)
-        hits.update({f"first_token_tau_{tau:g}": 0 for tau in ROUTE_THRESHOLDS})
+    learned = None  # whether the route is the learned rule's (known after the first forward)
     total, answer_tokens = eval_set.input_ids.shape[0], eval_set.answer_length.sum().item()
+    role_tokens = {}
+    if eval_set.roles is not None:
+        role_tokens = {role: (eval_set.roles == index + 1).sum().item() for index, role in enumerate(TOKEN_ROLES)}
     for begin in range(0, total, chunk):
         ids = eval_set.input_ids[begin : begin + chunk].to(device)
         mask = eval_set.attention_mask[begin : begin + chunk].to(device)
@@ -130,7 +161,31 @@ def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512, 
         hits["exact_match"] += (correct | ~in_answer).all(dim=1).sum().item()
         if routing is not None:
             route = routing()
+            if learned is None:
+                learned = route.preservation_logits is None
+                hits["to_preservation"] = 0
+                if learned:
+                    hits.update(first_answer_to_base=0, sequences_all_base=0, first_token_right_at_base=0,
+                                first_token_right_at_expansion=0)
+                    hits.update({f"to_base_{role}": 0 for role in role_tokens})
+                else:
+                    hits.update(preservation_first_token=0, adaptation_first_token=0, answer_cosine=0.0)
+                    hits.update({f"first_token_tau_{tau:g}": 0 for tau in ROUTE_THRESHOLDS})
             hits["to_preservation"] += (route.to_preservation[:, :-1] & in_answer).sum().item()
+            if learned:  # the learned rule: where the base model's computation went, per token role
+                to_base = route.to_preservation
+                rows = torch.arange(ids.shape[0], device=device)
+                at_first = to_base[rows, start - 1]  # the position that predicts the first answer token
+                right = logits[rows, start - 1].argmax(-1) == first_answer[:, 0]
+                hits["first_answer_to_base"] += at_first.sum().item()
+                hits["first_token_right_at_base"] += (right & at_first).sum().item()
+                hits["first_token_right_at_expansion"] += (right & ~at_first).sum().item()
+                hits["sequences_all_base"] += (to_base | ~mask.bool()).all(dim=1).sum().item()
+                if eval_set.roles is not None:
+                    roles = eval_set.roles[begin : begin + chunk].to(device)
+                    for index, role in enumerate(TOKEN_ROLES):
+                        hits[f"to_base_{role}"] += (to_base & (roles == index + 1)).sum().item()
+                continue
             hits["preservation_first_token"] += first_token_hits(route.preservation_logits)
             hits["adaptation_first_token"] += first_token_hits(route.adaptation_logits)
             rows = torch.arange(ids.shape[0], device=device)
@@ -141,7 +196,15 @@ def qa_accuracy(model, eval_set: QAEvalSet, device, autocast, chunk: int = 512, 
             for tau in ROUTE_THRESHOLDS:
                 routed = torch.where(cosine >= tau, preservation.argmax(-1), adaptation.argmax(-1))
                 hits[f"first_token_tau_{tau:g}"] += (routed == first_answer[:, 0]).sum().item()
-    return {key: value / (answer_tokens if key == "to_preservation" else total) for key, value in hits.items()}
+
+    def share(key, value):
+        if key == "to_preservation":
+            return value / answer_tokens
+        if key.startswith("to_base_"):
+            return value / role_tokens[key[len("to_base_"):]]
+        return value / total
+
+    return {key: share(key, value) for key, value in hits.items()}
 
 
 # -------------------------------------------------------------------------------------------------- training
