@@ -31,8 +31,9 @@ SUPPORTED = (
     "BitsAndBytesConfig(load_in_4bit=True) (Linear4bit: nf4 or fp4, with or without double quantisation) and "
     "BitsAndBytesConfig(load_in_8bit=True) (Linear8bitLt)"
 )
-# How transformers names bitsandbytes in `config.quantization_config.quant_method`
-SUPPORTED_QUANT_METHODS = ("bitsandbytes",)
+# `config.quantization_config.quant_method` values SCALE accepts: bitsandbytes, and GGUF, whose weights transformers
+# dequantises to float on load (a GGUF layer left packed is caught by `check_layer`)
+SUPPORTED_QUANT_METHODS = ("bitsandbytes", "gguf")
 # bitsandbytes' quantized parameter classes (by name, as PEFT checks them, so that bitsandbytes need not be imported)
 _BNB_PARAMS = {"Params4bit": "4bit", "Int8Params": "8bit"}
 
@@ -171,7 +172,7 @@ def check_layer(layer: nn.Module, key: Optional[str] = None) -> None:
     weight = layer.weight
     module = type(weight).__module__
     plain = module == "torch" or module.startswith("torch.") or type(weight).__name__ in _BNB_PARAMS
-    if not plain or not weight.dtype.is_floating_point:
+    if not plain or not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:  # int8, float8: scaled elsewhere
         raise TypeError(
             f"SCALE cannot widen {type(layer).__name__}{where}: its weight is a {module}.{type(weight).__name__} of "
             f"dtype {weight.dtype}, i.e. quantized or wrapped by something SCALE cannot read. Supported: {SUPPORTED}."

@@ -365,6 +365,11 @@ def _int8_weight(model):
     layer.weight = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8), requires_grad=False)
 
 
+def _float8_weight(model):
+    layer = model.model.layers[1].mlp.down_proj
+    layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+
+
 def _tensor_subclass_weight(model):
     layer = model.model.layers[1].mlp.down_proj
     layer.weight = nn.Parameter(layer.weight.detach().as_subclass(FakeQuantizedTensor), requires_grad=False)
@@ -379,6 +384,7 @@ def _quant_linear(model):
     [
         (_quantized_by_gptq, ValueError, "cannot widen a model quantized with 'gptq'.*Supported: .*bitsandbytes"),
         (_int8_weight, TypeError, "layers.1.mlp.down_proj.*torch.int8.*Supported: .*bitsandbytes"),
+        (_float8_weight, TypeError, "down_proj.*float8_e4m3fn.*Supported: .*bitsandbytes"),
         (_tensor_subclass_weight, TypeError, "down_proj.*FakeQuantizedTensor.*Supported: .*bitsandbytes"),
         (_quant_linear, TypeError, "got QuantLinear at 'model.layers.1.mlp.down_proj'.*Supported: .*bitsandbytes"),
     ],
@@ -391,3 +397,12 @@ def test_a_base_quantized_by_something_else_is_a_clear_error(quantize, error, me
         get_peft_model(model, ScaleConfig(ffn_expansion=EXPANSION))
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())  # checked before any module is touched
     assert list(model.state_dict()) == before
+
+
+def test_a_gguf_model_dequantised_on_load_is_a_plain_model():
+    """transformers records GGUF as the model's quantization even when it dequantised every weight to float."""
+    model = tiny_llama(num_hidden_layers=2)
+    model.config.quantization_config = {"quant_method": "gguf", "dequantize": True}
+    ids = random_ids()
+    expected = logits(model, ids)
+    assert torch.equal(logits(get_peft_model(model, ScaleConfig(ffn_expansion=EXPANSION)), ids), expected)
