@@ -175,9 +175,9 @@ TRAINED = [(quant, "ffn") for quant in QUANTS] + [("nf4", "full_width"), ("int8"
 def test_training_moves_the_logits_and_only_the_scale_blocks(checkpoint, quant, mode):
     """QLoRA's recipe: prepare_model_for_kbit_training (gradient checkpointing on), then a few optimizer steps."""
     ids = random_ids()
-    base = prepare_model_for_kbit_training(
-        load(checkpoint, quant), gradient_checkpointing_kwargs={"use_reentrant": True}  # the variant that needs input grads
-    )
+    # reentrant checkpointing: the variant that needs the inputs' gradients switched on
+    checkpointing = {"use_reentrant": True}
+    base = prepare_model_for_kbit_training(load(checkpoint, quant), gradient_checkpointing_kwargs=checkpointing)
     expected = logits(base, ids)
     quantized = quantized_tensors(base)
     frozen = {name: p.detach().clone() for name, p in base.named_parameters() if p.dtype.is_floating_point}
@@ -203,14 +203,16 @@ def test_the_learned_route_on_a_quantized_base(checkpoint, quant):
     """Old-domain text (ids 4-63) routed to the base model gets the quantized base model's logits exactly, after the
     expansion has moved; new-domain text (64-127) goes to the expansion."""
     generator = torch.Generator().manual_seed(0)
-    new, old = torch.randint(64, 128, (64, 48), generator=generator), torch.randint(4, 64, (64, 48), generator=generator)
+    new = torch.randint(64, 128, (64, 48), generator=generator)
+    old = torch.randint(4, 64, (64, 48), generator=generator)
     base = load(checkpoint, quant)
     model = get_peft_model(load(checkpoint, quant), ScaleConfig(ffn_expansion=16, variant="route", preserve_layers=2))
     fit_router(model, new, old, progress=False)
     ids = random_ids()
     assert torch.equal(logits(model, ids), logits(base, ids))  # W12 still zero
     perturb_adapter(model, scale=0.5)
-    old_text, new_text = torch.randint(4, 64, (4, 16), generator=generator), torch.randint(64, 128, (4, 16), generator=generator)
+    old_text = torch.randint(4, 64, (4, 16), generator=generator)
+    new_text = torch.randint(64, 128, (4, 16), generator=generator)
     assert torch.equal(logits(model, old_text), logits(base, old_text))
     assert model.base_model.last_routing.to_preservation.all()
     assert gap(logits(model, new_text), logits(base, new_text)) > 1e-2
@@ -406,3 +408,23 @@ def test_a_gguf_model_dequantised_on_load_is_a_plain_model():
     ids = random_ids()
     expected = logits(model, ids)
     assert torch.equal(logits(get_peft_model(model, ScaleConfig(ffn_expansion=EXPANSION)), ids), expected)
+
+
+# ---------------------------------------------------------------------------------------------- 6. benchmark
+
+
+def test_the_quantized_benchmark_quick_run(tmp_path):
+    """benchmarks/quantized.py --quick: SCALE-FFN and LoRA of (about) the same trainable size on the nf4 base, their
+    ratios, and the transfer onto the fp32 base."""
+    from benchmarks import quantized
+
+    result = quantized.main(["--quick", "--output-dir", str(tmp_path)])
+    training = result["training"]
+    assert set(training) == {"lora", "scale_ffn"}
+    sizes = [row["trainable_params"] for row in training.values()]
+    assert abs(sizes[0] - sizes[1]) <= 0.2 * sizes[1]
+    assert result["ratios"]["scale_ffn/lora time"] == training["scale_ffn"]["median_s"] / training["lora"]["median_s"]
+    transfer = result["transfer"]
+    assert transfer["steps"] == 2 and all(v > 0 for v in transfer["loss"].values())
+    assert transfer["bases_fp32_vs_nf4"]["max"] > 0
+    assert (tmp_path / "quantized_tiny_quick.json").is_file()
