@@ -99,9 +99,9 @@ def quantized_like(base: nn.Module, rows: torch.Tensor, bias: Optional[torch.Ten
     import bitsandbytes as bnb
 
     warnings.warn(
-        "Merging SCALE into a bitsandbytes layer dequantises it, widens it and requantises it: the merged model differs "
-        "from the unmerged one by the quantization error of the widened matrices (4-bit blocks shift when a row gains "
-        "columns). For a lossless merge, load the adapter onto the full-precision base and merge there.",
+        "Merging SCALE into a bitsandbytes layer dequantises it, widens it and requantises it: the merged model "
+        "differs from the unmerged one by the quantization error of the widened matrices (4-bit blocks shift when a "
+        "row gains columns). For a lossless merge, load the adapter onto the full-precision base and merge there.",
         UserWarning,
         stacklevel=2,
     )
