@@ -16,7 +16,7 @@ from .embedding import ScaleEmbedding
 from .layer import ScaleLayer, ScaleTunerLayer
 from .norm import ScaleNorm
 from .plan import LINEAR_ROLES, expansion_widths, full_width_targets, module_role, plan_module
-from .quantized import check_layer, check_model_quantization, weight_shape
+from .quantized import check_layer, check_model_quantization, has_quantized_layers, weight_shape
 from .routing import RouteResult, Routing
 
 
@@ -263,6 +263,24 @@ class ScaleModel(BaseTuner):
         super().delete_adapter(adapter_name)  # the router goes with the module that holds it
 
     # ------------------------------------------------------------------------------------------- merging
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, and: no full-width merge into a quantized base (``merge_adapter`` and ``merge_and_unload``).
+
+        Merging requantises every widened projection, and in full width that is every projection of the model, each
+        with new input columns that shift its 4-bit blocks over the original weights: on a tiny Llama the merged
+        logits moved by up to 5x what quantizing the base had cost (FFN mode: below it, so FFN adapters merge)."""
+        super()._check_merge_allowed()
+        if any(self.peft_config[name].hidden_expansion for name in self.active_adapters) and has_quantized_layers(
+            self.model
+        ):
+            raise ValueError(
+                "Cannot merge a full-width SCALE adapter into a bitsandbytes-quantized base: every widened projection "
+                "would be requantised with the original weights in new blocks, which moves the logits by several times "
+                "what quantizing the base cost (a merged full-width model is for use in memory only anyway). Keep it "
+                "unmerged, or merge it on the full-precision base: "
+                "PeftModel.from_pretrained(full_precision_base, adapter_folder).merge_and_unload()."
+            )
 
     def _output_layers(self) -> list[tuple[str, nn.Module]]:
         """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""

@@ -84,6 +84,11 @@ def weight_rows(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
 
 
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds a bitsandbytes-quantized weight."""
+    return any(bnb_kind(module) is not None for module in model.modules())
+
+
 def adapter_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype of the new blocks: the base weight's, or fp32 next to a quantized weight."""
     return torch.float32 if bnb_kind(layer) is not None else layer.weight.dtype
