@@ -719,10 +719,14 @@ def main(argv=None) -> dict:
         runs=[run_one(args, workload, dtype, device, log) for dtype in dtypes],
     )
     result["wall_s"] = time.perf_counter() - started
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     suffix = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
-    path = args.output_dir / f"throughput_{args.model}{suffix}_{stamp}.json"
+    return write_result(result, args.output_dir / f"throughput_{args.model}{suffix}_{stamp}.json", format_table)
+
+
+def write_result(result: dict, path: Path, format_table: Callable[[dict], str]) -> dict:
+    """Write ``result`` as JSON to ``path``, print its table and where the JSON went; ``result`` gains ``json_path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     result["json_path"] = str(path)
     print(format_table(result))

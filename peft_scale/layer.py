@@ -10,16 +10,11 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .merge import widened_copy
+from .quantized import adapter_dtype, check_layer, weight_rows, weight_shape
 from .routing import NO_GATES, mode_applies
 from .widened_linear import widened_linear
-
-
-def base_weight_rows(layer: nn.Module) -> torch.Tensor:
-    """The weight of a ``Linear`` or ``Conv1D`` as an ``(out_features, in_features)`` view."""
-    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
 
 
 def init_rows_svd(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -103,6 +98,10 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     about 12% fewer operations in a full-width training step); every other case takes the general path of
     ``forward``, op by op.
 
+    On a bitsandbytes 4-bit or 8-bit base (``peft_scale.quantized``), ``W x + b`` is the quantized layer itself,
+    called as it is (the general path), so the original output is exactly the quantized model's; the sizes come
+    from the layer's features, ``W21`` is initialised from the dequantised ``W``, and the new blocks are fp32.
+
     SCALE-Route carries a *preservation copy* ``x_pres`` of the original features in front of the stream,
     ``[x_pres; x; x_up]``, in the layers where its adaptation path may differ from the base model. Only the
     frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``. ``preservation_copy[adapter]``
@@ -112,7 +111,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     splits it correctly.
 
     Args:
-        base_layer: the frozen ``nn.Linear`` (or subclass) or ``transformers`` ``Conv1D``.
+        base_layer: the frozen ``nn.Linear`` (or subclass: bitsandbytes' 4-bit and 8-bit layers too, see
+            ``peft_scale.quantized``) or ``transformers`` ``Conv1D``.
         adapter_name: name of the first adapter.
         out_expansion: new output features per packed part (``W21`` rows).
         in_expansion: new input features (``W12`` columns).
@@ -120,7 +120,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         out_parts: number of projections packed in the base output.
 
     Raises:
-        TypeError: ``base_layer`` is not a ``Linear`` or ``Conv1D``.
+        TypeError: ``base_layer`` is not a ``Linear`` or ``Conv1D``, or its weight is quantized by something other
+            than bitsandbytes.
         ValueError: the base output does not split into ``out_parts`` equal parts.
     """
 
@@ -142,13 +143,9 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"SCALE widens nn.Linear and transformers Conv1D layers, got {type(base_layer).__name__}. "
-                "Remove this module from `target_modules`."
-            )
+        check_layer(base_layer)
         self.base_layer = base_layer
-        self.out_features, self.in_features = base_weight_rows(base_layer).shape
+        self.out_features, self.in_features = weight_shape(base_layer)  # of W, not of a quantized layer's packed weight
         if self.out_features % out_parts:
             raise ValueError(
                 f"A projection with {self.out_features} outputs cannot hold {out_parts} packed projections of equal "
@@ -197,8 +194,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         if out_expansion < 0 or in_expansion < 0 or out_expansion + in_expansion == 0:
             raise ValueError(f"A SCALE layer needs a positive expansion, got out={out_expansion}, in={in_expansion}.")
         base = self.get_base_layer()
-        weight = base_weight_rows(base)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base)}  # fp32 next to a quantized weight
         if out_expansion:
             rows = torch.empty(self.out_parts * out_expansion, self.in_features, **factory)
             self.scale_w21[adapter_name] = nn.Parameter(rows)
@@ -230,7 +226,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         w21 = self.scale_w21[adapter_name]
         if w21.device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
             return
-        base_rows = base_weight_rows(self.get_base_layer())
+        base_rows = weight_rows(self.get_base_layer())  # dequantised, for a quantized base
         make_rows = INIT_ROWS[init]
         k = self.out_expansion[adapter_name]
         for part, rows in enumerate(base_rows.chunk(self.out_parts, dim=0)):
@@ -363,7 +359,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 w22=self.scale_w22.get(name),
                 out_parts=self.out_parts,
             )
-        if safe_merge and not torch.isfinite(base_weight_rows(wide)).all():
+        if safe_merge and not torch.isfinite(weight_rows(wide)).all():
             raise ValueError(f"NaNs or infs in the merged weights of adapters {adapter_names}; not merging.")
         if not self.merged:
             self._unmerged_base_layer.append(self.base_layer)

@@ -8,17 +8,22 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantized import bnb_kind, quantized_like, weight_rows
 
-def _new_like(base: nn.Module, weight_rows: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
-    """A module of the base's own class (``FalconLinear`` stays ``FalconLinear``) holding ``weight_rows``."""
-    out_features, in_features = weight_rows.shape
+
+def _new_like(base: nn.Module, rows: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """A module of the base's own class (``FalconLinear`` stays ``FalconLinear``; a bitsandbytes layer is
+    requantised with its settings) holding ``rows``."""
+    if bnb_kind(base) is not None:
+        return quantized_like(base, rows, bias)
+    out_features, in_features = rows.shape
     requires_grad = base.weight.requires_grad
     if isinstance(base, Conv1D):
         new = Conv1D(out_features, in_features)
-        new.weight = nn.Parameter(weight_rows.T.contiguous(), requires_grad=requires_grad)
+        new.weight = nn.Parameter(rows.T.contiguous(), requires_grad=requires_grad)
     else:
         new = type(base)(in_features, out_features, bias=bias is not None, device="meta")
-        new.weight = nn.Parameter(weight_rows.contiguous(), requires_grad=requires_grad)
+        new.weight = nn.Parameter(rows.contiguous(), requires_grad=requires_grad)
     if bias is not None:
         new.bias = nn.Parameter(bias.contiguous(), requires_grad=requires_grad)
     return new
@@ -41,8 +46,10 @@ def widened_copy(
     writes none of those rows (zeros there), exactly as in the unmerged forward, where adapters do not see
     each other's features. With ``out_parts``
     packed projections, each part gets its own new rows right after it, as in ``ScaleLayer.forward``.
+
+    A bitsandbytes base is dequantised, widened and requantised (``peft_scale.quantized.quantized_like``).
     """
-    weight = base.weight.T if isinstance(base, Conv1D) else base.weight  # (out, in)
+    weight = weight_rows(base)  # (out, in), dequantised for a quantized base
     dtype, device = weight.dtype, weight.device
     out_features, in_features = weight.shape
     part_out = out_features // out_parts

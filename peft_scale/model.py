@@ -13,9 +13,10 @@ from torch import nn
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, FfnLayout, module_name_matches
 from .config import ScaleConfig
 from .embedding import ScaleEmbedding
-from .layer import ScaleLayer, ScaleTunerLayer, base_weight_rows
+from .layer import ScaleLayer, ScaleTunerLayer
 from .norm import ScaleNorm
-from .plan import expansion_widths, full_width_targets, plan_module
+from .plan import LINEAR_ROLES, expansion_widths, full_width_targets, module_role, plan_module
+from .quantized import check_layer, check_model_quantization, has_quantized_layers, weight_shape
 from .routing import RouteResult, Routing
 
 
@@ -106,6 +107,7 @@ class ScaleModel(BaseTuner):
             )
         if "_routing" not in self.__dict__:
             self._routing = Routing(self._active_configs)
+        check_model_quantization(model)
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
             shapes = self._find_ffn_blocks(model, config)
@@ -127,21 +129,26 @@ class ScaleModel(BaseTuner):
 
     @staticmethod
     def _find_ffn_blocks(model: nn.Module, config: ScaleConfig) -> list[list[int]]:
-        """Group the matched modules by MLP (their parent module) and check each MLP is widened whole.
+        """Group the matched modules by MLP (their parent module) and check each MLP is widened whole, and that every
+        module to widen is a layer SCALE can read (``peft_scale.quantized.check_layer``).
 
         Returns the distinct ``[input, intermediate]`` sizes of the matched FFNs.
         """
         blocks: dict[str, dict[str, list]] = defaultdict(lambda: {"inputs": [], "outputs": []})
         tuner_layers = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        decoder = FULL_WIDTH_LAYOUTS.get(config_model_type(model)) if config.hidden_expansion else None
+        linear = []  # (key, base layer) of every module that becomes a ScaleLayer
         for key, module in model.named_modules():
             if not key or any(key.startswith(prefix) for prefix in tuner_layers):
                 continue
             if not check_target_module_exists(config, key):
                 continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if module_role(config, decoder, key) in LINEAR_ROLES:
+                linear.append((key, base))
             if config.hidden_expansion and not module_name_matches(key, FFN_LAYOUTS[config_model_type(model)].target_modules):
                 continue  # full width: the attention, norms and embedding are checked by the head layout instead
             role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             blocks[key.rpartition(".")[0]][role].append((key, base))
 
         if not blocks:
@@ -151,7 +158,6 @@ class ScaleModel(BaseTuner):
                 f"{' (after exclude_modules / layers_to_transform)' if config.exclude_modules or config.layers_to_transform is not None else ''}. "
                 f"Linear layers in this model are named: {linear_names}."
             )
-        shapes = set()
         for parent, block in blocks.items():
             inputs, outputs = block["inputs"], block["outputs"]
             if len(outputs) != 1 or not inputs:
@@ -162,11 +168,16 @@ class ScaleModel(BaseTuner):
                     f"(ffn_output_modules={config.ffn_output_modules}). Check target_modules, exclude_modules and "
                     "ffn_output_modules so that every MLP is matched with all of its projections or not at all."
                 )
+        for key, base in linear:
+            check_layer(base, key)  # a Linear / Conv1D, plain or quantized by bitsandbytes
+        shapes = set()
+        for block in blocks.values():
+            inputs, outputs = block["inputs"], block["outputs"]
             out_key, out_module = outputs[0]
-            hidden, intermediate = base_weight_rows(out_module).shape
+            hidden, intermediate = weight_shape(out_module)
             shapes.add((hidden, intermediate))
             for key, module in inputs:
-                produced = base_weight_rows(module).shape[0]
+                produced = weight_shape(module)[0]
                 parts = _fused_parts(config, key)
                 if produced != parts * intermediate:
                     raise ValueError(
@@ -253,6 +264,24 @@ class ScaleModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------- merging
 
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, and: no full-width merge into a quantized base (``merge_adapter`` and ``merge_and_unload``).
+
+        Merging requantises every widened projection, and in full width that is every projection of the model, each
+        with new input columns that shift its 4-bit blocks over the original weights: on a tiny Llama the merged
+        logits moved by up to 5x what quantizing the base had cost (FFN mode: below it, so FFN adapters merge)."""
+        super()._check_merge_allowed()
+        if any(self.peft_config[name].hidden_expansion for name in self.active_adapters) and has_quantized_layers(
+            self.model
+        ):
+            raise ValueError(
+                "Cannot merge a full-width SCALE adapter into a bitsandbytes-quantized base: every widened projection "
+                "would be requantised with the original weights in new blocks, which moves the logits by several times "
+                "what quantizing the base cost (a merged full-width model is for use in memory only anyway). Keep it "
+                "unmerged, or merge it on the full-precision base: "
+                "PeftModel.from_pretrained(full_precision_base, adapter_folder).merge_and_unload()."
+            )
+
     def _output_layers(self) -> list[tuple[str, nn.Module]]:
         """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""
         names = {name for config in self.peft_config.values() for name in (config.ffn_output_modules or [])}
@@ -270,7 +299,7 @@ class ScaleModel(BaseTuner):
                 merging = set(merging) | set(module.merged_adapters)
                 sizes[key] = module.in_features + sum(module.in_expansion.get(name, 0) for name in merging)
             else:
-                sizes[key] = base_weight_rows(module).shape[1]
+                sizes[key] = weight_shape(module)[1]
         return sizes
 
     def _intermediate_size_field(self) -> Optional[str]:

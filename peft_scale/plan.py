@@ -21,6 +21,7 @@ from .config import ScaleConfig
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
 FFN_ROLES = ("ffn_input", "ffn_output")
+LINEAR_ROLES = ATTENTION_ROLES + FFN_ROLES  # the roles a ScaleLayer takes (the others: embedding, norms)
 
 
 @dataclass(frozen=True)
