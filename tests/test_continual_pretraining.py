@@ -2,7 +2,8 @@
 
 The --quick run (a tiny random Llama over the bundled tokenizer, every method for 4 steps) takes ~15 s here. It
 checks that the pipeline works and what must hold exactly (no method drifts before training; SCALE-Route's
-preservation-routed tokens never drift), not what the experiment finds.
+preservation-routed tokens never drift; the learned-route rows fit their routers on the sides they name, and the
+base model's samples are drawn once and reused), not what the experiment finds.
 """
 
 from __future__ import annotations
@@ -55,6 +56,56 @@ def test_quick_run_has_every_method_with_finite_numbers(quick):
         assert record["trainable_parameters"] > 0
     # the replay rows train the same model as their plain rows, on different data
     assert results["runs"]["full_replay@3e-05"]["train_loss"] != results["runs"]["full@3e-05"]["train_loss"]
+    assert results["runs"]["full_replay_samples@3e-05"]["train_loss"] != results["runs"]["full_replay@3e-05"]["train_loss"]
+
+
+ROUTED_ROWS = {"scale_ffn_routed": "old data", "scale_ffn_routed_samples": "base model samples",
+               "scale_routed": "old data", "scale_routed_samples": "base model samples"}  # fmt: skip
+
+
+def test_learned_route_rows_record_their_router_and_routing(quick):
+    out, results = quick
+    samples = results["base_samples"]
+    assert (out / samples["file"]).is_file() and samples["count"] == run.base_samples_needed(run.parse_args(["--quick"]))
+    for name, old_side in ROUTED_ROWS.items():
+        record = results["runs"][f"{name}@0.001"]
+        router = record["router"]
+        assert router["old_side"] == record["old_side"] == old_side
+        assert router["base_samples_digest"] == (samples["digest"] if old_side == "base model samples" else None)
+        report = router["report"]
+        assert report["layer"] == results["settings"]["sizes"]["preserve_layers"]
+        for key in ("old_to_base", "new_to_expansion", "first_tokens_old_to_base", "first_tokens_new_to_expansion"):
+            assert 0 <= report[key] <= 1, (name, key)
+        assert 0.5 <= report["threshold"] <= 1
+        assert record["seconds"]["router_fit"] == router["fit_seconds"] > 0
+        assert record["route_threshold_sweep"] == {}  # the sweep needs the cosine rule's two heads
+        curve = record["curve"]
+        for key in ("old_routed_to_preservation", "new_routed_to_preservation", "old_routed_to_preservation_first_tokens",
+                    "answer_routed_to_preservation"):  # fmt: skip
+            assert all(0 <= share <= 1 for share in curve[key]), (name, key)
+        assert "drift_on_preservation" in curve and "drift_adaptation_head" not in curve
+        assert "new_perplexity_adaptation_head" not in curve
+    # full fine-tuning replays the very samples the routed rows' routers read
+    assert results["runs"]["full_replay_samples@3e-05"]["base_samples_digest"] == samples["digest"]
+    assert results["runs"]["full_replay_samples@3e-05"]["old_side"] == "base model samples"
+    section = (out / "results.md").read_text().split("## The learned router against its goals")[1].split("\n## ")[0]
+    for name in ROUTED_ROWS:
+        assert section.count(f"| `{name}` | 0.001 |") == 2  # the goals and the routing detail
+    assert "`full_replay_samples`" not in section
+
+
+def test_base_samples_are_reused_from_the_output_folder(quick, monkeypatch):
+    out, results = quick
+    import peft_scale.router_fitting
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again instead of reusing base_samples.pt")
+
+    monkeypatch.setattr(peft_scale.router_fitting, "sample_base_model", no_sampling)
+    args = run.parse_args(["--quick", "--output-dir", str(out)])
+    samples, described = run.base_samples(None, args)
+    assert described["digest"] == results["base_samples"]["digest"] == run.digest(samples)
+    assert samples.shape == (described["count"], args.seq_len)
 
 
 def test_no_method_drifts_before_training(quick):
@@ -106,6 +157,77 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(quick, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ the measures
+
+
+def learned_route_model():
+    """A tiny FFN-mode SCALE model with a fitted learned router (layer 1 of 2) and perturbed new neurons."""
+    from peft import get_peft_model
+
+    from peft_scale import ScaleConfig, fit_router
+
+    config = ScaleConfig(ffn_expansion=16, variant="route", route_rule="learned", preserve_layers=1)
+    model = get_peft_model(tiny_llama(), config)
+    new, old = random_ids(batch=12, length=16, seed=3) % 64 + 64, random_ids(batch=12, length=16, seed=4) % 64
+    fit_router(model, new, old, progress=False)
+    perturb_adapter(model, scale=0.5)
+    return model.eval()
+
+
+def test_learned_route_text_measures_split_the_drift_by_routing_decision():
+    blocks = random_ids(batch=4, length=16)
+    base_logprobs = measures.block_logprobs(tiny_llama(), blocks, 2, "fp32")
+    model = learned_route_model()
+    router = model.base_model.scale_router["default"]
+    with torch.no_grad():
+        model(input_ids=blocks)
+    scores = model.base_model.last_routing.scores
+    assert model.base_model.last_routing.adaptation_logits is None
+    router.threshold.fill_(scores.median().item())  # about half the tokens each way
+
+    result = measures.text_measures(model, blocks, 2, "fp32", base_logprobs, route_thresholds=(0.5, 0.9))
+    assert set(result) == {"perplexity", "drift", "routed_to_preservation", "routed_to_preservation_first_tokens",
+                           "drift_on_preservation", "drift_on_adaptation"}  # no head-only numbers, no threshold sweep
+    share = result["routed_to_preservation"]
+    assert 0.3 < share < 0.7
+    assert result["drift_on_adaptation"] > 0
+    assert result["drift"] == pytest.approx(
+        share * result["drift_on_preservation"] + (1 - share) * result["drift_on_adaptation"], rel=1e-5
+    )
+    with torch.no_grad():
+        model(input_ids=blocks[:2])
+    first = model.base_model.last_routing.to_preservation[:, : measures.FIRST_TOKENS]
+    with torch.no_grad():
+        model(input_ids=blocks[2:])
+    first = torch.cat([first, model.base_model.last_routing.to_preservation[:, : measures.FIRST_TOKENS]])
+    assert result["routed_to_preservation_first_tokens"] == first.float().mean().item()
+
+    router.threshold.fill_(2.0)  # every token to the base model: exactly the base model's computation
+    everything = measures.text_measures(model, blocks, 2, "fp32", base_logprobs)
+    assert everything["routed_to_preservation"] == 1.0
+    assert everything["drift"] == 0.0 and everything["drift_on_preservation"] == 0.0
+    assert everything["drift_on_adaptation"] is None
+    assert everything["perplexity"] == pytest.approx(base_perplexity(blocks), rel=1e-6)
+    router.threshold.fill_(0.0)  # none: the ungated expansion
+    nothing = measures.text_measures(model, blocks, 2, "fp32", base_logprobs)
+    assert nothing["routed_to_preservation"] == 0.0 and nothing["drift_on_preservation"] is None
+    assert nothing["drift"] == pytest.approx(nothing["drift_on_adaptation"], rel=1e-6)
+
+    answers = [measures.ChatAnswer("a", [5, 6, 7], [8, 9]), measures.ChatAnswer("b", [5, 6], [10, 11, 12])]
+    assert measures.answer_measures(model, answers, 2, "fp32", pad_id=0)["routed_to_preservation"] == 0.0
+    router.threshold.fill_(2.0)
+    assert set(measures.answer_measures(model, answers, 2, "fp32", pad_id=0)) == {"perplexity", "routed_to_preservation"}
+
+
+def test_replay_of_two_old_sources_puts_them_at_the_same_steps():
+    from benchmarks.continual_pretraining.data import as_blocks, replay_stream, replayed_rows
+
+    new, old_a, old_b = torch.zeros(40, 3, dtype=torch.long), torch.ones(40, 3, dtype=torch.long), torch.arange(120).view(40, 3) + 2
+    a = replay_stream(as_blocks(new), as_blocks(old_a), 0.25, 0, 40)
+    b = replay_stream(as_blocks(new), as_blocks(old_b), 0.25, 0, 40)
+    assert torch.equal(a[:, 0] != 0, b[:, 0] != 0)  # the same positions
+    taken = b[b[:, 0] != 0]
+    assert torch.equal(taken, old_b[: len(taken)])  # the first rows of the old source, in order
+    assert len(taken) == replayed_rows(0.25, 0, 40) > 0
 
 
 def route_model(threshold: float):

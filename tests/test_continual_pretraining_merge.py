@@ -19,6 +19,13 @@ def test_runs_and_commands_are_joined_and_the_parts_untouched():
     assert first["runs"] == {"full@1e-05": {"a": 1}} and first["commands"] == ["c1"]
 
 
+def test_a_field_only_a_later_part_has_is_kept():
+    first, second = part({"full@1e-05": {}}), {**part({"scale_ffn_routed_samples@0.001": {}}), "base_samples": {"digest": "d"}}
+    second["base"] = {"x": 2}
+    merged = merge_results([first, second])
+    assert merged["base_samples"] == {"digest": "d"} and merged["base"] == {"x": 1}  # the first part's base
+
+
 def test_parts_made_with_other_settings_are_refused():
     with pytest.raises(ValueError, match="other settings"):
         merge_results([part({}, {"steps": 60}), part({}, {"steps": 100})])

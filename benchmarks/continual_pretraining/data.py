@@ -1,5 +1,5 @@
 """The text of the experiment: new-language training text, held-out evaluation text of both languages, and the
-old-language text that the replay variants mix in.
+old-language training text that the replay variants mix in and the learned router reads as its old side.
 
 Documents are split into held-out and training sets by one seeded shuffle, tokenized, joined by a blank line and
 packed into blocks of ``seq_len`` tokens, exactly as the README's demo does (``split_texts`` and ``packed_blocks``
@@ -40,6 +40,32 @@ def as_tensor(blocks: Dataset) -> torch.Tensor:
     return torch.tensor(blocks["input_ids"], dtype=torch.long)
 
 
+def as_blocks(ids: torch.Tensor) -> Dataset:
+    """``(rows, seq_len)`` token ids as a packed dataset (the columns of ``packed_blocks``)."""
+    rows = ids.tolist()
+    return Dataset.from_dict({"input_ids": rows, "labels": [list(row) for row in rows]})
+
+
+def replay_stream(new_blocks: Dataset, old_blocks: Dataset, replay_fraction: float, seed: int, train_blocks: int) -> torch.Tensor:
+    """``train_blocks`` rows of ``new_blocks`` with a ``replay_fraction`` share of ``old_blocks`` mixed in
+    (``benchmarks.methods.mix_with_replay``); both sources are cycled to the full length first, so the mix never
+    runs short. The positions of the old rows depend only on ``seed``, ``replay_fraction`` and ``train_blocks``:
+    two old sources (old data, the base model's samples) are replayed at the same steps, each from its first row on."""
+    mixed = mix_with_replay(repeat_to(new_blocks, train_blocks), repeat_to(old_blocks, train_blocks), replay_fraction, seed)
+    replay = as_tensor(mixed.select(range(min(train_blocks, len(mixed)))))
+    if len(replay) < train_blocks:
+        replay = as_tensor(repeat_to(mixed, train_blocks))
+    return replay
+
+
+def replayed_rows(replay_fraction: float, seed: int, train_blocks: int) -> int:
+    """How many old-side rows ``replay_stream`` takes (the first ones of the old source), from the mix's seeded
+    order alone."""
+    source = Dataset.from_dict({"old": [False] * train_blocks})
+    mixed = mix_with_replay(source, Dataset.from_dict({"old": [True] * train_blocks}), replay_fraction, seed)
+    return sum(mixed.select(range(min(train_blocks, len(mixed))))["old"])
+
+
 @dataclass
 class ExperimentText:
     """Token blocks of one run, all ``(rows, seq_len)`` long tensors on the CPU.
@@ -48,6 +74,11 @@ class ExperimentText:
         new_train: the new-language training stream, ``steps * batch_size`` rows, in training order.
         replay_train: the same number of rows with a ``replay_fraction`` share of old-language blocks mixed in
             (``benchmarks.methods.mix_with_replay``, i.e. ``datasets.interleave_datasets``); ``None`` without replay.
+        old_train: the first ``old_train_blocks`` packed blocks of the old-language *training* documents (the ones
+            replay draws from, in the same order; never the held-out ones), e.g. the learned router's old side;
+            ``None`` when none were asked for.
+        new_blocks: every packed block of the new-language training documents (a ``Dataset``, for other replay
+            mixes: ``replay_stream``).
         new_eval / old_eval: held-out blocks of each language (never trained on).
         epochs: how many times the new-language training text was cycled to fill the steps (1 = no repeats).
     """
@@ -57,6 +88,8 @@ class ExperimentText:
     new_eval: torch.Tensor
     old_eval: torch.Tensor
     epochs: float
+    old_train: Optional[torch.Tensor] = None
+    new_blocks: Optional[Dataset] = None
 
 
 def build_text(
@@ -70,6 +103,7 @@ def build_text(
     seq_len: int,
     replay_fraction: float,
     seed: int,
+    old_train_blocks: int = 0,
 ) -> ExperimentText:
     """Split, tokenize and pack both languages; see ``ExperimentText``.
 
@@ -96,20 +130,19 @@ def build_text(
         evaluation[name] = as_tensor(blocks.select(range(eval_blocks)))
 
     new_blocks = packed_blocks(new_train_docs, tokenizer, seq_len)
-    replay = None
-    if replay_fraction > 0:
+    replay = old_train = None
+    if replay_fraction > 0 or old_train_blocks > 0:
         old_blocks = packed_blocks(old_train_docs, tokenizer, seq_len)
-        # Both sources repeated to the full length, so the mix never runs short; it is then cut to train_blocks.
-        mixed = mix_with_replay(
-            repeat_to(new_blocks, train_blocks), repeat_to(old_blocks, train_blocks), replay_fraction, seed
-        )
-        replay = as_tensor(mixed.select(range(min(train_blocks, len(mixed)))))
-        if len(replay) < train_blocks:
-            replay = as_tensor(repeat_to(mixed, train_blocks))
+        if replay_fraction > 0:
+            replay = replay_stream(new_blocks, old_blocks, replay_fraction, seed, train_blocks)
+        if old_train_blocks > 0:
+            old_train = as_tensor(repeat_to(old_blocks, old_train_blocks))
     return ExperimentText(
         new_train=as_tensor(repeat_to(new_blocks, train_blocks)),
         replay_train=replay,
         new_eval=evaluation["new"],
         old_eval=evaluation["old"],
         epochs=train_blocks / len(new_blocks),
+        old_train=old_train,
+        new_blocks=new_blocks,
     )

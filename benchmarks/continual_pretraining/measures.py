@@ -10,9 +10,12 @@ Forgetting
     (b) drift: ``mean_t KL(p_base(. | x_<t) || p_adapted(. | x_<t))`` over every position of the held-out
         old-language blocks, in nats per token. The base model's log-probabilities are computed once
         (``BaseReference``) and compared in full (the whole vocabulary at every position). For SCALE-Route, the
-        model is evaluated in ``eval()`` mode, where it routes: a token sent to the preservation head gets the base
-        model's own logits, so its drift is zero (exactly on CPU, where the computation is deterministic); the
-        drift is also reported split by routing decision, with the adaptation head's drift for comparison.
+        model is evaluated in ``eval()`` mode, where it routes: with the cosine rule a token sent to the
+        preservation head gets the base model's own logits, so its drift is zero (exactly on CPU, where the
+        computation is deterministic); with the learned rule a token sent to the base model gets the base model's
+        computation but still attends to earlier tokens that the expansion changed, so its drift is small, not
+        zero. The drift is also reported split by routing decision (and, for the cosine rule, the adaptation head's
+        drift for comparison).
     (c) answer perplexity: the base model answers fixed English chat prompts greedily once
         (``generate_base_answers``); the adapted model's perplexity of exactly those answer tokens (the prompt and
         chat template are context, not scored) says whether it would still give them.
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.methods import autocast
+from peft_scale.router_fitting import FIRST_TOKENS  # the first tokens of a sequence, where fit_router also reports
 
 IGNORE = -100  # label of a position that is not scored (prompt, padding)
 
@@ -89,18 +93,23 @@ def text_measures(
 
     Returns ``perplexity``; with ``base_logprobs`` also ``drift`` (mean KL over every position). For a routing
     model (SCALE-Route in eval mode) also: ``routed_to_preservation`` (share of positions that got the base model's
-    logits) and ``perplexity_adaptation_head`` (the adaptation head's perplexity, as if nothing were routed); with
-    ``base_logprobs``, ``drift_on_preservation`` / ``drift_on_adaptation`` (mean KL over the positions of each
-    routing decision, ``None`` where there are none) and ``drift_adaptation_head``; with ``route_thresholds``,
+    logits, or with the learned rule its computation) and, with ``base_logprobs``, ``drift_on_preservation`` /
+    ``drift_on_adaptation`` (mean KL over the positions of each routing decision, ``None`` where there are none).
+
+    The cosine rule (two heads) also gives ``perplexity_adaptation_head`` (the adaptation head's perplexity, as if
+    nothing were routed), with ``base_logprobs`` ``drift_adaptation_head``, and with ``route_thresholds``
     ``threshold_sweep``: ``{f"{tau:g}": {perplexity, routed_to_preservation[, drift]}}``, what routing at each other
     threshold would have given, from the same two heads' logits (evaluation only: the model is not retrained).
+    The learned rule (one computation per token, ``adaptation_logits`` is ``None``) has neither; it gives
+    ``routed_to_preservation_first_tokens``, the share over the first ``FIRST_TOKENS`` positions of each block,
+    where the router has the least context.
     """
     model.eval()
     device = model_device(model)
     nll, predicted, kl_sum, kl_count = 0.0, 0, 0.0, 0
-    routed = dict.fromkeys(("positions", "kept", "nll_head", "kl_kept", "kl_other", "kl_head"), 0.0)
+    routed = dict.fromkeys(("positions", "kept", "nll_head", "kl_kept", "kl_other", "kl_head", "first", "first_kept"), 0.0)
     sweep = {tau: dict.fromkeys(("kept", "nll", "kl"), 0.0) for tau in route_thresholds}
-    saw_routing = False
+    saw_routing = two_heads = False
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks[start : start + batch_size].to(device)
         base = None if base_logprobs is None else base_logprobs[start : start + len(input_ids)]
@@ -118,13 +127,19 @@ def text_measures(
         if routing is None or routing is before:  # no routing decision made by this forward pass
             continue
         saw_routing = True
+        two_heads = routing.adaptation_logits is not None  # the cosine rule; the learned rule has one computation
         mask = routing.to_preservation
         routed["positions"] += mask.numel()
         routed["kept"] += int(mask.sum())
-        routed["nll_head"] += _sum_nll(routing.adaptation_logits, input_ids)
+        routed["first"] += mask[:, :FIRST_TOKENS].numel()
+        routed["first_kept"] += int(mask[:, :FIRST_TOKENS].sum())
         if kl is not None:
             routed["kl_kept"] += kl[mask].sum().item()
             routed["kl_other"] += kl[~mask].sum().item()
+        if not two_heads:
+            continue
+        routed["nll_head"] += _sum_nll(routing.adaptation_logits, input_ids)
+        if kl is not None:
             routed["kl_head"] += token_kl(base, routing.adaptation_logits).sum().item()
         if route_thresholds:
             cosine = F.cosine_similarity(routing.preservation_logits.float(), routing.adaptation_logits.float(), dim=-1)
@@ -142,10 +157,14 @@ def text_measures(
     if saw_routing:
         n, kept = routed["positions"], routed["kept"]
         result["routed_to_preservation"] = kept / n
-        result["perplexity_adaptation_head"] = math.exp(routed["nll_head"] / predicted)
         if base_logprobs is not None:
             result["drift_on_preservation"] = routed["kl_kept"] / kept if kept else None
             result["drift_on_adaptation"] = routed["kl_other"] / (n - kept) if n - kept else None
+        if not two_heads:
+            result["routed_to_preservation_first_tokens"] = routed["first_kept"] / routed["first"]
+            return result
+        result["perplexity_adaptation_head"] = math.exp(routed["nll_head"] / predicted)
+        if base_logprobs is not None:
             result["drift_adaptation_head"] = routed["kl_head"] / n
         if route_thresholds:
             result["threshold_sweep"] = {  # keyed by the threshold as text, as JSON will have it
@@ -218,10 +237,12 @@ def generate_base_answers(
 @torch.no_grad()
 def answer_measures(model, answers: Sequence[ChatAnswer], batch_size: int, precision: str, pad_id: int) -> dict:
     """``perplexity``: ``exp`` of the mean NLL of the answer tokens (only those) given prompt and chat template,
-    right-padded; for a routing model also ``perplexity_adaptation_head``, the same for its adaptation head alone."""
+    right-padded; for a routing model also ``routed_to_preservation``, the share of the positions that predict an
+    answer token that got the base model's logits (or computation), and for the cosine rule
+    ``perplexity_adaptation_head``, the same perplexity for its adaptation head alone."""
     model.eval()
     device = model_device(model)
-    nll, head_nll, scored, saw_routing = 0.0, 0.0, 0, False
+    nll, head_nll, scored, saw_routing, two_heads, kept = 0.0, 0.0, 0, False, False, 0
     for start in range(0, len(answers), batch_size):
         batch = answers[start : start + batch_size]
         rows = [a.prompt_ids + a.answer_ids for a in batch]
@@ -240,8 +261,13 @@ def answer_measures(model, answers: Sequence[ChatAnswer], batch_size: int, preci
         routing = routing_of(model)
         if routing is not None and routing is not before:
             saw_routing = True
-            head_nll += _sum_nll(routing.adaptation_logits, labels)
+            kept += int(routing.to_preservation[:, :-1][labels[:, 1:] != IGNORE].sum())
+            two_heads = routing.adaptation_logits is not None
+            if two_heads:
+                head_nll += _sum_nll(routing.adaptation_logits, labels)
     result = {"perplexity": math.exp(nll / scored)}
     if saw_routing:
-        result["perplexity_adaptation_head"] = math.exp(head_nll / scored)
+        result["routed_to_preservation"] = kept / scored
+        if two_heads:
+            result["perplexity_adaptation_head"] = math.exp(head_nll / scored)
     return result

@@ -10,7 +10,9 @@ of its operations, not its arithmetic), so the sweep runs fastest as several pro
     python -m benchmarks.continual_pretraining.merge out/all out/g1 out/g2 ...
 
 The parts must have been made with the same settings (``results.json``'s ``settings``); their runs and commands are
-joined and the report (``results.md``, plots) is written for the whole.
+joined and the report (``results.md``, plots) is written for the whole. Everything else (the base model's numbers
+and answers, the machine) is the first part's; a field only a later part has (e.g. ``base_samples``, the base
+model's samples that its runs used) is taken from the first part that has it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def merge_results(parts: list[dict]) -> dict:
                 f"  {part['settings']}\nvs\n  {merged['settings']}"
             )
         merged["runs"].update(part["runs"])
+        for key, value in part.items():
+            merged.setdefault(key, json.loads(json.dumps(value)))
         for command in part.get("commands", []):
             if command not in merged.setdefault("commands", []):
                 merged["commands"].append(command)

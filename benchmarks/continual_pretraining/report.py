@@ -9,12 +9,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from benchmarks.methods import ROUTED_METHODS
 from benchmarks.plotting import plot_curves, plot_tradeoff, plot_tradeoff_sweeps
+from peft_scale.router_fitting import FIRST_TOKENS
 
 # The bar of the issue, for SCALE against full fine-tuning at their selected learning rates.
 BAR_DRIFT_RATIO = 0.10  # SCALE's drift <= 10% of full fine-tuning's
 BAR_ANSWER_RISE = 0.02  # SCALE's chat-answer perplexity rises <= 2%
 BAR_LEARNING_RATIO = 0.80  # SCALE's new-language perplexity drop >= 80% of full fine-tuning's
+# The goals of the learned router's issue, for every learned-route run: learning against the best full fine-tuning
+# run (the lowest final new-language perplexity among the `full` runs), drift and chat answers against the base model.
+GOAL_LEARNING_RATIO = 0.90  # new-language perplexity drop >= 90% of the best full fine-tuning's
+GOAL_DRIFT = {"old data": 0.01, "base model samples": 0.02}  # drift (nats/token) by the router's old side
+GOAL_ANSWER_RISE = 0.01  # chat-answer perplexity rises <= 1%
 
 CURVES = {
     "new_perplexity": "new-language (learning) perplexity",
@@ -95,6 +102,89 @@ def bar_lines(selected: dict[str, dict], runs: list[dict], base: dict) -> list[s
     return lines
 
 
+def is_routed(record: dict) -> bool:
+    """A learned-route run (its router fitted before training)."""
+    return record["method"] in ROUTED_METHODS
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _drift(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def routed_goal_lines(selected: dict[str, dict], runs: list[dict], base: dict) -> list[str]:
+    """Every learned-route run against the issue's goals (``GOAL_*``), with its router's held-out accuracy; then
+    where its drift, learning and chat answers come from (the routing decisions on the evaluation text)."""
+    routed = sorted((r for r in runs if is_routed(r)), key=lambda r: (r["run"], r["lr"]))
+    if not routed:
+        return []
+    lines = ["## The learned router against its goals", ""]
+    if "full" not in selected:
+        return lines + ["(no `full` run: the learning goal compares with the best full fine-tuning run)", ""]
+    full = selected["full"]
+    full_drop = base["new_perplexity"] - full["final"]["new_perplexity"]
+    drift_goals = " / ".join(f"<= {goal:g} with {side}" for side, goal in GOAL_DRIFT.items())
+    lines += [
+        f"Goals: new-language perplexity drop >= {GOAL_LEARNING_RATIO:.0%} of the best full fine-tuning's (lr "
+        f"{full['lr']:g}: {base['new_perplexity']:.2f} -> {full['final']['new_perplexity']:.2f}, a drop of "
+        f"{full_drop:.2f}); drift {drift_goals} as the router's old side; chat-answer perplexity rise <= "
+        f"{GOAL_ANSWER_RISE:+.0%}. Router: `fit_router`'s held-out report (tokens of sequences it neither fitted nor "
+        f"calibrated on; in parentheses the first {FIRST_TOKENS} tokens of each sequence).",
+        "",
+        "| run | lr | router's old side | router held-out: old -> base / new -> expansion | learning: drop / best "
+        "full's | drift | chat-answer ppl rise | meets all |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in routed:
+        final, router = record["final"], record.get("router", {})
+        report = router.get("report", {})
+        side = router.get("old_side", "?")
+        drop = base["new_perplexity"] - final["new_perplexity"]
+        ratio = drop / full_drop if full_drop > 0 else float("nan")
+        rise = change(final["answer_perplexity"], base["answer_perplexity"])
+        drift_goal = GOAL_DRIFT.get(side, min(GOAL_DRIFT.values()))
+        goals = (ratio >= GOAL_LEARNING_RATIO, final["drift"] <= drift_goal, rise <= GOAL_ANSWER_RISE)
+        mark = ["meets" if met else "misses" for met in goals]
+        accuracy = (
+            f"{report['old_to_base']:.1%} / {report['new_to_expansion']:.1%} "
+            f"({report['first_tokens_old_to_base']:.1%} / {report['first_tokens_new_to_expansion']:.1%})"
+            if report else "-"
+        )
+        lines.append(
+            f"| `{record['run']}` | {record['lr']:g} | {side} | {accuracy} | {ratio:.0%} ({mark[0]}) "
+            f"| {final['drift']:.3g} ({mark[1]} <= {drift_goal:g}) | {rise:+.1%} ({mark[2]}) "
+            f"| {'yes' if all(goals) else 'no'} |"
+        )
+    lines += [
+        "",
+        "Where the numbers come from, on the evaluation text (the trained model in eval mode, routing as it does in "
+        f"training): the share of old-language tokens sent to the expansion (all, first {FIRST_TOKENS} of each "
+        "block); the drift on the old-language tokens routed to the base model and on those routed to the expansion "
+        "(the drift is their token-weighted mean); the share of new-language tokens routed to the base model (they "
+        "learn nothing); the share of the chat-answer tokens' predictions routed to the base model. Router fit and "
+        "training times in seconds.",
+        "",
+        f"| run | lr | old tokens -> expansion (first {FIRST_TOKENS}) | drift on old -> base / old -> expansion "
+        "| new tokens -> base | answer tokens -> base | router fit s | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in routed:
+        final, seconds = record["final"], record["seconds"]
+        old_kept, first_kept = final.get("old_routed_to_preservation"), final.get("old_routed_to_preservation_first_tokens")
+        answer_kept = final.get("answer_routed_to_preservation")
+        lines.append(
+            f"| `{record['run']}` | {record['lr']:g} "
+            f"| {_share(None if old_kept is None else 1 - old_kept)} ({_share(None if first_kept is None else 1 - first_kept)}) "
+            f"| {_drift(final.get('drift_on_preservation'))} / {_drift(final.get('drift_on_adaptation'))} "
+            f"| {_share(final.get('new_routed_to_preservation'))} | {_share(answer_kept)} "
+            f"| {seconds.get('router_fit', float('nan')):.0f} | {seconds['train']:.0f} |"
+        )
+    return lines + [""]
+
+
 def route_lines(results: dict, base: dict) -> list[str]:
     """SCALE-Route's two heads at the last step, and what other routing thresholds would have given (evaluation
     only, from the same logits): where the learning and the forgetting of a route run come from."""
@@ -160,6 +250,7 @@ def write_report(results: dict, output_dir: Path) -> None:
         "",
         *bar_lines(selected, list(results["runs"].values()), base),
         "",
+        *routed_goal_lines(selected, list(results["runs"].values()), base),
         *route_lines(results, base),
         "## Every run",
         "",

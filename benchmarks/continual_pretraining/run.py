@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.continual_pretraining.run --quick                      # smoke test, < 1 min on 1 CPU core
-    python -m benchmarks.continual_pretraining.run --device cuda                # everything (10 methods x 3 lrs)
+    python -m benchmarks.continual_pretraining.run --device cuda                # everything (15 runs x 3 lrs)
     python -m benchmarks.continual_pretraining.run --methods full scale_route --lrs 3e-5 1e-3 --steps 40
     python -m benchmarks.continual_pretraining.run --model PATH --new-text a.txt --old-text b.txt
 
@@ -12,12 +12,22 @@ Protocol
 The base model (default: the bundled SmolLM2-135M-Instruct) is loaded once; each run (method x learning rate)
 starts from a deep copy of it, so every method starts from the same weights, with the same seed, and sees the same
 training blocks in the same order: ``--steps`` optimizer steps of ``--batch-size`` packed blocks of ``--seq-len``
-tokens of the new language (default: the bundled Spanish Wikipedia summaries, held-out documents excluded). The two
+tokens of the new language (default: the bundled Spanish Wikipedia summaries, held-out documents excluded). The
 replay rows (``scale_route_replay``, ``full_replay``) see the same number of blocks, a quarter of them drawn from
-the old language's training documents (``benchmarks.methods.mix_with_replay``). Optimizer: AdamW (betas 0.9/0.999,
+the old language's training documents (``benchmarks.methods.mix_with_replay``); ``full_replay_samples`` replays the
+base model's own samples instead, at the same steps. Optimizer: AdamW (betas 0.9/0.999,
 no weight decay) over the method's trainable parameters, linear warm-up over the first 10% of the steps then cosine
 decay to zero, gradient norm clipped at 1. ``--dtype bf16`` trains and evaluates under bf16 autocast over fp32
 weights (pure bf16 weights would round away full fine-tuning's updates at lr 1e-5).
+
+The learned-route rows (``benchmarks.methods.ROUTED_METHODS``: ``scale_ffn_routed``, ``scale_routed``) fit their
+router (``peft_scale.fit_router``) before training, on the first ``ROUTER_BLOCKS`` blocks of the new-language
+training stream (the blocks they then train on) against an old side: the first ``ROUTER_BLOCKS`` blocks of the
+old language's training documents, or, for the ``*_samples`` rows, the base model's own samples. The base samples
+(``peft_scale.router_fitting.sample_base_model``: ``--seq-len`` tokens each from the beginning-of-text token,
+temperature 1, seed ``--seed``; as many as the router and the replay stream need) are drawn once and cached in
+``OUTPUT_DIR/base_samples.pt``, so every run and a resumed command use the same samples. Each routed run records
+the router's held-out report and its fitting time (apart from training time).
 
 Every ``--eval-every`` steps (and at step 0, where every method still computes the base model's logits, so the
 drift must read 0) the model is evaluated in ``eval()`` mode (``measures.py``): new-language perplexity (learning),
@@ -59,31 +69,57 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.continual_pretraining import measures, report
-from benchmarks.continual_pretraining.data import build_text, documents_or_summaries
+from benchmarks.continual_pretraining.data import (
+    as_blocks, build_text, documents_or_summaries, replay_stream, replayed_rows,
+)  # fmt: skip
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
-from benchmarks.methods import METHODS, MethodSizes, prepare_method
+from benchmarks.methods import METHODS, ROUTED_METHODS, MethodSizes, fit_method_router, prepare_method
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "continual_pretraining"
 QUICK_OUTPUT_DIR = DEFAULT_OUTPUT_DIR / "quick"
 
-REPLAY_FRACTION = 0.25  # the share of old-language blocks in the replay rows (arXiv 2508.01908 tested 25%)
-# Replay rows: (method whose model trains, share of old data mixed into the training stream).
-RUNS = {**{name: (name, 0.0) for name in METHODS}, "scale_route_replay": ("scale_route", REPLAY_FRACTION),
-        "full_replay": ("full", REPLAY_FRACTION)}
+REPLAY_FRACTION = 0.25  # the share of old-side blocks in the replay rows (arXiv 2508.01908 tested 25%)
+ROUTER_BLOCKS = 64  # blocks of each side that the learned router is fitted on (fit_router's default sample count)
+OLD_SIDES = {"old_data": "old data", "base_samples": "base model samples"}  # where a run's old side comes from
+
+
+class Run(NamedTuple):
+    """One row of the experiment: the method whose model trains, the share of old-side blocks mixed into its
+    training stream, and where its old side (the replayed blocks, the learned router's old examples) comes from:
+    ``"old_data"`` (the old language's training documents) or ``"base_samples"`` (the base model's own samples)."""
+
+    method: str
+    replay: float = 0.0
+    old_side: str = "old_data"
+
+
+RUNS = {
+    **{name: Run(name) for name in METHODS},
+    "scale_route_replay": Run("scale_route", REPLAY_FRACTION),
+    "full_replay": Run("full", REPLAY_FRACTION),
+    "full_replay_samples": Run("full", REPLAY_FRACTION, "base_samples"),
+    "scale_ffn_routed": Run("scale_ffn_routed"),
+    "scale_ffn_routed_samples": Run("scale_ffn_routed", old_side="base_samples"),
+    "scale_routed": Run("scale_routed"),
+    "scale_routed_samples": Run("scale_routed", old_side="base_samples"),
+}
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
-    "full": _SMALL, "full_replay": _SMALL, "freeze": _SMALL,
+    "full": _SMALL, "full_replay": _SMALL, "full_replay_samples": _SMALL, "freeze": _SMALL,
     "lora": _MIDDLE, "llama_pro": _MIDDLE,
     "scale_ffn": _LARGE, "scale_preserve": _LARGE, "scale_adapt": _LARGE, "scale_route": _LARGE,
     "scale_route_replay": _LARGE,
+    "scale_ffn_routed": _LARGE, "scale_ffn_routed_samples": _LARGE, "scale_routed": _LARGE,
+    "scale_routed_samples": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -225,9 +261,26 @@ def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[d
     return point, sweep
 
 
-def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes: MethodSizes, args) -> dict:
-    """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json."""
-    method, replay = RUNS[run_name]
+@dataclass
+class OldSide:
+    """One source of old-side text: ``router`` (the learned router's old examples, ``(rows, seq_len)``) and
+    ``replay`` (the training stream with a ``REPLAY_FRACTION`` share of it mixed in), either ``None`` when no
+    planned run needs it; ``digest`` identifies the base samples (the same in every run that used them)."""
+
+    label: str
+    router: Optional[torch.Tensor] = None
+    replay: Optional[torch.Tensor] = None
+    digest: Optional[str] = None
+
+
+def train_run(
+    base_model, run_name: str, lr: float, text, reference: dict, sizes: MethodSizes, args, old_sides: dict[str, OldSide]
+) -> dict:
+    """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json.
+
+    ``old_sides``: ``OLD_SIDES`` key -> ``OldSide``, what the replay rows replay and the routed rows' routers read."""
+    method, replay, old_source = RUNS[run_name]
+    old_side = old_sides[old_source]
     device = torch.device(args.device)
     started = time.perf_counter()
     torch.manual_seed(args.seed)  # the same initialisation of new weights for every learning rate
@@ -236,8 +289,25 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
     trainable = sum(p.numel() for p in parameters)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.steps), args.steps)
-    blocks = text.replay_train if replay else text.new_train
+    blocks = old_side.replay if replay else text.new_train
     prepare_seconds = time.perf_counter() - started
+    router = None
+    if method in ROUTED_METHODS:  # fitted before training, on the base model's stream entering preserve_layers
+        start = time.perf_counter()
+        fitted = fit_method_router(model, text.new_train[:ROUTER_BLOCKS], old_side.router, seed=args.seed)
+        fit_seconds = time.perf_counter() - start
+        router = {
+            "old_side": old_side.label,  # fit_router's own report says "old data" for any tensors it is given
+            "new_side": f"the first {min(ROUTER_BLOCKS, len(text.new_train))} new-language training blocks",
+            "old_blocks": len(old_side.router),
+            "base_samples_digest": old_side.digest,
+            "report": asdict(fitted),
+            "fit_seconds": fit_seconds,
+        }
+        print(f"  {run_name} lr={lr:g}: router fitted in {fit_seconds:.0f} s (old side: {old_side.label})\n{fitted}",
+              flush=True)  # fmt: skip
+    # SCALE-Route's evaluation-only threshold sweep needs the cosine rule's two heads
+    thresholds = measures.ROUTE_THRESHOLDS if route_rule_of(method, sizes) == "cosine" else ()
 
     curve: dict[str, list] = {"step": []}
     losses, step_seconds, eval_seconds = [], [], 0.0
@@ -272,7 +342,7 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
             print(f"  {run_name} lr={lr:g}: loss became {losses[-1]} at step {step}; stopping this run", flush=True)
             break
         if step % args.eval_every == 0 or step == args.steps:
-            record(step, measures.ROUTE_THRESHOLDS if step == args.steps else ())
+            record(step, thresholds if step == args.steps else ())
             shown = ", ".join(f"{k}={v[-1]:.4g}" for k, v in curve.items() if k != "step" and v[-1] is not None)
             print(f"  {run_name} lr={lr:g} step {step}: {shown}", flush=True)
     return {
@@ -280,18 +350,92 @@ def train_run(base_model, run_name: str, lr: float, text, reference: dict, sizes
         "run": run_name,
         "lr": lr,
         "replay_fraction": replay,
+        "old_side": old_side.label if replay or router else None,
+        **({"base_samples_digest": old_side.digest} if replay and old_side.digest else {}),
         "trainable_parameters": trainable,
         "curve": curve,
         "final": {key: values[-1] for key, values in curve.items()},
-        "route_threshold_sweep": sweep,  # SCALE-Route only, at the last step
+        "route_threshold_sweep": sweep,  # SCALE-Route with the cosine rule only, at the last step
+        **({"router": router} if router else {}),
         "train_loss": losses,
         "seconds": {
             "prepare": prepare_seconds,
+            **({"router_fit": router["fit_seconds"]} if router else {}),
             "train": sum(step_seconds),
             "evaluate": eval_seconds,
             "step_median": sorted(step_seconds)[len(step_seconds) // 2],
         },
     }
+
+
+def route_rule_of(method: str, sizes: MethodSizes) -> Optional[str]:
+    """The routing rule of ``method`` (``"cosine"``, ``"learned"``) or ``None`` for a method that does not route."""
+    if method in ROUTED_METHODS:
+        return "learned"
+    if method == "scale_route":
+        return sizes.scale_options.get("route_rule", "cosine")
+    return None
+
+
+# ------------------------------------------------------------------------------------- the base model's samples
+
+
+SAMPLE_BATCH = 8  # sequences per generate() call (fit_router's default batch size); part of the samples' key
+
+
+def base_samples_needed(args) -> int:
+    """How many base samples one command draws: enough for a router's old side and for the replay stream's old
+    rows (the same count whichever runs are planned, so that every command of one output folder draws the same)."""
+    return max(ROUTER_BLOCKS, replayed_rows(REPLAY_FRACTION, args.seed, args.steps * args.batch_size))
+
+
+def base_samples(model, args) -> tuple[torch.Tensor, dict]:
+    """The base model's own samples, ``(n, seq_len)``: drawn once (``sample_base_model`` from the
+    beginning-of-text token, seed ``args.seed``) and cached in ``OUTPUT_DIR/base_samples.pt`` under the settings
+    they depend on; a cache made under other settings is replaced. Returns the samples and their description."""
+    from peft_scale.router_fitting import default_prompts, sample_base_model
+
+    count = base_samples_needed(args)
+    key = dict(model=args.model, seed=args.seed, length=args.seq_len, count=count, batch_size=SAMPLE_BATCH,
+               dtype=args.dtype, device_type=torch.device(args.device).type, prompt="bos")  # fmt: skip
+    path = args.output_dir / "base_samples.pt"
+    started = time.perf_counter()
+    if path.is_file():
+        cached = torch.load(path)
+        if cached["key"] == key:
+            samples = cached["samples"]
+            return samples, {**key, "file": path.name, "digest": digest(samples), "seconds": cached["seconds"]}
+        print(f"{path} was sampled under {cached['key']}, not {key}: sampling again", flush=True)
+    with measures.autocast(torch.device(args.device), args.dtype):
+        rows = sample_base_model(model, default_prompts(model), count, args.seq_len, SAMPLE_BATCH, args.seed, False)
+    samples = torch.stack(rows).cpu()
+    seconds = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "samples": samples, "seconds": seconds}, path)
+    print(f"Sampled {count} base-model sequences of {args.seq_len} tokens in {seconds:.0f} s -> {path}", flush=True)
+    return samples, {**key, "file": path.name, "digest": digest(samples), "seconds": seconds}
+
+
+def digest(ids: torch.Tensor) -> str:
+    """A short fingerprint of token ids (to check that two runs used the same samples)."""
+    import hashlib
+
+    return hashlib.sha1(ids.long().numpy().tobytes()).hexdigest()[:16]
+
+
+def old_sides_for(planned: list[tuple[str, float]], model, text, args, results: dict) -> dict[str, OldSide]:
+    """The ``OldSide`` of each source that a planned run needs (the base samples are drawn or loaded only then)."""
+    needs = {(RUNS[name].old_side, "replay" if RUNS[name].replay else "router")
+             for name, _ in planned if RUNS[name].replay or RUNS[name].method in ROUTED_METHODS}  # fmt: skip
+    sides = {"old_data": OldSide(OLD_SIDES["old_data"], text.old_train, text.replay_train)}
+    if any(source == "base_samples" for source, _ in needs):
+        samples, described = base_samples(model, args)
+        results["base_samples"] = described
+        replay = None
+        if ("base_samples", "replay") in needs:
+            replay = replay_stream(text.new_blocks, as_blocks(samples), REPLAY_FRACTION, args.seed, len(text.new_train))
+        sides["base_samples"] = OldSide(OLD_SIDES["base_samples"], samples[:ROUTER_BLOCKS], replay, described["digest"])
+    return sides
 
 
 # ---------------------------------------------------------------------------------------------- the whole sweep
@@ -373,17 +517,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     new_documents = documents_or_summaries(args.new_text, "es")[: args.max_documents]
     old_documents = documents_or_summaries(args.old_text, "en")[: args.max_documents]
+    planned = [(name, lr) for name, lr in planned_runs(args) if run_key(name, lr) not in results["runs"]]
+    routed_on_old_data = any(RUNS[n].method in ROUTED_METHODS and RUNS[n].old_side == "old_data" for n, _ in planned)
     text = build_text(
         tokenizer, new_documents=new_documents, old_documents=old_documents,
         held_out_documents=args.held_out_documents, eval_blocks=args.eval_blocks,
         train_blocks=args.steps * args.batch_size, seq_len=args.seq_len,
-        replay_fraction=REPLAY_FRACTION if any(RUNS[name][1] for name in args.methods) else 0.0, seed=args.seed,
+        replay_fraction=REPLAY_FRACTION if any(RUNS[name].replay for name in args.methods) else 0.0, seed=args.seed,
+        old_train_blocks=ROUTER_BLOCKS if routed_on_old_data else 0,
     )  # fmt: skip
     reference, base = base_reference(model, tokenizer, text, args, results.get("base_answers"))
     results.update(
         machine=machine_description(args.device), base=base, base_answers=[vars(a) for a in reference["answers"]],
         text_epochs=text.epochs,
     )  # fmt: skip
+    old_sides = old_sides_for(planned, model, text, args, results)
     print(f"Base model: {base}  (setup {time.perf_counter() - started:.0f} s)", flush=True)
 
     for name, lr in planned_runs(args):
@@ -392,7 +540,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(f"{key}: already in {results_path}, skipped", flush=True)
             continue
         print(f"{key}: training", flush=True)
-        results["runs"][key] = train_run(model, name, lr, text, reference, sizes, args)
+        results["runs"][key] = train_run(model, name, lr, text, reference, sizes, args, old_sides)
         if command not in results.setdefault("commands", []):  # every command that added runs
             results["commands"].append(command)
         write_json(results_path, results)
