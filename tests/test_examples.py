@@ -54,8 +54,9 @@ def test_continual_pretraining_with_the_learned_router(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["route_rule"], config["layers_to_transform"]) == ("learned", [1])
     assert config["router_report"]["old_source"] == "base model samples"
-    router = load_file(tmp_path / "adapter_model.safetensors")["base_model.scale_router.fitted"]
-    assert router.item() == 1
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    # the router lives in the first module it gates: layer 1's down_proj
+    assert saved["base_model.model.model.layers.1.mlp.down_proj.scale_router.fitted"].item() == 1
 
 
 def test_sft_with_trl(tmp_path):
