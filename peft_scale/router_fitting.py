@@ -8,13 +8,28 @@ trains, on frozen features, and it never drifts while the adapter trains:
    up to layer ``L`` only (the forward pass stops there).
 2. The old side is the user's old data, or, with ``old_data=None``, the base model's own samples
    (self-synthesised rehearsal: what the base model produces is by definition what it already does).
+   When the new data are windows cut from running text (they do not start with the samples' first prompt token,
+   e.g. ``<s>``), each sample is cut the same way: a random number of its first tokens (up to a quarter) is
+   dropped and the rest is read as a sequence of its own. Otherwise the router learns "starts with ``<s>``"
+   instead of "is old text" (measured on SmolLM2: 10.4% of real English blocks went to the expansion with uncut
+   samples, whose held-out report looked fine).
 3. Sequences (not tokens: neighbouring tokens are alike) are split into a fitting, a calibration and a held-out
-   part. The router is trained on the fitting part with a class-balanced logistic loss.
+   part. A router is trained on the fitting part with a class-balanced logistic loss.
 4. The threshold is biased towards the base model: a wrong "expansion" on old text costs forgetting, a wrong
-   "base model" on new text only a little learning. It is the lowest threshold (at least 0.5) at which at most
-   ``max_old_error`` of the calibration part's old tokens reach the expansion.
+   "base model" on new text only a little learning. With ``calibrate_on="held_out"`` (the default: the old data
+   is a sample of what must be kept, e.g. a language) it is the lowest threshold (at least 0.5) at which at most
+   ``max_old_error`` of the calibration part's old tokens reach the expansion: a bound for old text the router
+   has never seen.
 5. The report gives, on the held-out part, the share of old tokens routed to the base model and of new tokens
    routed to the expansion.
+6. The router that is kept is then refitted on every sequence of both sides (the same training), so that none of
+   the user's new data is left to a router that never saw it: the adapter trains on all of ``new_data``, and a
+   router fitted on 60% of it sent the other 40% to the base model far more often (biographies: 37.5% of the
+   unfitted questions' first-answer positions reached the expansion, against 61.7% of the fitted ones).
+   With ``calibrate_on="fitted"`` (the old data is the whole of what must be kept: a set of facts, a regression
+   set) the threshold is set on this final router's scores of all the old data instead, so that at most
+   ``max_old_error`` of exactly those tokens reach the expansion; the held-out report then says what old text
+   outside that set would get. The report's ``fitted_*`` shares are the final router's on all the data.
 """
 
 from __future__ import annotations
@@ -52,6 +67,10 @@ class RouterReport:
             each held-out sequence: the router reads a contextualised stream, and the first tokens have little
             context (measured: most of the router's errors are there).
         calibration_old_to_base, calibration_new_to_expansion: the same on the calibration part.
+        fitted_old_to_base, fitted_new_to_expansion: the kept router (refitted on every sequence) on all the data:
+            the share of ``new_data`` the adapter will train on at the expansion, and of the given old data kept
+            on the base model.
+        calibrate_on: ``"held_out"`` or ``"fitted"``: where the threshold was set.
         tokens: ``{"old": n, "new": n}``: tokens of each side the router saw (all parts).
         held_out_tokens: ``{"old": n, "new": n}`` in the held-out part.
     """
@@ -66,6 +85,9 @@ class RouterReport:
     first_tokens_new_to_expansion: float
     calibration_old_to_base: float
     calibration_new_to_expansion: float
+    fitted_old_to_base: float
+    fitted_new_to_expansion: float
+    calibrate_on: str
     tokens: dict
     held_out_tokens: dict
 
@@ -77,7 +99,10 @@ class RouterReport:
             f"  held-out new tokens routed to the expansion:  {self.new_to_expansion:.2%} of "
             f"{self.held_out_tokens['new']:,}\n"
             f"  on the first {FIRST_TOKENS} tokens of each sequence: {self.first_tokens_old_to_base:.2%} (old), "
-            f"{self.first_tokens_new_to_expansion:.2%} (new)"
+            f"{self.first_tokens_new_to_expansion:.2%} (new)\n"
+            f"  the kept router (refitted on all sequences) on all of them: {self.fitted_old_to_base:.2%} of old "
+            f"tokens to the base model, {self.fitted_new_to_expansion:.2%} of new tokens to the expansion "
+            f"(threshold set on the {self.calibrate_on.replace('_', '-')} old tokens)"
         )
 
 
@@ -199,6 +224,22 @@ def sample_base_model(
     return samples
 
 
+def cut_like_new_data(samples: list, new_sequences: list, prompts: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    """The base model's samples cut the way the new data is: unchanged when most new sequences start with a
+    prompt's first token (e.g. ``<s>``), as the samples do; otherwise, windows of running text, each sample less a
+    random number of its first tokens (1 to a quarter of it), read as a sequence of its own. A router fitted on
+    samples that all start with ``<s>`` against windows that never do learns the start, not the text."""
+    starts = {int(token) for token in prompts[:, 0]}
+    if sum(int(ids[0]) in starts for ids in new_sequences) >= len(new_sequences) / 2:
+        return samples
+    generator = torch.Generator().manual_seed(seed)
+    cut = []
+    for ids in samples:
+        drop = int(torch.randint(1, max(len(ids) // 4, 1) + 1, (1,), generator=generator))
+        cut.append(ids[min(drop, len(ids) - 1) :])
+    return cut
+
+
 def default_prompts(model: nn.Module) -> torch.Tensor:
     """One prompt per sample: the beginning-of-text token, where the model has one."""
     bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
@@ -267,6 +308,7 @@ def fit_router(
     sample_length: int = 128,
     sample_prompts: Optional[torch.Tensor] = None,
     max_old_error: float = 0.01,
+    calibrate_on: str = "held_out",
     steps: int = 300,
     lr: float = 1e-2,
     weight_decay: float = 1e-4,
@@ -283,9 +325,15 @@ def fit_router(
             ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), or a list of dicts.
         old_data: token ids of what the model must keep doing, in the same forms; ``None`` samples the old side
             from the base model itself (``num_samples`` sequences of ``sample_length`` tokens, each started from
-            ``sample_prompts``, default the beginning-of-text token).
+            ``sample_prompts``, default the beginning-of-text token; cut into windows when ``new_data`` is windows
+            of running text, see ``cut_like_new_data``).
         adapter_name: the adapter whose router to fit (default: the active learned-route adapter).
-        max_old_error: the share of (calibration) old tokens allowed to reach the expansion; sets the threshold.
+        max_old_error: the share of old tokens allowed to reach the expansion; sets the threshold.
+        calibrate_on: where that share is measured. ``"held_out"`` (default): on old sequences the router was not
+            fitted on, a bound for unseen old text (the old data is a sample of what to keep: a language, a
+            domain). ``"fitted"``: on all the given old data, scored by the kept router (the old data *is* what
+            must be kept: a set of facts, a regression set); lower thresholds, more new data learned, and the
+            held-out report says what unseen old text would get.
         steps, lr, weight_decay: the router's training (full batch, Adam).
         batch_size: sequences per forward pass of the base model (features and sampling).
         seed: the seed of the sampling, the split and the router's initialisation.
@@ -310,6 +358,11 @@ def fit_router(
     config = scale_model.peft_config[adapter_name]
     if not 0 < max_old_error < 0.5:
         raise ValueError(f"fit_router(max_old_error={max_old_error}): a share between 0 and 0.5, e.g. 0.01.")
+    if calibrate_on not in ("held_out", "fitted"):
+        raise ValueError(
+            f"fit_router(calibrate_on={calibrate_on!r}): 'held_out' (the threshold bounds the old tokens reaching the "
+            "expansion on old text the router has not seen) or 'fitted' (on the old data given)."
+        )
     base = scale_model.model
     vocab_size = getattr(base.config, "vocab_size", None)
     new_sequences = token_sequences(new_data, "new_data", vocab_size)
@@ -331,6 +384,7 @@ def fit_router(
                 if prompts.dim() != 2:
                     raise ValueError("fit_router: sample_prompts must be a LongTensor of shape (n, prompt_length).")
                 old_sequences = sample_base_model(base, prompts, num_samples, sample_length, batch_size, seed, progress)
+                old_sequences = cut_like_new_data(old_sequences, new_sequences, prompts, seed)
                 old_source = "base model samples"
             else:
                 old_sequences = token_sequences(old_data, "old_data", vocab_size)
@@ -350,22 +404,22 @@ def fit_router(
     splits = {side: _split_sequences(len(feats), generator) for side, feats in sides.items()}
     parts = {side: [torch.cat([sides[side][i] for i in idx]) for idx in split] for side, split in splits.items()}
     first = {side: torch.cat([sides[side][i][:FIRST_TOKENS] for i in splits[side][2]]) for side in sides}
-    params = _train_router(router, parts["new"][0], parts["old"][0], steps, lr, weight_decay, seed)
+    trial = _train_router(router, parts["new"][0], parts["old"][0], steps, lr, weight_decay, seed)
+    kept = _train_router(router, torch.cat(sides["new"]), torch.cat(sides["old"]), steps, lr, weight_decay, seed)
 
-    def scores(features):
+    def scores(features, params):
         return torch.sigmoid(router.logits(features, params))
 
-    calibration_old, calibration_new = scores(parts["old"][1]), scores(parts["new"][1])
-    allowed = math.floor(max_old_error * len(calibration_old))  # old calibration tokens that may reach the expansion
-    highest = calibration_old.sort(descending=True).values
-    threshold = max(0.5, float(torch.nextafter(highest[allowed], torch.tensor(2.0))) if allowed < len(highest) else 0.5)
-    params["threshold"] = torch.tensor([threshold])
-    params["fitted"] = torch.ones(1)
+    calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
+    fitted_old, fitted_new = scores(torch.cat(sides["old"]), kept), scores(torch.cat(sides["new"]), kept)
+    threshold = _threshold(calibration_old if calibrate_on == "held_out" else fitted_old, max_old_error)
+    kept["threshold"] = torch.tensor([threshold])
+    kept["fitted"] = torch.ones(1)
     with torch.no_grad():
         for name, buffer in router.named_buffers():
-            buffer.copy_(params[name].to(buffer.device))
-    test_old, test_new = scores(parts["old"][2]), scores(parts["new"][2])
-    first_old, first_new = scores(first["old"]), scores(first["new"])
+            buffer.copy_(kept[name].to(buffer.device))
+    test_old, test_new = scores(parts["old"][2], trial), scores(parts["new"][2], trial)
+    first_old, first_new = scores(first["old"], trial), scores(first["new"], trial)
     report = RouterReport(
         adapter_name=adapter_name,
         layer=config.preserve_layers,
@@ -377,11 +431,23 @@ def fit_router(
         first_tokens_new_to_expansion=float((first_new >= threshold).float().mean()),
         calibration_old_to_base=float((calibration_old < threshold).float().mean()),
         calibration_new_to_expansion=float((calibration_new >= threshold).float().mean()),
+        fitted_old_to_base=float((fitted_old < threshold).float().mean()),
+        fitted_new_to_expansion=float((fitted_new >= threshold).float().mean()),
+        calibrate_on=calibrate_on,
         tokens={side: sum(len(f) for f in feats) for side, feats in sides.items()},
         held_out_tokens={"old": len(test_old), "new": len(test_new)},
     )
     _record_report(config, report)
     return report
+
+
+def _threshold(old_scores: torch.Tensor, max_old_error: float) -> float:
+    """The lowest threshold, at least 0.5, at which at most ``max_old_error`` of ``old_scores`` reach it."""
+    allowed = math.floor(max_old_error * len(old_scores))  # old tokens that may reach the expansion
+    highest = old_scores.sort(descending=True).values
+    if allowed >= len(highest):
+        return 0.5
+    return max(0.5, float(torch.nextafter(highest[allowed], torch.tensor(2.0))))
 
 
 def _record_report(config, report: RouterReport) -> None:
@@ -391,6 +457,8 @@ def _record_report(config, report: RouterReport) -> None:
         "new_to_expansion": round(report.new_to_expansion, 4),
         "old_source": report.old_source,
         "threshold": report.threshold,
+        "calibrate_on": report.calibrate_on,
+        "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
     }
 
 

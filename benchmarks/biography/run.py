@@ -90,12 +90,16 @@ DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "biography"
 # replay rows: the method, and the replayed old data (Task-0 QA, or the base model's own samples)
 REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route", "full+replay_samples": "full"}
 REPLAY_SOURCES = {"full+replay": "task0_qa", "scale_route+replay": "task0_qa", "full+replay_samples": "samples"}
-# learned-route rows: the method, and the router's old side (Task-0 QA, or the base model's own samples)
+# learned-route rows: the method, the router's old side (Task-0 QA, or the base model's own samples), and where
+# fit_router sets its threshold (``calibrate_on``: on held-out Task-0 questions, or on all of them: the Task-0 QA
+# is exactly what must be kept here, the "+fitted" rows)
 ROUTED_ROWS = {
-    "scale_ffn_routed": ("scale_ffn_routed", "task0_qa"),
-    "scale_routed": ("scale_routed", "task0_qa"),
-    "scale_ffn_routed+samples": ("scale_ffn_routed", "samples"),
-    "scale_routed+samples": ("scale_routed", "samples"),
+    "scale_ffn_routed": ("scale_ffn_routed", "task0_qa", "held_out"),
+    "scale_routed": ("scale_routed", "task0_qa", "held_out"),
+    "scale_ffn_routed+fitted": ("scale_ffn_routed", "task0_qa", "fitted"),
+    "scale_routed+fitted": ("scale_routed", "task0_qa", "fitted"),
+    "scale_ffn_routed+samples": ("scale_ffn_routed", "samples", "held_out"),
+    "scale_routed+samples": ("scale_routed", "samples", "held_out"),
 }
 ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 # the rows of the learned router's own plots (the main plots keep the other rows: one colour each)
@@ -315,8 +319,9 @@ class Experiment:
         Task-0 QA or (``+samples``) the base model's own samples. Returns fit_router's report (and its time)."""
         s = self.settings
         begin = time.perf_counter()
-        common = dict(batch_size=ROUTER_BATCH, seed=s.seed)
-        if ROUTED_ROWS[row][1] == "task0_qa":
+        _, old_side, calibrate_on = ROUTED_ROWS[row]
+        common = dict(batch_size=ROUTER_BATCH, seed=s.seed, calibrate_on=calibrate_on)
+        if old_side == "task0_qa":
             report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa), **common)
             extra = {"old_side": "Task-0 QA"}
         else:

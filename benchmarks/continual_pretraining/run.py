@@ -71,7 +71,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
@@ -268,7 +268,7 @@ class OldSide:
     planned run needs it; ``digest`` identifies the base samples (the same in every run that used them)."""
 
     label: str
-    router: Optional[torch.Tensor] = None
+    router: Optional[Union[torch.Tensor, list]] = None  # what the router reads (token ids, or dicts of them)
     replay: Optional[torch.Tensor] = None
     digest: Optional[str] = None
 
@@ -434,7 +434,14 @@ def old_sides_for(planned: list[tuple[str, float]], model, text, args, results: 
         replay = None
         if ("base_samples", "replay") in needs:
             replay = replay_stream(text.new_blocks, as_blocks(samples), REPLAY_FRACTION, args.seed, len(text.new_train))
-        sides["base_samples"] = OldSide(OLD_SIDES["base_samples"], samples[:ROUTER_BLOCKS], replay, described["digest"])
+        # the router reads the samples as fit_router(old_data=None) would: cut like the new blocks (windows of
+        # running text, no <s>), not as they were drawn (each from <s>)
+        from peft_scale.router_fitting import cut_like_new_data, default_prompts
+
+        windows = cut_like_new_data(list(samples[:ROUTER_BLOCKS]), list(text.new_train[:ROUTER_BLOCKS]),
+                                    default_prompts(model), args.seed)  # fmt: skip
+        router_side = [{"input_ids": ids} for ids in windows]
+        sides["base_samples"] = OldSide(OLD_SIDES["base_samples"], router_side, replay, described["digest"])
     return sides
 
 
