@@ -335,7 +335,8 @@ def fit_router(
             must be kept: a set of facts, a regression set); lower thresholds, more new data learned, and the
             held-out report says what unseen old text would get.
         steps, lr, weight_decay: the router's training (full batch, Adam).
-        batch_size: sequences per forward pass of the base model (features and sampling).
+        batch_size: sequences per forward pass of the base model (features and sampling); larger samples faster
+            (on a 2-core CPU, 32 sampled SmolLM2-135M 2.6x faster than 8).
         seed: the seed of the sampling, the split and the router's initialisation.
         progress: show a progress bar while sampling.
 
