@@ -325,18 +325,20 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     def _new_rows(self, name: str, x: torch.Tensor, x_up: torch.Tensor, x_and_up: Optional[torch.Tensor]):
         """``y_up = W21 x + b21 + W22 x_up``.
 
-        With ``W22`` and the input ``[x; x_up]`` at hand as one tensor (a single active adapter), this is one
-        product with ``[W21 W22]``: one matrix product instead of two and an addition, forward and backward,
-        for the price of concatenating the (small, trainable) new blocks. The frozen ``W`` is never copied."""
+        With ``W22`` this is one product with ``[W21 W22]`` over ``[x; x_up]``: one matrix product instead of two
+        and an addition, forward and backward, for the price of concatenating the (small, trainable) new blocks.
+        The frozen ``W`` is never copied. With a single active adapter the input is ``[x; x_up]`` already
+        (``x_and_up``); with several, ``[x; x_up]`` of this adapter is concatenated (a copy of the input), so that
+        each adapter's new rows are bit-identical to what it computes when active alone: several learned-route
+        adapters routed together then give a token exactly what its adapter alone gives (``peft_scale.routing``)."""
         w21 = self.scale_w21[name]
         b21 = self.scale_b21[name] if name in self.scale_b21 else None
         if name not in self.scale_w22:
             return F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
+        if x_and_up is None:
+            x_and_up = torch.cat([x, x_up], dim=-1)
         w22 = self.scale_w22[name]
-        if x_and_up is not None:
-            return F.linear(self._cast_input_dtype(x_and_up, w21.dtype), torch.cat([w21, w22], dim=1), b21)
-        rows = F.linear(self._cast_input_dtype(x, w21.dtype), w21, b21)
-        return rows + F.linear(self._cast_input_dtype(x_up, w21.dtype), w22)
+        return F.linear(self._cast_input_dtype(x_and_up, w21.dtype), torch.cat([w21, w22], dim=1), b21)
 
     # ------------------------------------------------------------------------------------------- merging
 

@@ -17,7 +17,7 @@ from .layer import ScaleLayer, ScaleTunerLayer
 from .norm import ScaleNorm
 from .plan import LINEAR_ROLES, expansion_widths, full_width_targets, module_role, plan_module
 from .quantized import check_layer, check_model_quantization, has_quantized_layers, weight_shape
-from .routing import RouteResult, Routing
+from .routing import RouteResult, Routing, check_routed_together
 
 
 def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
@@ -106,7 +106,7 @@ class ScaleModel(BaseTuner):
                 "adapter (the learned rule has no such limit)."
             )
         if "_routing" not in self.__dict__:
-            self._routing = Routing(self._active_configs)
+            self._routing = Routing(self._active_configs, self._scale_configs)
         check_model_quantization(model)
         if state_dict is None:
             # Check the whole model before touching it, so a bad config leaves the model as it was.
@@ -244,6 +244,17 @@ class ScaleModel(BaseTuner):
 
     def _active_configs(self) -> list[ScaleConfig]:
         return [self.peft_config[name] for name in self.active_adapters]
+
+    def _scale_configs(self) -> dict[str, ScaleConfig]:
+        return self.peft_config
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter``, with one check first: several active adapters that include a learned-route adapter
+        must all be learned-route adapters with one ``preserve_layers``, which are then routed together, per token
+        (``peft_scale.routing.check_routed_together``; the model is left as it was when they are not)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        check_routed_together({name: self.peft_config[name] for name in names if name in self.peft_config})
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     @property
     def scale_router(self) -> dict:

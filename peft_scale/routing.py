@@ -25,13 +25,23 @@ router's numbers live in the first module it gates (``ScaleLayer.scale_router[ad
 PEFT and transformers' ``load_adapter`` save, load and delete it with its adapter like any block;
 ``ScaleModel.scale_router`` maps adapter names to them); the gates of the forward pass in flight live in one
 ``RouteGates``, which every gated module reads.
+
+Several learned-route adapters active together (``model.base_model.set_adapter(["es", "fr"])``, one adapter per
+domain) are routed jointly, in one place (``choose_adapters``, run by the one gate hook of layer ``L``): per token,
+the adapter whose router scores highest among those at or above their own threshold gets the token (``g = 1`` for
+it), every other adapter gets ``g = 0``, and a token no router claims gets the base model's computation. Every
+widened module already sums the adapters' contributions, each times its own gate, so a token routed to ``es`` is
+computed exactly as with ``es`` active alone (``fr``'s new features are computed but reach nothing), and a token
+routed to none exactly as the base model. This needs every router to decide before any gated module runs, so the
+adapters must share ``preserve_layers``, and it cannot hold with an adapter that is not learned-route in the mix (it
+changes every token): ``check_routed_together`` refuses both.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -53,13 +63,32 @@ class RouteResult:
             (cosine: ``cos(z_pres, z_adapt) >= threshold``; learned: the router's score below its threshold).
         preservation_logits: cosine rule only: ``z_pres = W_out norm(x_pres)``, the base model's own logits.
         adaptation_logits: cosine rule only: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``.
-        scores: learned rule only: the router's probability that the token is new-domain text.
+        scores: learned rule only: the router's probability that the token is new-domain text (with several routed
+            adapters: the highest of their routers' scores).
+        adapters: learned rule only: the routed adapters that decided, in the order ``choice`` counts them.
+        choice: learned rule only: ``(batch, seq)`` long, the index in ``adapters`` of the adapter each token went to,
+            ``-1`` for the base model.
+        adapter_scores: learned rule only: adapter name -> its router's score per token ``(batch, seq)``.
     """
 
     to_preservation: torch.Tensor
     preservation_logits: Optional[torch.Tensor] = None
     adaptation_logits: Optional[torch.Tensor] = None
     scores: Optional[torch.Tensor] = None
+    adapters: tuple[str, ...] = ()
+    choice: Optional[torch.Tensor] = None
+    adapter_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def sent_to(self, adapter_name: Optional[str]) -> torch.Tensor:
+        """Boolean mask ``(batch, seq)`` of the tokens that went to ``adapter_name`` (``None``: to the base model)."""
+        if adapter_name is None:
+            return self.to_preservation
+        if adapter_name not in self.adapters:
+            raise KeyError(
+                f"SCALE: adapter {adapter_name!r} did not route this forward pass (the routed adapters were "
+                f"{list(self.adapters)}); ask for one of them, or None for the base model."
+            )
+        return self.choice == self.adapters.index(adapter_name)
 
 
 # ----------------------------------------------------------------------------------------------- the learned rule
@@ -152,30 +181,116 @@ def decoder_layer_name(module_name: str, layer: int) -> Optional[str]:
     return match.group(1) if match else None
 
 
-class _GateHook:
-    """Forward pre-hook of decoder layer ``L``: the router's decision for every token, stored in ``RouteGates``."""
+def choose_adapters(scores: list[torch.Tensor], claims: list[torch.Tensor]) -> torch.Tensor:
+    """The joint rule of several learned routers: per token, the index of the adapter whose score is highest among
+    those whose router claims the token (score at or above its own threshold), or ``-1`` (the base model) when none
+    does. A tie goes to the adapter that comes first. ``scores`` and ``claims``: one ``(batch, seq)`` tensor per
+    adapter; returns ``(batch, seq)`` long."""
+    scores, claims = torch.stack(scores), torch.stack(claims)  # (adapters, batch, seq)
+    best = scores.masked_fill(~claims, -1.0).argmax(0)  # a score is a probability: -1 is below any claim
+    return torch.where(claims.any(0), best, torch.full_like(best, -1))
 
-    def __init__(self, routing: "Routing", adapter_name: str, holder: nn.Module) -> None:
+
+def is_learned_route(config) -> bool:
+    return config.variant == "route" and config.route_rule == "learned"
+
+
+def check_routed_together(configs: dict) -> None:
+    """Refuse a set of adapters (name -> ``ScaleConfig``, active together) that holds a learned-route adapter and
+    cannot be routed exactly: one that is not learned-route (it changes every token, so no token would get the base
+    model's computation or a single domain's), or learned-route adapters whose routers read different layers."""
+    learned = {name: config for name, config in configs.items() if is_learned_route(config)}
+    if len(configs) < 2 or not learned:
+        return
+    others = {
+        name: f"{config.variant} (cosine rule)" if config.variant == "route" else config.variant
+        for name, config in configs.items()
+        if name not in learned
+    }
+    if others:
+        described = ", ".join(f"{name!r} ({variant})" for name, variant in others.items())
+        raise ValueError(
+            f"SCALE: the learned-route adapter(s) {sorted(learned)} cannot be active together with {described}: an "
+            "adapter that is not routed by a learned router changes every token (a cosine-route adapter must be active "
+            "alone), so the tokens the routers send to the base model, or to one domain's adapter, would not get its "
+            f"computation. Activate the learned-route adapters alone (model.base_model.set_adapter({sorted(learned)})), "
+            "or make the others learned-route adapters: ScaleConfig(variant='route', route_rule='learned', "
+            "preserve_layers=...) and peft_scale.fit_router(model, its_data, adapter_name=...)."
+        )
+    layers = {name: config.preserve_layers for name, config in learned.items()}
+    if len(set(layers.values())) > 1:
+        raise ValueError(
+            f"SCALE: learned-route adapters active together must have the same preserve_layers, but these differ: "
+            f"{layers}. Each router reads the stream entering layer preserve_layers, and every router must have decided "
+            "before any routed module runs: a router reading a higher layer would see a stream that the other adapters' "
+            "expansions have already changed, and the per-token choice between them could not be made. Create the "
+            f"adapters with one preserve_layers (e.g. {min(layers.values())} for all) and fit their routers, or "
+            "activate them one at a time."
+        )
+
+
+class _GateHook:
+    """Forward pre-hook of decoder layer ``L``: the decision of every active learned router that reads this layer,
+    stored in ``RouteGates`` (one gate per adapter). One hook per layer, shared by the adapters whose routers read it,
+    so that several of them decide jointly (``choose_adapters``)."""
+
+    def __init__(self, routing: "Routing") -> None:
         self.routing = routing
-        self.adapter_name = adapter_name
-        self.holder = holder  # the gated module that holds the router; it says whether the adapter computes at all
+        # adapter -> the gated module that holds its router; it says whether the adapter computes at all
+        self.holders: dict[str, nn.Module] = {}
+
+    def _active(self) -> list[str]:
+        """The adapters of this hook that compute in this forward pass, in the model's order of active adapters."""
+        holder = next(iter(self.holders.values()))
+        if holder.disable_adapters:
+            return []
+        active = holder.active_adapters
+        names = [name for name in active if name in self.holders]
+        if names and len(active) > 1:  # a mix: check it is one the joint rule computes exactly
+            check_routed_together({name: config for name, config in self.routing.configs().items() if name in active})
+        return names
 
     def __call__(self, module, args, kwargs):
-        holder = self.holder
-        if holder.disable_adapters or self.adapter_name not in holder.active_adapters:
+        names = self._active() if self.holders else []
+        if not names:
             return None
-        router = holder.scale_router[self.adapter_name]
-        if not router.is_fitted:
+        routers = {name: self.holders[name].scale_router[name] for name in names}
+        unfitted = [name for name, router in routers.items() if not router.is_fitted]
+        if len(unfitted) == 1 and len(names) == 1:
             raise RuntimeError(
-                f"SCALE adapter {self.adapter_name!r} routes with a learned router that has not been fitted. Call "
+                f"SCALE adapter {unfitted[0]!r} routes with a learned router that has not been fitted. Call "
                 "peft_scale.fit_router(model, new_data) before training or evaluating it (old_data=None samples the "
                 "old side from the base model), or train with the Trainer and callbacks=[peft_scale.RouterFitCallback()]."
             )
+        if unfitted:
+            raise RuntimeError(
+                f"SCALE adapters {unfitted} (active together with {[n for n in names if n not in unfitted]}) route with "
+                "learned routers that have not been fitted. Call peft_scale.fit_router(model, its_data, "
+                f"adapter_name={unfitted[0]!r}) for each of them (old_data: the other domains' text), or activate only "
+                "fitted adapters."
+            )
         hidden = args[0] if args else kwargs["hidden_states"]
+        gates = self.routing.gates.gates
+        if len(names) == 1:  # one routed adapter: its router alone decides
+            name = names[0]
+            router = routers[name]
+            with torch.no_grad():
+                to_expansion, score = router(hidden[..., : router.features])
+            gates[name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
+            self.routing.last = RouteResult(
+                to_preservation=~to_expansion, scores=score, adapters=(name,), choice=to_expansion.long() - 1,
+                adapter_scores={name: score},
+            )
+            return None
         with torch.no_grad():
-            to_expansion, score = router(hidden[..., : router.features])
-        self.routing.gates.gates[self.adapter_name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
-        self.routing.last = RouteResult(to_preservation=~to_expansion, scores=score)
+            claims, scores = zip(*(router(hidden[..., : router.features]) for router in routers.values()))
+            choice = choose_adapters(list(scores), list(claims))  # (batch, seq): adapter index, -1 for the base
+        for index, name in enumerate(names):
+            gates[name] = (choice == index).unsqueeze(-1).to(hidden.dtype)
+        self.routing.last = RouteResult(
+            to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,
+            adapter_scores=dict(zip(names, scores)),
+        )
         return None
 
 
@@ -258,14 +373,17 @@ class Routing:
 
     Args:
         active_configs: returns the configs of the active adapters (for the cosine threshold).
+        configs: returns every adapter's config, by name (to check a mix of active adapters).
     """
 
-    def __init__(self, active_configs) -> None:
+    def __init__(self, active_configs, configs) -> None:
         self.active_configs = active_configs
+        self.configs = configs
         self.gates = RouteGates()
         self.last: Optional[RouteResult] = None
-        self._handles: dict[str, list] = {}
-        self._gate_hooks: dict[str, _GateHook] = {}
+        self._handles: dict[str, list] = {}  # adapter -> its hook handles (a learned router's: in _layer_hooks)
+        self._gate_hooks: dict[str, _GateHook] = {}  # adapter -> the gate hook of the layer its router reads
+        self._layer_hooks: dict[str, tuple[_GateHook, object]] = {}  # decoder layer name -> (gate hook, handle)
         self._head_router: Optional[LMHeadRouter] = None
 
     def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder_layers: Optional[str]) -> None:
@@ -294,9 +412,13 @@ class Routing:
         if adapter_name not in holder.scale_router:
             device = holder.get_base_layer().weight.device
             holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
-        hook = _GateHook(self, adapter_name, holder)
-        handle = model.get_submodule(layer_name).register_forward_pre_hook(hook, with_kwargs=True)
-        self._handles[adapter_name] = [handle]
+        if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
+            hook = _GateHook(self)
+            handle = model.get_submodule(layer_name).register_forward_pre_hook(hook, with_kwargs=True)
+            self._layer_hooks[layer_name] = (hook, handle)
+        hook = self._layer_hooks[layer_name][0]
+        hook.holders[adapter_name] = holder
+        self._handles[adapter_name] = []
         self._gate_hooks[adapter_name] = hook
 
     def _install_cosine(self, model, adapter_name, config, decoder_layers) -> None:
@@ -322,7 +444,7 @@ class Routing:
 
     def routers(self) -> dict[str, TokenRouter]:
         """Adapter name -> its learned router."""
-        return {name: hook.holder.scale_router[name] for name, hook in self._gate_hooks.items()}
+        return {name: hook.holders[name].scale_router[name] for name, hook in self._gate_hooks.items()}
 
     def remove(self, adapter_names=None) -> None:
         """Remove the hooks of ``adapter_names`` (default: all); the LM-head hooks go with the last adapter."""
@@ -330,7 +452,13 @@ class Routing:
             for handle in self._handles.pop(name, []):
                 handle.remove()
             self.gates.gates.pop(name, None)
-            self._gate_hooks.pop(name, None)
+            hook = self._gate_hooks.pop(name, None)
+            if hook is not None:
+                hook.holders.pop(name, None)
+        for layer_name, (hook, handle) in list(self._layer_hooks.items()):
+            if not hook.holders:  # the last router reading this layer is gone
+                handle.remove()
+                del self._layer_hooks[layer_name]
         if not self._handles and self._head_router is not None:
             self._head_router.remove()
             self._head_router = None
