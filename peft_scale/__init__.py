@@ -7,6 +7,7 @@
 
 from .architectures import FFN_LAYOUTS, FfnLayout
 from .config import ScaleConfig
+from .confusion import routing_confusion
 from .layer import ScaleLayer
 from .mer import MERCallback
 from .model import ScaleModel
@@ -32,6 +33,7 @@ __all__ = [
     "create_scale_optimizer",
     "fit_router",
     "register_scale",
+    "routing_confusion",
     "scale_optimizer_param_groups",
     "__version__",
 ]
