@@ -8,13 +8,15 @@ peft-scale``, ``import peft_scale``, ``PeftModel.from_pretrained`` / ``AutoPeftM
 peft-scale installed, PEFT cannot load a SCALE adapter at all (``KeyError: 'SCALE'``), so the card must say so.
 
 The section sits between two HTML comments and is replaced, not appended, when the folder is saved again; the
-rest of the card (PEFT's template or what a user wrote) is left as it is.
+rest of the card (PEFT's template or what a user wrote) is left as it is. ``model.push_to_hub(repo_id)`` publishes
+the same card (transformers' version would replace it with a generic one): see ``_push_to_hub_with_scale_card``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 from huggingface_hub import ModelCard
 from peft import PeftModel
@@ -95,6 +97,9 @@ def scale_section(configs: dict[str, ScaleConfig], adapter_id: str) -> str:
         table.append(f"| `{name}` | `{folder}` | " + " | ".join(row[column] for column in columns) + " |")
 
     causal_lm = any(str(getattr(config, "task_type", "") or "").endswith("CAUSAL_LM") for config in configs.values())
+    # PEFT saves the adapter "default" in the folder itself and every other one in a subfolder of its name
+    first = "default" if "default" in names else names[0]
+    where = "" if first == "default" else f', subfolder="{first}", adapter_name="{first}"'
     load = [
         "```python",
         "import peft_scale  # registers the SCALE method with PEFT",
@@ -102,14 +107,20 @@ def scale_section(configs: dict[str, ScaleConfig], adapter_id: str) -> str:
         "from transformers import AutoModelForCausalLM",
         "",
         f'base = AutoModelForCausalLM.from_pretrained("{base_id}")',
-        f'model = PeftModel.from_pretrained(base, "{adapter_id}")  # a Hub repo id or this folder',
+        f'model = PeftModel.from_pretrained(base, "{adapter_id}"{where})  # a Hub repo id or this folder',
     ]
+    load += [
+        f'model.load_adapter("{adapter_id}", subfolder="{name}", adapter_name="{name}")' for name in names if name != first
+    ]
+    routed = [name for name in names if configs[name].variant == "route" and configs[name].route_rule == "learned"]
+    if len(routed) > 1:
+        load.append(f"model.base_model.set_adapter({routed})  # routed together: each token to one domain's adapter")
     if causal_lm:
         load += [
             "",
             "# or in one call (loads the base model named in adapter_config.json):",
             "from peft import AutoPeftModelForCausalLM",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter_id}")',
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{adapter_id}"{where})',
         ]
     if any(not config.hidden_expansion and config.variant != "route" for config in configs.values()):
         load += ["", "dense = model.merge_and_unload()  # FFN mode: a plain model with the wider intermediate size"]
@@ -129,6 +140,7 @@ def scale_section(configs: dict[str, ScaleConfig], adapter_id: str) -> str:
         "",
         *table,
         "",
+        *_routed_together(configs, routed),
         "### How to use",
         "",
         "```bash",
@@ -141,6 +153,31 @@ def scale_section(configs: dict[str, ScaleConfig], adapter_id: str) -> str:
         SECTION_END,
     ]
     return "\n".join(lines)
+
+
+def _routed_together(configs: dict[str, ScaleConfig], routed: list[str]) -> list[str]:
+    """The card's paragraph on several learned-route adapters: one per domain, routed together."""
+    if len(routed) < 2:
+        return []
+    accuracy = []
+    for name in routed:
+        report = configs[name].router_report
+        accuracy.append(
+            f"`{name}`: {report['new_to_expansion']:.1%} of its domain's held-out tokens claimed, "
+            f"{report['old_to_base']:.1%} of its old side's left to the base model"
+            if report
+            else f"`{name}`: not fitted yet"
+        )
+    return [
+        f"**One adapter per domain, routed together:** {', '.join(f'`{name}`' for name in routed)}. Activated together "
+        f"(`model.base_model.set_adapter({routed})`), each token goes to the adapter whose learned router scores "
+        "highest among those at or above their own threshold, and to the base model, exactly, when none claims it; a "
+        "token sent to one adapter gets exactly what that adapter alone computes. Routers' held-out accuracy ("
+        + "; ".join(accuracy)
+        + "). `peft_scale.routing_confusion(model, {domain: token_ids, ...})` measures the share of each domain's "
+        "tokens that goes to each adapter.",
+        "",
+    ]
 
 
 def write_scale_section(card_path: str, configs: dict[str, ScaleConfig], adapter_id: str) -> None:
@@ -164,19 +201,58 @@ def write_scale_section(card_path: str, configs: dict[str, ScaleConfig], adapter
     card.save(card_path)
 
 
+def scale_configs(model) -> dict[str, ScaleConfig]:
+    return {name: config for name, config in model.peft_config.items() if isinstance(config, ScaleConfig)}
+
+
 def install_model_card_hook() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` (once per process) to add the SCALE section."""
+    """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel.push_to_hub`` (once per process) so that the
+    card of a folder and of a Hub repository has the SCALE section."""
     peft_method = PeftModel.create_or_update_model_card
     if getattr(peft_method, "_adds_scale_section", False):
         return
 
     @functools.wraps(peft_method)
-    def create_or_update_model_card(self, output_dir: str):
+    def create_or_update_model_card(self, output_dir: str, adapter_id: Optional[str] = None):
         peft_method(self, output_dir)
-        configs = {name: config for name, config in self.peft_config.items() if isinstance(config, ScaleConfig)}
+        configs = scale_configs(self)
         if configs:
-            adapter_id = os.path.basename(os.path.abspath(output_dir))
+            adapter_id = adapter_id or os.path.basename(os.path.abspath(output_dir))
             write_scale_section(os.path.join(output_dir, "README.md"), configs, adapter_id)
 
     create_or_update_model_card._adds_scale_section = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.push_to_hub = _push_to_hub_with_scale_card(PeftModel.push_to_hub)
+
+
+def _push_to_hub_with_scale_card(push_to_hub):
+    """transformers' ``push_to_hub`` (which ``PeftModel`` inherits) saves the model in a temporary folder, then
+    overwrites the folder's ``README.md`` with the repository's card, or, for a new repository, with a generic
+    transformers card, and uploads the folder (``_upload_modified_files``). For a model with SCALE adapters, the card
+    is brought up to date just before that upload, as ``save_pretrained`` does it: PEFT's part (library, tags, base
+    model) and the SCALE section, whose loading snippet names the repository. The rest of an existing card (what its
+    author wrote there) and the tags passed to ``push_to_hub`` are kept."""
+
+    @functools.wraps(push_to_hub)
+    def push_with_scale_card(self, repo_id: str, *args, **kwargs):
+        if not scale_configs(self):
+            return push_to_hub(self, repo_id, *args, **kwargs)
+        upload = self._upload_modified_files
+
+        def upload_with_scale_card(working_dir, repo_id, *upload_args, **upload_kwargs):
+            card_path = os.path.join(working_dir, "README.md")
+            tags = list(ModelCard.load(card_path).data.tags or []) if os.path.exists(card_path) else []
+            self.create_or_update_model_card(working_dir, adapter_id=repo_id)
+            card = ModelCard.load(card_path)
+            kept = list(card.data.tags or [])
+            card.data.tags = kept + [tag for tag in tags if tag not in kept]  # PEFT's update replaces the tag list
+            card.save(card_path)
+            return upload(working_dir, repo_id, *upload_args, **upload_kwargs)
+
+        self.__dict__["_upload_modified_files"] = upload_with_scale_card  # this call only: shadows the method
+        try:
+            return push_to_hub(self, repo_id, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_upload_modified_files", None)
+
+    return push_with_scale_card
