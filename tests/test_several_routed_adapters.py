@@ -1,0 +1,515 @@
+"""One learned-route adapter per domain, several active together (``peft_scale.routing``: the joint rule).
+
+Three separable synthetic domains on a tiny 4-layer Llama (``test_routing``'s model and helpers): the *base* domain
+(token ids 4-63), a first new domain ``es`` (ids 64-95) and a second ``fr`` (ids 96-127). The base model is trained
+on all three first, so that, like a pre-trained model that has seen both languages' tokens, its stream tells them
+apart; then ``es`` is fitted and trained, then ``fr`` (its router fitted against the base domain and ``es``'s text).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from conftest import run_in_fresh_process
+from peft import get_peft_model
+from peft.tuners.tuners_utils import BaseTuner
+from test_routing import LAYERS, MODES, OLD, PRESERVE, domain_ids
+from tiny_models import perturb_adapter, tiny_model
+
+import peft_scale
+from peft_scale import ScaleConfig, fit_router, routing_confusion
+from peft_scale.model_card import SECTION_END, SECTION_START
+from peft_scale.routing import choose_adapters
+
+BASE, ES, FR = OLD, (64, 96), (96, 128)
+
+
+@pytest.fixture(scope="module")
+def speaker():
+    """A tiny Llama trained (60 Adam steps) on text of the three domains, each sequence from one."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=LAYERS).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    domains = ((BASE, 8), (ES, 4), (FR, 4))  # (domain, sequences per batch)
+    for step in range(60):
+        rows = [domain_ids(domain, n, 23, seed=100 + step + 1000 * i) for i, (domain, n) in enumerate(domains)]
+        ids = torch.cat([torch.ones(16, 1, dtype=torch.long), torch.cat(rows)], 1)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def config(mode: str = "ffn", **overrides) -> ScaleConfig:
+    return ScaleConfig(**{**MODES[mode], "variant": "route", "preserve_layers": PRESERVE, **overrides})
+
+
+def train(model, adapter: str, domain, steps: int = 8, seed: int = 0) -> None:
+    """A few Adam steps on ``domain``, with ``adapter`` active alone (PEFT: only its blocks are trainable)."""
+    model.set_adapter(adapter)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        ids = domain_ids(domain, 8, 24, seed=seed + step)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def adapter_state(model, adapter: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one adapter (its blocks and its router's buffers), cloned."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items() if f".{adapter}." in name + "."}
+
+
+BIG = {"base": domain_ids(BASE, 64, 48, seed=50), "es": domain_ids(ES, 64, 48, seed=51), "fr": domain_ids(FR, 64, 48, seed=52)}
+PROBES = {"base": domain_ids(BASE, 4, 16, seed=7), "es": domain_ids(ES, 4, 16, seed=8), "fr": domain_ids(FR, 4, 16, seed=9)}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def stages(request, speaker):
+    """The sequence: base model -> ``es`` fitted and trained -> ``fr`` added, fitted and trained -> ``es``'s router
+    refitted with ``fr``'s text in its old side (it never saw it, see
+    ``test_an_earlier_router_claims_a_later_domain_until_refitted``) -> both active."""
+    mode = request.param
+    reference = copy.deepcopy(speaker)
+    model = get_peft_model(copy.deepcopy(speaker), config(mode), adapter_name="es")
+    es_data, fr_data, base_data = domain_ids(ES, seed=1), domain_ids(FR, seed=3), domain_ids(BASE, seed=2)
+    es_report = fit_router(model, es_data, base_data, adapter_name="es", progress=False)
+    train(model, "es", ES, seed=100)
+    before, before_routing = {}, {}
+    with torch.no_grad():
+        for name, ids in PROBES.items():
+            before[name] = model(input_ids=ids).logits
+            before_routing[name] = model.base_model.last_routing.sent_to("es")
+    es_state = adapter_state(model, "es")
+    model.add_adapter("fr", config(mode))
+    model.set_adapter("fr")
+    # the old side of the new domain's router: the base model's domain and the earlier domain's text
+    fr_report = fit_router(model, fr_data, torch.cat([base_data, es_data]), adapter_name="fr", progress=False)
+    train(model, "fr", FR, seed=200)
+    es_after_fr = adapter_state(model, "es")
+    with torch.no_grad():
+        fr_alone = model(input_ids=PROBES["fr"]).logits
+    model.base_model.set_adapter(["es", "fr"])
+    unrefitted = routing_confusion(model, BIG)
+    es_refit = fit_router(model, es_data, torch.cat([base_data, fr_data]), adapter_name="es", progress=False)
+    return dict(
+        mode=mode, model=model, reference=reference, before=before, before_routing=before_routing, es_state=es_state,
+        es_after_fr=es_after_fr, fr_alone=fr_alone, unrefitted=unrefitted,
+        reports={"es": es_report, "fr": fr_report, "es refitted": es_refit},
+    )
+
+
+# ------------------------------------------------------------------------------------ 1. every domain keeps its own
+
+
+def test_every_domain_gives_what_it_gave_before_the_next_adapter_was_added(stages):
+    model, reference = stages["model"], stages["reference"]
+    assert model.base_model.active_adapters == ["es", "fr"]
+    with torch.no_grad():
+        # the base model's domain: no router claims it, the base model's logits
+        logits = model(input_ids=PROBES["base"]).logits
+        routing = model.base_model.last_routing
+        assert routing.adapters == ("es", "fr") and routing.to_preservation.all()
+        assert (logits - reference(input_ids=PROBES["base"]).logits).abs().max() <= 1e-6
+        # the first domain: the same decisions as before fr existed, and the logits es gave alone before fr trained
+        logits = model(input_ids=PROBES["es"]).logits
+        routing = model.base_model.last_routing
+        unchanged = (routing.sent_to("es") == stages["before_routing"]["es"]).all(dim=1)  # rows, every token
+        assert unchanged.all() and not routing.sent_to("fr").any()
+        assert (logits - stages["before"]["es"])[unchanged].abs().max() <= 1e-6
+        assert (logits - reference(input_ids=PROBES["es"]).logits).abs().max() > 1e-2  # es did learn something
+        # the second domain: its tokens go to fr and get what fr computes alone
+        logits = model(input_ids=PROBES["fr"]).logits
+        routing = model.base_model.last_routing
+        assert routing.sent_to("fr").all()
+        assert (logits - stages["fr_alone"]).abs().max() <= 1e-6
+        assert (logits - stages["before"]["fr"]).abs().max() > 1e-2
+
+
+def test_training_one_adapter_leaves_the_other_bit_identical(stages):
+    """``es``'s blocks and router, saved before ``fr`` was added, fitted and trained: every tensor bit-equal."""
+    now = stages["es_after_fr"]
+    assert now.keys() == stages["es_state"].keys() and any("scale_router" in key for key in now)
+    for key, tensor in stages["es_state"].items():
+        assert torch.equal(now[key], tensor), key
+    # refitting es's router afterwards changed its router and nothing else of es
+    refitted = adapter_state(stages["model"], "es")
+    for key, tensor in stages["es_state"].items():
+        if ".scale_router." in key:
+            assert key.endswith((".threshold", ".fitted")) or not torch.equal(refitted[key], tensor), key
+        else:
+            assert torch.equal(refitted[key], tensor), key
+
+
+def test_an_earlier_router_claims_a_later_domain_until_refitted(stages):
+    """Measured: es's router, fitted against the base domain only, never saw fr's text, and it claims fr's tokens more
+    confidently than fr's own router does (fr's tokens are farther from the base domain than es's own), so under the
+    joint rule fr's tokens went to es. Refitting es's router with fr's text in its old side (its blocks untouched)
+    sends each domain to its own adapter."""
+    for report in stages["reports"].values():
+        assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
+    before, after = stages["unrefitted"], routing_confusion(stages["model"], BIG)
+    assert before["fr"]["es"] >= 0.9 and before["es"]["es"] >= 0.99 and before["base"]["base"] >= 0.99, before
+    for domain in ("base", "es", "fr"):
+        assert after[domain][domain] >= 0.99, after
+
+
+def test_the_joint_rule_takes_the_most_confident_claiming_router():
+    scores = [torch.tensor([[0.9, 0.6, 0.3, 0.7, 0.95]]), torch.tensor([[0.8, 0.9, 0.2, 0.7, 0.99]])]
+    claims = [scores[0] >= 0.5, scores[1] >= 0.85]  # the second router's threshold is higher
+    # 0: both claim, the first is higher; 1: both, the second; 2: neither; 3: only the first (0.7 < 0.85);
+    # 4: both, the second
+    assert choose_adapters(scores, claims).tolist() == [[0, 1, -1, 0, 1]]
+    tie = [torch.tensor([[0.7]]), torch.tensor([[0.7]])]
+    assert choose_adapters(tie, [t >= 0.5 for t in tie]).tolist() == [[0]]  # a tie: the adapter that comes first
+
+
+def test_a_token_both_routers_claim_gets_one_adapter_only(stages):
+    """Thresholds at 0: both routers claim every token. Each token then gets exactly one adapter's computation (the
+    more confident one's), not the sum of both expansions."""
+    model = copy.deepcopy(stages["model"])
+    routers = model.base_model.scale_router
+    for router in routers.values():
+        router.threshold.fill_(0.0)
+    ids = torch.cat([PROBES["es"], PROBES["fr"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        routing = model.base_model.last_routing
+        assert not routing.to_preservation.any()
+        higher = routing.adapter_scores["fr"] > routing.adapter_scores["es"]
+        assert torch.equal(routing.sent_to("fr"), higher)
+        for name in ("es", "fr"):
+            rows = routing.sent_to(name).all(dim=1)  # rows whose every token went to this adapter
+            assert rows.sum() >= 3, name
+            model.set_adapter(name)
+            alone = model(input_ids=ids).logits
+            assert (logits - alone)[rows].abs().max() <= 1e-6, name
+        model.base_model.set_adapter(["es", "fr"])
+        # what the two expansions summed would give instead
+        for module in model.modules():
+            if getattr(module, "route_gated", None):
+                module.route_gated.update(dict.fromkeys(module.route_gated, False))
+        assert (model(input_ids=ids).logits - logits).abs().max() > 1e-2
+
+
+def test_last_routing_says_which_adapter_each_token_went_to(stages):
+    model = stages["model"]
+    ids = torch.cat([PROBES["base"][:1], PROBES["es"][:1], PROBES["fr"][:1]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    routing = model.base_model.last_routing
+    assert routing.choice.tolist() == [[-1] * 16, [0] * 16, [1] * 16]
+    assert torch.equal(routing.sent_to(None), routing.to_preservation)
+    assert torch.equal(routing.scores, torch.maximum(routing.adapter_scores["es"], routing.adapter_scores["fr"]))
+    with pytest.raises(KeyError, match=r"adapter 'de' did not route this forward pass \(the routed adapters were"):
+        routing.sent_to("de")
+
+
+def test_one_active_routed_adapter_routes_as_before(stages):
+    """The single-adapter path is unchanged: es alone gives its logits from before fr existed, bit for bit, on the
+    domains where its (refitted) router decides as before."""
+    model = copy.deepcopy(stages["model"])
+    model.set_adapter("es")
+    with torch.no_grad():
+        for name in ("base", "es"):
+            ids = PROBES[name]
+            assert torch.equal(model(input_ids=ids).logits, stages["before"][name]), name
+            routing = model.base_model.last_routing
+            assert routing.adapters == ("es",) and torch.equal(routing.sent_to("es"), ~routing.to_preservation)
+            assert torch.equal(routing.sent_to("es"), stages["before_routing"][name]), name
+
+
+# ------------------------------------------------------------------------------------- 2. save and load, delete
+
+
+def test_save_and_load_both_adapters_in_a_fresh_process(stages, tmp_path):
+    model, reference = stages["model"], stages["reference"]
+    ids = torch.cat([PROBES["base"][:2], PROBES["es"][:2], PROBES["fr"][:2]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    choice = model.base_model.last_routing.choice
+    assert choice.tolist() == [[-1] * 16] * 2 + [[0] * 16] * 2 + [[1] * 16] * 2
+    reference.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapters")
+    for name in ("es", "fr"):  # PEFT's layout: one subfolder per adapter
+        saved = json.loads((tmp_path / "adapters" / name / "adapter_config.json").read_text())
+        assert saved["route_rule"] == "learned" and saved["router_report"]["old_source"] == "old data", name
+    card = (tmp_path / "adapters" / "README.md").read_text()
+    # what the fresh process below runs is what the card tells a reader to run
+    loading = [
+        'model = PeftModel.from_pretrained(base, "adapters", subfolder="es", adapter_name="es")',
+        'model.load_adapter("adapters", subfolder="fr", adapter_name="fr")',
+        "model.base_model.set_adapter(['es', 'fr'])",
+    ]
+    assert all(line in card for line in loading), card
+    torch.save({"ids": ids}, tmp_path / "inputs.pt")
+    run_in_fresh_process(
+        f"""
+import os, torch, peft_scale
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+os.chdir({str(tmp_path)!r})
+torch.set_num_threads(1)
+base = AutoModelForCausalLM.from_pretrained("base").eval()
+{loading[0]}
+{loading[1]}
+{loading[2].split("  #")[0]}
+ids = torch.load("inputs.pt")["ids"]
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+torch.save({{"logits": logits, "choice": model.base_model.last_routing.choice}}, "loaded.pt")
+"""
+    )
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert torch.equal(loaded["choice"], choice)
+    assert (loaded["logits"] - expected).abs().max() <= 1e-6
+
+
+def test_delete_one_adapter_keeps_the_other_routing_as_alone(stages):
+    model = copy.deepcopy(stages["model"])
+    with torch.no_grad():
+        model.set_adapter("fr")
+        fr_alone = {name: model(input_ids=ids).logits for name, ids in PROBES.items()}
+        model.base_model.set_adapter(["es", "fr"])
+        model.delete_adapter("es")
+        assert model.base_model.active_adapters == ["fr"]
+        assert list(model.base_model.scale_router) == ["fr"]
+        assert not any(".es." in key + "." for key in model.state_dict())
+        for name, ids in PROBES.items():
+            assert torch.equal(model(input_ids=ids).logits, fr_alone[name]), name
+            assert model.base_model.last_routing.adapters == ("fr",)
+        model.delete_adapter("fr")  # the last router: its layer's hook goes with it
+        assert not model.base_model._routing._layer_hooks
+
+
+# ---------------------------------------------------------------------------------------------- the errors
+
+
+def test_a_routed_adapter_is_not_activated_with_an_unrouted_or_cosine_one(speaker):
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    fit_router(model, domain_ids(ES, seed=1), domain_ids(BASE, seed=2), progress=False)
+    model.add_adapter("plain", ScaleConfig(ffn_expansion=8))
+    with pytest.raises(ValueError, match=r"learned-route adapter\(s\) \['es'\] cannot be active together with "
+                       r"'plain' \(adapt\).*set_adapter\(\['es'\]\)"):
+        model.base_model.set_adapter(["es", "plain"])
+    assert model.base_model.active_adapters == ["es"]  # left as it was
+    model.add_adapter("cosine", config("full_width", route_rule="cosine"))
+    with pytest.raises(ValueError, match=r"together with 'cosine' \(route \(cosine rule\)\)"):
+        model.base_model.set_adapter(["cosine", "es"])
+    # switched around ScaleModel.set_adapter (PEFT's own), the forward pass refuses the mix instead
+    BaseTuner.set_adapter(model.base_model, ["es", "plain"])
+    with pytest.raises(ValueError, match=r"cannot be active together with 'plain' \(adapt\)"):
+        model(input_ids=PROBES["es"])
+    # several unrouted adapters stay as they were: PEFT's multi-adapter sum
+    model.set_adapter("plain")
+    model.add_adapter("plain2", ScaleConfig(ffn_expansion=4))
+    model.base_model.set_adapter(["plain", "plain2"])
+    model(input_ids=PROBES["es"])
+
+
+def test_routed_adapters_with_different_preserve_layers_are_refused(speaker):
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    model.add_adapter("fr", config(preserve_layers=PRESERVE + 1))
+    with pytest.raises(ValueError, match=r"must have the same preserve_layers, but these differ: \{'es': 2, 'fr': 3\}"
+                       r".*Create the adapters with one preserve_layers \(e.g. 2 for all\)"):
+        model.base_model.set_adapter(["es", "fr"])
+    for name, data in (("es", ES), ("fr", FR)):
+        fit_router(model, domain_ids(data, seed=1), domain_ids(BASE, seed=2), adapter_name=name, progress=False)
+    BaseTuner.set_adapter(model.base_model, ["es", "fr"])
+    with pytest.raises(ValueError, match="must have the same preserve_layers"):
+        model(input_ids=PROBES["es"])
+
+
+def test_an_unfitted_router_among_several_is_an_error_that_names_it(speaker):
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    fit_router(model, domain_ids(ES, seed=1), domain_ids(BASE, seed=2), progress=False)
+    model.add_adapter("fr", config())
+    model.base_model.set_adapter(["es", "fr"])  # activating is allowed: fitting comes next
+    with pytest.raises(RuntimeError, match=r"SCALE adapters \['fr'\] \(active together with \['es'\]\) route with "
+                       r"learned routers that have not been fitted. Call peft_scale.fit_router\(model, its_data, "
+                       r"adapter_name='fr'\)"):
+        model(input_ids=PROBES["fr"])
+    fit_router(model, domain_ids(FR, seed=3), domain_ids(BASE, seed=2), adapter_name="fr", progress=False)
+    model(input_ids=PROBES["fr"])
+
+
+def test_a_full_width_and_an_ffn_adapter_route_together(speaker):
+    """Different modes and sizes mix: each adapter's new features are its own, and the gates keep them apart."""
+    reference = copy.deepcopy(speaker)
+    model = get_peft_model(copy.deepcopy(speaker), config("full_width"), adapter_name="es")
+    model.add_adapter("fr", config("ffn", ffn_expansion=24))
+    for name, data, other in (("es", ES, FR), ("fr", FR, ES)):  # each router: the base and the other domain as old
+        old = torch.cat([domain_ids(BASE, seed=2), domain_ids(other, seed=3)])
+        fit_router(model, domain_ids(data, seed=1), old, adapter_name=name, progress=False)
+        perturb_adapter(model, name, seed=1 if name == "es" else 2, scale=0.5)
+    ids = torch.cat([PROBES["base"], PROBES["es"], PROBES["fr"]])
+    with torch.no_grad():
+        alone = {}
+        for name in ("es", "fr"):
+            model.set_adapter(name)
+            alone[name] = model(input_ids=ids).logits
+        model.base_model.set_adapter(["es", "fr"])
+        logits = model(input_ids=ids).logits
+        routing = model.base_model.last_routing
+        assert routing.choice.tolist() == [[-1] * 16] * 4 + [[0] * 16] * 4 + [[1] * 16] * 4
+        assert (logits[:4] - reference(input_ids=PROBES["base"]).logits).abs().max() <= 1e-6
+        assert (logits[4:8] - alone["es"][4:8]).abs().max() <= 1e-6
+        assert (logits[8:] - alone["fr"][8:]).abs().max() <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------- the confusion report
+
+
+def test_routing_confusion_gives_each_data_sets_shares(stages):
+    model = stages["model"]
+    mixed = torch.cat([PROBES["es"][:3], PROBES["fr"][:1]])  # 3 rows of es, 1 of fr
+    ragged = [PROBES["fr"][0][:5], PROBES["fr"][1], PROBES["base"][0][:3]]  # padded in batches, not counted
+    confusion = routing_confusion(model, {**PROBES, "mixed": mixed, "ragged": ragged}, batch_size=3)
+    assert confusion == {
+        "base": {"es": 0.0, "fr": 0.0, "base": 1.0},
+        "es": {"es": 1.0, "fr": 0.0, "base": 0.0},
+        "fr": {"es": 0.0, "fr": 1.0, "base": 0.0},
+        "mixed": {"es": 0.75, "fr": 0.25, "base": 0.0},
+        "ragged": {"es": 0.0, "fr": 21 / 24, "base": 3 / 24},
+    }
+    assert list(confusion["es"]) == ["es", "fr", "base"]
+    assert model.training is False and model.base_model.active_adapters == ["es", "fr"]
+
+
+def test_routing_confusion_counts_a_router_claiming_another_domain(stages):
+    """es's router lowered to claim everything, and more confidently than fr's on some fr tokens: the report shows
+    the share of fr's tokens taken by es, token for token as the model routes them."""
+    model = copy.deepcopy(stages["model"])
+    model.base_model.scale_router["es"].threshold.fill_(0.0)
+    with torch.no_grad():
+        model(input_ids=PROBES["fr"])
+    taken = model.base_model.last_routing.sent_to("es").float().mean().item()
+    confusion = routing_confusion(model, {"fr": PROBES["fr"], "base": PROBES["base"]})
+    assert confusion["fr"] == {"es": taken, "fr": 1 - taken, "base": 0.0}
+    assert confusion["base"] == {"es": 1.0, "fr": 0.0, "base": 0.0}
+
+
+def test_routing_confusion_errors(stages, speaker):
+    model = copy.deepcopy(stages["model"])
+    with pytest.raises(TypeError, match=r"data\['es'\] is a str. Give each data set as a LongTensor"):
+        routing_confusion(model, {"es": "hola"})
+    with pytest.raises(ValueError, match=r"data\['es'\] is a torch.float32 tensor of shape \(2, 3\)"):
+        routing_confusion(model, {"es": torch.rand(2, 3)})
+    with pytest.raises(ValueError, match=r"data\['es'\] is empty"):
+        routing_confusion(model, {"es": torch.zeros(0, 4, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"holds token id 500, outside the model's vocabulary of 128"):
+        routing_confusion(model, {"es": torch.full((2, 3), 500)})
+    with pytest.raises(TypeError, match="data must be a non-empty dict"):
+        routing_confusion(model, PROBES["es"])
+    with model.disable_adapter(), pytest.raises(ValueError, match="made no learned routing decision; are its adapters"):
+        routing_confusion(model, {"es": PROBES["es"]})
+    plain = get_peft_model(copy.deepcopy(speaker), ScaleConfig(ffn_expansion=8))
+    with pytest.raises(ValueError, match=r"no learned-route adapter is active"):
+        routing_confusion(plain, {"es": PROBES["es"]})
+    with pytest.raises(TypeError, match="needs a model made by get_peft_model"):
+        routing_confusion(speaker, {"es": PROBES["es"]})
+
+
+def test_public_names():
+    assert peft_scale.routing_confusion is routing_confusion and "routing_confusion" in peft_scale.__all__
+
+
+# ------------------------------------------------------------------------------------------ the model card, Hub
+
+
+def test_the_card_lists_the_domains_and_their_routers_accuracy(stages, tmp_path):
+    model = stages["model"]
+    model.save_pretrained(tmp_path / "adapters")
+    text = (tmp_path / "adapters" / "README.md").read_text()
+    es, fr = (model.peft_config[name].router_report for name in ("es", "fr"))
+    for name, report in (("es", es), ("fr", fr)):
+        assert (
+            f"| `{name}` | `{name}` |" in text
+            and f"held out: {report['old_to_base']:.1%} of old tokens to the base model, "
+            f"{report['new_to_expansion']:.1%} of new tokens to the expansion; old side: old data" in text
+        ), name
+    assert "**One adapter per domain, routed together:** `es`, `fr`." in text
+    assert (
+        f"`es`: {es['new_to_expansion']:.1%} of its domain's held-out tokens claimed, {es['old_to_base']:.1%} of its "
+        "old side's left to the base model"
+    ) in text
+
+
+def section(text: str) -> str:
+    return text.split(SECTION_START)[1].split(SECTION_END)[0]
+
+
+class RecordedHub:
+    """What ``huggingface_hub`` would have been asked to do: the repository created, the files committed."""
+
+    def __init__(self, monkeypatch, remote_card=None):
+        self.created, self.files = [], {}
+        hub = self
+
+        def create_repo(api, repo_id, **kwargs):
+            hub.created.append(repo_id)
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_commit(api, repo_id, operations, **kwargs):
+            for op in operations:
+                with open(op.path_or_fileobj, "rb") as file:  # the temporary folder is gone after the call
+                    hub.files[op.path_in_repo] = file.read()
+            return "commit"
+
+        def hf_hub_download(repo_id, filename, **kwargs):  # the repository's current card, if it has one
+            if remote_card is None:
+                raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id} has no {filename}")
+            return str(remote_card)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", hf_hub_download)
+
+    def card(self) -> huggingface_hub.ModelCard:
+        return huggingface_hub.ModelCard(self.files["README.md"].decode())
+
+
+def test_push_to_hub_publishes_the_scale_card_with_both_adapters(stages, monkeypatch, tmp_path):
+    hub = RecordedHub(monkeypatch)
+    stages["model"].push_to_hub("tiny-org/es-fr", tags=["my-tag"])
+    assert hub.created == ["tiny-org/es-fr"]
+    assert {"es/adapter_config.json", "es/adapter_model.safetensors", "fr/adapter_config.json",
+            "fr/adapter_model.safetensors", "README.md"} == set(hub.files)
+    card = hub.card()
+    assert card.text.count(SECTION_START) == 1 and "## SCALE adapter" in card.text
+    assert 'PeftModel.from_pretrained(base, "tiny-org/es-fr", subfolder="es", adapter_name="es")' in card.text
+    assert "**One adapter per domain, routed together:** `es`, `fr`." in card.text
+    assert card.data.library_name == "peft"
+    assert {"scale", "peft-scale", "arxiv:2511.03270", "my-tag"} <= set(card.data.tags)
+    # the SCALE section save_pretrained writes, with the repository's name in the loading snippet
+    stages["model"].save_pretrained(tmp_path / "es-fr")
+    saved = section((tmp_path / "es-fr" / "README.md").read_text())
+    assert section(card.text) == saved.replace('"es-fr"', '"tiny-org/es-fr"')
+
+
+def test_push_to_hub_keeps_what_the_repositorys_card_says(stages, monkeypatch, tmp_path):
+    remote = tmp_path / "remote_README.md"
+    remote.write_text("---\ntags:\n- author-tag\n---\n\n# My adapters\n\nTrained on my data.\n")
+    hub = RecordedHub(monkeypatch, remote_card=remote)
+    stages["model"].push_to_hub("tiny-org/es-fr")
+    card = hub.card()
+    assert "Trained on my data." in card.text and card.text.startswith("# My adapters")
+    assert card.text.count(SECTION_START) == 1
+    assert {"author-tag", "scale"} <= set(card.data.tags)
+
+
+def test_push_to_hub_of_other_peft_methods_is_transformers_own(monkeypatch):
+    from peft import LoraConfig
+    from tiny_models import tiny_llama
+
+    hub = RecordedHub(monkeypatch)
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).push_to_hub("tiny-org/lora")
+    assert SECTION_START not in hub.card().text and "adapter_config.json" in hub.files
