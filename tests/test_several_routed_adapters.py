@@ -411,6 +411,9 @@ def test_routing_confusion_errors(stages, speaker):
         routing_confusion(model, PROBES["es"])
     with model.disable_adapter(), pytest.raises(ValueError, match="made no learned routing decision; are its adapters"):
         routing_confusion(model, {"es": PROBES["es"]})
+    named_base = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="base")
+    with pytest.raises(ValueError, match="an adapter is named 'base', the report's name for the base model; rename"):
+        routing_confusion(named_base, {"es": PROBES["es"]})
     plain = get_peft_model(copy.deepcopy(speaker), ScaleConfig(ffn_expansion=8))
     with pytest.raises(ValueError, match=r"no learned-route adapter is active"):
         routing_confusion(plain, {"es": PROBES["es"]})
