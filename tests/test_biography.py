@@ -149,6 +149,7 @@ def test_quick_run_writes_complete_results(tmp_path):
             assert 0.0 <= run["router"][key] <= 1.0, (row, key)
         assert 0.5 <= run["router"]["threshold"] <= 1.0
         assert run["router"]["layer"] == saved["settings"]["sizes"]["preserve_layers"]
+        assert run["router"]["calibrate_on"] == ROUTED_ROWS[row][2]  # "+fitted": the threshold set on all Task-0 QA
         for task in ("task0", "task1"):
             curve = run["curve"]
             assert all(0.0 <= v <= 1.0 for v in curve[f"{task}_to_preservation"] + curve[f"{task}_to_base_answer"])
