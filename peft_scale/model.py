@@ -262,6 +262,13 @@ class ScaleModel(BaseTuner):
         routing = self.__dict__.get("_routing")
         return routing.routers() if routing is not None else {}
 
+    def router_layer(self, adapter_name: str) -> nn.Module:
+        """The decoder layer whose input (the base model's own stream) the learned router of ``adapter_name`` reads."""
+        routing = self.__dict__.get("_routing")
+        if routing is None:
+            raise ValueError(f"SCALE: this model has no routed adapter, so {adapter_name!r} has no router layer.")
+        return routing.router_layer(adapter_name)
+
     @property
     def last_routing(self) -> Optional[RouteResult]:
         """What the last routed forward pass decided, per token (SCALE-Route), else ``None``."""

@@ -44,7 +44,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .routing import decoder_layer_name, rms_normalise
+from .routing import rms_normalise
 
 logger = logging.get_logger(__name__)
 
@@ -368,7 +368,7 @@ def fit_router(
     vocab_size = getattr(base.config, "vocab_size", None)
     new_sequences = token_sequences(new_data, "new_data", vocab_size)
     router = scale_model.scale_router[adapter_name]
-    layer = _router_layer(scale_model, adapter_name, config.preserve_layers)
+    layer = scale_model.router_layer(adapter_name)
     positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
     if old_data is None and positions is not None and sample_length > positions:
         raise ValueError(
@@ -485,13 +485,6 @@ def _learned_route_adapter(scale_model, adapter_name: Optional[str]) -> str:
             "ScaleConfig(ffn_expansion=..., variant='route', route_rule='learned', preserve_layers=...)."
         )
     raise ValueError(f"fit_router: several learned-route adapters ({learned}); say which with adapter_name=.")
-
-
-def _router_layer(scale_model, adapter_name: str, layer: int) -> nn.Module:
-    for name, module in scale_model.model.named_modules():
-        if getattr(module, "route_gated", {}).get(adapter_name) and (found := decoder_layer_name(name, layer)):
-            return scale_model.model.get_submodule(found)
-    raise ValueError(f"fit_router: adapter {adapter_name!r} gates no module in layer {layer}.")
 
 
 class _adapters_disabled:

@@ -234,8 +234,9 @@ class _GateHook:
     stored in ``RouteGates`` (one gate per adapter). One hook per layer, shared by the adapters whose routers read it,
     so that several of them decide jointly (``choose_adapters``)."""
 
-    def __init__(self, routing: "Routing") -> None:
+    def __init__(self, routing: "Routing", layer: nn.Module) -> None:
         self.routing = routing
+        self.layer = layer  # the decoder layer this hook is on: its input is what the routers read
         # adapter -> the gated module that holds its router; it says whether the adapter computes at all
         self.holders: dict[str, nn.Module] = {}
 
@@ -399,22 +400,22 @@ class Routing:
             for name, module in model.named_modules()
             if adapter_name in getattr(module, "route_gated", {}) and module.route_gated[adapter_name]
         ]
-        layer_name = next(
-            (found for name, _ in consumers if (found := decoder_layer_name(name, layer)) is not None), None
+        # the router lives in the first module it gates in layer L
+        layer_name, holder = next(
+            ((found, module) for name, module in consumers if (found := decoder_layer_name(name, layer)) is not None),
+            (None, None),
         )
         if layer_name is None:
             raise ValueError(
                 f"SCALE: the learned router of adapter {adapter_name!r} reads the stream entering decoder layer "
                 f"{layer} (preserve_layers), but no widened module was found in that layer."
             )
-        # the router lives in the first module it gates in layer L
-        holder = next(m for name, m in consumers if decoder_layer_name(name, layer) == layer_name)
         if adapter_name not in holder.scale_router:
             device = holder.get_base_layer().weight.device
             holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
         if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
-            hook = _GateHook(self)
-            handle = model.get_submodule(layer_name).register_forward_pre_hook(hook, with_kwargs=True)
+            hook = _GateHook(self, model.get_submodule(layer_name))
+            handle = hook.layer.register_forward_pre_hook(hook, with_kwargs=True)
             self._layer_hooks[layer_name] = (hook, handle)
         hook = self._layer_hooks[layer_name][0]
         hook.holders[adapter_name] = holder
@@ -445,6 +446,12 @@ class Routing:
     def routers(self) -> dict[str, TokenRouter]:
         """Adapter name -> its learned router."""
         return {name: hook.holders[name].scale_router[name] for name, hook in self._gate_hooks.items()}
+
+    def router_layer(self, adapter_name: str) -> nn.Module:
+        """The decoder layer whose input the learned router of ``adapter_name`` reads."""
+        if adapter_name not in self._gate_hooks:
+            raise ValueError(f"SCALE: adapter {adapter_name!r} has no learned router (learned: {list(self._gate_hooks)}).")
+        return self._gate_hooks[adapter_name].layer
 
     def remove(self, adapter_names=None) -> None:
         """Remove the hooks of ``adapter_names`` (default: all); the LM-head hooks go with the last adapter."""

@@ -107,6 +107,9 @@ def test_tokens_routed_to_the_base_give_the_expansion_no_gradient(old_speaker, m
 
 def test_ffn_mode_widens_only_the_layers_the_router_gates(old_speaker):
     _, model = routed(old_speaker)
+    assert model.base_model.router_layer("default") is model.base_model.model.model.layers[PRESERVE]
+    with pytest.raises(ValueError, match="adapter 'other' has no learned router"):
+        model.base_model.router_layer("other")
     assert model.peft_config["default"].layers_to_transform == [2, 3]
     gated = sorted(name for name, m in model.named_modules() if any(getattr(m, "route_gated", {}).values()))
     assert gated == [f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (2, 3)]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 from transformers import AutoModelForCausalLM
 from benchmarks.biography.run import Experiment, Settings
 from benchmarks.methods import prepare_method
-from peft_scale.router_fitting import layer_inputs, _train_router, _split_sequences, token_sequences, _router_layer, _adapters_disabled
+from peft_scale.router_fitting import layer_inputs, _train_router, _split_sequences, token_sequences, _adapters_disabled
 
 s = Settings.full()
 e = Experiment(s, torch.device("cpu"), "fp32")
@@ -30,7 +30,7 @@ model = prepare_method("scale_ffn_routed", copy.deepcopy(base), e.row_sizes("sca
 sm = model.base_model
 name = "default"
 router = sm.scale_router[name]
-layer = _router_layer(sm, name, sm.peft_config[name].preserve_layers)
+layer = sm.router_layer(name)
 
 def seqs_of(es):
     return [es.input_ids[i][es.attention_mask[i].bool()] for i in range(len(es.input_ids))]
