@@ -62,6 +62,8 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
                 f"; held out: {report['old_to_base']:.1%} of old tokens to the base model, "
                 f"{report['new_to_expansion']:.1%} of new tokens to the expansion; old side: {report['old_source']}"
             )
+            if report.get("calibrate_on") == "fitted":  # (reports saved before calibrate_on existed: held out)
+                variant += "; threshold set on all of the old data given"
         else:
             variant += "; not fitted yet: call peft_scale.fit_router"
         variant += ")"

@@ -86,6 +86,9 @@ def test_card_of_a_learned_route_adapter_gives_its_routers_held_out_accuracy(tmp
         f"model, {report.new_to_expansion:.1%} of new tokens to the expansion; old side: old data)"
     ) in text
     assert "merge_and_unload" not in text  # a routed adapter cannot be merged
+    peft_scale.fit_router(model, new, old, calibrate_on="fitted", progress=False)
+    model.save_pretrained(tmp_path / "fitted_on_all")
+    assert "old side: old data; threshold set on all of the old data given)" in read_card(tmp_path / "fitted_on_all").text
 
 
 def test_card_names_the_widened_layers_when_not_all_are(tmp_path):
