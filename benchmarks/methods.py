@@ -157,12 +157,12 @@ def _freeze_bottom(model: nn.Module, num_layers: int) -> nn.Module:
     return model
 
 
-def prepare_method(name: str, model: nn.Module, sizes: MethodSizes) -> nn.Module:
+def prepare_method(name: str, model: nn.Module, sizes: MethodSizes, adapter_name: str = "default") -> nn.Module:
     """Turn ``model`` (a Llama-family causal LM, modified in place: pass a copy) into method ``name``.
 
-    Returns the model to train: a ``PeftModel`` for ``lora`` and ``scale_*``, ``model`` itself otherwise, with
-    ``requires_grad`` set on exactly the method's trainable parameters (see the module docstring). Evaluate
-    ``scale_route`` in ``eval()`` mode, where it routes.
+    Returns the model to train: a ``PeftModel`` for ``lora`` and ``scale_*`` (its adapter named ``adapter_name``),
+    ``model`` itself otherwise, with ``requires_grad`` set on exactly the method's trainable parameters (see the
+    module docstring). Evaluate ``scale_route`` in ``eval()`` mode, where it routes.
     """
     if name not in METHODS + ROUTED_METHODS:
         raise ValueError(f"Unknown method {name!r}: choose one of {list(METHODS + ROUTED_METHODS)}.")
@@ -186,8 +186,8 @@ def prepare_method(name: str, model: nn.Module, sizes: MethodSizes) -> nn.Module
     if name == "lora":
         rank = matching_lora_rank(model, sizes)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(PROJECTIONS))
-        return get_peft_model(model, config)
-    return get_peft_model(model, scale_config(name, sizes))
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(model, scale_config(name, sizes), adapter_name=adapter_name)
 
 
 def fit_method_router(model: nn.Module, new_data, old_data=None, **fit_kwargs):

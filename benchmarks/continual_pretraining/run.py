@@ -131,6 +131,27 @@ QUICK_DEFAULTS = dict(
 )  # fmt: skip
 
 
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the training blocks, the held-out text and the chat answers (this experiment's and
+    ``sequence.py``'s)."""
+    parser.add_argument("--batch-size", type=int, default=4, help="packed blocks per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per block")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per language")
+    parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--held-out-documents", type=int, default=400, help="documents per language never trained on")
+    parser.add_argument("--max-documents", type=int, default=None, help="use only the first N documents per language")
+    parser.add_argument("--prompts", type=int, default=len(ENGLISH_CHAT_PROMPTS), help="chat prompts for measure (c)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the base model's answers")
+
+
+def add_machine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of where and how the model runs."""
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.continual_pretraining.run", description=__doc__.split("\n\n")[0]
@@ -144,15 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=None,
                         help="learning rates for every method (default: each method's sweep, DEFAULT_LRS)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    parser.add_argument("--batch-size", type=int, default=4, help="packed blocks per step")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per block")
     parser.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (and at 0 and the end)")
-    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks per language")
-    parser.add_argument("--eval-batch-size", type=int, default=4)
-    parser.add_argument("--held-out-documents", type=int, default=400, help="documents per language never trained on")
-    parser.add_argument("--max-documents", type=int, default=None, help="use only the first N documents per language")
-    parser.add_argument("--prompts", type=int, default=len(ENGLISH_CHAT_PROMPTS), help="chat prompts for measure (c)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="length limit of the base model's answers")
+    add_text_arguments(parser)
     parser.add_argument("--ffn-expansion", type=int, default=None)
     parser.add_argument("--hidden-expansion", type=int, default=None)
     parser.add_argument("--preserve-layers", type=int, default=None)
@@ -160,10 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scale-option", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra ScaleConfig field for every scale_* method, for ablations (repeatable), e.g. "
                         "adapt_modules=attention, init=normal, route_threshold=0.9")  # fmt: skip
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast over fp32 weights")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy machine)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_machine_arguments(parser)
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"default: {DEFAULT_OUTPUT_DIR.relative_to(REPO)} ({QUICK_OUTPUT_DIR.relative_to(REPO)} "
                         "with --quick)")  # fmt: skip
@@ -273,6 +284,32 @@ class OldSide:
     digest: Optional[str] = None
 
 
+def optimizer_and_schedule(parameters: list, lr: float, steps: int):
+    """Every run's optimizer: AdamW (betas 0.9/0.999, no weight decay) over ``parameters``, linear warm-up over
+    the first ``WARMUP_FRACTION`` of ``steps`` then cosine decay to zero."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
+
+
+def train_step(model, batch: torch.Tensor, parameters: list, optimizer, schedule, precision: str) -> tuple[float, float]:
+    """One optimizer step of ``model`` on ``batch`` (token ids, the labels too), the gradient norm clipped at
+    ``MAX_GRAD_NORM``; returns the loss and the step's time in seconds."""
+    model.train()
+    device = measures.model_device(model)
+    batch = batch.to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    with measures.autocast(device, precision):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()  # .item() waits for the step, so the time below is the step's
+    return value, time.perf_counter() - start
+
+
 def train_run(
     base_model, run_name: str, lr: float, text, reference: dict, sizes: MethodSizes, args, old_sides: dict[str, OldSide]
 ) -> dict:
@@ -287,8 +324,7 @@ def train_run(
     model = prepare_method(method, copy.deepcopy(base_model), sizes).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in parameters)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * args.steps), args.steps)
+    optimizer, schedule = optimizer_and_schedule(parameters, lr, args.steps)
     blocks = old_side.replay if replay else text.new_train
     prepare_seconds = time.perf_counter() - started
     router = None
@@ -325,19 +361,10 @@ def train_run(
 
     record(0)
     for step in range(1, args.steps + 1):
-        model.train()
-        batch = blocks[(step - 1) * args.batch_size : step * args.batch_size].to(device)
-        synchronize(device)
-        start = time.perf_counter()
-        with measures.autocast(device, args.dtype):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # .item() waits for the step, so the time below is the step's
-        step_seconds.append(time.perf_counter() - start)
+        batch = blocks[(step - 1) * args.batch_size : step * args.batch_size]
+        loss, seconds = train_step(model, batch, parameters, optimizer, schedule, args.dtype)
+        losses.append(loss)
+        step_seconds.append(seconds)
         if not math.isfinite(losses[-1]):
             print(f"  {run_name} lr={lr:g}: loss became {losses[-1]} at step {step}; stopping this run", flush=True)
             break

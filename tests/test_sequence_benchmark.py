@@ -1,0 +1,78 @@
+"""benchmarks/continual_pretraining/sequence.py: the --quick pipeline (English -> Spanish -> French on a tiny random
+Llama over the bundled tokenizer, every row, a few steps; ~30 s here). It checks the results' structure (every row
+has every measure after every stage, the goals are judged, the files are written), not what the experiment finds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from benchmarks.continual_pretraining import sequence  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MEASURES = ("es_perplexity", "fr_perplexity", "en_perplexity", "drift", "answer_perplexity")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequence")
+    return out, sequence.main(["--quick", "--output-dir", str(out)])
+
+
+def test_every_row_has_every_measure_after_every_stage(quick):
+    out, results = quick
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys() == set(sequence.ROWS)
+    assert all(math.isfinite(results["base"][key]) for key in MEASURES) and results["base"]["drift"] == 0
+    steps = results["settings"]["steps"]
+    for name, record in results["runs"].items():
+        row = sequence.ROWS[name]
+        assert [stage["language"] for stage in record["stages"]] == list(row.languages), name
+        for stage in record["stages"]:
+            assert len(stage["train_loss"]) == steps and stage["trainable_parameters"] > 0, name
+            for key in MEASURES:
+                assert math.isfinite(stage["measures"][key]), (name, stage["language"], key)
+
+
+def test_routed_rows_fit_one_router_per_domain_and_refit_the_earlier_one(quick):
+    _, results = quick
+    first, second = results["runs"]["scale_ffn_routed"]["stages"]
+    assert first["router"]["old_side"] == ["en"]
+    assert second["router"]["old_side"] == ["en", "es"]
+    assert second["refitted"]["es"]["old_side"] == ["en", "fr"]
+    for confusion in second["routing_confusion"].values():
+        assert set(confusion) == {"es", "fr", "base"}
+        for shares in confusion.values():
+            assert list(shares) == ["es", "fr", "base"] and sum(shares.values()) == pytest.approx(1)
+    for stage in (first, second):
+        for language in ("es", "fr", "en"):
+            assert 0 <= stage["measures"][f"{language}_routed_to_preservation"] <= 1
+    assert results["runs"][sequence.FRENCH_REFERENCE]["stages"][0]["router"]["old_side"] == ["en"]
+
+
+def test_goals_are_judged_for_every_two_stage_row(quick):
+    _, results = quick
+    goals = results["goals"]
+    assert set(goals) == {name for name, row in sequence.ROWS.items() if len(row.languages) == 2}
+    for name, goal in goals.items():
+        assert isinstance(goal["spanish_kept"], bool) and isinstance(goal["english_drift_met"], bool), name
+        assert math.isfinite(goal["spanish_rise"]) and math.isfinite(goal["english_drift"])
+        # French is judged against a single-stage run of the same method: SCALE's only
+        assert isinstance(goal["french_learned"], bool) == (name == "scale_ffn_routed"), name
+        assert goal["meets_all"] in (True, False, None)
+
+
+def test_report_plots_and_merge(quick, tmp_path):
+    out, results = quick
+    table = (out / "results.md").read_text()
+    assert "python -m benchmarks.continual_pretraining.sequence --quick --output-dir" in table
+    for name in sequence.ROWS:
+        assert f"| `{name}` |" in table
+    for png in sequence.plot_files():
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE, png
+    merged = sequence.main(["--quick", "--output-dir", str(tmp_path), "--merge-parts", str(out)])
+    assert merged["goals"] == json.loads(json.dumps(results["goals"]))
+    assert (tmp_path / "results.md").read_text() == table
