@@ -11,7 +11,7 @@ from torch import nn
 from .layer import INIT_ROWS, ScaleTunerLayer
 
 
-class ScaleEmbedding(nn.Module, ScaleTunerLayer):
+class Embedding(nn.Module, ScaleTunerLayer):
     """``E -> [E, E_up]``: every token gets ``d_up`` new features next to its frozen embedding.
 
         out = [ E[ids] ; E_up[ids] ]
@@ -62,3 +62,7 @@ class ScaleEmbedding(nn.Module, ScaleTunerLayer):
         merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
         merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return merged
+
+
+# The name before 0.2, kept for user code, the tests and pickled modules (see ``layer.ScaleLayer``).
+ScaleEmbedding = Embedding

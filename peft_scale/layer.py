@@ -60,8 +60,8 @@ INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
 class ScaleTunerLayer(BaseTunerLayer):
-    """What every SCALE module is and shares (``ScaleLayer``, ``ScaleNorm``, ``ScaleEmbedding``), as PEFT's
-    ``LoraLayer`` is for LoRA's layers: PEFT switches, deletes and freezes adapters on the modules of the tuner's
+    """What every SCALE module is and shares (``Linear`` here, ``norm.RMSNorm``, ``embedding.Embedding``), as PEFT's
+    ``LoraLayer`` is for ``lora.Linear`` and the rest: PEFT switches, deletes and freezes adapters on the modules of the tuner's
     ``tuner_layer_cls``, and all three must follow together.
 
     It holds the tuner state they all set up (``_init_tuner_state``), which of the active adapters this module holds
@@ -139,7 +139,7 @@ class ScaleTunerLayer(BaseTunerLayer):
         return tensor.device.type != "meta"
 
 
-class ScaleLayer(nn.Module, ScaleTunerLayer):
+class Linear(nn.Module, ScaleTunerLayer):
     """A frozen linear map ``y = W x + b`` widened by SCALE blocks.
 
     The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::
@@ -434,3 +434,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
 
     def __repr__(self) -> str:
         return "scale." + super().__repr__()
+
+
+# The names before 0.2 (PEFT's convention, ``LoraLayer`` / ``lora.Linear``, came later): kept, because user code, the
+# tests and pickled modules refer to them. ``ScaleLayer`` is this concrete linear layer, not the mixin.
+ScaleLayer = Linear

@@ -1,6 +1,6 @@
 """Folding SCALE blocks into plain, wider ``Linear`` / ``Conv1D`` layers, and the policy of a whole-model merge.
 
-- ``widened_copy``: one layer's block matrix as one wider layer (``ScaleLayer.merge``).
+- ``widened_copy``: one layer's block matrix as one wider layer (``peft_scale.layer.Linear.merge``).
 - The merge policy, checked by ``ScaleModel`` before anything is folded: what cannot be merged
   (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized base), the one
   intermediate size the merged model's config records (``merged_intermediate_size``), and what the merged model
@@ -54,7 +54,7 @@ def widened_copy(
     output rows belong to that adapter, so this adapter's ``W21`` reads none of those columns and its ``W12``
     writes none of those rows (zeros there), exactly as in the unmerged forward, where adapters do not see
     each other's features. With ``out_parts``
-    packed projections, each part gets its own new rows right after it, as in ``ScaleLayer.forward``.
+    packed projections, each part gets its own new rows right after it, as in ``peft_scale.layer.Linear.forward``.
 
     A bitsandbytes base is dequantised, widened and requantised (``peft_scale.quantized.quantized_like``).
     """
@@ -126,22 +126,22 @@ def check_mergeable(merging: list) -> None:
 
 def _output_layers(model: nn.Module, configs: list) -> list[tuple[str, nn.Module]]:
     """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""
-    from .layer import ScaleLayer  # layer.py imports this module for widened_copy
+    from .layer import Linear  # here, not at the top: layer.py imports this module for widened_copy
 
     names = {name for config in configs for name in (config.ffn_output_modules or [])}
     return [
         (key, module)
         for key, module in model.named_modules()
-        if isinstance(module, (nn.Linear, ScaleLayer)) and module_name_matches(key, names)
+        if isinstance(module, (nn.Linear, Linear)) and module_name_matches(key, names)
     ]
 
 
 def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> dict[str, int]:
-    from .layer import ScaleLayer
+    from .layer import Linear
 
     sizes = {}
     for key, module in _output_layers(model, configs):
-        if isinstance(module, ScaleLayer):
+        if isinstance(module, Linear):
             merging = adapter_names if adapter_names is not None else module.active_adapters
             merging = set(merging) | set(module.merged_adapters)
             sizes[key] = module.in_features + sum(module.in_expansion.get(name, 0) for name in merging)

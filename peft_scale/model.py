@@ -11,8 +11,8 @@ from torch import nn
 
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, FfnLayout
 from .config import ScaleConfig
-from .embedding import ScaleEmbedding
-from .layer import ScaleLayer, ScaleTunerLayer
+from .embedding import Embedding
+from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
     check_quantized_merge,
@@ -20,7 +20,7 @@ from .merge import (
     merged_intermediate_size,
     refuse_standard_checkpoint,
 )
-from .norm import ScaleNorm
+from .norm import RMSNorm
 from .plan import ModelPlan, config_model_type, full_width_targets, fused_parts, plan_learned_route, plan_model
 from .quantized import check_model_quantization
 from .routing import RouteResult, Routing, check_routed_together
@@ -40,8 +40,8 @@ def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
 class ScaleModel(BaseTuner):
     """SCALE width expansion of a pre-trained model.
 
-    FFN mode: every targeted MLP gets ``ffn_expansion`` new neurons (see ``ScaleLayer``). Full width
-    (``hidden_expansion > 0``): the embedding, every norm (``ScaleNorm``), attention (whole new heads) and the
+    FFN mode: every targeted MLP gets ``ffn_expansion`` new neurons (see ``peft_scale.layer.Linear``). Full width
+    (``hidden_expansion > 0``): the embedding, every norm (``peft_scale.norm.RMSNorm``), attention (whole new heads) and the
     FFN widen together, and the final norm feeds the untouched LM head. The base weights are frozen; at
     initialisation the model computes exactly what the base model computes. ``peft_scale.plan`` decides, once
     per adapter for the whole model (``plan_model``), the widths and which ``W12`` blocks exist (the variant);
@@ -140,14 +140,14 @@ class ScaleModel(BaseTuner):
         plan = self._plans[adapter_name].module(current_key)
         common = {"inference_mode": peft_config.inference_mode}
         if plan.role == "embedding":
-            cls, args = ScaleEmbedding, {"expansion": plan.out_expansion, "init": peft_config.init}
+            cls, args = Embedding, {"expansion": plan.out_expansion, "init": peft_config.init}
         elif plan.role in ("norm", "final_norm"):
-            cls, args = ScaleNorm, {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
+            cls, args = RMSNorm, {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
             if plan.role == "final_norm":
                 args["routing"] = plan.routing
                 args["route_gated"] = plan.route_gated
         else:
-            cls, args = ScaleLayer, {
+            cls, args = Linear, {
                 "out_expansion": plan.out_expansion,
                 "in_expansion": plan.in_expansion,
                 "init": peft_config.init,
@@ -158,19 +158,19 @@ class ScaleModel(BaseTuner):
         if isinstance(target, cls):
             target.update_layer(adapter_name, **args, **common)
             return
-        if cls is ScaleLayer:
+        if cls is Linear:
             args["out_parts"] = plan.out_parts
-        if cls is ScaleNorm:
+        if cls is RMSNorm:
             args["final"] = plan.role == "final_norm"
         new_module = cls(target, adapter_name, **args, **common)
-        if cls is not ScaleEmbedding:
+        if cls is not Embedding:
             new_module.route_gates = self._routing.gates
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
-        if isinstance(child, (ScaleEmbedding, ScaleNorm)) and not isinstance(new_module, BaseTunerLayer):
+        if isinstance(child, (Embedding, RMSNorm)) and not isinstance(new_module, BaseTunerLayer):
             # Unloading: the module is already complete (a merged, wider embedding or a SplitRMSNorm); PEFT's
             # version would copy the old base layer's weight onto it.
             setattr(parent, child_name, new_module)
@@ -243,7 +243,7 @@ class ScaleModel(BaseTuner):
         elif not merge:
             # unload() gives back the pre-trained model: undo merges first so that every layer has its old shape.
             for module in self.model.modules():
-                if isinstance(module, ScaleLayer) and module.merged:
+                if isinstance(module, Linear) and module.merged:
                     module.unmerge()
         if "_routing" in self.__dict__:
             self._routing.remove()

@@ -26,7 +26,7 @@ def norm_epsilon(norm: nn.Module) -> float:
     raise TypeError(f"Cannot find the epsilon of {type(norm).__name__}; SCALE splits RMSNorm-style layers only.")
 
 
-class ScaleNorm(nn.Module, ScaleTunerLayer):
+class RMSNorm(nn.Module, ScaleTunerLayer):
     """An RMSNorm over the widened stream ``[x; x_up]``, normalising each slice on its own.
 
         out = [ norm(x) ; rms(x_up) * g_up ]
@@ -144,7 +144,7 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
 
 
 class SplitRMSNorm(nn.Module):
-    """The merged form of ``ScaleNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
+    """The merged form of ``RMSNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
     into a standard checkpoint of the base architecture, whose norm spans the whole hidden size)."""
 
     def __init__(self, base: nn.Module, gains: list[torch.Tensor], eps: float, heads: Optional[list[torch.Tensor]]):
@@ -164,3 +164,7 @@ class SplitRMSNorm(nn.Module):
         for head, x_up in zip(self.heads, new):
             original = original + F.linear(x_up.to(head.dtype), head).to(original.dtype)
         return original
+
+
+# The name before 0.2, kept for user code, the tests and pickled modules (see ``layer.ScaleLayer``).
+ScaleNorm = RMSNorm

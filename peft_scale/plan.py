@@ -28,7 +28,7 @@ from .quantized import check_layer, weight_shape
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
 FFN_ROLES = ("ffn_input", "ffn_output")
-LINEAR_ROLES = ATTENTION_ROLES + FFN_ROLES  # the roles a ScaleLayer takes (the others: embedding, norms)
+LINEAR_ROLES = ATTENTION_ROLES + FFN_ROLES  # the roles a layer.Linear takes (the others: embedding, norms)
 
 
 @dataclass(frozen=True)
