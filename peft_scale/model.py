@@ -21,7 +21,8 @@ from .merge import (
     refuse_standard_checkpoint,
 )
 from .norm import RMSNorm
-from .plan import ModelPlan, config_model_type, full_width_targets, fused_parts, plan_learned_route, plan_model
+from .plan import ModelPlan, full_width_targets, fused_parts, plan_learned_route, plan_model
+from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
 from .routing import RouteResult, Routing, check_routed_together
 
