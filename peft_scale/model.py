@@ -226,6 +226,7 @@ class ScaleModel(BaseTuner):
         if "_routing" in self.__dict__:
             self._routing.remove([adapter_name])
         super().delete_adapter(adapter_name)  # the router goes with the module that holds it
+        self._plans.pop(adapter_name, None)
 
     # ------------------------------------------------------------------------------------------- merging
 
