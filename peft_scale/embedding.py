@@ -11,7 +11,7 @@ from torch import nn
 from .layer import INIT_ROWS, ScaleTunerLayer
 
 
-class ScaleEmbedding(nn.Module, ScaleTunerLayer):
+class Embedding(nn.Module, ScaleTunerLayer):
     """``E -> [E, E_up]``: every token gets ``d_up`` new features next to its frozen embedding.
 
         out = [ E[ids] ; E_up[ids] ]
@@ -29,12 +29,9 @@ class ScaleEmbedding(nn.Module, ScaleTunerLayer):
         super().__init__()
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"ScaleEmbedding widens nn.Embedding, got {type(base_layer).__name__}.")
-        self.base_layer = base_layer
+        self._init_tuner_state(base_layer, adapter_name)
         self.scale_embedding = nn.ParameterDict()
         self.expansion: dict[str, int] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, expansion, init, **kwargs)
 
     def update_layer(self, adapter_name: str, expansion: int, init: str = "svd", inference_mode=False) -> None:
@@ -44,14 +41,14 @@ class ScaleEmbedding(nn.Module, ScaleTunerLayer):
         )
         self.expansion[adapter_name] = expansion
         new = self.scale_embedding[adapter_name]
-        if new.device.type != "meta":  # low_cpu_mem_usage: the values come from a checkpoint
+        if self._materialised(new):
             with torch.no_grad():
                 new.copy_(INIT_ROWS[init](weight.T, expansion).T)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(ids, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.expansion]
+        active = self._active_scale_adapters()
         if self.disable_adapters or self.merged or not active:
             return result
         new = [F.embedding(ids, self.scale_embedding[name]).to(result.dtype) for name in active]
@@ -60,8 +57,12 @@ class ScaleEmbedding(nn.Module, ScaleTunerLayer):
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
         if not merge:
             return self.base_layer
-        names = adapter_names or [name for name in self.active_adapters if name in self.expansion]
+        names = adapter_names or self._active_scale_adapters()
         weight = torch.cat([self.base_layer.weight, *[self.scale_embedding[n].to(self.base_layer.weight.dtype) for n in names]], 1)
         merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
         merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return merged
+
+
+# The name before 0.2, kept for user code, the tests and pickled modules (see ``layer.ScaleLayer``).
+ScaleEmbedding = Embedding

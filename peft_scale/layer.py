@@ -60,11 +60,86 @@ INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
 class ScaleTunerLayer(BaseTunerLayer):
-    """What every SCALE module is (``ScaleLayer``, ``ScaleNorm``, ``ScaleEmbedding``): PEFT switches, deletes and
-    freezes adapters on the modules of the tuner's ``tuner_layer_cls``, and all three must follow together."""
+    """What every SCALE module is and shares (``Linear`` here, ``norm.RMSNorm``, ``embedding.Embedding``), as PEFT's
+    ``LoraLayer`` is for ``lora.Linear`` and the rest: PEFT switches, deletes and freezes adapters on the modules of the tuner's
+    ``tuner_layer_cls``, and all three must follow together.
+
+    It holds the tuner state they all set up (``_init_tuner_state``), which of the active adapters this module holds
+    (``_active_scale_adapters``: the keys of its per-adapter ``_widths_attr`` dict), whether the stream carries a
+    preservation copy, the split of the widened stream ``[x_pres; x; x_up_a; x_up_b; ...]`` with its width check
+    (``_check_stream``, ``_split_stream``), and the guard for parameters still on the meta device.
+    """
+
+    _widths_attr = "expansion"  # the per-adapter dict whose keys are the adapters this module holds
+    _kind = "layer"  # what the module is called in the width-mismatch error
+
+    def _init_tuner_state(self, base_layer: nn.Module, adapter_name: str) -> None:
+        """The state PEFT's ``BaseTunerLayer`` reads, and the router's gates (set by ``ScaleModel``)."""
+        self.base_layer = base_layer
+        self.route_gates = NO_GATES  # the ScaleModel's RouteGates: the learned routers' decisions in this forward pass
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = adapter_name
+
+    def _active_scale_adapters(self) -> list[str]:
+        """The active adapters that have blocks in this module (another adapter may widen other modules only)."""
+        widths = getattr(self, self._widths_attr)
+        return [name for name in self.active_adapters if name in widths]
+
+    def _mode_applies(self, modes: dict[str, str]) -> bool:
+        """Whether the first active adapter's mode (``"off"`` / ``"eval"`` / ``"always"``) applies now."""
+        active = self._active_scale_adapters()
+        if self.disable_adapters or not active:
+            return False
+        return mode_applies(modes[active[0]], self.training)
+
+    def carries_preservation_copy(self) -> bool:
+        """Whether the input holds a preservation copy ``[x_pres; x; x_up]`` (SCALE-Route, cosine rule, routed
+        layers)."""
+        return self._mode_applies(getattr(self, "preservation_copy", {}))
+
+    def _check_stream(self, x: torch.Tensor, original: int, copy: bool, new: dict[str, int]) -> list[int]:
+        """The widths of ``[x_pres; x; x_up_a; ...]`` (``new``: adapter -> width of its ``x_up``), checked against
+        ``x``.
+
+        Raises:
+            RuntimeError: ``x`` has another width: the model's modules disagree on which adapters are active.
+        """
+        widths = [original] * (2 if copy else 1) + list(new.values())
+        if x.shape[-1] != sum(widths):
+            raise RuntimeError(
+                f"SCALE {self._kind} expected {sum(widths)} input features ({original} original"
+                f"{' + a preservation copy' if copy else ''} + {new} new) but got {x.shape[-1]}: the layers of one "
+                "block disagree on which adapters are active. Switch adapters on the whole model "
+                "(model.set_adapter), not on single layers."
+            )
+        return widths
+
+    @staticmethod
+    def _split_stream(
+        x: torch.Tensor, widths: list[int], copy: bool
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """``[x_pres; x; x_up_a; ...]`` (``widths`` from ``_check_stream``) -> ``(x_pres or None, x, [x_up_a, ...])``.
+
+        ``x_pres`` and ``x`` come back contiguous: a column slice is strided, and the matmul kernels round it
+        differently from the base model's contiguous input (and ``Conv1D``'s ``.view()`` refuses it), so one copy
+        keeps the original output bit-exact. An input that is not widened is returned as it is, with zero-width
+        ``x_up``s.
+        """
+        if sum(widths) == widths[0]:
+            return None, x, [x[..., :0]] * (len(widths) - 1)
+        pieces = x.split(widths, dim=-1)
+        preserved = pieces[0].contiguous() if copy else None
+        pieces = pieces[1:] if copy else pieces
+        return preserved, pieces[0].contiguous(), list(pieces[1:])
+
+    @staticmethod
+    def _materialised(tensor: torch.Tensor) -> bool:
+        """False on the meta device (``low_cpu_mem_usage``): the values come from a checkpoint, nothing to draw."""
+        return tensor.device.type != "meta"
 
 
-class ScaleLayer(nn.Module, ScaleTunerLayer):
+class Linear(nn.Module, ScaleTunerLayer):
     """A frozen linear map ``y = W x + b`` widened by SCALE blocks.
 
     The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::
@@ -128,6 +203,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     # scale_router: the learned router of a route adapter, held by the first module it gates (peft_scale.routing)
     adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22", "scale_router")
     other_param_names = ("in_expansion", "out_expansion", "preservation_copy", "route_gated")
+    _widths_attr = "out_expansion"
 
     def __init__(
         self,
@@ -144,7 +220,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
     ) -> None:
         super().__init__()
         check_layer(base_layer)
-        self.base_layer = base_layer
+        self._init_tuner_state(base_layer, adapter_name)
         self.out_features, self.in_features = weight_shape(base_layer)  # of W, not of a quantized layer's packed weight
         if self.out_features % out_parts:
             raise ValueError(
@@ -159,15 +235,11 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         self.scale_router = nn.ModuleDict()
         self.preservation_copy: dict[str, str] = {}
         self.route_gated: dict[str, bool] = {}
-        self.route_gates = NO_GATES  # the ScaleModel's RouteGates: the learned routers' decisions in this forward pass
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
         # While merged, `base_layer` is a wider copy and the pre-trained layer waits here (a plain list, so that it
         # is neither saved with the adapter nor counted twice in `parameters()`).
         self._unmerged_base_layer: list[nn.Module] = []
-        self._active_adapter = adapter_name
         self.update_layer(
             adapter_name,
             out_expansion,
@@ -224,7 +296,7 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
         if adapter_name not in self.scale_w21:
             return
         w21 = self.scale_w21[adapter_name]
-        if w21.device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
+        if not self._materialised(w21):
             return
         base_rows = weight_rows(self.get_base_layer())  # dequantised, for a quantized base
         make_rows = INIT_ROWS[init]
@@ -236,15 +308,6 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
             w22.copy_(torch.randn_like(w22, dtype=torch.float32) * base_rows.float().std())
 
     # ----------------------------------------------------------------------------------------------- forward
-
-    def _active_scale_adapters(self) -> list[str]:
-        return [name for name in self.active_adapters if name in self.out_expansion]
-
-    def carries_preservation_copy(self) -> bool:
-        active = self._active_scale_adapters()
-        if not active:
-            return False
-        return mode_applies(self.preservation_copy[active[0]], self.training)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -258,31 +321,19 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
             return self.base_layer(x, *args, **kwargs)
 
         copy = self.carries_preservation_copy()
-        widths = [self.in_features] * (2 if copy else 1) + [self.in_expansion[name] for name in active]
-        if x.shape[-1] != sum(widths):
-            raise RuntimeError(
-                f"SCALE layer expected {sum(widths)} input features ({self.in_features} original"
-                f"{' + a preservation copy' if copy else ''} + {dict(zip(active, widths[-len(active):]))} new) but "
-                f"got {x.shape[-1]}: the layers of one block disagree on which adapters are active. Switch adapters "
-                "on the whole model (model.set_adapter), not on single layers."
-            )
+        widths = self._check_stream(x, self.in_features, copy, {name: self.in_expansion[name] for name in active})
         # (batch, seq, 1) 0/1 per adapter whose W12 the learned router gates
         gates = {name: self.route_gates.get(name, x) for name in active if self.route_gated.get(name)}
         if len(active) == 1 and not copy and not args and not kwargs and self._takes_one_node():
             return self._widened_linear(active[0], x, gates.get(active[0]))
-        preserved, x_ups = None, [x[..., :0]] * len(active)  # zero-width x_up: this input is not widened
-        # [x; x_up] of a single adapter as one tensor: W21 and W22 then act as one product [W21 W22] [x; x_up]
-        x_and_up = x[..., self.in_features :] if copy else x
-        if sum(widths) > self.in_features:
-            pieces = x.split(widths, dim=-1)
-            if copy:
-                # the preservation copy sees the frozen base layer only: exactly the base model's computation
-                preserved = self.base_layer(pieces[0].contiguous(), *args, **kwargs)
-                pieces = pieces[1:]
-            # A column slice is strided; the matmul kernels round it differently from the base model's contiguous
-            # input (and Conv1D's .view() refuses it). One copy of x keeps the original output bit-exact.
-            x, x_ups = pieces[0].contiguous(), pieces[1:]
 
+        # 1. the input: [x_pres; x; x_up_a; ...]. [x; x_up] of a single adapter stays one tensor: W21 and W22 then
+        # act as one product [W21 W22] [x; x_up] (see _new_rows).
+        x_and_up = x[..., self.in_features :] if copy else x
+        x_pres, x, x_ups = self._split_stream(x, widths, copy)
+        # the preservation copy sees the frozen base layer only: exactly the base model's computation
+        preserved = self.base_layer(x_pres, *args, **kwargs) if x_pres is not None else None
+        # 2. the blocks
         result = self.base_layer(x, *args, **kwargs)  # (..., out): W x + b
         new_rows = []
         for name, x_up in zip(active, x_ups):
@@ -292,15 +343,21 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
                 result = result + (from_new * gates[name] if name in gates else from_new)
             if name in self.scale_w21:  # y_up = W21 x + b21 (+ W22 x_up)
                 new_rows.append(self._new_rows(name, x, x_up, x_and_up if len(active) == 1 else None).to(result.dtype))
-        if new_rows and self.out_parts == 1:
-            result = torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
-        elif new_rows:
-            # packed projections: [part_0, new rows of part_0 per adapter, part_1, ...]
-            parts = [result.chunk(self.out_parts, dim=-1)] + [rows.chunk(self.out_parts, dim=-1) for rows in new_rows]
-            result = torch.cat([piece for part in zip(*parts) for piece in part], dim=-1)
+        # 3. the output: [W x_pres + b; y; y_up_a; ...], packed parts each followed by their new rows
+        result = self._interleave_new_rows(result, new_rows)
         if preserved is not None:
             result = torch.cat([preserved, result], dim=-1)  # (..., out + out + new): [W x_pres; y; y_up]
         return result
+
+    def _interleave_new_rows(self, result: torch.Tensor, new_rows: list[torch.Tensor]) -> torch.Tensor:
+        """``y`` and the adapters' ``y_up`` as one output: ``[y; y_up_a; ...]``, or with packed projections
+        ``[part_0; part_0's new rows per adapter; part_1; ...]`` so the model's own ``chunk`` still splits it."""
+        if not new_rows:
+            return result
+        if self.out_parts == 1:
+            return torch.cat([result, *new_rows], dim=-1)  # (..., out + sum of out_expansions)
+        parts = [result.chunk(self.out_parts, dim=-1)] + [rows.chunk(self.out_parts, dim=-1) for rows in new_rows]
+        return torch.cat([piece for part in zip(*parts) for piece in part], dim=-1)
 
     def _takes_one_node(self) -> bool:
         """Whether ``WidenedLinear`` (one autograd node, hand-written backward) can compute this layer: a plain
@@ -377,3 +434,8 @@ class ScaleLayer(nn.Module, ScaleTunerLayer):
 
     def __repr__(self) -> str:
         return "scale." + super().__repr__()
+
+
+# The names before 0.2 (PEFT's convention, ``LoraLayer`` / ``lora.Linear``, came later): kept, because user code, the
+# tests and pickled modules refer to them. ``ScaleLayer`` is this concrete linear layer, not the mixin.
+ScaleLayer = Linear

@@ -1,14 +1,23 @@
-"""Folding SCALE blocks into plain, wider ``Linear`` / ``Conv1D`` layers."""
+"""Folding SCALE blocks into plain, wider ``Linear`` / ``Conv1D`` layers, and the policy of a whole-model merge.
+
+- ``widened_copy``: one layer's block matrix as one wider layer (``peft_scale.layer.Linear.merge``).
+- The merge policy, checked by ``ScaleModel`` before anything is folded: what cannot be merged
+  (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized base), the one
+  intermediate size the merged model's config records (``merged_intermediate_size``), and what the merged model
+  may not do afterwards (``refuse_standard_checkpoint``).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Optional
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .quantized import bnb_kind, quantized_like, weight_rows
+from .architectures import FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, module_name_matches
+from .quantized import bnb_kind, has_quantized_layers, quantized_like, weight_rows, weight_shape
 
 
 def _new_like(base: nn.Module, rows: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
@@ -45,7 +54,7 @@ def widened_copy(
     output rows belong to that adapter, so this adapter's ``W21`` reads none of those columns and its ``W12``
     writes none of those rows (zeros there), exactly as in the unmerged forward, where adapters do not see
     each other's features. With ``out_parts``
-    packed projections, each part gets its own new rows right after it, as in ``ScaleLayer.forward``.
+    packed projections, each part gets its own new rows right after it, as in ``peft_scale.layer.Linear.forward``.
 
     A bitsandbytes base is dequantised, widened and requantised (``peft_scale.quantized.quantized_like``).
     """
@@ -77,3 +86,124 @@ def widened_copy(
             if b21 is not None:
                 bias[start + part_out : start + part_out + part_new] = b21[new].to(dtype)
     return _new_like(base, rows, bias)
+
+
+# ------------------------------------------------------------------------------------------- merge policy
+
+
+def check_quantized_merge(configs: list, model: nn.Module) -> None:
+    """No full-width merge into a quantized base (``merge_adapter`` and ``merge_and_unload``).
+
+    Merging requantises every widened projection, and in full width that is every projection of the model, each
+    with new input columns that shift its 4-bit blocks over the original weights: on a tiny Llama the merged
+    logits moved by up to 5x what quantizing the base had cost (FFN mode: below it, so FFN adapters merge)."""
+    if any(config.hidden_expansion for config in configs) and has_quantized_layers(model):
+        raise ValueError(
+            "Cannot merge a full-width SCALE adapter into a bitsandbytes-quantized base: every widened projection "
+            "would be requantised with the original weights in new blocks, which moves the logits by several times "
+            "what quantizing the base cost (a merged full-width model is for use in memory only anyway). Keep it "
+            "unmerged, or merge it on the full-precision base: "
+            "PeftModel.from_pretrained(full_precision_base, adapter_folder).merge_and_unload()."
+        )
+
+
+def check_mergeable(merging: list) -> None:
+    """A SCALE-Route adapter cannot be merged (either rule)."""
+    routed = [config for config in merging if config.variant == "route"]
+    if routed:
+        why = (
+            "its preservation head needs the frozen original weights apart from the new blocks, which merging "
+            "folds together"
+            if routed[0].route_rule == "cosine"
+            else "its learned router's gate depends on the input (per token: the base model or the expansion), "
+            "and a merged layer is one matrix for every token"
+        )
+        raise ValueError(
+            f"Cannot merge a SCALE-Route adapter: {why}. Keep the model unmerged for routing (save the adapter "
+            "with save_pretrained)."
+        )
+
+
+def _output_layers(model: nn.Module, configs: list) -> list[tuple[str, nn.Module]]:
+    """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""
+    from .layer import Linear  # here, not at the top: layer.py imports this module for widened_copy
+
+    names = {name for config in configs for name in (config.ffn_output_modules or [])}
+    return [
+        (key, module)
+        for key, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Linear)) and module_name_matches(key, names)
+    ]
+
+
+def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> dict[str, int]:
+    from .layer import Linear
+
+    sizes = {}
+    for key, module in _output_layers(model, configs):
+        if isinstance(module, Linear):
+            merging = adapter_names if adapter_names is not None else module.active_adapters
+            merging = set(merging) | set(module.merged_adapters)
+            sizes[key] = module.in_features + sum(module.in_expansion.get(name, 0) for name in merging)
+        else:
+            sizes[key] = weight_shape(module)[1]
+    return sizes
+
+
+def intermediate_size_field(model: nn.Module) -> Optional[str]:
+    """The field of the model's config that holds the FFN intermediate size (``None`` if unknown)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    layout = FFN_LAYOUTS.get(getattr(config, "model_type", None))
+    if layout is not None:
+        return layout.size_field
+    return next((name for name in INTERMEDIATE_SIZE_FIELDS if hasattr(config, name)), None)
+
+
+def merged_intermediate_size(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> Optional[int]:
+    """The one intermediate size of the merged model's FFNs, for its config (``None``: no FFN output found).
+
+    A standard checkpoint holds one size for all layers, so the merged FFNs must agree.
+
+    Raises:
+        ValueError: the merged FFNs would differ in size, or the config's size field is unknown.
+    """
+    sizes = _merged_intermediate_sizes(model, configs, adapter_names)
+    if len(set(sizes.values())) > 1:
+        by_size = defaultdict(list)
+        for key, size in sizes.items():
+            by_size[size].append(key)
+        summary = "; ".join(f"{size}: {len(keys)} layers, e.g. {keys[0]!r}" for size, keys in by_size.items())
+        raise ValueError(
+            "Cannot merge into a standard checkpoint: the merged FFNs would have different intermediate sizes "
+            f"({summary}), and a {type(model.config).__name__} holds one size for all layers. Widen "
+            "every layer (drop layers_to_transform / exclude_modules), or keep the model unmerged and save "
+            "the adapter with save_pretrained."
+        )
+    if sizes and intermediate_size_field(model) is None:
+        raise ValueError(
+            f"Cannot merge: SCALE does not know which field of {type(model.config).__name__} holds the "
+            f"intermediate size (tried {list(INTERMEDIATE_SIZE_FIELDS)}). Add the architecture to "
+            "peft_scale.architectures.FFN_LAYOUTS."
+        )
+    return next(iter(sizes.values()), None)
+
+
+# Here rather than in norm.py (whose SplitRMSNorm is the reason) or model.py (which calls it): it is the export
+# side of a merge, like the intermediate size above: what a merged model can and cannot be written as. It acts on
+# the unloaded base model (no SCALE module is left on it) by replacing that instance's save methods.
+def refuse_standard_checkpoint(model: nn.Module) -> None:
+    """A merged full-width model keeps split norms: no checkpoint of its architecture can hold it."""
+    architecture = type(model).__name__
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            f"This merged full-width SCALE model cannot be saved as a {architecture} checkpoint: its norms normalise "
+            "the original and the new features separately (SplitRMSNorm), which the architecture's config cannot "
+            "express, so the checkpoint would not load. Use it in memory for fast inference, and save the adapter "
+            "instead: PeftModel.save_pretrained before merging."
+        )
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = save_pretrained

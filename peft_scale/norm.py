@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import ScaleTunerLayer
-from .routing import NO_GATES, mode_applies
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,7 +26,7 @@ def norm_epsilon(norm: nn.Module) -> float:
     raise TypeError(f"Cannot find the epsilon of {type(norm).__name__}; SCALE splits RMSNorm-style layers only.")
 
 
-class ScaleNorm(nn.Module, ScaleTunerLayer):
+class RMSNorm(nn.Module, ScaleTunerLayer):
     """An RMSNorm over the widened stream ``[x; x_up]``, normalising each slice on its own.
 
         out = [ norm(x) ; rms(x_up) * g_up ]
@@ -62,10 +61,11 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
 
     adapter_layer_names = ("scale_gain", "scale_head")
     other_param_names = ("expansion", "preservation_copy", "routing", "route_gated")
+    _kind = "norm"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, expansion: int, final: bool = False, **kwargs):
         super().__init__()
-        self.base_layer = base_layer
+        self._init_tuner_state(base_layer, adapter_name)
         self.features = base_layer.weight.shape[0]
         self.eps = norm_epsilon(base_layer)
         self.final = final
@@ -75,10 +75,6 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
         self.preservation_copy: dict[str, str] = {}
         self.routing: dict[str, str] = {}
         self.route_gated: dict[str, bool] = {}
-        self.route_gates = NO_GATES  # the ScaleModel's RouteGates (the learned routers' decisions)
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, expansion, **kwargs)
 
     def update_layer(
@@ -106,23 +102,10 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
     @torch.no_grad()
     def reset_scale_parameters(self, adapter_name: str) -> None:
         gain = self.scale_gain[adapter_name]
-        if gain.device.type != "meta":
+        if self._materialised(gain):
             gain.fill_(self.base_layer.weight.float().mean().item())
         if adapter_name in self.scale_head:
             self.scale_head[adapter_name].zero_()  # zero: the logits start as the base model's
-
-    def _active_scale_adapters(self) -> list[str]:
-        return [name for name in self.active_adapters if name in self.expansion]
-
-    def _mode_applies(self, modes: dict[str, str]) -> bool:
-        active = self._active_scale_adapters()
-        if self.disable_adapters or not active:
-            return False
-        return mode_applies(modes[active[0]], self.training)
-
-    def carries_preservation_copy(self) -> bool:
-        """Whether the input holds a preservation copy ``[x_pres; x; x_up]`` (SCALE-Route, routed layers)."""
-        return self._mode_applies(self.preservation_copy)
 
     def routes(self) -> bool:
         """Whether this final norm emits both heads' inputs ``[norm(x_pres); out]``."""
@@ -133,18 +116,12 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
         if self.disable_adapters or not active:
             return self.base_layer(x, *args, **kwargs)
         copy = self.carries_preservation_copy()
-        widths = [self.features] * (2 if copy else 1) + [self.expansion[name] for name in active]
-        if x.shape[-1] != sum(widths):
-            raise RuntimeError(
-                f"SCALE norm expected {sum(widths)} features but got {x.shape[-1]}: the widened layers disagree on "
-                "which adapters are active. Switch adapters on the whole model (model.set_adapter)."
-            )
-        pieces = x.split(widths, dim=-1)
-        preserved = self.base_layer(pieces[0].contiguous()) if copy else None
-        pieces = pieces[1:] if copy else pieces
-        original = self.base_layer(pieces[0].contiguous())  # norm(x): the base norm over the original slice only
+        widths = self._check_stream(x, self.features, copy, {name: self.expansion[name] for name in active})
+        x_pres, x, x_ups = self._split_stream(x, widths, copy)
+        preserved = self.base_layer(x_pres) if copy else None
+        original = self.base_layer(x)  # norm(x): the base norm over the original slice only
         new = [  # rms(x_up) * g_up, per adapter
-            rms_norm(x_up, self.scale_gain[name], self.eps).to(original.dtype) for name, x_up in zip(active, pieces[1:])
+            rms_norm(x_up, self.scale_gain[name], self.eps).to(original.dtype) for name, x_up in zip(active, x_ups)
         ]
         if self.final:
             out = original
@@ -167,7 +144,7 @@ class ScaleNorm(nn.Module, ScaleTunerLayer):
 
 
 class SplitRMSNorm(nn.Module):
-    """The merged form of ``ScaleNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
+    """The merged form of ``RMSNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
     into a standard checkpoint of the base architecture, whose norm spans the whole hidden size)."""
 
     def __init__(self, base: nn.Module, gains: list[torch.Tensor], eps: float, heads: Optional[list[torch.Tensor]]):
@@ -187,3 +164,7 @@ class SplitRMSNorm(nn.Module):
         for head, x_up in zip(self.heads, new):
             original = original + F.linear(x_up.to(head.dtype), head).to(original.dtype)
         return original
+
+
+# The name before 0.2, kept for user code, the tests and pickled modules (see ``layer.ScaleLayer``).
+ScaleNorm = RMSNorm

@@ -21,7 +21,7 @@ Two rules decide, token by token, whether a token gets the widened model's compu
   heads' inputs, and hooks on the LM head route per token by ``cos(z_pres, z_adapt) >= tau``.
 
 ``Routing`` is the one object that installs and removes both rules' hooks; ``ScaleModel`` owns it. A learned
-router's numbers live in the first module it gates (``ScaleLayer.scale_router[adapter]``, inside the model, so that
+router's numbers live in the first module it gates (``peft_scale.layer.Linear.scale_router[adapter]``, inside the model, so that
 PEFT and transformers' ``load_adapter`` save, load and delete it with its adapter like any block;
 ``ScaleModel.scale_router`` maps adapter names to them); the gates of the forward pass in flight live in one
 ``RouteGates``, which every gated module reads.
@@ -311,7 +311,7 @@ def route(preservation: torch.Tensor, adaptation: torch.Tensor, threshold: float
 class LMHeadRouter:
     """Hooks on the (untouched) LM head that turn ``[h_pres; h_adapt]`` into routed logits (the cosine rule).
 
-    The final ``ScaleNorm`` emits twice the hidden width when routing applies. The pre-hook reshapes that to
+    The final ``peft_scale.norm.RMSNorm`` emits twice the hidden width when routing applies. The pre-hook reshapes that to
     ``(..., 2, d)`` so the head computes both logits in one call; the forward hook applies ``route``. A
     hidden state of the plain width passes through untouched, so the hooks cost nothing when not routing.
     """

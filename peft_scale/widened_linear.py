@@ -22,12 +22,12 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: tor
 
 
 class WidenedLinear(torch.autograd.Function):
-    """The block matrix of ``ScaleLayer`` for one adapter, forward and backward in one node::
+    """The block matrix of ``peft_scale.layer.Linear`` for one adapter, forward and backward in one node::
 
         [ y    ]   [ W    W12 ] [ x    ]   [ b   ]
         [ y_up ] = [ W21  W22 ] [ x_up ] + [ b21 ]
 
-    Forward does what ``ScaleLayer``'s general path does: ``W x + b`` exactly as ``nn.Linear`` computes it on a
+    Forward does what ``layer.Linear``'s general path does: ``W x + b`` exactly as ``nn.Linear`` computes it on a
     contiguous copy of the original features (so the original output stays bit-identical to the base layer's),
     ``W12 x_up`` added to it, and ``[W21 W22] [x; x_up]`` as one product. Backward, with ``g = [g_y; g_up]``::
 

@@ -1,4 +1,7 @@
-"""Full-width SCALE: residual stream, attention heads, embedding, split norms; Preserve, Adapt and Route."""
+"""Full-width SCALE: residual stream, attention heads, embedding, split norms; Preserve, Adapt and Route.
+
+Its helpers (``full_width``, ``decoder_outputs``, ``train``) also serve ``test_plan.py`` and ``test_merge.py``, where
+the full-width tests of the plan and of merging are."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ from peft import get_peft_model
 from tiny_models import VOCAB, random_ids, tiny_model
 
 from peft_scale import ScaleConfig
-from peft_scale.layer import ScaleLayer
-from peft_scale.norm import ScaleNorm, SplitRMSNorm
 from peft_scale.routing import route
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -61,45 +62,6 @@ def test_logits_equal_base_at_init(model_type, variant):
     ids = random_ids(vocab=VOCAB)
     with torch.no_grad():
         assert (model(ids).logits - reference(ids).logits).abs().max() <= 1e-6
-
-
-def test_every_module_touching_the_residual_stream_is_widened():
-    _, model = full_width("llama", "adapt", preserve_layers=0)
-    layer = model.base_model.model.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    # q: 2 new heads of 8 (16 features); k, v: one new key-value head (8) in the 4:2 group ratio
-    assert (attn.q_proj.in_expansion["default"], attn.q_proj.out_expansion["default"]) == (16, 16)
-    assert (attn.k_proj.in_expansion["default"], attn.k_proj.out_expansion["default"]) == (16, 8)
-    assert (attn.v_proj.in_expansion["default"], attn.v_proj.out_expansion["default"]) == (16, 8)
-    assert (attn.o_proj.in_expansion["default"], attn.o_proj.out_expansion["default"]) == (16, 16)
-    assert (mlp.gate_proj.in_expansion["default"], mlp.gate_proj.out_expansion["default"]) == (16, 8)
-    assert (mlp.down_proj.in_expansion["default"], mlp.down_proj.out_expansion["default"]) == (8, 16)
-    assert isinstance(layer.input_layernorm, ScaleNorm) and isinstance(layer.post_attention_layernorm, ScaleNorm)
-    assert model.base_model.model.model.norm.final
-    assert type(model.base_model.model.lm_head) is torch.nn.Linear  # the head is never wrapped (TRL's fused head)
-    with torch.no_grad():
-        outputs = decoder_outputs(model, random_ids(vocab=VOCAB))
-    assert [h.shape[-1] for h in outputs] == [HIDDEN + 16] * LAYERS
-
-
-@pytest.mark.parametrize(
-    ("variant", "adapt_modules", "open_layers", "open_kinds"),
-    [
-        ("preserve", "all", [], set()),
-        ("adapt", "all", [2, 3], {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
-        ("adapt", "attention", [2, 3], {"q_proj", "k_proj", "v_proj", "o_proj"}),
-        ("route", "ffn", [2, 3], {"gate_proj", "up_proj", "down_proj"}),
-    ],
-)
-def test_the_variant_decides_which_w12_blocks_exist(variant, adapt_modules, open_layers, open_kinds):
-    _, model = full_width("llama", variant, preserve_layers=2, adapt_modules=adapt_modules)
-    opened = {
-        (int(name.split(".layers.")[1].split(".")[0]), name.rsplit(".", 1)[1])
-        for name, module in model.named_modules()
-        if isinstance(module, ScaleLayer) and "default" in module.scale_w12
-    }
-    assert opened == {(layer, kind) for layer in open_layers for kind in open_kinds}
-    assert all(p.requires_grad for n, p in model.named_parameters() if ".scale_" in n)
 
 
 @pytest.mark.parametrize("variant", ["preserve", "route"])
@@ -208,40 +170,6 @@ def test_the_cosine_rule_on_a_hand_checked_case():
     assert torch.equal(routed, torch.stack([preservation[0, 0], adaptation[0, 1], preservation[0, 2], adaptation[0, 3]])[None])
     _, exactly_at = route(preservation, adaptation, threshold=1.0)
     assert exactly_at.tolist() == [[True, False, False, False]]  # >= tau goes to preservation
-
-
-@pytest.mark.parametrize("variant", ["preserve", "adapt"])
-def test_merge_folds_into_wider_linears_with_the_same_logits(variant):
-    _, model = full_width("llama", variant)
-    train(model, steps=5)
-    ids = random_ids(vocab=VOCAB)
-    with torch.no_grad():
-        expected = model(ids).logits
-        merged = model.merge_and_unload()
-        layer = merged.model.layers[0]
-        assert type(layer.self_attn.q_proj) is torch.nn.Linear and layer.self_attn.q_proj.weight.shape == (48, 48)
-        assert isinstance(layer.input_layernorm, SplitRMSNorm) and merged.model.embed_tokens.weight.shape[1] == 48
-        assert (merged(ids).logits - expected).abs().max() <= 1e-5
-
-
-def test_a_merged_full_width_model_refuses_to_save_as_a_plain_checkpoint(tmp_path):
-    _, model = full_width("llama", "adapt")
-    merged = model.merge_and_unload()
-    with pytest.raises(ValueError, match=r"cannot be saved as a LlamaForCausalLM checkpoint: its norms normalise"):
-        merged.save_pretrained(tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
-def test_merging_a_route_adapter_is_an_error():
-    _, model = full_width("llama", "route")
-    with pytest.raises(ValueError, match="Cannot merge a SCALE-Route adapter: its preservation head needs"):
-        model.merge_and_unload()
-
-
-@pytest.mark.parametrize(("expansion", "suggestion"), [(24, "16 or 32"), (8, "16"), (40, "32 or 48")])
-def test_hidden_expansion_must_fit_the_head_layout(expansion, suggestion):
-    with pytest.raises(ValueError, match=rf"hidden_expansion={expansion} does not fit .* Nearest valid sizes: {suggestion}\."):
-        get_peft_model(tiny_model("llama"), ScaleConfig(hidden_expansion=expansion))
 
 
 def test_full_width_on_an_architecture_without_a_decoder_layout():

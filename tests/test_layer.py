@@ -1,4 +1,4 @@
-"""ScaleLayer on its own: the block matrix, initialisation, packed projections, merging."""
+"""``peft_scale.layer.Linear`` (``ScaleLayer``) on its own: the block matrix, initialisation, packed projections, merging."""
 
 from __future__ import annotations
 
@@ -228,3 +228,26 @@ def test_preservation_copy_sees_only_the_frozen_base(mode):
         layer.preservation_copy["a"] = mode
         layer.train()
         assert layer(torch.cat([x, x_up], -1)).shape == (4, 13)
+
+
+def test_the_names_before_peft_s_convention_still_name_the_same_classes():
+    """``Linear`` / ``RMSNorm`` / ``Embedding`` on the mixin ``ScaleTunerLayer``, as in PEFT's ``lora``; the old names
+    stay, for user code and for modules pickled under them."""
+    import pickle
+
+    import peft_scale
+    from peft_scale.embedding import Embedding, ScaleEmbedding
+    from peft_scale.layer import Linear, ScaleTunerLayer
+    from peft_scale.norm import RMSNorm, ScaleNorm
+
+    assert ScaleLayer is Linear and peft_scale.ScaleLayer is Linear and ScaleNorm is RMSNorm and ScaleEmbedding is Embedding
+    assert all(issubclass(cls, ScaleTunerLayer) for cls in (Linear, RMSNorm, Embedding))
+    layer = ScaleLayer(linear(6, 10), "a", out_expansion=2)
+    assert repr(layer).startswith("scale.Linear(")
+    restored = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(2, 6)
+    assert type(restored) is Linear and torch.equal(restored(x), layer(x))
+    new_name, old_name = b"cpeft_scale.layer\nLinear\n", b"cpeft_scale.layer\nScaleLayer\n"
+    pickled = pickle.dumps(layer, protocol=2)  # protocol 2 names a class in one GLOBAL opcode
+    assert new_name in pickled
+    assert type(pickle.loads(pickled.replace(new_name, old_name))) is Linear  # as pickled before the rename

@@ -1,0 +1,55 @@
+"""``peft_scale.config``: ``ScaleConfig``, its JSON round trip, old saved configs, and every bad value named (moved from
+``test_model.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from peft import PeftConfig
+
+from peft_scale import ScaleConfig
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = ScaleConfig(
+        ffn_expansion=16, target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=[0], init="normal"
+    )
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, ScaleConfig)
+    assert loaded.to_dict() == {**config.to_dict(), "target_modules": loaded.target_modules}
+    assert loaded.target_modules == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_a_config_saved_by_version_0_1_still_loads():
+    """Frozen copy of an adapter_config.json written by peft-scale 0.1.0: it must keep loading."""
+    saved = json.loads((Path(__file__).parent / "data" / "adapter_config_v0.1.json").read_text())
+    config = PeftConfig.from_peft_type(**saved)
+    assert isinstance(config, ScaleConfig)
+    assert config.ffn_expansion == 8 and config.init == "svd" and config.base_ffn_shapes == [[32, 64]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, r"needs something to widen: ffn_expansion > 0 .* and/or hidden_expansion > 0"),
+        ({"ffn_expansion": -3}, r"ffn_expansion=-3\): must be a non-negative integer"),
+        ({"ffn_expansion": 2.5}, "must be a non-negative integer"),
+        ({"ffn_expansion": 8, "variant": "route", "route_rule": "cosine"}, r"route_rule='cosine'\) needs hidden_expansion > 0"),
+        ({"ffn_expansion": 8, "variant": "wide"}, r"variant='wide'\): choose one of"),
+        ({"ffn_expansion": 8, "adapt_modules": "attention"}, "needs hidden_expansion > 0: FFN mode widens no attention"),
+        ({"ffn_expansion": 8, "init": "zeros"}, r"init='zeros'\): choose one of \['svd', 'normal'\]"),
+        ({"ffn_expansion": 8, "layers_pattern": "layers"}, "only has an effect together with `layers_to_transform`"),
+        ({"ffn_expansion": 8, "ffn_fused_modules": {"gate_up_proj": 0}}, "must be a positive integer"),
+    ],
+)
+def test_bad_config_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(**kwargs)
+
+
+def test_trl_fields_exist():
+    config = ScaleConfig(ffn_expansion=4)
+    assert config.modules_to_save is None and config.trainable_token_indices is None

@@ -1,0 +1,103 @@
+"""``peft_scale.merge``: folding the blocks into wider layers, and the whole-model merge policy (the one intermediate
+size, what is refused, the merged checkpoint). Moved from ``test_model.py`` (FFN mode) and ``test_full_width.py``
+(full width)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BLOCK_PEFT, run_in_fresh_process
+from peft import get_peft_model
+from test_full_width import full_width, train
+from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama
+
+from peft_scale import ScaleConfig, ScaleLayer
+from peft_scale.norm import SplitRMSNorm
+
+
+# --------------------------------------------------------------------------------------------------- FFN mode
+
+
+def test_merge_adapter_and_unmerge_adapter_in_place():
+    ids = random_ids()
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
+    perturb_adapter(model, "default", seed=0)
+    with torch.no_grad():
+        adapted = model(ids).logits
+        model.merge_adapter()
+        down = model.base_model.model.model.layers[0].mlp.down_proj
+        assert down.merged and down.base_layer.in_features == 72
+        assert (model(ids).logits - adapted).abs().max() <= 1e-5
+        with model.disable_adapter():  # unmerges on the fly, all three projections together
+            assert torch.equal(model(ids).logits, tiny_llama()(ids).logits)
+        assert down.base_layer.in_features == 64
+        assert torch.equal(model(ids).logits, adapted)
+
+
+def test_unload_returns_the_base_model_unchanged():
+    ids = random_ids()
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
+    perturb_adapter(model, "default", seed=0)
+    model.merge_adapter()
+    base = model.unload()
+    assert base.config.intermediate_size == 64
+    assert torch.equal(base(ids).logits, tiny_llama()(ids).logits)
+
+
+def test_merging_different_widths_per_layer_is_an_error():
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8, layers_to_transform=[0]))
+    with pytest.raises(ValueError, match=r"different intermediate sizes \(72: 1 layers.*64: 1 layers.*LlamaConfig holds one"):
+        model.merge_and_unload()
+    assert isinstance(model.base_model.model.model.layers[0].mlp.down_proj, ScaleLayer)  # nothing was merged
+
+
+def test_merged_model_needs_no_peft(tmp_path):
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
+    perturb_adapter(model, "default", seed=0)
+    with torch.no_grad():
+        torch.save(model(random_ids()).logits, tmp_path / "expected.pt")
+    model.merge_and_unload().save_pretrained(tmp_path / "dense")
+    out = run_in_fresh_process(
+        BLOCK_PEFT
+        + f"""
+import torch
+from transformers import AutoModelForCausalLM
+from tiny_models import random_ids
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "dense")!r}).eval()
+with torch.no_grad():
+    print(model.config.intermediate_size, (model(random_ids()).logits - torch.load({str(tmp_path)!r} + "/expected.pt")).abs().max().item())
+"""
+    )
+    size, diff = out.split()
+    assert int(size) == 72 and float(diff) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------- full width
+
+
+@pytest.mark.parametrize("variant", ["preserve", "adapt"])
+def test_merge_folds_into_wider_linears_with_the_same_logits(variant):
+    _, model = full_width("llama", variant)
+    train(model, steps=5)
+    ids = random_ids(vocab=VOCAB)
+    with torch.no_grad():
+        expected = model(ids).logits
+        merged = model.merge_and_unload()
+        layer = merged.model.layers[0]
+        assert type(layer.self_attn.q_proj) is torch.nn.Linear and layer.self_attn.q_proj.weight.shape == (48, 48)
+        assert isinstance(layer.input_layernorm, SplitRMSNorm) and merged.model.embed_tokens.weight.shape[1] == 48
+        assert (merged(ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_merged_full_width_model_refuses_to_save_as_a_plain_checkpoint(tmp_path):
+    _, model = full_width("llama", "adapt")
+    merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match=r"cannot be saved as a LlamaForCausalLM checkpoint: its norms normalise"):
+        merged.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_merging_a_route_adapter_is_an_error():
+    _, model = full_width("llama", "route")
+    with pytest.raises(ValueError, match="Cannot merge a SCALE-Route adapter: its preservation head needs"):
+        model.merge_and_unload()
