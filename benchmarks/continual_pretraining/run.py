@@ -82,6 +82,7 @@ from benchmarks.continual_pretraining.data import (
 )  # fmt: skip
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
 from benchmarks.methods import METHODS, ROUTED_METHODS, MethodSizes, fit_method_router, prepare_method
+from peft_scale import scale_optimizer_param_groups
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "continual_pretraining"
@@ -95,11 +96,14 @@ OLD_SIDES = {"old_data": "old data", "base_samples": "base model samples"}  # wh
 class Run(NamedTuple):
     """One row of the experiment: the method whose model trains, the share of old-side blocks mixed into its
     training stream, and where its old side (the replayed blocks, the learned router's old examples) comes from:
-    ``"old_data"`` (the old language's training documents) or ``"base_samples"`` (the base model's own samples)."""
+    ``"old_data"`` (the old language's training documents) or ``"base_samples"`` (the base model's own samples).
+    ``w12_lr_ratio``: the learning rate of SCALE's zero-started readout ``W12`` over the run's (``peft_scale.
+    scale_optimizer_param_groups``; 1: one learning rate for every block)."""
 
     method: str
     replay: float = 0.0
     old_side: str = "old_data"
+    w12_lr_ratio: float = 1.0
 
 
 RUNS = {
@@ -111,6 +115,10 @@ RUNS = {
     "scale_ffn_routed_samples": Run("scale_ffn_routed", old_side="base_samples"),
     "scale_routed": Run("scale_routed"),
     "scale_routed_samples": Run("scale_routed", old_side="base_samples"),
+    # Behind the router, old text no longer pays for larger steps (learning_per_step_findings.md): W12 at 4x the rate
+    "scale_ffn_routed_w12x4": Run("scale_ffn_routed", w12_lr_ratio=4.0),
+    "scale_ffn_routed_samples_w12x4": Run("scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0),
+    "scale_routed_samples_w12x4": Run("scale_routed", old_side="base_samples", w12_lr_ratio=4.0),
 }
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
@@ -119,7 +127,8 @@ DEFAULT_LRS = {
     "scale_ffn": _LARGE, "scale_preserve": _LARGE, "scale_adapt": _LARGE, "scale_route": _LARGE,
     "scale_route_replay": _LARGE,
     "scale_ffn_routed": _LARGE, "scale_ffn_routed_samples": _LARGE, "scale_routed": _LARGE,
-    "scale_routed_samples": _LARGE,
+    "scale_routed_samples": _LARGE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
+    "scale_routed_samples_w12x4": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -284,9 +293,10 @@ class OldSide:
     digest: Optional[str] = None
 
 
-def optimizer_and_schedule(parameters: list, lr: float, steps: int):
-    """Every run's optimizer: AdamW (betas 0.9/0.999, no weight decay) over ``parameters``, linear warm-up over
-    the first ``WARMUP_FRACTION`` of ``steps`` then cosine decay to zero."""
+def optimizer_and_schedule(parameters, lr: float, steps: int):
+    """Every run's optimizer: AdamW (betas 0.9/0.999, no weight decay) over ``parameters`` (tensors, or parameter
+    groups with their own ``lr``), linear warm-up over the first ``WARMUP_FRACTION`` of ``steps`` then cosine decay
+    to zero (the schedule scales every group's rate by the same factor)."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
 
@@ -316,7 +326,7 @@ def train_run(
     """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json.
 
     ``old_sides``: ``OLD_SIDES`` key -> ``OldSide``, what the replay rows replay and the routed rows' routers read."""
-    method, replay, old_source = RUNS[run_name]
+    method, replay, old_source, w12_lr_ratio = RUNS[run_name]
     old_side = old_sides[old_source]
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -324,7 +334,8 @@ def train_run(
     model = prepare_method(method, copy.deepcopy(base_model), sizes).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in parameters)
-    optimizer, schedule = optimizer_and_schedule(parameters, lr, args.steps)
+    groups = parameters if w12_lr_ratio == 1.0 else scale_optimizer_param_groups(model, lr, w12_lr_ratio=w12_lr_ratio)
+    optimizer, schedule = optimizer_and_schedule(groups, lr, args.steps)
     blocks = old_side.replay if replay else text.new_train
     prepare_seconds = time.perf_counter() - started
     router = None
@@ -377,6 +388,7 @@ def train_run(
         "run": run_name,
         "lr": lr,
         "replay_fraction": replay,
+        **({"w12_lr_ratio": w12_lr_ratio} if w12_lr_ratio != 1.0 else {}),
         "old_side": old_side.label if replay or router else None,
         **({"base_samples_digest": old_side.digest} if replay and old_side.digest else {}),
         "trainable_parameters": trainable,
