@@ -9,44 +9,17 @@ runs the model itself on each data set, so the shares are exactly the decisions 
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import nn
 
+from .router_fitting import TokenData, token_sequences
 from .routing import Routing
 
 BASE = "base"  # the key of the base model in the report
 
-TokenIds = Union[torch.Tensor, list]  # a LongTensor (n, seq), or a list of 1-D token id sequences
-
-
-def _sequences(ids: TokenIds, name: str, vocab_size) -> list[torch.Tensor]:
-    fix = "Give each data set as a LongTensor of token ids (n, seq) or a list of 1-D token id sequences."
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"routing_confusion: data[{name!r}] is a {ids.dtype} tensor of shape {tuple(ids.shape)}. {fix}")
-        rows = list(ids)
-    elif isinstance(ids, (list, tuple)):
-        rows = [torch.as_tensor(row) for row in ids]
-        if any(row.dim() != 1 or row.dtype.is_floating_point for row in rows):
-            raise ValueError(f"routing_confusion: data[{name!r}] holds items that are not 1-D token id sequences. {fix}")
-    else:
-        raise TypeError(f"routing_confusion: data[{name!r}] is a {type(ids).__name__}. {fix}")
-    rows = [row.long() for row in rows if len(row)]
-    if not rows:
-        raise ValueError(f"routing_confusion: data[{name!r}] is empty (no tokens). {fix}")
-    largest = max(int(row.max()) for row in rows)
-    if vocab_size is not None and (largest >= vocab_size or min(int(row.min()) for row in rows) < 0):
-        raise ValueError(
-            f"routing_confusion: data[{name!r}] holds token id {largest}, outside the model's vocabulary of "
-            f"{vocab_size}: was it tokenized with this model's tokenizer?"
-        )
-    return rows
-
 
 @torch.no_grad()
-def routing_confusion(model: nn.Module, data: dict[str, TokenIds], batch_size: int = 8) -> dict[str, dict[str, float]]:
+def routing_confusion(model: nn.Module, data: dict[str, TokenData], batch_size: int = 8) -> dict[str, dict[str, float]]:
     """The share of each data set's tokens that the model's active learned routers send to each adapter, and to
     the base model.
 
@@ -64,7 +37,9 @@ def routing_confusion(model: nn.Module, data: dict[str, TokenIds], batch_size: i
 
     Args:
         model: a ``PeftModel`` (or ``ScaleModel``) with one or several learned-route adapters active.
-        data: data set name -> token ids, a ``LongTensor`` ``(n, seq)`` or a list of 1-D token id sequences.
+        data: data set name -> token ids, in any form ``fit_router`` takes (``token_sequences``): a ``LongTensor``
+            ``(n, seq)``, a list of 1-D token id sequences, a ``datasets.Dataset`` with ``input_ids`` or a list of
+            dicts (an ``attention_mask`` removes padding).
         batch_size: sequences per forward pass.
 
     Returns:
@@ -74,7 +49,8 @@ def routing_confusion(model: nn.Module, data: dict[str, TokenIds], batch_size: i
     Raises:
         TypeError: not a SCALE model, or data of an unsupported type.
         ValueError: no learned-route adapter active (or the adapters disabled), an adapter named ``"base"``, empty
-            data or token ids outside the vocabulary.
+            or malformed data (a tensor that is not 2-D integers, items that are not token id sequences) or token
+            ids outside the vocabulary.
     """
     scale_model = getattr(model, "base_model", model)
     routing = scale_model.__dict__.get("_routing")
@@ -103,7 +79,9 @@ def routing_confusion(model: nn.Module, data: dict[str, TokenIds], batch_size: i
     confusion = {}
     try:
         for name, ids in data.items():
-            sequences = _sequences(ids, name, vocab_size)
+            sequences = token_sequences(
+                ids, f"data[{name!r}]", vocab_size, caller="routing_confusion", if_empty="There is nothing to route."
+            )
             counts = torch.zeros(len(active) + 1, dtype=torch.long)  # per adapter, then the base model
             for start in range(0, len(sequences), batch_size):
                 batch = sequences[start : start + batch_size]

@@ -108,48 +108,83 @@ class RouterReport:
 
 # --------------------------------------------------------------------------------------------------- the data
 
-TokenData = Union[torch.Tensor, list, object]  # a LongTensor, a list of dicts, or a datasets.Dataset
+TokenData = Union[torch.Tensor, list, object]  # a LongTensor, a list of sequences or of dicts, a datasets.Dataset
 
 
-def token_sequences(data, what: str, vocab_size: Optional[int]) -> list[torch.Tensor]:
-    """``data`` as a list of 1-D ``LongTensor`` sequences (padding removed where an ``attention_mask`` says so).
+def token_sequences(
+    data,
+    what: str,
+    vocab_size: Optional[int],
+    caller: str = "fit_router",
+    if_empty: str = "The router needs examples of it to tell it apart.",
+) -> list[torch.Tensor]:
+    """``data`` as a list of 1-D ``LongTensor`` sequences (padding removed where an ``attention_mask`` says so):
+    the one check of token-id inputs, for ``fit_router`` and ``routing_confusion``.
 
-    Accepts a ``LongTensor`` ``(n, seq)``, a ``datasets.Dataset`` with an ``input_ids`` column, or a list of dicts
-    with ``input_ids`` (lists or tensors, optionally ``attention_mask``)."""
+    Accepts an integer tensor ``(n, seq)``, a list of 1-D token id sequences (tensors or lists, of any lengths), a
+    ``datasets.Dataset`` with an ``input_ids`` column, or a list of dicts with ``input_ids`` (lists or tensors,
+    optionally ``attention_mask``). Sequences without tokens are dropped.
+
+    Args:
+        data: the token ids.
+        what: how the caller's user names ``data`` in an error (``"new_data"``, ``"data['es']"``).
+        vocab_size: the model's vocabulary size (token ids must lie in ``[0, vocab_size)``), or ``None``.
+        caller: the public function whose input this is; every error message starts with it.
+        if_empty: the sentence after "``what`` is empty (no tokens)." in that error.
+
+    Raises:
+        TypeError: ``data`` of an unsupported type.
+        ValueError: a tensor that is not 2-D integers, items that are not token id sequences, a dataset without
+            ``input_ids``, no tokens at all, or token ids outside the vocabulary.
+    """
     fix = (
-        f"Give {what} as a LongTensor of token ids of shape (n, seq), a datasets.Dataset with an 'input_ids' column, "
-        "or a list of dicts with 'input_ids'."
+        f"Give {what} as a LongTensor of token ids of shape (n, seq), a list of 1-D token id sequences, a "
+        "datasets.Dataset with an 'input_ids' column, or a list of dicts with 'input_ids'."
     )
     if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise ValueError(f"fit_router: {what} is a {data.dtype} tensor of shape {tuple(data.shape)}. {fix}")
-        rows = [{"input_ids": row} for row in data]
+        if data.dim() != 2 or data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
+            raise ValueError(f"{caller}: {what} is a {data.dtype} tensor of shape {tuple(data.shape)}. {fix}")
+        rows = list(data)
     elif hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # datasets.Dataset
         if "input_ids" not in data.column_names:
-            raise ValueError(f"fit_router: {what} has columns {data.column_names}, no 'input_ids'. Tokenize it first.")
+            raise ValueError(f"{caller}: {what} has columns {data.column_names}, no 'input_ids'. Tokenize it first.")
         rows = list(data.with_format("torch"))
     elif isinstance(data, (list, tuple)):
-        if data and not all(isinstance(row, dict) and "input_ids" in row for row in data):
-            raise ValueError(f"fit_router: {what} is a list whose items are not dicts with 'input_ids'. {fix}")
+        # an item is a dict with input_ids or a sequence of token ids (a str or a number is neither)
+        if not all(
+            (isinstance(row, dict) and "input_ids" in row)
+            or (hasattr(row, "__len__") and not isinstance(row, (str, bytes, dict)))
+            for row in data
+        ):
+            raise ValueError(
+                f"{caller}: {what} is a list whose items are not dicts with 'input_ids' nor 1-D token id "
+                f"sequences. {fix}"
+            )
         rows = data
     else:
-        raise TypeError(f"fit_router: {what} is a {type(data).__name__}. {fix}")
+        raise TypeError(f"{caller}: {what} is a {type(data).__name__}. {fix}")
     sequences = []
     for row in rows:
-        ids = torch.as_tensor(row["input_ids"])
-        if ids.dtype.is_floating_point or ids.dim() != 1:
-            raise ValueError(f"fit_router: an item of {what} has input_ids of dtype {ids.dtype}, shape {tuple(ids.shape)}. {fix}")
-        if row.get("attention_mask") is not None:
+        key = "input_ids" if isinstance(row, dict) else "token ids"
+        ids = torch.as_tensor(row["input_ids"] if isinstance(row, dict) else row)
+        if ids.dim() == 1 and not len(ids):  # (an empty list is a float tensor: no tokens, whatever its dtype)
+            continue
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(
+                f"{caller}: an item of {what} has {key} of dtype {ids.dtype}, shape {tuple(ids.shape)}. {fix}"
+            )
+        if isinstance(row, dict) and row.get("attention_mask") is not None:
             ids = ids[torch.as_tensor(row["attention_mask"]).bool()]
         if len(ids):
             sequences.append(ids.long())
     if not sequences:
-        raise ValueError(f"fit_router: {what} is empty (no tokens). The router needs examples of it to tell it apart.")
+        raise ValueError(f"{caller}: {what} is empty (no tokens). {if_empty}")
     largest = max(int(ids.max()) for ids in sequences)
-    if vocab_size is not None and (largest >= vocab_size or min(int(ids.min()) for ids in sequences) < 0):
+    smallest = min(int(ids.min()) for ids in sequences)
+    if vocab_size is not None and (largest >= vocab_size or smallest < 0):
         raise ValueError(
-            f"fit_router: {what} holds token id {largest}, outside the model's vocabulary of {vocab_size}: was it "
-            "tokenized with this model's tokenizer?"
+            f"{caller}: {what} holds token id {largest if largest >= vocab_size else smallest}, outside the model's "
+            f"vocabulary of {vocab_size}: was it tokenized with this model's tokenizer?"
         )
     return sequences
 
@@ -321,8 +356,9 @@ def fit_router(
     Args:
         model: a ``PeftModel`` (or ``ScaleModel``) with a ``ScaleConfig(variant="route", route_rule="learned")``
             adapter.
-        new_data: token ids of the text the adapter will learn: a ``LongTensor`` ``(n, seq)``, a
-            ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), or a list of dicts.
+        new_data: token ids of the text the adapter will learn: a ``LongTensor`` ``(n, seq)``, a list of 1-D token
+            id sequences, a ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), or a list
+            of dicts (``token_sequences``).
         old_data: token ids of what the model must keep doing, in the same forms; ``None`` samples the old side
             from the base model itself (``num_samples`` sequences of ``sample_length`` tokens, each started from
             ``sample_prompts``, default the beginning-of-text token; cut into windows when ``new_data`` is windows

@@ -192,9 +192,11 @@ def test_fit_router_accepts_datasets_and_lists_of_dicts(old_speaker):
     _, model = routed(old_speaker)
     from_tensor = fit_router(model, new, old, progress=False)
     as_dataset = fit_router(model, Dataset.from_dict({"input_ids": new.tolist()}), [{"input_ids": r} for r in old])
-    assert (as_dataset.old_to_base, as_dataset.new_to_expansion, as_dataset.threshold) == (
-        from_tensor.old_to_base, from_tensor.new_to_expansion, from_tensor.threshold,
-    )
+    as_rows = fit_router(model, list(new), [r.tolist() for r in old])  # lists of 1-D sequences (tensors, lists)
+    for report in (as_dataset, as_rows):
+        assert (report.old_to_base, report.new_to_expansion, report.threshold) == (
+            from_tensor.old_to_base, from_tensor.new_to_expansion, from_tensor.threshold,
+        )
     # padding marked by an attention mask is not a token
     padded = [{"input_ids": list(r) + [0] * 4, "attention_mask": [1] * len(r) + [0] * 4} for r in new.tolist()]
     assert fit_router(model, padded, old).tokens["new"] == new.numel()
@@ -219,7 +221,12 @@ def test_the_threshold_leans_towards_the_base_model(old_speaker):
         ("some text", None, TypeError, "new_data is a str. Give new_data as a LongTensor"),
         (torch.rand(4, 5), None, ValueError, r"new_data is a torch.float32 tensor of shape \(4, 5\)"),
         (Dataset.from_dict({"text": ["a b"]}), None, ValueError, r"no 'input_ids'. Tokenize it first"),
-        ([1, 2, 3], None, ValueError, "items are not dicts with 'input_ids'"),
+        ([1, 2, 3], None, ValueError, "^fit_router: new_data is a list whose items are not dicts with 'input_ids' nor "
+         "1-D token id sequences"),
+        (domain_ids(NEW), torch.rand(4, 5), ValueError,
+         r"^fit_router: old_data is a torch.float32 tensor of shape \(4, 5\). Give old_data as a LongTensor"),
+        (domain_ids(NEW), [[1, -3]], ValueError,
+         "^fit_router: old_data holds token id -3, outside the model's vocabulary"),
         (torch.full((4, 5), 500), None, ValueError, "token id 500, outside the model's vocabulary of 128"),
         (domain_ids(NEW, n=2), domain_ids(OLD), ValueError, r"new side has 2 sequence\(s\); at least 3"),
     ],

@@ -397,16 +397,59 @@ def test_routing_confusion_counts_a_router_claiming_another_domain(stages):
     assert confusion["base"] == {"es": 1.0, "fr": 0.0, "base": 0.0}
 
 
+def test_routing_confusion_takes_every_form_fit_router_takes(stages):
+    """The data go through ``token_sequences``, as ``fit_router``'s do: lists of dicts (padding marked by an attention
+    mask not counted) and datasets give the shares of the same ids as a tensor."""
+    from datasets import Dataset
+
+    model = stages["model"]
+    ids = torch.cat([PROBES["es"][:3], PROBES["fr"][:1]])
+    padded = [{"input_ids": row.tolist() + [0] * 3, "attention_mask": [1] * len(row) + [0] * 3} for row in ids]
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    confusion = routing_confusion(model, {"tensor": ids, "rows": list(ids), "dicts": padded, "dataset": dataset})
+    assert confusion["tensor"] == {"es": 0.75, "fr": 0.25, "base": 0.0}
+    assert all(shares == confusion["tensor"] for shares in confusion.values()), confusion
+
+
+FORMS = r"Give data\['es'\] as a LongTensor of token ids of shape \(n, seq\), a list of 1-D token id sequences"
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        ("hola", TypeError, r"^routing_confusion: data\['es'\] is a str. " + FORMS),
+        (3, TypeError, r"^routing_confusion: data\['es'\] is a int. " + FORMS),
+        (torch.rand(2, 3), ValueError, r"^routing_confusion: data\['es'\] is a torch.float32 tensor of shape \(2, 3\). "
+         + FORMS),
+        (torch.arange(6), ValueError, r"^routing_confusion: data\['es'\] is a torch.int64 tensor of shape \(6,\)"),
+        (torch.ones(2, 3, dtype=torch.bool), ValueError, r"data\['es'\] is a torch.bool tensor of shape \(2, 3\)"),
+        ([1, 2, 3], ValueError,
+         r"^routing_confusion: data\['es'\] is a list whose items are not dicts with 'input_ids' nor 1-D token id "
+         r"sequences. " + FORMS),
+        (["hola", "bonjour"], ValueError, r"data\['es'\] is a list whose items are not dicts"),
+        ([[1.5, 2.0]], ValueError, r"^routing_confusion: an item of data\['es'\] has token ids of dtype torch.float32, "
+         r"shape \(2,\). " + FORMS),
+        ([torch.ones(2, 3, dtype=torch.long)], ValueError,
+         r"an item of data\['es'\] has token ids of dtype torch.int64, shape \(2, 3\)"),
+        ([{"input_ids": [[1, 2]]}], ValueError, r"an item of data\['es'\] has input_ids of dtype torch.int64, "
+         r"shape \(1, 2\)"),
+        (torch.zeros(0, 4, dtype=torch.long), ValueError, r"^routing_confusion: data\['es'\] is empty \(no tokens\). "
+         "There is nothing to route.$"),
+        ([], ValueError, r"^routing_confusion: data\['es'\] is empty \(no tokens\)"),
+        ([[], torch.zeros(0, dtype=torch.long)], ValueError, r"data\['es'\] is empty \(no tokens\)"),
+        (torch.full((2, 3), 500), ValueError,
+         r"^routing_confusion: data\['es'\] holds token id 500, outside the model's vocabulary of 128: was it "
+         r"tokenized with this model's tokenizer\?$"),
+        ([[5, -1, 7]], ValueError, r"data\['es'\] holds token id -1, outside the model's vocabulary of 128"),
+    ],
+)
+def test_routing_confusion_bad_data(stages, data, error, message):
+    with pytest.raises(error, match=message):
+        routing_confusion(stages["model"], {"base": PROBES["base"], "es": data})
+
+
 def test_routing_confusion_errors(stages, speaker):
     model = copy.deepcopy(stages["model"])
-    with pytest.raises(TypeError, match=r"data\['es'\] is a str. Give each data set as a LongTensor"):
-        routing_confusion(model, {"es": "hola"})
-    with pytest.raises(ValueError, match=r"data\['es'\] is a torch.float32 tensor of shape \(2, 3\)"):
-        routing_confusion(model, {"es": torch.rand(2, 3)})
-    with pytest.raises(ValueError, match=r"data\['es'\] is empty"):
-        routing_confusion(model, {"es": torch.zeros(0, 4, dtype=torch.long)})
-    with pytest.raises(ValueError, match=r"holds token id 500, outside the model's vocabulary of 128"):
-        routing_confusion(model, {"es": torch.full((2, 3), 500)})
     with pytest.raises(TypeError, match="data must be a non-empty dict"):
         routing_confusion(model, PROBES["es"])
     with model.disable_adapter(), pytest.raises(ValueError, match="made no learned routing decision; are its adapters"):
