@@ -18,8 +18,13 @@ Goals (issue 11): ``router / scale_ffn_routed step <= 2%``; routed unmerged infe
 (prefill and decode). ``scale_ffn_routed / scale_ffn_upper`` is the whole price of routing in a step (the router,
 the hook, the gate products), within the run-to-run noise (~5%) of a CPU.
 
-Tokens routed to the base model still run through the expansion's products (their contribution is multiplied by
-zero): skipping that work would need a gather of the routed tokens per layer, which is not implemented.
+Inference is timed twice, with the router's threshold set so that its decisions are known: ``new text`` (threshold 0:
+every token to the expansion, the most work) and ``old text`` (threshold above 1: every token to the base model). An
+inference pass that sends no token to an FFN-mode adapter skips its products (``peft_scale.routing``: the widened
+MLPs compute as their base layers); ``old text, no skip`` times the same pass with the skip turned off
+(``Routing.skip_idle = False``), the cost before it. A pass with some tokens for the expansion computes it for all of
+them (their contribution is multiplied by the gate's zeros): skipping per token would need a gather of the routed
+tokens per layer, which is not implemented.
 """
 
 from __future__ import annotations
@@ -89,18 +94,25 @@ def run(model: str, quick: bool, seed: int = 0) -> dict:
         for name, model_ in (("scale_ffn_upper", plain), ("scale_ffn_routed", routed))
     }
     router = router_alone(routed, batch, seq, warmup, max(repeats, 20))
-    infer = {
-        name: bench_inference(model_, ids, prompt, decode_tokens, warmup, repeats, precision)
-        for name, model_ in (("base", base), ("scale_ffn_routed", routed))
-    }
+    router_state = routed.base_model.scale_router["default"].threshold
+    routing = routed.base_model._routing
+    infer = {"base": bench_inference(base, ids, prompt, decode_tokens, warmup, repeats, precision)}
+    for name, threshold, skip in (
+        ("scale_ffn_routed", 0.0, True), ("scale_ffn_routed_old", 2.0, True), ("scale_ffn_routed_old_no_skip", 2.0, False)
+    ):  # fmt: skip
+        router_state.fill_(threshold)  # 0: every token to the expansion (new text); 2: every token to the base (old text)
+        routing.skip_idle = skip
+        infer[name] = bench_inference(routed, ids, prompt, decode_tokens, warmup, repeats, precision)
+    routing.skip_idle = True
     step = train["scale_ffn_routed"]["median_s"]
     ratios = {
         "router/step": router["median_s"] / step,
         "scale_ffn_routed/scale_ffn_upper": step / train["scale_ffn_upper"]["median_s"],
-        "routed_prefill/base": infer["scale_ffn_routed"]["prefill"]["median_s"] / infer["base"]["prefill"]["median_s"],
-        "routed_decode/base": infer["scale_ffn_routed"]["decode"]["median_s"] / infer["base"]["decode"]["median_s"],
     }
-    goals = {"router/step": 0.02, "routed_prefill/base": 1.15, "routed_decode/base": 1.15}
+    for text, row in (("new", "scale_ffn_routed"), ("old", "scale_ffn_routed_old"), ("old_no_skip", "scale_ffn_routed_old_no_skip")):
+        for phase in ("prefill", "decode"):
+            ratios[f"routed_{phase}_{text}_text/base"] = infer[row][phase]["median_s"] / infer["base"][phase]["median_s"]
+    goals = {"router/step": 0.02, **{f"routed_{phase}_{text}_text/base": 1.15 for phase in ("prefill", "decode") for text in ("new", "old")}}
     for row in train.values():
         row.pop("memory", None)
     return dict(

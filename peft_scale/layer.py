@@ -317,6 +317,8 @@ class Linear(nn.Module, ScaleTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = self._active_scale_adapters()
+        if active and self.route_gates.idle:  # adapters the router sends no token to in this pass compute nothing
+            active = self.route_gates.busy(active, x)
         if not active:
             return self.base_layer(x, *args, **kwargs)
 

@@ -160,6 +160,17 @@ class RouteGates:
 
     def __init__(self) -> None:
         self.gates: dict[str, torch.Tensor] = {}
+        # The adapters that no token of the forward pass in flight goes to, among those whose modules may then
+        # compute as their base layers (FFN mode, inference): set with the gates by the router's hook.
+        self.idle: frozenset[str] = frozenset()
+
+    def busy(self, active: list[str], like: torch.Tensor) -> list[str]:
+        """``active`` without the adapters that are idle in this forward pass (``like``: the module's input, whose
+        leading shape must be the gates' for the decision to be this pass's)."""
+        return [
+            name for name in active
+            if name not in self.idle or self.gates.get(name) is None or self.gates[name].shape[:-1] != like.shape[:-1]
+        ]  # fmt: skip
 
     def get(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
         gate = self.gates.get(adapter_name)
@@ -239,6 +250,24 @@ class _GateHook:
         self.layer = layer  # the decoder layer this hook is on: its input is what the routers read
         # adapter -> the gated module that holds its router; it says whether the adapter computes at all
         self.holders: dict[str, nn.Module] = {}
+        # the FFN-mode adapters (hidden_expansion=0): their expansion lives inside the MLPs above this layer only, so
+        # when no token goes to one of them its modules can compute as their base layers (``_idle``)
+        self.ffn_only: set[str] = set()
+
+    def _idle(self, names: list[str], to_adapter: list[torch.Tensor]) -> frozenset[str]:
+        """The FFN-mode adapters among ``names`` that no token goes to (``to_adapter``: their 0/1 decisions), whose
+        work is skipped in this forward pass: the widened MLPs then compute exactly what the gate would have let
+        through (the base layer's output), without the new neurons' products.
+
+        Only in inference (no gradient, not compiled) and only when the whole forward pass sends no token to the
+        adapter (no gather of tokens): a decoding step on old text, an all-old prompt. Deciding costs one
+        device-to-host read per forward pass; in training the products run as always (they are needed anyway for
+        the batch's routed tokens, and a data-dependent branch would break ``torch.compile``'s graph)."""
+        if not self.routing.skip_idle or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return frozenset()
+        return frozenset(
+            name for name, to_it in zip(names, to_adapter) if name in self.ffn_only and not bool(to_it.any())
+        )
 
     def _active(self) -> list[str]:
         """The adapters of this hook that compute in this forward pass, in the model's order of active adapters."""
@@ -253,6 +282,7 @@ class _GateHook:
 
     def __call__(self, module, args, kwargs):
         names = self._active() if self.holders else []
+        self.routing.gates.idle = frozenset()
         if not names:
             return None
         routers = {name: self.holders[name].scale_router[name] for name in names}
@@ -278,6 +308,7 @@ class _GateHook:
             with torch.no_grad():
                 to_expansion, score = router(hidden[..., : router.features])
             gates[name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
+            self.routing.gates.idle = self._idle(names, [to_expansion])
             self.routing.last = RouteResult(
                 to_preservation=~to_expansion, scores=score, adapters=(name,), choice=to_expansion.long() - 1,
                 adapter_scores={name: score},
@@ -288,6 +319,7 @@ class _GateHook:
             choice = choose_adapters(list(scores), list(claims))  # (batch, seq): adapter index, -1 for the base
         for index, name in enumerate(names):
             gates[name] = (choice == index).unsqueeze(-1).to(hidden.dtype)
+        self.routing.gates.idle = self._idle(names, [choice == index for index in range(len(names))])
         self.routing.last = RouteResult(
             to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,
             adapter_scores=dict(zip(names, scores)),
@@ -382,6 +414,9 @@ class Routing:
         self.configs = configs
         self.gates = RouteGates()
         self.last: Optional[RouteResult] = None
+        # skip an FFN-mode adapter's products in an inference pass that sends it no token (``_GateHook._idle``);
+        # False computes them anyway (times the gate's zeros), e.g. to measure what the skip saves
+        self.skip_idle = True
         self._handles: dict[str, list] = {}  # adapter -> its hook handles (a learned router's: in _layer_hooks)
         self._gate_hooks: dict[str, _GateHook] = {}  # adapter -> the gate hook of the layer its router reads
         self._layer_hooks: dict[str, tuple[_GateHook, object]] = {}  # decoder layer name -> (gate hook, handle)
@@ -419,6 +454,8 @@ class Routing:
             self._layer_hooks[layer_name] = (hook, handle)
         hook = self._layer_hooks[layer_name][0]
         hook.holders[adapter_name] = holder
+        if config.hidden_expansion == 0:
+            hook.ffn_only.add(adapter_name)
         self._handles[adapter_name] = []
         self._gate_hooks[adapter_name] = hook
 
@@ -462,6 +499,7 @@ class Routing:
             hook = self._gate_hooks.pop(name, None)
             if hook is not None:
                 hook.holders.pop(name, None)
+                hook.ffn_only.discard(name)
         for layer_name, (hook, handle) in list(self._layer_hooks.items()):
             if not hook.holders:  # the last router reading this layer is gone
                 handle.remove()

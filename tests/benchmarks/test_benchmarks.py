@@ -142,9 +142,13 @@ def test_router_cost_quick_run_writes_its_table_and_json(tmp_path):
     result = router_cost.main(["--quick", "--output", str(output)])
     data = json.loads(output.read_text())
     assert set(data["train"]) == {"scale_ffn_upper", "scale_ffn_routed"}
-    assert set(data["inference"]) == {"base", "scale_ffn_routed"}
+    assert set(data["inference"]) == {"base", "scale_ffn_routed", "scale_ffn_routed_old", "scale_ffn_routed_old_no_skip"}
     assert data["ratios"]["router/step"] == data["router"]["median_s"] / data["train"]["scale_ffn_routed"]["median_s"]
-    assert set(data["goals"]) == {"router/step", "routed_prefill/base", "routed_decode/base"}
+    decode = {row: data["inference"][row]["decode"]["median_s"] for row in ("base", "scale_ffn_routed_old")}
+    assert data["ratios"]["routed_decode_old_text/base"] == decode["scale_ffn_routed_old"] / decode["base"]
+    assert set(data["goals"]) == {"router/step"} | {
+        f"routed_{phase}_{text}_text/base" for phase in ("prefill", "decode") for text in ("new", "old")
+    }
     # the two training rows widen the same layers: the router adds no trainable parameter
     assert data["train"]["scale_ffn_upper"]["trainable_params"] == data["train"]["scale_ffn_routed"]["trainable_params"]
     assert result["ratios"] == data["ratios"]
