@@ -2,9 +2,11 @@
 
 With one routed adapter per domain (``peft_scale.routing``: several learned-route adapters active together), what
 matters is how well the routers tell the domains apart from each other and from what the base model must keep: a
-share of Spanish tokens sent to the French adapter, or of English tokens sent to any adapter, is what the held-out
-accuracy of one router (``fit_router``'s report, fitted against its own old side only) does not show. This module
-runs the model itself on each data set, so the shares are exactly the decisions the model makes in use.
+share of Spanish tokens sent to the French adapter, or of English tokens sent to any adapter. ``fit_router``'s report
+gives one router's held-out accuracy against its own old side and, as they stood when it was fitted, the share of
+its held-out new tokens that each other fitted router claims (``RouterReport.claimed_by_other_adapters``). This
+module runs the model itself on each data set, after every router is fitted, so the shares are exactly the decisions
+the model makes in use.
 """
 
 from __future__ import annotations

@@ -30,12 +30,19 @@ trains, on frozen features, and it never drifts while the adapter trains:
    set) the threshold is set on this final router's scores of all the old data instead, so that at most
    ``max_old_error`` of exactly those tokens reach the expansion; the held-out report then says what old text
    outside that set would get. The report's ``fitted_*`` shares are the final router's on all the data.
+7. With one routed adapter per domain, the other adapters' fitted routers that read the same layer (those that can
+   be routed together with this one) score this side's held-out new tokens: the share each claims (score at or
+   above its own threshold) is the report's ``claimed_by_other_adapters``, and above ``CLAIMED_WARNING`` a warning
+   says which router to refit. Under the joint rule a token one of them claims can go to it instead of this
+   adapter; an earlier router that never saw this domain typically claims much of it (``routing_confusion`` then
+   shows the same on the whole model).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -50,6 +57,9 @@ logger = logging.get_logger(__name__)
 
 SPLIT = (0.6, 0.2, 0.2)  # fitting, calibration, held-out: shares of each side's sequences
 FIRST_TOKENS = 8  # the report also gives the accuracy on each sequence's first tokens, which have little context
+# above this share of an adapter's held-out new tokens claimed by another adapter's router, fit_router warns: routed
+# together, one token in twenty could go to the wrong domain's adapter (the threshold itself lets 1% of old in)
+CLAIMED_WARNING = 0.05
 
 
 @dataclass
@@ -73,6 +83,13 @@ class RouterReport:
         calibrate_on: ``"held_out"`` or ``"fitted"``: where the threshold was set.
         tokens: ``{"old": n, "new": n}``: tokens of each side the router saw (all parts).
         held_out_tokens: ``{"old": n, "new": n}`` in the held-out part.
+        claimed_by_other_adapters: ``{adapter: share}`` for every other learned-route adapter of the model whose
+            router is fitted and reads the same layer (so can be routed together with this one): the share of the
+            held-out new tokens that its router claims (score at or above its own threshold), as it stood when this
+            router was fitted. Routed together, such a token goes to whichever claiming router scores highest, so it
+            can miss this adapter; above ``CLAIMED_WARNING`` ``fit_router`` warns. Empty when there is no such
+            adapter. (The reverse, this router claiming another domain's tokens, is ``1 - old_to_base`` with that
+            domain's text in ``old_data``.)
     """
 
     adapter_name: str
@@ -90,8 +107,13 @@ class RouterReport:
     calibrate_on: str
     tokens: dict
     held_out_tokens: dict
+    claimed_by_other_adapters: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
+        claimed = ""
+        if self.claimed_by_other_adapters:
+            shares = ", ".join(f"{name!r} {share:.2%}" for name, share in self.claimed_by_other_adapters.items())
+            claimed = f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
         return (
             f"SCALE router of adapter {self.adapter_name!r} (reads the input of layer {self.layer}; old side: "
             f"{self.old_source}; threshold {self.threshold:.3f})\n"
@@ -102,7 +124,7 @@ class RouterReport:
             f"{self.first_tokens_new_to_expansion:.2%} (new)\n"
             f"  the kept router (refitted on all sequences) on all of them: {self.fitted_old_to_base:.2%} of old "
             f"tokens to the base model, {self.fitted_new_to_expansion:.2%} of new tokens to the expansion "
-            f"(threshold set on the {self.calibrate_on.replace('_', '-')} old tokens)"
+            f"(threshold set on the {self.calibrate_on.replace('_', '-')} old tokens)" + claimed
         )
 
 
@@ -377,8 +399,13 @@ def fit_router(
         progress: show a progress bar while sampling.
 
     Returns:
-        A ``RouterReport``: held-out accuracy on each side and the chosen threshold. The router is stored in the
+        A ``RouterReport``: held-out accuracy on each side, the chosen threshold, and the share of the held-out new
+        tokens that each other fitted router claims (``claimed_by_other_adapters``). The router is stored in the
         adapter (saved, loaded and deleted with it) and stays frozen while the adapter trains.
+
+    Warns:
+        UserWarning: another adapter's fitted router claims more than ``CLAIMED_WARNING`` (5%) of the held-out new
+            tokens; the warning names it and the fix (refit it with this data in its old side).
 
     Raises:
         ValueError: no learned-route adapter, empty or malformed data, too few sequences to hold some out.
@@ -473,9 +500,42 @@ def fit_router(
         calibrate_on=calibrate_on,
         tokens={side: sum(len(f) for f in feats) for side, feats in sides.items()},
         held_out_tokens={"old": len(test_old), "new": len(test_new)},
+        claimed_by_other_adapters=_claimed_by_other_adapters(scale_model, adapter_name, layer, parts["new"][2]),
     )
     _record_report(config, report)
+    _warn_if_claimed(report)
     return report
+
+
+@torch.no_grad()
+def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module, features: torch.Tensor) -> dict:
+    """Adapter -> the share of ``features`` (tokens of the stream entering ``layer``) that its fitted router claims,
+    for every learned-route adapter but ``adapter_name`` whose router reads ``layer``: the decision the gate hook
+    takes (``TokenRouter.forward``), on the features already computed."""
+    shares = {}
+    for name, router in scale_model.scale_router.items():
+        if name == adapter_name or not router.is_fitted or scale_model.router_layer(name) is not layer:
+            continue
+        claims, _ = router(features[..., : router.features].to(router.threshold.device))
+        shares[name] = float(claims.float().mean())
+    return shares
+
+
+def _warn_if_claimed(report: RouterReport) -> None:
+    """One warning per other adapter whose router claims more than ``CLAIMED_WARNING`` of the held-out new tokens."""
+    adapter = report.adapter_name
+    for name, share in report.claimed_by_other_adapters.items():
+        if share <= CLAIMED_WARNING:
+            continue
+        warnings.warn(
+            f"fit_router: the router of adapter {name!r} claims {share:.1%} of the held-out new tokens of adapter "
+            f"{adapter!r} (score at or above its own threshold; more than {CLAIMED_WARNING:.0%}): routed together, "
+            f"those tokens can go to {name!r} instead of {adapter!r}. Refit the router of {name!r} with this new_data "
+            f"in its old side, e.g. fit_router(model, {name}_data, old_data=torch.cat([{name}_old_data, new_data]), "
+            f"adapter_name={name!r}), and give the text of {name!r} in this router's old_data (one routed adapter per "
+            "domain, in the README); domains this close may also be one domain, for one adapter.",
+            stacklevel=3,
+        )
 
 
 def _threshold(old_scores: torch.Tensor, max_old_error: float) -> float:
@@ -496,6 +556,10 @@ def _record_report(config, report: RouterReport) -> None:
         "threshold": report.threshold,
         "calibrate_on": report.calibrate_on,
         "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
+        # (reports saved before it existed have no such key)
+        "claimed_by_other_adapters": {
+            name: round(share, 4) for name, share in report.claimed_by_other_adapters.items()
+        },
     }
 
 

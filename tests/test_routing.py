@@ -127,6 +127,8 @@ def test_fit_router_with_old_data_separates_the_domains(old_speaker, mode):
     assert report.held_out_tokens["old"] > 0 and report.tokens["old"] == 64 * 48
     assert model.peft_config["default"].router_report["old_to_base"] == round(report.old_to_base, 4)
     assert "held-out old tokens routed to the base model" in str(report)
+    # one routed adapter: no other router to claim its tokens (tests/test_several_routed_adapters.py: several)
+    assert report.claimed_by_other_adapters == {} and "claimed by other adapters" not in str(report)
 
 
 def test_fit_router_without_old_data_samples_the_base_model(old_speaker):

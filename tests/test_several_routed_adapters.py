@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import huggingface_hub
 import pytest
@@ -92,18 +93,23 @@ def stages(request, speaker):
     model.add_adapter("fr", config(mode))
     model.set_adapter("fr")
     # the old side of the new domain's router: the base model's domain and the earlier domain's text
-    fr_report = fit_router(model, fr_data, torch.cat([base_data, es_data]), adapter_name="fr", progress=False)
+    with warnings.catch_warnings(record=True) as fr_warnings:  # es's router claims fr's text: see the report
+        warnings.simplefilter("always")
+        fr_report = fit_router(model, fr_data, torch.cat([base_data, es_data]), adapter_name="fr", progress=False)
     train(model, "fr", FR, seed=200)
     es_after_fr = adapter_state(model, "es")
     with torch.no_grad():
         fr_alone = model(input_ids=PROBES["fr"]).logits
     model.base_model.set_adapter(["es", "fr"])
     unrefitted = routing_confusion(model, BIG)
-    es_refit = fit_router(model, es_data, torch.cat([base_data, fr_data]), adapter_name="es", progress=False)
+    with warnings.catch_warnings(record=True) as refit_warnings:
+        warnings.simplefilter("always")
+        es_refit = fit_router(model, es_data, torch.cat([base_data, fr_data]), adapter_name="es", progress=False)
     return dict(
         mode=mode, model=model, reference=reference, before=before, before_routing=before_routing, es_state=es_state,
         es_after_fr=es_after_fr, fr_alone=fr_alone, unrefitted=unrefitted,
         reports={"es": es_report, "fr": fr_report, "es refitted": es_refit},
+        warnings={"fr": [str(w.message) for w in fr_warnings], "es refitted": [str(w.message) for w in refit_warnings]},
     )
 
 
@@ -160,6 +166,62 @@ def test_an_earlier_router_claims_a_later_domain_until_refitted(stages):
     assert before["fr"]["es"] >= 0.9 and before["es"]["es"] >= 0.99 and before["base"]["base"] >= 0.99, before
     for domain in ("base", "es", "fr"):
         assert after[domain][domain] >= 0.99, after
+
+
+def claimed_warning(adapter: str, other: str, share: float) -> str:
+    return (
+        f"fit_router: the router of adapter {other!r} claims {share:.1%} of the held-out new tokens of adapter "
+        f"{adapter!r} (score at or above its own threshold; more than 5%): routed together, those tokens can go to "
+        f"{other!r} instead of {adapter!r}. Refit the router of {other!r} with this new_data in its old side, e.g. "
+        f"fit_router(model, {other}_data, old_data=torch.cat([{other}_old_data, new_data]), adapter_name={other!r}), "
+        f"and give the text of {other!r} in this router's old_data (one routed adapter per domain, in the README); "
+        "domains this close may also be one domain, for one adapter."
+    )
+
+
+def test_fit_router_reports_the_share_of_its_tokens_the_other_routers_claim(stages):
+    """The same case from ``fit_router``'s report: fitting fr, es's router (fitted against the base domain alone)
+    claims its held-out tokens, and fit_router warns with the fix; once es is refitted with fr's text in its old side,
+    fr's router (fitted with es's text in its old side) claims none of es's tokens, and nothing is said."""
+    reports = stages["reports"]
+    assert reports["es"].claimed_by_other_adapters == {}  # the first adapter: no other router
+    assert "claimed by other adapters" not in str(reports["es"])
+    share = reports["fr"].claimed_by_other_adapters["es"]
+    assert list(reports["fr"].claimed_by_other_adapters) == ["es"] and share >= 0.9, reports["fr"]
+    assert f"held-out new tokens claimed by other adapters' routers: 'es' {share:.2%}" in str(reports["fr"])
+    assert [text for text in stages["warnings"]["fr"] if text.startswith("fit_router")] == [
+        claimed_warning("fr", "es", share)
+    ]
+    refitted = reports["es refitted"].claimed_by_other_adapters
+    assert list(refitted) == ["fr"] and refitted["fr"] <= 0.01, refitted
+    assert not any(text.startswith("fit_router") for text in stages["warnings"]["es refitted"])
+    # recorded in the config, so the saved adapter says it
+    recorded = stages["model"].peft_config["es"].router_report["claimed_by_other_adapters"]
+    assert recorded == {"fr": round(refitted["fr"], 4)}
+
+
+def test_fit_router_warns_when_two_domains_overlap(speaker):
+    """Two adapters fitted on the same text: the first's router claims (nearly) every held-out token of the second.
+    A router that is not fitted, or that reads another layer (it cannot route together with these), is not counted."""
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    model.add_adapter("fr", config())
+    model.add_adapter("de", config(preserve_layers=PRESERVE + 1))
+    data, old = domain_ids(ES, seed=1), domain_ids(BASE, seed=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fit_router")  # fr's router is not fitted yet: nothing to report
+        first = fit_router(model, data, old, adapter_name="es", progress=False)
+    assert first.claimed_by_other_adapters == {}
+    assert model.peft_config["es"].router_report["claimed_by_other_adapters"] == {}
+    with pytest.warns(UserWarning, match="fit_router: the router of adapter 'es' claims") as caught:
+        second = fit_router(model, data, old, adapter_name="fr", progress=False)
+    share = second.claimed_by_other_adapters["es"]
+    assert list(second.claimed_by_other_adapters) == ["es"] and share >= 0.95, second
+    said = [str(w.message) for w in caught if str(w.message).startswith("fit_router")]
+    assert said == [claimed_warning("fr", "es", share)]
+    assert model.peft_config["fr"].router_report["claimed_by_other_adapters"] == {"es": round(share, 4)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fit_router")
+        assert fit_router(model, data, old, adapter_name="de", progress=False).claimed_by_other_adapters == {}
 
 
 def test_the_joint_rule_takes_the_most_confident_claiming_router():
@@ -337,7 +399,8 @@ def test_an_unfitted_router_among_several_is_an_error_that_names_it(speaker):
                        r"learned routers that have not been fitted. Call peft_scale.fit_router\(model, its_data, "
                        r"adapter_name='fr'\)"):
         model(input_ids=PROBES["fr"])
-    fit_router(model, domain_ids(FR, seed=3), domain_ids(BASE, seed=2), adapter_name="fr", progress=False)
+    with pytest.warns(UserWarning, match="the router of adapter 'es' claims"):  # es never saw fr's text
+        fit_router(model, domain_ids(FR, seed=3), domain_ids(BASE, seed=2), adapter_name="fr", progress=False)
     model(input_ids=PROBES["fr"])
 
 
