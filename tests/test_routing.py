@@ -317,6 +317,79 @@ def test_generate_cache_equals_no_cache_and_old_prompts_generate_as_the_base(old
     assert (generated[:, 7:] < OLD[1]).all()  # the base model continues in its own domain
 
 
+# ------------------------------------------------------------- skipping the expansion when no token goes to it
+
+
+def run_recording_up_widths(model, ids, grad: bool = False):
+    """``(logits, output width of every widened up_proj)`` of one forward pass."""
+    widths = []
+    ups = [m for name, m in model.named_modules() if name.endswith("mlp.up_proj") and hasattr(m, "out_expansion")]
+    handles = [m.register_forward_hook(lambda module, args, out: widths.append(out.shape[-1])) for m in ups]
+    try:
+        with torch.set_grad_enabled(grad):
+            logits = model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, widths
+
+
+def test_an_inference_pass_that_routes_nothing_to_the_expansion_skips_its_work(old_speaker):
+    reference, model, _ = fitted(old_speaker)
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    base_width = old_speaker.config.intermediate_size
+    routing = model.base_model._routing
+    old, new = domain_ids(OLD, 2, 16, seed=7), domain_ids(NEW, 2, 16, seed=8)
+    logits, widths = run_recording_up_widths(model, old)
+    assert model.base_model.last_routing.to_preservation.all()
+    assert widths and set(widths) == {base_width}  # the new neurons were not computed
+    assert (logits - reference(input_ids=old).logits).abs().max() <= 1e-6
+    routing.skip_idle = False
+    computed, widths = run_recording_up_widths(model, old)
+    assert set(widths) == {base_width + 16}
+    assert torch.equal(logits, computed)  # the skip changes no bit: the gate multiplied the products by zero
+    routing.skip_idle = True
+    # a pass with any token for the expansion computes it (whole pass: no gather), as does a training pass
+    _, widths = run_recording_up_widths(model, torch.cat([old[:1], new[:1]]))
+    assert set(widths) == {base_width + 16}
+    _, widths = run_recording_up_widths(model, old, grad=True)
+    assert set(widths) == {base_width + 16}
+    # generation: one decoding step at a time, skipped or not per step; cache == no cache
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompt = torch.cat([torch.ones(1, 1, dtype=torch.long), domain_ids(OLD, 1, 6, seed=10)], 1)
+    generated = model.generate(input_ids=prompt, **settings)
+    assert torch.equal(generated, reference.generate(input_ids=prompt, **settings))
+    mixed = torch.cat([domain_ids(OLD, 1, 6, seed=11), domain_ids(NEW, 1, 6, seed=12)], 1)
+    cached = model.generate(input_ids=mixed, use_cache=True, **settings)
+    assert torch.equal(cached, model.generate(input_ids=mixed, use_cache=False, **settings))
+
+
+def test_full_width_is_never_skipped(old_speaker):
+    _, model, _ = fitted(old_speaker, "full_width")
+    model.eval()
+    _, widths = run_recording_up_widths(model, domain_ids(OLD, 2, 16, seed=7))
+    assert model.base_model.last_routing.to_preservation.all()
+    assert set(widths) == {old_speaker.config.intermediate_size + 8}  # its widened stream runs through every layer
+
+
+def test_of_two_routed_adapters_the_one_given_no_token_is_skipped(old_speaker):
+    _, model, _ = fitted(old_speaker)
+    perturb_adapter(model, scale=0.5)
+    model.add_adapter("other", ScaleConfig(ffn_expansion=4, variant="route", preserve_layers=PRESERVE))
+    fit_router(model, domain_ids(OLD, seed=3), domain_ids(NEW, seed=4), adapter_name="other", progress=False)
+    model.base_model.set_adapter(["default", "other"])
+    model.eval()
+    new = domain_ids(NEW, 2, 16, seed=8)
+    logits, widths = run_recording_up_widths(model, new)
+    assert (model.base_model.last_routing.choice == 0).all()  # every token to "default"
+    assert set(widths) == {old_speaker.config.intermediate_size + 16}  # "other"'s 4 neurons not computed
+    model.base_model._routing.skip_idle = False
+    computed, widths = run_recording_up_widths(model, new)
+    assert set(widths) == {old_speaker.config.intermediate_size + 16 + 4}
+    assert torch.equal(logits, computed)
+
+
 # ---------------------------------------------------------------------------------------- 2. save / load
 
 
