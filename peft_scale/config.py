@@ -81,7 +81,9 @@ class ScaleConfig(PeftConfig):
         router_report: filled in by ``peft_scale.fit_router``: the learned router's held-out accuracy on each side,
             where its old side came from, and its threshold (the model card shows it); with one routed adapter per
             domain, ``claimed_by_other_adapters``: the share of its held-out new tokens each other fitted router
-            claimed when it was fitted (``RouterReport``; absent from adapters saved before it existed).
+            claimed when it was fitted (``RouterReport``; absent from adapters saved before it existed), and
+            ``other_to_expansion``: the share of each of ``fit_router``'s ``other_domains`` it claims (empty without
+            them; absent from adapters saved before it existed).
         base_ffn_shapes: filled in by ``get_peft_model``: the ``[input, intermediate]`` sizes of the base model's
             widened FFNs. Loading the adapter into a base model with other sizes is an error that says so.
     """

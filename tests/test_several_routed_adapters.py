@@ -224,6 +224,99 @@ def test_fit_router_warns_when_two_domains_overlap(speaker):
         assert fit_router(model, data, old, adapter_name="de", progress=False).claimed_by_other_adapters == {}
 
 
+# two new domains that overlap partly (token ids 88-103 in both), for fit_router's other_domains
+ES_LIKE, FR_LIKE = (64, 104), (88, 128)
+OVERLAP = {
+    "es": domain_ids(ES_LIKE, 32, 32, seed=1),
+    "fr": domain_ids(FR_LIKE, 32, 32, seed=3),
+    "base": domain_ids(BASE, 32, 32, seed=2),
+}
+
+
+@pytest.fixture(scope="module")
+def overlapping(speaker):
+    """``es``'s router fitted on ``ES_LIKE`` text twice: with ``FR_LIKE`` text in its old side, and with it as
+    ``other_domains`` (the base domain the old side)."""
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    fit = dict(adapter_name="es", progress=False, steps=150)
+    in_old = fit_router(model, OVERLAP["es"], torch.cat([OVERLAP["base"], OVERLAP["fr"]]), **fit)
+    recorded_in_old = copy.deepcopy(model.peft_config["es"].router_report)
+    pairwise = fit_router(model, OVERLAP["es"], OVERLAP["base"], other_domains={"fr": OVERLAP["fr"]}, **fit)
+    return dict(model=model, in_old=in_old, pairwise=pairwise, recorded_in_old=recorded_in_old)
+
+
+def test_other_domains_are_negatives_not_calibrated_on(overlapping):
+    """With the other new domain in the old side, the threshold must keep 99% of its tokens (40% of which are ids
+    es's text has too) out, and es's own text pays; as other_domains, the threshold bounds the base domain only:
+    lower, es's recall higher, and the base domain's held-out tokens still at most max_old_error from the base."""
+    in_old, pairwise = overlapping["in_old"], overlapping["pairwise"]
+    assert pairwise.threshold < in_old.threshold, (pairwise, in_old)
+    assert pairwise.new_to_expansion >= in_old.new_to_expansion + 0.2, (pairwise, in_old)
+    assert 1 - pairwise.old_to_base <= 0.01 + 0.01, pairwise  # the held-out bound, with a tolerance
+    assert 1 - pairwise.calibration_old_to_base <= 0.01
+    # the price: with es active alone, the fr tokens it claims go to es (the joint rule decides between routers)
+    assert list(pairwise.other_to_expansion) == ["fr"] and 0 < pairwise.other_to_expansion["fr"] < 0.5, pairwise
+    assert pairwise.held_out_tokens["old"] == pairwise.other_held_out_tokens["fr"] > 0  # the same split sizes
+    assert in_old.other_to_expansion == {} == in_old.other_held_out_tokens
+    assert in_old.tokens["old"] == 2 * pairwise.tokens["old"]  # the fr text is not part of the old side
+
+
+def test_the_report_says_what_the_router_claims_of_the_other_domains(overlapping):
+    pairwise, in_old = overlapping["pairwise"], overlapping["in_old"]
+    share, held_out = pairwise.other_to_expansion["fr"], pairwise.other_held_out_tokens["fr"]
+    assert (
+        "held-out tokens of the other domains routed to the expansion (negatives, not calibrated on): "
+        f"'fr' {share:.2%} of {held_out:,}"
+    ) in str(pairwise)
+    assert "other domains" not in str(in_old)
+    # recorded in the config (the saved adapter says it); a report saved before the key existed still loads
+    assert overlapping["model"].peft_config["es"].router_report["other_to_expansion"] == {"fr": round(share, 4)}
+    assert overlapping["recorded_in_old"]["other_to_expansion"] == {}
+
+
+def test_a_router_report_saved_without_other_to_expansion_loads(overlapping, speaker, tmp_path):
+    from peft import PeftModel
+
+    model = overlapping["model"]
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "es" / "adapter_config.json"  # (PEFT: a subfolder for an adapter not named "default")
+    saved = json.loads(path.read_text())
+    del saved["router_report"]["other_to_expansion"], saved["router_report"]["claimed_by_other_adapters"]
+    path.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(speaker), tmp_path, subfolder="es", adapter_name="es")
+    assert "other_to_expansion" not in loaded.peft_config["es"].router_report
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=PROBES["es"]).logits, model(input_ids=PROBES["es"]).logits)
+    loaded.save_pretrained(tmp_path / "again")  # the model card reads the report
+    assert "learned router" in (tmp_path / "again" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("other_domains", "error", "message"),
+    [
+        (OVERLAP["fr"], TypeError, r"^fit_router: other_domains is a Tensor; give a dict of domain name -> token ids "
+         r"\(each in the forms new_data takes\), e.g. other_domains=\{'fr': fr_blocks\}\.$"),
+        ([OVERLAP["fr"]], TypeError, r"^fit_router: other_domains is a list; give a dict"),
+        ({}, ValueError, r"^fit_router: other_domains is an empty dict; give None, or name -> token ids"),
+        ({3: OVERLAP["fr"]}, ValueError, r"^fit_router: other_domains has the key 3; its keys name the domains in the "
+         r"report, as non-empty strings"),
+        ({"": OVERLAP["fr"]}, ValueError, r"^fit_router: other_domains has the key ''"),
+        ({"fr": "bonjour"}, TypeError, r"^fit_router: other_domains\['fr'\] is a str\. Give other_domains\['fr'\] as a "
+         r"LongTensor of token ids"),
+        ({"fr": torch.rand(2, 3)}, ValueError, r"other_domains\['fr'\] is a torch.float32 tensor of shape \(2, 3\)"),
+        ({"fr": []}, ValueError, r"^fit_router: other_domains\['fr'\] is empty \(no tokens\)"),
+        ({"fr": torch.full((4, 3), 500)}, ValueError, r"other_domains\['fr'\] holds token id 500, outside the model's "
+         "vocabulary of 128"),
+        ({"fr": OVERLAP["fr"][:2]}, ValueError, r"^fit_router: other_domains\['fr'\] has 2 sequence\(s\); at least 3 "
+         r"are needed \(one each to fit, calibrate and hold out\)"),
+    ],
+)  # fmt: skip
+def test_fit_router_bad_other_domains(speaker, other_domains, error, message):
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    with pytest.raises(error, match=message):
+        fit_router(model, OVERLAP["es"], OVERLAP["base"], other_domains=other_domains, progress=False)
+
+
 def test_the_joint_rule_takes_the_most_confident_claiming_router():
     scores = [torch.tensor([[0.9, 0.6, 0.3, 0.7, 0.95]]), torch.tensor([[0.8, 0.9, 0.2, 0.7, 0.99]])]
     claims = [scores[0] >= 0.5, scores[1] >= 0.85]  # the second router's threshold is higher
