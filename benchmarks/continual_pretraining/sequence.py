@@ -24,6 +24,10 @@ blocks are exactly the ones ``run.py``'s Spanish runs train on). Rows (``ROWS``)
   trained alone (``es``'s blocks do not train); evaluated with both active
   (``model.base_model.set_adapter(["es", "fr"])``). ``peft_scale.routing_confusion`` on held-out blocks of the
   three languages is recorded before and after the refit.
+- ``scale_ffn_routed_pairwise``: the same, but every router's old side is English alone and the other Romance
+  language is given in ``fit_router``'s ``other_domains`` (negatives when the router trains, not part of the
+  threshold's calibration: the ``max_old_error`` bound against English only, the joint rule deciding between the
+  two languages; issue 12).
 - ``full`` and ``full_replay``: full fine-tuning, stage 2 continuing from stage 1's weights; ``full_replay`` mixes
   a ``REPLAY_FRACTION`` share of English training blocks into each stage (``run.py``'s ``full_replay``; both stages
   replay the same first English blocks, at the same steps).
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shlex
 import sys
@@ -79,18 +84,22 @@ GOAL_FRENCH = 0.90  # French perplexity drop >= 90% of the single-stage run's
 
 class Row(NamedTuple):
     """One row: the method (``benchmarks.methods``), its learning rate, the languages it trains on in order, and
-    the share of English blocks replayed in each stage."""
+    the share of English blocks replayed in each stage; for routed rows, ``other_domains``: the other languages are
+    given to ``fit_router`` as ``other_domains`` (negatives, threshold against English only) instead of in its
+    ``old_data``."""
 
     method: str
     lr: float
     languages: tuple[str, ...]
     replay: float = 0.0
+    other_domains: bool = False
 
 
 FRENCH_REFERENCE = "scale_ffn_routed_fr_only"
 # In the order they run: the SCALE rows first, then the baselines (the last ones are dropped first when time is short).
 ROWS = {
     "scale_ffn_routed": Row("scale_ffn_routed", 1e-3, ("es", "fr")),
+    "scale_ffn_routed_pairwise": Row("scale_ffn_routed", 1e-3, ("es", "fr"), other_domains=True),
     FRENCH_REFERENCE: Row("scale_ffn_routed", 1e-3, ("fr",)),
     "full": Row("full", 1e-4, ("es", "fr")),
     "full_replay": Row("full", 1e-4, ("es", "fr"), REPLAY_FRACTION),
@@ -137,9 +146,48 @@ def settings_of(args, sizes) -> dict:
     settings.update(
         device_type=torch.device(args.device).type, sizes=vars(sizes), replay_fraction=REPLAY_FRACTION,
         base_language=BASE_LANGUAGE, languages=list(LANGUAGES), router_blocks=ROUTER_BLOCKS,
-        rows={name: {**row._asdict(), "languages": list(row.languages)} for name, row in ROWS.items()},  # as JSON has it
+        rows={name: row_settings(row) for name, row in ROWS.items()},
     )  # fmt: skip
     return settings
+
+
+def row_settings(row: Row) -> dict:
+    """A row's definition as results.json has it; ``other_domains`` only where set (rows made before it existed
+    have no such key)."""
+    settings = {**row._asdict(), "languages": list(row.languages)}
+    if not row.other_domains:
+        del settings["other_domains"]
+    return settings
+
+
+def joined_settings(settings: list[dict]) -> dict:
+    """Settings of results made by versions of this script with more or fewer ``ROWS``: equal but for ``rows``, whose
+    rows in common must be defined alike; the union of their rows. ``ValueError`` otherwise."""
+    first, *others = settings
+    rows = dict(first["rows"])
+    for other in others:
+        rest = {k: v for k, v in other.items() if k != "rows"}
+        if rest != {k: v for k, v in first.items() if k != "rows"}:
+            raise ValueError(f"results made with other settings:\n  {other}\nvs\n  {first}")
+        for name, definition in other["rows"].items():
+            if rows.setdefault(name, definition) != definition:
+                raise ValueError(f"row {name!r} is defined differently: {definition} vs {rows[name]}")
+    ordered = sorted(rows, key=lambda name: list(ROWS).index(name) if name in ROWS else len(ROWS))  # ROWS' order
+    return {**first, "rows": {name: rows[name] for name in ordered}}
+
+
+def load_results(path: Path, settings: dict) -> dict:
+    """``run.load_results``, also continuing a results.json made when ``ROWS`` had more or fewer rows (its rows'
+    definitions must match)."""
+    if path.is_file():
+        results = json.loads(path.read_text())
+        try:
+            joined = joined_settings([settings, results.get("settings", {})])
+        except ValueError:
+            joined = None
+        if joined is not None:
+            return {**results, "settings": joined}
+    return run.load_results(path, settings)
 
 
 # ------------------------------------------------------------------------------------------------ the text
@@ -219,14 +267,24 @@ def router_blocks(texts: dict, language: str) -> torch.Tensor:
     return texts[language].new_train[:ROUTER_BLOCKS]
 
 
-def fit_domain_router(model, texts: dict, language: str, others: list[str], seed: int) -> dict:
-    """Fit ``language``'s router (its adapter has the language's name) against English and ``others``."""
-    old = torch.cat([router_blocks(texts, other) for other in [BASE_LANGUAGE, *others]])
+def fit_domain_router(
+    model, texts: dict, language: str, others: list[str], seed: int, other_domains: bool = False
+) -> dict:
+    """Fit ``language``'s router (its adapter has the language's name) against English and ``others``: in its old
+    side, or, with ``other_domains``, as ``fit_router``'s ``other_domains`` (English alone the old side)."""
+    old_side = [BASE_LANGUAGE] if other_domains else [BASE_LANGUAGE, *others]
+    old = torch.cat([router_blocks(texts, other) for other in old_side])
+    extra = {}
+    if other_domains and others:
+        extra["other_domains"] = {other: router_blocks(texts, other) for other in others}
     start = time.perf_counter()
-    fitted = fit_method_router(model, router_blocks(texts, language), old, adapter_name=language, seed=seed)
-    record = {"old_side": [BASE_LANGUAGE, *others], "old_blocks": len(old), "report": asdict(fitted),
+    fitted = fit_method_router(model, router_blocks(texts, language), old, adapter_name=language, seed=seed, **extra)
+    record = {"old_side": old_side, "old_blocks": len(old), "report": asdict(fitted),
               "fit_seconds": time.perf_counter() - start}  # fmt: skip
-    print(f"    router {language} vs {record['old_side']}: fitted in {record['fit_seconds']:.0f} s\n{fitted}", flush=True)
+    if extra:
+        record["other_domains"] = list(extra["other_domains"])
+    shown = old_side + [f"({o}: other domain)" for o in record.get("other_domains", [])]
+    print(f"    router {language} vs {shown}: fitted in {record['fit_seconds']:.0f} s\n{fitted}", flush=True)
     return record
 
 
@@ -254,14 +312,16 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
             if index:
                 torch.manual_seed(args.seed)
                 model.add_adapter(language, scale_config(row.method, sizes))
-            stage["router"] = fit_domain_router(model, texts, language, list(earlier), args.seed)
+            stage["router"] = fit_domain_router(model, texts, language, list(earlier), args.seed, row.other_domains)
             if earlier:
                 together = list(row.languages[: index + 1])
                 model.base_model.set_adapter(together)
                 confusion = {"before_refit": peft_confusion(model, texts)}
                 # an earlier router never saw this language: refit it with this language in its old side
                 stage["refitted"] = {
-                    other: fit_domain_router(model, texts, other, [o for o in together if o != other], args.seed)
+                    other: fit_domain_router(
+                        model, texts, other, [o for o in together if o != other], args.seed, row.other_domains
+                    )
                     for other in earlier
                 }
                 confusion["after_refit"] = peft_confusion(model, texts)
@@ -409,6 +469,17 @@ def plot_files() -> list[str]:
     return [f"stages_{key}.png" for key in PLOTS]
 
 
+def router_description(label: str, record: dict) -> str:
+    """One fitted router in the routers' table: its old side, held-out shares, threshold, other domains' shares."""
+    r = record["report"]
+    text = (f"{label} vs {'+'.join(record['old_side'])}: {r['old_to_base']:.1%} / {r['new_to_expansion']:.1%}, "
+            f"threshold {r['threshold']:.4f}")  # fmt: skip
+    others = r.get("other_to_expansion") or {}  # (reports made before it existed have none)
+    if others:
+        text += " (other domains, claimed: " + ", ".join(f"{k} {v:.1%}" for k, v in others.items()) + ")"
+    return text
+
+
 def routing_lines(results: dict) -> list[str]:
     """Where the routed rows' routers send each language's held-out tokens."""
     routed = {name: r for name, r in results["runs"].items() if r["method"] in ROUTED_METHODS}
@@ -418,7 +489,8 @@ def routing_lines(results: dict) -> list[str]:
         "## The routers",
         "",
         "Share of each language's held-out tokens routed to the base model after each stage, and the routers' held-out"
-        " report (`fit_router`: old tokens kept on the base / new tokens sent to the adapter).",
+        " report (`fit_router`: old tokens kept on the base / new tokens sent to the adapter, threshold; with "
+        "`other_domains`, the other language's tokens the router claims).",
         "",
         "| row | stage | Spanish -> base | French -> base | English -> base | routers fitted (old side: held-out old -> base / new -> adapter) |",
         "|---|---|---|---|---|---|",
@@ -427,10 +499,7 @@ def routing_lines(results: dict) -> list[str]:
         for stage in record["stages"]:
             m = stage["measures"]
             fitted = [(stage["language"], stage["router"])] + [(f"{k} refitted", v) for k, v in stage.get("refitted", {}).items()]
-            described = "; ".join(
-                f"{label} vs {'+'.join(r['old_side'])}: {r['report']['old_to_base']:.1%} / {r['report']['new_to_expansion']:.1%}"
-                for label, r in fitted
-            )
+            described = "; ".join(router_description(label, r) for label, r in fitted)
             lines.append(
                 f"| `{name}` | {stage['language']} | {m['es_routed_to_preservation']:.1%} | "
                 f"{m['fr_routed_to_preservation']:.1%} | {m['en_routed_to_preservation']:.1%} | {described} |"
@@ -470,10 +539,9 @@ def finish(results: dict, output_dir: Path) -> None:
 
 
 def merge(args) -> dict:
-    import json
-
     parts = [json.loads((part / "results.json").read_text()) for part in args.merge_parts]
-    merged = merge_results(parts)
+    settings = joined_settings([part["settings"] for part in parts])  # parts made with more or fewer ROWS
+    merged = merge_results([{**part, "settings": settings} for part in parts])
     merged["runs"] = {name: merged["runs"][name] for name in ROWS if name in merged["runs"]}  # ROWS' order
     finish(merged, args.output_dir)
     print(f"merged {len(merged['runs'])} rows into {args.output_dir}")
@@ -491,7 +559,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = model.to(args.device).eval()
     sizes = run.default_sizes(model.config, args)
     results_path = args.output_dir / "results.json"
-    results = run.load_results(results_path, settings_of(args, sizes))
+    results = load_results(results_path, settings_of(args, sizes))
     texts = build_texts(tokenizer, args)
     reference, base = base_measures(model, tokenizer, texts, args, results.get("base_answers"))
     results.update(machine=run.machine_description(args.device), base=base,
