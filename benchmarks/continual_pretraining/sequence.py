@@ -46,7 +46,10 @@ of the single-stage reference's drop (for SCALE; the other methods have no singl
 ratio against SCALE's reference is shown but not judged).
 
 ``results.json`` is rewritten after every row; rows already in it (same settings) are skipped, so an interrupted
-command continues, and groups of ``--rows`` can run as parallel processes and be merged (``--merge-parts``).
+command continues, and groups of ``--rows`` can run as parallel processes and be merged (``--merge-parts``). A
+merged folder is a part like any other (its results.json holds all its rows), and parts made when ``ROWS`` had fewer
+rows merge with newer ones (``joined_settings``). ``--merge-parts`` rewrites ``--output-dir``: to add a row to a
+folder, merge into a new folder with that folder as the first part, then copy the files back.
 """
 
 from __future__ import annotations
