@@ -602,9 +602,10 @@ def _warn_if_claimed(report: RouterReport) -> None:
             f"fit_router: the router of adapter {name!r} claims {share:.1%} of the held-out new tokens of adapter "
             f"{adapter!r} (score at or above its own threshold; more than {CLAIMED_WARNING:.0%}): routed together, "
             f"those tokens can go to {name!r} instead of {adapter!r}. Refit the router of {name!r} with this new_data "
-            f"in its old side, e.g. fit_router(model, {name}_data, old_data=torch.cat([{name}_old_data, new_data]), "
-            f"adapter_name={name!r}), and give the text of {name!r} in this router's old_data (one routed adapter per "
-            "domain, in the README); domains this close may also be one domain, for one adapter.",
+            f"as one of its other domains, e.g. fit_router(model, {name}_data, {name}_old_data, other_domains="
+            f"{{{adapter!r}: new_data}}, adapter_name={name!r}), and give the text of {name!r} to this router the same "
+            f"way (other_domains={{{name!r}: {name}_data}}; one routed adapter per domain, in the README); domains this "
+            "close may also be one domain, for one adapter.",
             stacklevel=3,
         )
 

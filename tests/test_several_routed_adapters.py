@@ -172,10 +172,11 @@ def claimed_warning(adapter: str, other: str, share: float) -> str:
     return (
         f"fit_router: the router of adapter {other!r} claims {share:.1%} of the held-out new tokens of adapter "
         f"{adapter!r} (score at or above its own threshold; more than 5%): routed together, those tokens can go to "
-        f"{other!r} instead of {adapter!r}. Refit the router of {other!r} with this new_data in its old side, e.g. "
-        f"fit_router(model, {other}_data, old_data=torch.cat([{other}_old_data, new_data]), adapter_name={other!r}), "
-        f"and give the text of {other!r} in this router's old_data (one routed adapter per domain, in the README); "
-        "domains this close may also be one domain, for one adapter."
+        f"{other!r} instead of {adapter!r}. Refit the router of {other!r} with this new_data as one of its other "
+        f"domains, e.g. fit_router(model, {other}_data, {other}_old_data, other_domains={{{adapter!r}: new_data}}, "
+        f"adapter_name={other!r}), and give the text of {other!r} to this router the same way (other_domains="
+        f"{{{other!r}: {other}_data}}; one routed adapter per domain, in the README); domains this close may also be "
+        "one domain, for one adapter."
     )
 
 
