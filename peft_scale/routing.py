@@ -39,7 +39,9 @@ changes every token): ``check_routed_together`` refuses both.
 
 from __future__ import annotations
 
+import inspect
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -202,6 +204,68 @@ def choose_adapters(scores: list[torch.Tensor], claims: list[torch.Tensor]) -> t
     return torch.where(claims.any(0), best, torch.full_like(best, -1))
 
 
+def smooth_logits(
+    logits: torch.Tensor,
+    smoothing: float,
+    mask: Optional[torch.Tensor] = None,
+    last: Optional[torch.Tensor] = None,
+    started: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exponential moving average of a router's logits along the sequence (``ScaleConfig.router_smoothing``)::
+
+        s_0 = l_0,    s_t = a s_{t-1} + (1 - a) l_t        (a = smoothing; over one row's real tokens)
+
+    ``logits``: ``(batch, seq)``. ``mask``: ``(batch, seq)`` bool, ``False`` at padding: a pad token leaves the
+    average as it is (and keeps its own logit), so a left-padded row starts at its first real token. ``last``,
+    ``started``: ``(batch,)``, the state after the row's earlier tokens (a decoding step continues it); ``None``: a
+    fresh start. Returns ``(smoothed, last, started)``, the state after these tokens.
+
+    One step per position, the same operations for a whole sequence as for one token at a time, so cached decoding
+    gets the very bits that the full sequence gives (a closed form would differ in the last bits, and a score at the
+    threshold could flip).
+    """
+    batch, length = logits.shape
+    a = float(smoothing)
+    state = torch.zeros(batch, dtype=logits.dtype, device=logits.device) if last is None else last
+    on = torch.zeros(batch, dtype=torch.bool, device=logits.device) if started is None else started
+    out = torch.empty_like(logits)
+    for t in range(length):
+        own = logits[:, t]
+        step = torch.where(on, a * state + (1 - a) * own, own)
+        if mask is None:
+            state, out[:, t] = step, step
+            on = torch.ones_like(on)
+        else:
+            real = mask[:, t]
+            state = torch.where(real, step, state)
+            out[:, t] = torch.where(real, step, own)
+            on = on | real
+    return out, state, on
+
+
+@dataclass
+class _SmoothingState:
+    """One adapter's moving average where a cached forward pass left it: its cache (weakly), the tokens the cache
+    held at layer ``L`` after that pass, the batch size, and the state per row (``smooth_logits``)."""
+
+    cache: object  # weakref.ref to the cache object
+    consumed: int
+    batch: int
+    last: torch.Tensor
+    started: torch.Tensor
+
+
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # a decoder layer's cache, by family
+
+
+def _layer_cache(args, kwargs):
+    """The cache object a decoder layer received (by keyword, whatever the family calls it), or ``None``."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 def is_learned_route(config) -> bool:
     return config.variant == "route" and config.route_rule == "learned"
 
@@ -245,9 +309,10 @@ class _GateHook:
     stored in ``RouteGates`` (one gate per adapter). One hook per layer, shared by the adapters whose routers read it,
     so that several of them decide jointly (``choose_adapters``)."""
 
-    def __init__(self, routing: "Routing", layer: nn.Module) -> None:
+    def __init__(self, routing: "Routing", layer: nn.Module, index: int) -> None:
         self.routing = routing
         self.layer = layer  # the decoder layer this hook is on: its input is what the routers read
+        self.index = index  # its index in the decoder (``preserve_layers``): the cache's layer to read lengths from
         # adapter -> the gated module that holds its router; it says whether the adapter computes at all
         self.holders: dict[str, nn.Module] = {}
         # the FFN-mode adapters (hidden_expansion=0): their expansion lives inside the MLPs above this layer only, so
@@ -280,6 +345,37 @@ class _GateHook:
             check_routed_together({name: config for name, config in self.routing.configs().items() if name in active})
         return names
 
+    def _sequence(self, args, kwargs, hidden):
+        """What a smoothed router needs besides the logits: ``(cache, tokens already in it at this layer, padding
+        mask of this call's tokens or None)``. The mask is the 2-D ``attention_mask`` the model was called with
+        (``Routing.attention_mask``), over the cached tokens and these, or over these alone."""
+        if hidden.dim() != 3:
+            raise RuntimeError(
+                f"SCALE: a smoothed learned router (router_smoothing > 0) averages over the sequence, but decoder layer "
+                f"{self.index} received hidden states of shape {tuple(hidden.shape)}, not (batch, seq, features)."
+            )
+        batch, length = hidden.shape[:2]
+        cache = _layer_cache(args, kwargs)
+        if cache is not None and not hasattr(cache, "get_seq_length"):
+            raise RuntimeError(
+                f"SCALE: a smoothed learned router (router_smoothing > 0) carries its moving average with the cache, "
+                f"but decoder layer {self.index} received a {type(cache).__name__}, not a transformers Cache. Pass a "
+                "transformers Cache (e.g. DynamicCache), or no cache."
+            )
+        past = int(cache.get_seq_length(self.index)) if cache is not None else 0
+        mask = self.routing.attention_mask
+        if mask is not None:
+            if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in (length, past + length):
+                raise RuntimeError(
+                    f"SCALE: a smoothed learned router (router_smoothing > 0) reads the padding from the model's 2-D "
+                    f"attention_mask (batch, tokens so far), but got one of shape {tuple(mask.shape)} for {batch} "
+                    f"row(s) of {length} new token(s) after {past} cached: the moving average cannot tell real tokens "
+                    "from padding. Pass attention_mask of shape (batch, cached + new tokens) (1 at real tokens), or none "
+                    "for unpadded rows (a 4-D mask of packed sequences is not supported: use router_smoothing=0)."
+                )
+            mask = mask[:, mask.shape[1] - length :].to(device=hidden.device, dtype=torch.bool)
+        return cache, past, mask
+
     def __call__(self, module, args, kwargs):
         names = self._active() if self.holders else []
         self.routing.gates.idle = frozenset()
@@ -302,11 +398,21 @@ class _GateHook:
             )
         hidden = args[0] if args else kwargs["hidden_states"]
         gates = self.routing.gates.gates
+        smoothing = {name: self.routing.configs()[name].router_smoothing for name in names}
+        sequence = self._sequence(args, kwargs, hidden) if any(smoothing.values()) else None
+
+        def decide(name, router):  # (claim, score) per token: on the token's own logit, or on the smoothed one
+            if not smoothing[name]:
+                return router(hidden[..., : router.features])
+            logits = self.routing.smoothed(name, router.logits(hidden[..., : router.features]), smoothing[name], *sequence)
+            score = torch.sigmoid(logits)
+            return score >= router.threshold[0], score
+
         if len(names) == 1:  # one routed adapter: its router alone decides
             name = names[0]
             router = routers[name]
             with torch.no_grad():
-                to_expansion, score = router(hidden[..., : router.features])
+                to_expansion, score = decide(name, router)
             gates[name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
             self.routing.gates.idle = self._idle(names, [to_expansion])
             self.routing.last = RouteResult(
@@ -315,7 +421,7 @@ class _GateHook:
             )
             return None
         with torch.no_grad():
-            claims, scores = zip(*(router(hidden[..., : router.features]) for router in routers.values()))
+            claims, scores = zip(*(decide(name, router) for name, router in routers.items()))
             choice = choose_adapters(list(scores), list(claims))  # (batch, seq): adapter index, -1 for the base
         for index, name in enumerate(names):
             gates[name] = (choice == index).unsqueeze(-1).to(hidden.dtype)
@@ -421,6 +527,110 @@ class Routing:
         self._gate_hooks: dict[str, _GateHook] = {}  # adapter -> the gate hook of the layer its router reads
         self._layer_hooks: dict[str, tuple[_GateHook, object]] = {}  # decoder layer name -> (gate hook, handle)
         self._head_router: Optional[LMHeadRouter] = None
+        # smoothed learned routers (``router_smoothing > 0``): the 2-D attention_mask of the model call in flight
+        # (captured by hooks on the whole model), and each adapter's moving average as the last cached call left it
+        self.attention_mask: Optional[torch.Tensor] = None
+        self._mask_handles: list = []
+        self._smoothing: dict[str, _SmoothingState] = {}
+
+    # ------------------------------------------------------------- the smoothed router's sequence and cache state
+
+    def _watch_model(self, model: nn.Module) -> None:
+        """Hooks on the whole model that keep its call's ``attention_mask`` for the pass in flight (``generate()``
+        calls the model itself, not ``ScaleModel.forward``); the mask is dropped when the call ends, even by an error."""
+        if self._mask_handles:
+            return
+        parameters = list(inspect.signature(model.forward).parameters)
+        position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+
+        def capture(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is None and position is not None and len(args) > position:
+                mask = args[position]
+            self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+        def release(module, args, kwargs, output):
+            self.attention_mask = None
+
+        self._mask_handles = [
+            model.register_forward_pre_hook(capture, with_kwargs=True),
+            model.register_forward_hook(release, with_kwargs=True, always_call=True),
+        ]
+
+    def smoothed(self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask) -> torch.Tensor:
+        """``logits`` (batch, seq) of ``adapter_name``'s router, smoothed (``smooth_logits``) over the preceding tokens
+        of each row: those of this call and, when it continues a cache, those the cache holds (whose average the
+        previous call on that cache left in ``self._smoothing``). Refuses a continuation it has no exact state for."""
+        batch, length = logits.shape
+        last = started = None
+        if past:
+            state = self._smoothing.get(adapter_name)
+            problem = None
+            if state is None or state.cache() is not cache:
+                problem = "no earlier call on this cache object went through this model's router"
+            elif state.consumed < 0:
+                problem = "the cache was cropped (cache.crop(), e.g. by assisted decoding) since the router last read it"
+            elif state.consumed != past:
+                problem = f"the router's state covers {state.consumed} tokens of it, not {past}"
+            elif state.batch != batch:
+                problem = f"the router's state has {state.batch} rows, this call {batch}"
+            if problem:
+                raise RuntimeError(
+                    f"SCALE adapter {adapter_name!r} decides on its router's logit averaged over the preceding tokens "
+                    f"(router_smoothing={smoothing}), and this call continues a cache that holds {past} token(s) at "
+                    f"decoder layer {self._gate_hooks[adapter_name].index}, but {problem}: the average of those tokens "
+                    "is unknown, so the new tokens cannot be routed as the whole sequence would route them. Fill the "
+                    "cache with this model in one run of calls in order (as generate() does, from an empty cache), or "
+                    "pass the whole sequence without a cache (past_key_values/cache=None); assisted decoding rolls "
+                    "the cache back and is not supported with router_smoothing > 0."
+                )
+            last, started = state.last, state.started
+        smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started)
+        if cache is not None:
+            self._track_cache(cache)
+            self._smoothing[adapter_name] = _SmoothingState(weakref.ref(cache), past + length, batch, last, started)
+        return smoothed
+
+    def _track_cache(self, cache) -> None:
+        """Make the routers' states follow what generation does to ``cache``'s rows: wrap, on this cache instance,
+        ``reorder_cache`` (beam search), ``batch_select_indices`` and ``batch_repeat_interleave`` so the states do
+        the same, and ``crop`` so that it invalidates them (a continuation then raises)."""
+        if getattr(cache, "_scale_router_tracked", False):
+            return
+        routing = weakref.ref(self)
+
+        def follow(method_name, rows):
+            method = getattr(cache, method_name, None)
+            if method is None:
+                return
+
+            def wrapped(*args, **kwargs):
+                result = method(*args, **kwargs)
+                if routing() is not None:
+                    routing()._states_follow(cache, rows, *args, **kwargs)
+                return result
+
+            setattr(cache, method_name, wrapped)
+
+        follow("reorder_cache", lambda state, beam_idx: beam_idx)
+        follow("batch_select_indices", lambda state, indices: indices)
+        follow("batch_repeat_interleave", lambda state, repeats: torch.arange(state.batch).repeat_interleave(repeats))
+        follow("crop", None)
+        cache._scale_router_tracked = True
+
+    def _states_follow(self, cache, rows, *args, **kwargs) -> None:
+        """Apply a cache's row operation to the states tied to it (``rows(state, *args)``: the rows to keep, in
+        order), or invalidate them (``rows=None``: a crop)."""
+        for state in self._smoothing.values():
+            if state.cache() is not cache:
+                continue
+            if rows is None:
+                state.consumed = -1
+                continue
+            index = torch.as_tensor(rows(state, *args, **kwargs), device=state.last.device)
+            index = (index.nonzero().squeeze(-1) if index.dtype == torch.bool else index).long()
+            state.last, state.started = state.last[index], state.started[index]
+            state.batch = len(index)
 
     def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder_layers: Optional[str]) -> None:
         """Install the rule of ``config`` for ``adapter_name``. ``features``: ``d``, the original stream's width;
@@ -449,11 +659,12 @@ class Routing:
             device = holder.get_base_layer().weight.device
             holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
         if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
-            hook = _GateHook(self, model.get_submodule(layer_name))
+            hook = _GateHook(self, model.get_submodule(layer_name), layer)
             handle = hook.layer.register_forward_pre_hook(hook, with_kwargs=True)
             self._layer_hooks[layer_name] = (hook, handle)
         hook = self._layer_hooks[layer_name][0]
         hook.holders[adapter_name] = holder
+        self._watch_model(model)  # (for router_smoothing, which may be set on the config later)
         if config.hidden_expansion == 0:
             hook.ffn_only.add(adapter_name)
         self._handles[adapter_name] = []
@@ -496,6 +707,7 @@ class Routing:
             for handle in self._handles.pop(name, []):
                 handle.remove()
             self.gates.gates.pop(name, None)
+            self._smoothing.pop(name, None)
             hook = self._gate_hooks.pop(name, None)
             if hook is not None:
                 hook.holders.pop(name, None)
@@ -504,6 +716,10 @@ class Routing:
             if not hook.holders:  # the last router reading this layer is gone
                 handle.remove()
                 del self._layer_hooks[layer_name]
+        if not self._gate_hooks:
+            for handle in self._mask_handles:
+                handle.remove()
+            self._mask_handles, self.attention_mask = [], None
         if not self._handles and self._head_router is not None:
             self._head_router.remove()
             self._head_router = None
