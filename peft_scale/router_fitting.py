@@ -56,7 +56,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .routing import rms_normalise
+from .routing import rms_normalise, smooth_logits
 
 logger = logging.get_logger(__name__)
 
@@ -100,6 +100,8 @@ class RouterReport:
             Routed together with that domain's adapter, the more confident router takes such a token; with this
             adapter active alone, it goes to this adapter. Empty without ``other_domains``.
         other_held_out_tokens: ``{domain: n}``: held-out tokens of each of ``other_domains``.
+        smoothing: the adapter's ``router_smoothing``: with ``a > 0`` every share above and the threshold are those
+            of the smoothed decisions (the moving average over each sequence's tokens, as the model routes).
     """
 
     adapter_name: str
@@ -120,6 +122,7 @@ class RouterReport:
     claimed_by_other_adapters: dict = field(default_factory=dict)
     other_to_expansion: dict = field(default_factory=dict)
     other_held_out_tokens: dict = field(default_factory=dict)
+    smoothing: float = 0.0
 
     def __str__(self) -> str:
         claimed = ""
@@ -135,9 +138,10 @@ class RouterReport:
         if self.claimed_by_other_adapters:
             shares = ", ".join(f"{name!r} {share:.2%}" for name, share in self.claimed_by_other_adapters.items())
             claimed += f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
+        smoothed = f"; score smoothed over preceding tokens, a = {self.smoothing}" if self.smoothing else ""
         return (
             f"SCALE router of adapter {self.adapter_name!r} (reads the input of layer {self.layer}; old side: "
-            f"{self.old_source}; threshold {self.threshold:.3f})\n"
+            f"{self.old_source}; threshold {self.threshold:.3f}{smoothed})\n"
             f"  held-out old tokens routed to the base model: {self.old_to_base:.2%} of {self.held_out_tokens['old']:,}\n"
             f"  held-out new tokens routed to the expansion:  {self.new_to_expansion:.2%} of "
             f"{self.held_out_tokens['new']:,}\n"
@@ -504,24 +508,27 @@ def fit_router(
 
     generator = torch.Generator().manual_seed(seed)
     splits = {side: _split_sequences(len(feats), generator) for side, feats in sides.items()}
-    parts = {side: [torch.cat([sides[side][i] for i in idx]) for idx in split] for side, split in splits.items()}
-    first = {side: torch.cat([sides[side][i][:FIRST_TOKENS] for i in splits[side][2]]) for side in sides}
+    parts = {side: [[sides[side][i] for i in idx] for idx in split] for side, split in splits.items()}  # sequences
     # (split after the two sides: without other domains, the same split as before they existed)
     other_parts = {
-        name: [torch.cat([feats[i] for i in idx]) for idx in _split_sequences(len(feats), generator)]
+        name: [[feats[i] for i in idx] for idx in _split_sequences(len(feats), generator)]
         for name, feats in others.items()
     }
+    # the router trains per token; its scores are then those the gate computes (smoothed along each sequence when
+    # router_smoothing > 0), for the calibration, the threshold and every share of the report
     # the negatives: the old side and the other domains, pooled (the threshold below reads the old side only)
-    negatives = [parts["old"][0]] + [part[0] for part in other_parts.values()]
-    trial = _train_router(router, parts["new"][0], torch.cat(negatives), steps, lr, weight_decay, seed)
+    negatives = parts["old"][0] + [f for part in other_parts.values() for f in part[0]]
+    trial = _train_router(router, torch.cat(parts["new"][0]), torch.cat(negatives), steps, lr, weight_decay, seed)
     all_negatives = torch.cat(sides["old"] + [f for feats in others.values() for f in feats])
     kept = _train_router(router, torch.cat(sides["new"]), all_negatives, steps, lr, weight_decay, seed)
+    smoothing = config.router_smoothing
 
-    def scores(features, params):
-        return torch.sigmoid(router.logits(features, params))
+    def scores(sequences, params, first_tokens=None):
+        per_sequence = sequence_scores(router, sequences, smoothing, params)
+        return torch.cat([score[:first_tokens] for score in per_sequence])
 
     calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
-    fitted_old, fitted_new = scores(torch.cat(sides["old"]), kept), scores(torch.cat(sides["new"]), kept)
+    fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
     threshold = _threshold(calibration_old if calibrate_on == "held_out" else fitted_old, max_old_error)
     kept["threshold"] = torch.tensor([threshold])
     kept["fitted"] = torch.ones(1)
@@ -529,7 +536,7 @@ def fit_router(
         for name, buffer in router.named_buffers():
             buffer.copy_(kept[name].to(buffer.device))
     test_old, test_new = scores(parts["old"][2], trial), scores(parts["new"][2], trial)
-    first_old, first_new = scores(first["old"], trial), scores(first["new"], trial)
+    first_old, first_new = scores(parts["old"][2], trial, FIRST_TOKENS), scores(parts["new"][2], trial, FIRST_TOKENS)
     report = RouterReport(
         adapter_name=adapter_name,
         layer=config.preserve_layers,
@@ -550,7 +557,8 @@ def fit_router(
         other_to_expansion={
             name: float((scores(part[2], trial) >= threshold).float().mean()) for name, part in other_parts.items()
         },
-        other_held_out_tokens={name: len(part[2]) for name, part in other_parts.items()},
+        other_held_out_tokens={name: sum(len(f) for f in part[2]) for name, part in other_parts.items()},
+        smoothing=smoothing,
     )
     _record_report(config, report)
     _warn_if_claimed(report)
@@ -579,16 +587,33 @@ def _other_domain_sequences(other_domains, vocab_size: Optional[int]) -> dict[st
 
 
 @torch.no_grad()
-def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module, features: torch.Tensor) -> dict:
-    """Adapter -> the share of ``features`` (tokens of the stream entering ``layer``) that its fitted router claims,
-    for every learned-route adapter but ``adapter_name`` whose router reads ``layer``: the decision the gate hook
-    takes (``TokenRouter.forward``), on the features already computed."""
+def sequence_scores(router, sequences: list[torch.Tensor], smoothing: float, params=None) -> list[torch.Tensor]:
+    """The score the gate hook computes for every token of each sequence (features ``(len, d)`` of the stream
+    entering the router's layer): ``sigmoid`` of the router's logit, smoothed along the sequence first
+    (``routing.smooth_logits``) when ``smoothing > 0``. ``params``: as in ``TokenRouter.logits``."""
+    device = (params or router._buffers)["w_in"].device
+    lengths = [len(features) for features in sequences]
+    logits = router.logits(torch.cat(sequences)[..., : router.features].to(device), params)
+    if smoothing:  # right-padded rows (padding comes after a row's tokens: the causal average never reads it)
+        rows = torch.nn.utils.rnn.pad_sequence(list(logits.split(lengths)), batch_first=True)
+        mask = torch.arange(rows.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
+        logits = smooth_logits(rows, smoothing, mask)[0][mask]
+    return list(torch.sigmoid(logits).split(lengths))
+
+
+@torch.no_grad()
+def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module, sequences: list[torch.Tensor]) -> dict:
+    """Adapter -> the share of the tokens of ``sequences`` (features of the stream entering ``layer``) that its
+    fitted router claims, for every learned-route adapter but ``adapter_name`` whose router reads ``layer``: the
+    decision the gate hook takes (``TokenRouter.forward``, on the scores smoothed by that adapter's own
+    ``router_smoothing``), on the features already computed."""
     shares = {}
     for name, router in scale_model.scale_router.items():
         if name == adapter_name or not router.is_fitted or scale_model.router_layer(name) is not layer:
             continue
-        claims, _ = router(features[..., : router.features].to(router.threshold.device))
-        shares[name] = float(claims.float().mean())
+        smoothing = scale_model.peft_config[name].router_smoothing
+        scores = torch.cat(sequence_scores(router, sequences, smoothing))
+        shares[name] = float((scores >= router.threshold[0]).float().mean())
     return shares
 
 
@@ -626,6 +651,7 @@ def _record_report(config, report: RouterReport) -> None:
         "new_to_expansion": round(report.new_to_expansion, 4),
         "old_source": report.old_source,
         "threshold": report.threshold,
+        "smoothing": report.smoothing,  # (reports saved before it existed have no such key: 0)
         "calibrate_on": report.calibrate_on,
         "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
         # (reports saved before it existed have no such key)
