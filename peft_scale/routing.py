@@ -15,7 +15,10 @@ Two rules decide, token by token, whether a token gets the widened model's compu
   ``g = 0`` is computed exactly as the base model computes it. (A token with ``g = 0`` in a mixed sequence still
   attends to earlier tokens whose states the expansion changed.) The gate is computed in the same forward pass,
   at layer ``L``, before any gated module runs, so training, evaluation and ``generate()`` (with or without the
-  KV cache: the router is per token) all see the same decisions.
+  KV cache: the router is per token) all see the same decisions. With ``router_smoothing = a > 0`` the decision
+  is on the moving average ``s_t = a s_{t-1} + (1 - a) l_t`` of the router's logits along the sequence
+  (``smooth_logits``); its state is carried from one cached call to the next with the cache object
+  (``Routing.smoothed``), so cached generation still decides as the whole sequence does, or refuses.
 - ``"cosine"`` (the paper's rule, full width only): a preservation copy of the original features
   ``[x_pres; x; x_up]`` enters at layer ``L`` (only frozen base weights touch it), the final norm emits both
   heads' inputs, and hooks on the LM head route per token by ``cos(z_pres, z_adapt) >= tau``.
@@ -65,8 +68,9 @@ class RouteResult:
             (cosine: ``cos(z_pres, z_adapt) >= threshold``; learned: the router's score below its threshold).
         preservation_logits: cosine rule only: ``z_pres = W_out norm(x_pres)``, the base model's own logits.
         adaptation_logits: cosine rule only: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``.
-        scores: learned rule only: the router's probability that the token is new-domain text (with several routed
-            adapters: the highest of their routers' scores).
+        scores: learned rule only: the router's probability that the token is new-domain text (the sigmoid of the
+            smoothed logit with ``router_smoothing > 0``; with several routed adapters: the highest of their
+            routers' scores).
         adapters: learned rule only: the routed adapters that decided, in the order ``choice`` counts them.
         choice: learned rule only: ``(batch, seq)`` long, the index in ``adapters`` of the adapter each token went to,
             ``-1`` for the base model.
@@ -507,6 +511,26 @@ class _CopyOriginalSlice:
 # ------------------------------------------------------------------------------------------------ installation
 
 
+class _MaskCapture:
+    """Forward pre-hook of the whole model: its call's ``attention_mask`` (by keyword or at its ``position``) goes to
+    ``Routing.attention_mask`` for the pass in flight; ``release`` (its forward hook) drops it after an inference
+    call. (An object, not a closure, so that a deep copy of the model hooks the copy's ``Routing``.)"""
+
+    def __init__(self, routing: "Routing", position: Optional[int]) -> None:
+        self.routing = routing
+        self.position = position
+
+    def __call__(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        self.routing.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def release(self, module, args, kwargs, output):
+        if not torch.is_grad_enabled():
+            self.routing.attention_mask = None
+
+
 class Routing:
     """Every routing hook of one ``ScaleModel``: installed per adapter, removed in one place.
 
@@ -537,24 +561,17 @@ class Routing:
 
     def _watch_model(self, model: nn.Module) -> None:
         """Hooks on the whole model that keep its call's ``attention_mask`` for the pass in flight (``generate()``
-        calls the model itself, not ``ScaleModel.forward``); the mask is dropped when the call ends, even by an error."""
+        calls the model itself, not ``ScaleModel.forward``). An inference call drops it when it ends, even by an
+        error; a call with gradients keeps it until the next call, for a checkpointing that wraps the decoder layer's
+        call, hooks included (``torch.utils.checkpoint`` around the module; transformers' own checkpoints only
+        ``forward``), and so runs its gate hook again in the backward pass, after the call has returned."""
         if self._mask_handles:
             return
         parameters = list(inspect.signature(model.forward).parameters)
-        position = parameters.index("attention_mask") if "attention_mask" in parameters else None
-
-        def capture(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if mask is None and position is not None and len(args) > position:
-                mask = args[position]
-            self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-
-        def release(module, args, kwargs, output):
-            self.attention_mask = None
-
+        capture = _MaskCapture(self, parameters.index("attention_mask") if "attention_mask" in parameters else None)
         self._mask_handles = [
             model.register_forward_pre_hook(capture, with_kwargs=True),
-            model.register_forward_hook(release, with_kwargs=True, always_call=True),
+            model.register_forward_hook(capture.release, with_kwargs=True, always_call=True),
         ]
 
     def smoothed(self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask) -> torch.Tensor:
