@@ -565,3 +565,254 @@ def test_trl_sft_trainer_trains_a_routed_adapter(old_speaker, tmp_path):
 
 def test_public_names():
     assert peft_scale.fit_router is fit_router and peft_scale.RouterFitCallback is RouterFitCallback
+
+
+# ------------------------------------------------------------ 6. the router's score smoothed over preceding tokens
+
+SMOOTHING = 0.8
+
+
+def reference_ema(logits: torch.Tensor, a: float) -> torch.Tensor:
+    """``s_0 = l_0, s_t = a s_{t-1} + (1 - a) l_t`` along the last dimension, written out (float64)."""
+    out = torch.empty(logits.shape, dtype=torch.float64)
+    for row in range(logits.shape[0]):
+        state = float(logits[row, 0])
+        for t in range(logits.shape[1]):
+            state = state if t == 0 else a * state + (1 - a) * float(logits[row, t])
+            out[row, t] = state
+    return out
+
+
+def router_logits(model, ids, adapter="default", **kwargs) -> torch.Tensor:
+    """The router's own logit per token ``(batch, seq)``, on the stream entering its layer in this forward pass."""
+    captured = []
+    layer = model.base_model.router_layer(adapter)
+    handle = layer.register_forward_pre_hook(lambda module, args, kw: captured.append(kw.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+    finally:
+        handle.remove()
+    router = model.base_model.scale_router[adapter]
+    return router.logits(captured[0][..., : router.features])
+
+
+def old_then_new(n=2, length=12, seed=20) -> torch.Tensor:
+    """Rows that switch domain halfway (old, then new, and one new, then old): where smoothing changes decisions."""
+    old, new = domain_ids(OLD, n, length, seed=seed), domain_ids(NEW, n, length, seed=seed + 1)
+    return torch.cat([torch.cat([old, new], 1), torch.cat([new, old], 1)])
+
+
+@pytest.fixture(scope="module")
+def smoothed(old_speaker):
+    """(untouched base, model routed with router_smoothing=0.8, perturbed; its fit report)."""
+    reference, model, report = fitted(old_speaker, router_smoothing=SMOOTHING)
+    perturb_adapter(model, scale=0.5)
+    return reference, model.eval(), report
+
+
+def test_no_smoothing_decides_on_each_tokens_own_logit(old_speaker):
+    _, default, default_report = fitted(old_speaker)
+    _, explicit, explicit_report = fitted(old_speaker, router_smoothing=0.0)
+    assert default.peft_config["default"].router_smoothing == 0.0 and default_report.smoothing == 0.0
+    assert (default_report.threshold, default_report.old_to_base, default_report.new_to_expansion) == (
+        explicit_report.threshold, explicit_report.old_to_base, explicit_report.new_to_expansion,
+    )
+    ids = old_then_new()
+    logits = router_logits(default, ids)
+    result = default.base_model.last_routing
+    router = default.base_model.scale_router["default"]
+    assert torch.equal(result.scores, torch.sigmoid(logits))  # the token's own score, bit for bit
+    assert torch.equal(~result.to_preservation, torch.sigmoid(logits) >= router.threshold[0])
+    cached = default.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert cached.shape == (1, 27) and default.base_model._routing._smoothing == {}  # no state is kept
+
+
+def test_a_smoothed_decision_is_the_moving_average_of_the_logits(smoothed):
+    _, model, _ = smoothed
+    ids = old_then_new()
+    logits = router_logits(model, ids)
+    result = model.base_model.last_routing
+    threshold = float(model.base_model.scale_router["default"].threshold)
+    expected = torch.sigmoid(reference_ema(logits, SMOOTHING))
+    assert torch.allclose(result.scores.double(), expected, atol=1e-6, rtol=0)
+    clear = (expected - threshold).abs() > 1e-5  # (no score lies this close to the threshold here)
+    assert clear.all() and torch.equal(~result.to_preservation, expected >= threshold)
+    # it bites: the decisions switch less often along a row than the tokens' own scores would (isolated flips go);
+    # and causal: a row's decisions on its first half do not depend on its second half
+    own = torch.sigmoid(logits) >= threshold
+    assert not torch.equal(own, ~result.to_preservation)
+    assert (result.to_preservation.diff(dim=1) != 0).sum() < (own.diff(dim=1) != 0).sum()
+    prefix = router_logits(model, ids[:, :12])
+    assert torch.equal(model.base_model.last_routing.to_preservation, result.to_preservation[:, :12])
+    assert torch.allclose(prefix, logits[:, :12], atol=1e-6)
+
+
+def test_left_padding_does_not_enter_the_average(smoothed):
+    _, model, _ = smoothed
+    ids = old_then_new()[[0, 2]]
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[1:, :-5]], 1)  # row 1: 5 pad tokens, 19 tokens
+    padded = torch.cat([ids[:1], padded])
+    mask = torch.ones_like(padded)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        model(input_ids=padded, attention_mask=mask)
+        padded_scores = model.base_model.last_routing.scores
+        model(input_ids=ids[1:, :-5])
+        alone = model.base_model.last_routing.scores
+    assert torch.allclose(padded_scores[1, 5:], alone[0], atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match=r"attention_mask .* of shape \(2, 3\)"):
+        with torch.no_grad():
+            model(input_ids=padded, attention_mask=mask[:, :3])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_smoothed_router_keeps_all_old_sequences_on_the_base_model(old_speaker, mode):
+    reference, model, _ = fitted(old_speaker, mode, router_smoothing=SMOOTHING)
+    perturb_adapter(model, scale=0.5)
+    old = domain_ids(OLD, 4, 16, seed=7)
+    with torch.no_grad():
+        assert (model(input_ids=old).logits - reference(input_ids=old).logits).abs().max() <= 1e-6
+        assert model.base_model.last_routing.to_preservation.all()
+        model(input_ids=domain_ids(NEW, 4, 16, seed=8))
+        assert model.base_model.last_routing.to_preservation.float().mean() < 0.1
+
+
+def test_smoothed_generate_with_cache_equals_without(smoothed):
+    reference, model, _ = smoothed
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompts = old_then_new(length=4)  # the prompts switch domain, so the average's history matters
+    for extra in ({}, {"num_beams": 2}):
+        cached = model.generate(input_ids=prompts, use_cache=True, **settings, **extra)
+        uncached = model.generate(input_ids=prompts, use_cache=False, **settings, **extra)
+        assert torch.equal(cached, uncached), extra
+    # a batch of 2 with left padding: the shorter prompt's padding enters neither the average nor the output
+    padded = prompts[[0, 2]].clone()
+    padded[1, :3] = 0
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    for extra in ({}, {"num_beams": 2}):
+        cached = model.generate(input_ids=padded, attention_mask=mask, use_cache=True, **settings, **extra)
+        uncached = model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **settings, **extra)
+        assert torch.equal(cached, uncached), extra
+        alone = model.generate(input_ids=padded[1:, 3:], use_cache=True, **settings, **extra)
+        assert torch.equal(cached[1, 3:], alone[0]), extra
+    # all-old prompts generate as the base model
+    old_prompt = torch.cat([torch.ones(2, 1, dtype=torch.long), domain_ids(OLD, 2, 6, seed=10)], 1)
+    assert torch.equal(model.generate(input_ids=old_prompt, **settings), reference.generate(input_ids=old_prompt, **settings))
+
+
+def test_continuing_a_cache_the_router_did_not_follow_is_refused(smoothed, old_speaker):
+    _, model, _ = smoothed
+    prompts, step = old_then_new(length=4), domain_ids(NEW, 4, 1, seed=30)
+    with torch.no_grad():
+        first = model(input_ids=prompts, use_cache=True).cache
+        second = model(input_ids=prompts, use_cache=True).cache
+        model(input_ids=step, cache=second)  # the cache the router followed last: fine
+        with pytest.raises(RuntimeError, match=r"continues a cache that holds 8 token\(s\) at decoder layer 2, but no "
+                           r"earlier call on this cache object went through this model's router.*without a cache"):
+            model(input_ids=step, cache=first)
+        second.crop(-1)  # (assisted decoding's rollback)
+        with pytest.raises(RuntimeError, match=r"the cache was cropped \(cache.crop\(\)"):
+            model(input_ids=step, cache=second)
+        # the state follows the cache's rows (beam search's reorder_cache, batch_select_indices)
+        third = model(input_ids=prompts, use_cache=True).cache
+        third.batch_select_indices(torch.tensor([3, 1]))
+        model(input_ids=step[:2], cache=third)
+        continued = model.base_model.last_routing.scores[:, -1]
+        model(input_ids=torch.cat([prompts[[3, 1]], step[:2]], 1))
+        assert torch.allclose(continued, model.base_model.last_routing.scores[:, -1], atol=1e-5, rtol=0)
+        fourth = model(input_ids=prompts, use_cache=True).cache
+        fourth.reorder_cache(torch.tensor([2, 0, 3, 1]))
+        model(input_ids=step, cache=fourth)
+        continued = model.base_model.last_routing.scores[:, -1]
+        model(input_ids=torch.cat([prompts[[2, 0, 3, 1]], step], 1))
+        assert torch.allclose(continued, model.base_model.last_routing.scores[:, -1], atol=1e-5, rtol=0)
+        # a cache the router never saw (the base model filled it)
+        with model.disable_adapter():
+            foreign = model(input_ids=prompts, use_cache=True).cache
+        with pytest.raises(RuntimeError, match="no earlier call on this cache object"):
+            model(input_ids=step, cache=foreign)
+
+
+def test_router_smoothing_is_saved_and_loaded(smoothed, old_speaker, tmp_path):
+    _, model, _ = smoothed
+    ids = old_then_new()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    mask = model.base_model.last_routing.to_preservation
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["router_smoothing"] == SMOOTHING and saved["router_report"]["smoothing"] == SMOOTHING
+    loaded = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
+    assert loaded.peft_config["default"].router_smoothing == SMOOTHING
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    assert torch.equal(loaded.base_model.last_routing.to_preservation, mask)
+    # a config saved before the option existed loads as 0 (each token decides on its own logit)
+    del saved["router_smoothing"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(tmp_path).router_smoothing == 0.0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(router_smoothing=1.0), r"router_smoothing=1.0\): the moving average's coefficient a must be a number in \[0, 1\)"),
+        (dict(router_smoothing=-0.1), r"router_smoothing=-0.1\): .* in \[0, 1\)"),
+        (dict(router_smoothing="0.8"), r"router_smoothing='0.8'\): .* in \[0, 1\)"),
+        (dict(router_smoothing=0.8, route_rule="cosine", hidden_expansion=16),
+         r"router_smoothing=0.8\) smooths the learned router's score, but this config has variant='route', "
+         r"route_rule='cosine'"),
+    ],
+)
+def test_router_smoothing_config_errors(config, message):
+    config = {"ffn_expansion": 8, "variant": "route", **config}
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(**config)
+    with pytest.raises(ValueError, match=r"router_smoothing=0.5\) smooths the learned router's score, but this config "
+                       r"has variant='adapt'"):
+        ScaleConfig(ffn_expansion=8, router_smoothing=0.5)
+
+
+def test_fit_router_calibrates_and_reports_the_smoothed_decisions(old_speaker):
+    """Overlapping domains (ids 34-63 in both): the per-token router is imperfect, and the average helps."""
+    new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)
+    _, plain = routed(old_speaker)
+    per_token = fit_router(plain, new, old, progress=False)
+    _, model = routed(old_speaker, router_smoothing=SMOOTHING)
+    report = fit_router(model, new, old, progress=False)
+    assert report.smoothing == SMOOTHING and "smoothed over preceding tokens, a = 0.8" in str(report)
+    assert report.threshold != per_token.threshold
+    assert report.calibration_old_to_base >= 0.99
+    # the report's shares are the model's smoothed decisions on the data
+    assert routed_share(model, new) == pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
+    assert 1 - routed_share(model, old) == pytest.approx(report.fitted_old_to_base, abs=2e-3)
+    # and they differ from what the same kept router, deciding per token, would do
+    model.peft_config["default"].router_smoothing = 0.0
+    assert routed_share(model, new) != pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
+
+
+def test_gradient_checkpointing_recomputes_the_same_smoothed_decisions(smoothed):
+    """A left-padded training batch gives the same gradients with gradient checkpointing as without (transformers
+    checkpoints the layers' ``forward``, so layer L's gate hook decides once, outside the recomputation)."""
+    _, model, _ = smoothed
+    model = copy.deepcopy(model)  # (a deep copy's hooks write to its own routing)
+    ids = old_then_new()
+    mask = torch.ones_like(ids)
+    mask[2, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.base_model.model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in scale_parameters(model).items() if p.grad is not None})
+    model.eval()
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name

@@ -716,3 +716,33 @@ def test_push_to_hub_of_other_peft_methods_is_transformers_own(monkeypatch):
     hub = RecordedHub(monkeypatch)
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).push_to_hub("tiny-org/lora")
     assert SECTION_START not in hub.card().text and "adapter_config.json" in hub.files
+
+
+def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker):
+    """``es`` smooths its router's score (router_smoothing=0.8), ``fr`` does not: routed together, each adapter's
+    score is its own rule's, and the joint choice is made on those scores; cached generation decides alike."""
+    from test_routing import reference_ema, router_logits
+
+    model = get_peft_model(copy.deepcopy(speaker), config(router_smoothing=0.8), adapter_name="es")
+    model.add_adapter("fr", config())
+    base, es, fr = (domain_ids(d, 48, 24, seed=60 + i) for i, d in enumerate((BASE, ES, FR)))
+    fit_router(model, es, torch.cat([base, fr]), adapter_name="es", progress=False)
+    fit_router(model, fr, torch.cat([base, es]), adapter_name="fr", progress=False)
+    perturb_adapter(model, "es", seed=1, scale=0.5)
+    perturb_adapter(model, "fr", seed=2, scale=0.5)
+    model.base_model.set_adapter(["es", "fr"])
+    model.eval()
+    halves = [domain_ids(d, 2, 8, seed=70 + i) for i, d in enumerate((BASE, ES, FR, ES))]
+    ids = torch.cat([torch.cat(halves[:2], 1), torch.cat(halves[2:], 1)])  # base -> es, fr -> es
+    own = {name: router_logits(model, ids, name) for name in ("es", "fr")}
+    result = model.base_model.last_routing
+    assert result.adapters == ("es", "fr")
+    expected = {"es": torch.sigmoid(reference_ema(own["es"], 0.8)).float(), "fr": torch.sigmoid(own["fr"])}
+    assert torch.allclose(result.adapter_scores["es"], expected["es"], atol=1e-6, rtol=0)
+    assert torch.equal(result.adapter_scores["fr"], expected["fr"])
+    routers = model.base_model.scale_router
+    claims = [result.adapter_scores[name] >= routers[name].threshold[0] for name in ("es", "fr")]
+    assert torch.equal(result.choice, choose_adapters([result.adapter_scores[n] for n in ("es", "fr")], claims))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(input_ids=ids, use_cache=True, **settings),
+                       model.generate(input_ids=ids, use_cache=False, **settings))  # fmt: skip
