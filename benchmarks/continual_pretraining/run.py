@@ -69,7 +69,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -98,12 +98,14 @@ class Run(NamedTuple):
     training stream, and where its old side (the replayed blocks, the learned router's old examples) comes from:
     ``"old_data"`` (the old language's training documents) or ``"base_samples"`` (the base model's own samples).
     ``w12_lr_ratio``: the learning rate of SCALE's zero-started readout ``W12`` over the run's (``peft_scale.
-    scale_optimizer_param_groups``; 1: one learning rate for every block)."""
+    scale_optimizer_param_groups``; 1: one learning rate for every block). ``scale_options``: ``ScaleConfig`` fields
+    of this row only, ``(name, value)`` pairs over the command's ``--scale-option``s."""
 
     method: str
     replay: float = 0.0
     old_side: str = "old_data"
     w12_lr_ratio: float = 1.0
+    scale_options: tuple = ()
 
 
 RUNS = {
@@ -119,6 +121,11 @@ RUNS = {
     "scale_ffn_routed_w12x4": Run("scale_ffn_routed", w12_lr_ratio=4.0),
     "scale_ffn_routed_samples_w12x4": Run("scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0),
     "scale_routed_samples_w12x4": Run("scale_routed", old_side="base_samples", w12_lr_ratio=4.0),
+    # the router's score smoothed over the preceding tokens (learned_router_findings.md, the smoothing diagnostic)
+    "scale_ffn_routed_w12x4_ema": Run("scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)),
+    "scale_ffn_routed_samples_w12x4_ema": Run(
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)
+    ),
 }
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
@@ -128,7 +135,8 @@ DEFAULT_LRS = {
     "scale_route_replay": _LARGE,
     "scale_ffn_routed": _LARGE, "scale_ffn_routed_samples": _LARGE, "scale_routed": _LARGE,
     "scale_routed_samples": _LARGE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
-    "scale_routed_samples_w12x4": _LARGE,
+    "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
+    "scale_ffn_routed_samples_w12x4_ema": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -326,7 +334,9 @@ def train_run(
     """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json.
 
     ``old_sides``: ``OLD_SIDES`` key -> ``OldSide``, what the replay rows replay and the routed rows' routers read."""
-    method, replay, old_source, w12_lr_ratio = RUNS[run_name]
+    method, replay, old_source, w12_lr_ratio, row_options = RUNS[run_name]
+    if row_options:
+        sizes = replace(sizes, scale_options={**sizes.scale_options, **dict(row_options)})
     old_side = old_sides[old_source]
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -389,6 +399,7 @@ def train_run(
         "lr": lr,
         "replay_fraction": replay,
         **({"w12_lr_ratio": w12_lr_ratio} if w12_lr_ratio != 1.0 else {}),
+        **({"scale_options": dict(row_options)} if row_options else {}),
         "old_side": old_side.label if replay or router else None,
         **({"base_samples_digest": old_side.digest} if replay and old_side.digest else {}),
         "trainable_parameters": trainable,
