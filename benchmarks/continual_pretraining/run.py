@@ -126,6 +126,9 @@ RUNS = {
     "scale_ffn_routed_samples_w12x4_ema": Run(
         "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)
     ),
+    "scale_ffn_routed_samples_w12x16_ema": Run(
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=16.0, scale_options=(("router_smoothing", 0.8),)
+    ),
 }
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
@@ -136,7 +139,7 @@ DEFAULT_LRS = {
     "scale_ffn_routed": _LARGE, "scale_ffn_routed_samples": _LARGE, "scale_routed": _LARGE,
     "scale_routed_samples": _LARGE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
     "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
-    "scale_ffn_routed_samples_w12x4_ema": _LARGE,
+    "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
