@@ -62,6 +62,15 @@ class ScaleConfig(PeftConfig):
             decides on its own logit. Measured (``benchmarks/results/continual_pretraining/cpu_40_steps/
             learned_router_findings.md``): ``a = 0.8`` at the same 1% error on old text sent 7x (old data as the old
             side) / 3x (base model samples) fewer new-language tokens to the base model.
+        router_smoothing_start: where that average starts, with ``router_smoothing > 0``. ``"token"`` (default):
+            ``s_0 = l_0``, the first token decides on its own logit (and the next few mostly on it). ``"old"``: from
+            the logit of typical old text, ``s_-1 = c``, ``s_0 = a c + (1 - a) l_0``, with ``c`` the median of the
+            router's logits on the old side's tokens (set by ``fit_router``): a sequence counts as old text until
+            its tokens say otherwise (the pull fades as ``a^t``). A wrong "expansion" on old text costs forgetting,
+            a wrong "base model" on new text only a little learning, and the first tokens, with the least context,
+            are where the router errs most. Measured (``learned_router_findings.md``, fifth pass): with old data as
+            the old side, 10.9% of the first 8 old-language tokens of each evaluation block reached the expansion
+            from ``"token"``, none from ``"old"``, at the cost of the first ~4 new-language tokens of a sequence.
         preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route). With the
             learned route, the router reads the stream entering this layer, and in FFN mode only the MLPs from this
             layer up are widened (the ones below could never reach the output).
@@ -129,6 +138,14 @@ class ScaleConfig(PeftConfig):
         metadata={
             "help": "Learned route: EMA coefficient a in [0, 1) of the router's logit over the preceding tokens of the "
             "sequence (s_t = a s_{t-1} + (1-a) l_t); 0: each token decides on its own logit."
+        },
+    )
+    router_smoothing_start: Literal["token", "old"] = field(
+        default="token",
+        metadata={
+            "help": "Learned route with router_smoothing > 0: 'token' (s_0 = l_0) or 'old' (the average starts from the "
+            "median logit of the old side's tokens, s_-1 = c: a sequence counts as old text until its tokens say "
+            "otherwise)."
         },
     )
     route_threshold: float = field(
@@ -246,6 +263,16 @@ class ScaleConfig(PeftConfig):
                 f"ScaleConfig(router_smoothing={smoothing}) smooths the learned router's score, but this config has "
                 f"variant={self.variant!r}, route_rule={self.route_rule!r}: use it with variant='route', "
                 "route_rule='learned' (the default rule of 'route'), or leave router_smoothing=0."
+            )
+        if self.router_smoothing_start not in ("token", "old"):
+            raise ValueError(
+                f"ScaleConfig(router_smoothing_start={self.router_smoothing_start!r}): choose 'token' (the average "
+                "starts at the first token's own logit) or 'old' (from the old side's median logit, set by fit_router)."
+            )
+        if self.router_smoothing_start == "old" and not self.router_smoothing:
+            raise ValueError(
+                "ScaleConfig(router_smoothing_start='old') sets where the router's moving average starts, but "
+                "router_smoothing is 0 (no average): set router_smoothing, e.g. 0.8, or leave router_smoothing_start."
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")

@@ -19,7 +19,8 @@ trains, on frozen features, and it never drifts while the adapter trains:
    "base model" on new text only a little learning. With ``calibrate_on="held_out"`` (the default: the old data
    is a sample of what must be kept, e.g. a language) it is the lowest threshold (at least 0.5) at which at most
    ``max_old_error`` of the calibration part's old tokens reach the expansion: a bound for old text the router
-   has never seen.
+   has never seen. With ``router_smoothing_start="old"`` the smoothed average starts from the median of the
+   router's logits on the old side's tokens (``TokenRouter.start``), set here for the trial and the kept router.
 5. The report gives, on the held-out part, the share of old tokens routed to the base model and of new tokens
    routed to the expansion.
 6. The router that is kept is then refitted on every sequence of both sides (the same training), so that none of
@@ -56,7 +57,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .routing import rms_normalise, smooth_logits
+from .routing import rms_normalise, smooth_logits, smoothing_start
 
 logger = logging.get_logger(__name__)
 
@@ -102,6 +103,8 @@ class RouterReport:
         other_held_out_tokens: ``{domain: n}``: held-out tokens of each of ``other_domains``.
         smoothing: the adapter's ``router_smoothing``: with ``a > 0`` every share above and the threshold are those
             of the smoothed decisions (the moving average over each sequence's tokens, as the model routes).
+        smoothing_start: the adapter's ``router_smoothing_start`` (``"token"`` or ``"old"``), where that average
+            starts.
     """
 
     adapter_name: str
@@ -123,6 +126,7 @@ class RouterReport:
     other_to_expansion: dict = field(default_factory=dict)
     other_held_out_tokens: dict = field(default_factory=dict)
     smoothing: float = 0.0
+    smoothing_start: str = "token"
 
     def __str__(self) -> str:
         claimed = ""
@@ -139,6 +143,8 @@ class RouterReport:
             shares = ", ".join(f"{name!r} {share:.2%}" for name, share in self.claimed_by_other_adapters.items())
             claimed += f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
         smoothed = f"; score smoothed over preceding tokens, a = {self.smoothing}" if self.smoothing else ""
+        if self.smoothing and self.smoothing_start == "old":
+            smoothed += ", from the old side's median logit"
         return (
             f"SCALE router of adapter {self.adapter_name!r} (reads the input of layer {self.layer}; old side: "
             f"{self.old_source}; threshold {self.threshold:.3f}{smoothed})\n"
@@ -521,10 +527,17 @@ def fit_router(
     trial = _train_router(router, torch.cat(parts["new"][0]), torch.cat(negatives), steps, lr, weight_decay, seed)
     all_negatives = torch.cat(sides["old"] + [f for feats in others.values() for f in feats])
     kept = _train_router(router, torch.cat(sides["new"]), all_negatives, steps, lr, weight_decay, seed)
+    # where a smoothed average starts with router_smoothing_start="old": the logit of typical old text, the median of
+    # each router's logits on the old side it was fitted on (robust to the few old tokens it scores high; stored
+    # whatever the option, so that it can be switched on without refitting)
+    with torch.no_grad():
+        trial["start"] = router.logits(torch.cat(parts["old"][0]), trial).median().reshape(1)
+        kept["start"] = router.logits(torch.cat(sides["old"]), kept).median().reshape(1)
     smoothing = config.router_smoothing
+    start_on = smoothing and config.router_smoothing_start == "old"
 
     def scores(sequences, params, first_tokens=None):
-        per_sequence = sequence_scores(router, sequences, smoothing, params)
+        per_sequence = sequence_scores(router, sequences, smoothing, params, params["start"] if start_on else None)
         return torch.cat([score[:first_tokens] for score in per_sequence])
 
     calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
@@ -559,6 +572,7 @@ def fit_router(
         },
         other_held_out_tokens={name: sum(len(f) for f in part[2]) for name, part in other_parts.items()},
         smoothing=smoothing,
+        smoothing_start=config.router_smoothing_start,
     )
     _record_report(config, report)
     _warn_if_claimed(report)
@@ -587,17 +601,20 @@ def _other_domain_sequences(other_domains, vocab_size: Optional[int]) -> dict[st
 
 
 @torch.no_grad()
-def sequence_scores(router, sequences: list[torch.Tensor], smoothing: float, params=None) -> list[torch.Tensor]:
+def sequence_scores(
+    router, sequences: list[torch.Tensor], smoothing: float, params=None, start: Optional[torch.Tensor] = None
+) -> list[torch.Tensor]:
     """The score the gate hook computes for every token of each sequence (features ``(len, d)`` of the stream
     entering the router's layer): ``sigmoid`` of the router's logit, smoothed along the sequence first
-    (``routing.smooth_logits``) when ``smoothing > 0``. ``params``: as in ``TokenRouter.logits``."""
+    (``routing.smooth_logits``, from ``start`` when given) when ``smoothing > 0``. ``params``: as in
+    ``TokenRouter.logits``."""
     device = (params or router._buffers)["w_in"].device
     lengths = [len(features) for features in sequences]
     logits = router.logits(torch.cat(sequences)[..., : router.features].to(device), params)
     if smoothing:  # right-padded rows (padding comes after a row's tokens: the causal average never reads it)
         rows = torch.nn.utils.rnn.pad_sequence(list(logits.split(lengths)), batch_first=True)
         mask = torch.arange(rows.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
-        logits = smooth_logits(rows, smoothing, mask)[0][mask]
+        logits = smooth_logits(rows, smoothing, mask, start=start)[0][mask]
     return list(torch.sigmoid(logits).split(lengths))
 
 
@@ -611,8 +628,9 @@ def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module,
     for name, router in scale_model.scale_router.items():
         if name == adapter_name or not router.is_fitted or scale_model.router_layer(name) is not layer:
             continue
-        smoothing = scale_model.peft_config[name].router_smoothing
-        scores = torch.cat(sequence_scores(router, sequences, smoothing))
+        config = scale_model.peft_config[name]
+        start = smoothing_start(name, config, router) if config.router_smoothing else None
+        scores = torch.cat(sequence_scores(router, sequences, config.router_smoothing, start=start))
         shares[name] = float((scores >= router.threshold[0]).float().mean())
     return shares
 
@@ -652,6 +670,7 @@ def _record_report(config, report: RouterReport) -> None:
         "old_source": report.old_source,
         "threshold": report.threshold,
         "smoothing": report.smoothing,  # (reports saved before it existed have no such key: 0)
+        "smoothing_start": report.smoothing_start,  # (nor this one: "token")
         "calibrate_on": report.calibrate_on,
         "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
         # (reports saved before it existed have no such key)

@@ -43,6 +43,7 @@ changes every token): ``check_routed_together`` refuses both.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import weakref
 from contextlib import contextmanager
@@ -117,6 +118,8 @@ class TokenRouter(nn.Module):
     Every number is a buffer, not a parameter: the router is fitted by ``fit_router`` and then frozen (no optimizer
     sees it, PEFT's adapter switching never makes it trainable), and it is saved, loaded and deleted with its
     adapter. ``fitted`` is 0 until ``fit_router`` has run; a forward pass through an unfitted router is an error.
+    ``start`` is the median logit of the old side's tokens, where a smoothed average starts with
+    ``router_smoothing_start="old"`` (NaN in a router fitted before it existed).
 
     Args:
         features: ``d``, the width of the original stream.
@@ -137,6 +140,14 @@ class TokenRouter(nn.Module):
         self.register_buffer("b_out", torch.zeros(1, **factory))
         self.register_buffer("threshold", torch.full((1,), 0.5, **factory))
         self.register_buffer("fitted", torch.zeros(1, **factory))
+        self.register_buffer("start", torch.full((1,), math.nan, **factory))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an adapter saved before ``start`` existed: its router loads whole, with the start unknown (NaN), instead
+        # of PEFT warning about a missing key (only where this router's other numbers are being loaded)
+        if prefix + "threshold" in state_dict and prefix + "start" not in state_dict:
+            state_dict[prefix + "start"] = torch.full_like(self.start, math.nan)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def is_fitted(self) -> bool:
@@ -208,16 +219,34 @@ def choose_adapters(scores: list[torch.Tensor], claims: list[torch.Tensor]) -> t
     return torch.where(claims.any(0), best, torch.full_like(best, -1))
 
 
+def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
+    """The value adapter ``adapter_name``'s smoothed average starts from: ``router.start`` with
+    ``router_smoothing_start="old"``, else ``None`` (the first token's own logit)."""
+    if getattr(config, "router_smoothing_start", "token") != "old":
+        return None
+    if math.isnan(float(router.start[0])):
+        raise RuntimeError(
+            f"SCALE adapter {adapter_name!r} has router_smoothing_start='old', but its router was fitted before the "
+            "start value existed (its `start` is unknown): call peft_scale.fit_router(model, new_data, ..., "
+            f"adapter_name={adapter_name!r}) again, or set router_smoothing_start='token'."
+        )
+    return router.start
+
+
 def smooth_logits(
     logits: torch.Tensor,
     smoothing: float,
     mask: Optional[torch.Tensor] = None,
     last: Optional[torch.Tensor] = None,
     started: Optional[torch.Tensor] = None,
+    start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exponential moving average of a router's logits along the sequence (``ScaleConfig.router_smoothing``)::
 
         s_0 = l_0,    s_t = a s_{t-1} + (1 - a) l_t        (a = smoothing; over one row's real tokens)
+
+    or, with a ``start`` value ``c`` (a 0-d or ``(1,)`` tensor: ``router_smoothing_start="old"``), ``s_-1 = c``:
+    ``s_0 = a c + (1 - a) l_0``.
 
     ``logits``: ``(batch, seq)``. ``mask``: ``(batch, seq)`` bool, ``False`` at padding: a pad token leaves the
     average as it is (and keeps its own logit), so a left-padded row starts at its first real token. ``last``,
@@ -233,9 +262,11 @@ def smooth_logits(
     state = torch.zeros(batch, dtype=logits.dtype, device=logits.device) if last is None else last
     on = torch.zeros(batch, dtype=torch.bool, device=logits.device) if started is None else started
     out = torch.empty_like(logits)
+    begin = None if start is None else a * start.reshape(()).to(logits.dtype)
     for t in range(length):
         own = logits[:, t]
-        step = torch.where(on, a * state + (1 - a) * own, own)
+        first = own if begin is None else begin + (1 - a) * own
+        step = torch.where(on, a * state + (1 - a) * own, first)
         if mask is None:
             state, out[:, t] = step, step
             on = torch.ones_like(on)
@@ -402,13 +433,16 @@ class _GateHook:
             )
         hidden = args[0] if args else kwargs["hidden_states"]
         gates = self.routing.gates.gates
-        smoothing = {name: self.routing.configs()[name].router_smoothing for name in names}
+        configs = self.routing.configs()
+        smoothing = {name: configs[name].router_smoothing for name in names}
         sequence = self._sequence(args, kwargs, hidden) if any(smoothing.values()) else None
 
         def decide(name, router):  # (claim, score) per token: on the token's own logit, or on the smoothed one
             if not smoothing[name]:
                 return router(hidden[..., : router.features])
-            logits = self.routing.smoothed(name, router.logits(hidden[..., : router.features]), smoothing[name], *sequence)
+            start = smoothing_start(name, configs[name], router)
+            own = router.logits(hidden[..., : router.features])
+            logits = self.routing.smoothed(name, own, smoothing[name], *sequence, start=start)
             score = torch.sigmoid(logits)
             return score >= router.threshold[0], score
 
@@ -574,10 +608,13 @@ class Routing:
             model.register_forward_hook(capture.release, with_kwargs=True, always_call=True),
         ]
 
-    def smoothed(self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask) -> torch.Tensor:
-        """``logits`` (batch, seq) of ``adapter_name``'s router, smoothed (``smooth_logits``) over the preceding tokens
-        of each row: those of this call and, when it continues a cache, those the cache holds (whose average the
-        previous call on that cache left in ``self._smoothing``). Refuses a continuation it has no exact state for."""
+    def smoothed(
+        self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask, start=None
+    ) -> torch.Tensor:
+        """``logits`` (batch, seq) of ``adapter_name``'s router, smoothed (``smooth_logits``, from ``start`` when given)
+        over the preceding tokens of each row: those of this call and, when it continues a cache, those the cache
+        holds (whose average the previous call on that cache left in ``self._smoothing``). Refuses a continuation it
+        has no exact state for."""
         batch, length = logits.shape
         last = started = None
         if past:
@@ -602,7 +639,7 @@ class Routing:
                     "the cache back and is not supported with router_smoothing > 0."
                 )
             last, started = state.last, state.started
-        smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started)
+        smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started, start)
         if cache is not None:
             self._track_cache(cache)
             self._smoothing[adapter_name] = _SmoothingState(weakref.ref(cache), past + length, batch, last, started)

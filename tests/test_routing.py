@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -572,13 +573,15 @@ def test_public_names():
 SMOOTHING = 0.8
 
 
-def reference_ema(logits: torch.Tensor, a: float) -> torch.Tensor:
-    """``s_0 = l_0, s_t = a s_{t-1} + (1 - a) l_t`` along the last dimension, written out (float64)."""
+def reference_ema(logits: torch.Tensor, a: float, start=None) -> torch.Tensor:
+    """``s_0 = l_0, s_t = a s_{t-1} + (1 - a) l_t`` along the last dimension, written out (float64); with a
+    ``start`` value ``c``, ``s_-1 = c``."""
     out = torch.empty(logits.shape, dtype=torch.float64)
     for row in range(logits.shape[0]):
-        state = float(logits[row, 0])
+        state = None if start is None else float(start)
         for t in range(logits.shape[1]):
-            state = state if t == 0 else a * state + (1 - a) * float(logits[row, t])
+            own = float(logits[row, t])
+            state = own if state is None else a * state + (1 - a) * own
             out[row, t] = state
     return out
 
@@ -816,3 +819,119 @@ def test_gradient_checkpointing_recomputes_the_same_smoothed_decisions(smoothed)
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
+
+
+# ------------------------------------------------ 7. the smoothed average started from the old side's median logit
+
+
+@pytest.fixture(scope="module")
+def smoothed_from_old(old_speaker):
+    """(untouched base, model routed with router_smoothing=0.8 from the old side's median logit, perturbed; report)."""
+    reference, model, report = fitted(old_speaker, router_smoothing=SMOOTHING, router_smoothing_start="old")
+    perturb_adapter(model, scale=0.5)
+    return reference, model.eval(), report
+
+
+def test_the_average_starts_from_the_old_sides_median_logit(smoothed_from_old):
+    _, model, report = smoothed_from_old
+    router = model.base_model.scale_router["default"]
+    # the start is the median of the kept router's logits on all the old data it was fitted on
+    old_logits = router_logits(model, domain_ids(OLD, seed=2))
+    assert float(router.start) == pytest.approx(float(old_logits.flatten().median()), abs=1e-4)
+    assert float(router.start) < -3  # old text, confidently
+    ids = old_then_new()
+    logits = router_logits(model, ids)
+    result = model.base_model.last_routing
+    expected = torch.sigmoid(reference_ema(logits, SMOOTHING, start=float(router.start)))
+    assert torch.allclose(result.scores.double(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(~result.to_preservation, expected >= float(router.threshold))
+    # what it changes: a new-domain row's first token, whose own logit sends it to the expansion from "token",
+    # goes to the base model; later tokens of the row reach the expansion all the same
+    new_rows = domain_ids(NEW, 4, 16, seed=8)
+    own = torch.sigmoid(router_logits(model, new_rows))
+    model(input_ids=new_rows)
+    decisions = ~model.base_model.last_routing.to_preservation
+    assert (own[:, 0] >= float(router.threshold)).sum() >= 2 and not decisions[:, 0].any()
+    assert decisions[:, -4:].all()
+    assert report.smoothing_start == "old" and "from the old side's median logit" in str(report)
+    assert model.peft_config["default"].router_report["smoothing_start"] == "old"
+
+
+def test_a_token_start_router_stores_the_start_but_does_not_use_it(smoothed):
+    _, model, report = smoothed
+    router = model.base_model.scale_router["default"]
+    assert torch.isfinite(router.start).all() and report.smoothing_start == "token"
+    ids = old_then_new()
+    logits = router_logits(model, ids)
+    expected = torch.sigmoid(reference_ema(logits, SMOOTHING))
+    assert torch.allclose(model.base_model.last_routing.scores.double(), expected, atol=1e-6, rtol=0)
+    assert "median logit" not in str(report)
+
+
+def test_generate_from_the_old_start_with_cache_equals_without(smoothed_from_old):
+    reference, model, _ = smoothed_from_old
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompts = old_then_new(length=4)
+    for extra in ({}, {"num_beams": 2}):
+        cached = model.generate(input_ids=prompts, use_cache=True, **settings, **extra)
+        uncached = model.generate(input_ids=prompts, use_cache=False, **settings, **extra)
+        assert torch.equal(cached, uncached), extra
+    padded = prompts[[0, 2]].clone()  # left padding: the average starts from c at the row's first real token
+    padded[1, :3] = 0
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    cached = model.generate(input_ids=padded, attention_mask=mask, use_cache=True, **settings)
+    assert torch.equal(cached, model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **settings))
+    assert torch.equal(cached[1, 3:], model.generate(input_ids=padded[1:, 3:], use_cache=True, **settings)[0])
+    old_prompt = torch.cat([torch.ones(2, 1, dtype=torch.long), domain_ids(OLD, 2, 6, seed=10)], 1)
+    assert torch.equal(model.generate(input_ids=old_prompt, **settings), reference.generate(input_ids=old_prompt, **settings))
+
+
+def test_the_start_is_saved_and_an_adapter_saved_before_it_loads(smoothed_from_old, old_speaker, tmp_path):
+    _, model, _ = smoothed_from_old
+    ids = old_then_new()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["router_smoothing_start"] == "old"
+    loaded = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
+    assert torch.equal(loaded.base_model.scale_router["default"].start, model.base_model.scale_router["default"].start)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    # an adapter saved before the start existed: no `start` among its router's numbers, no such config key
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    old_weights = {key: value for key, value in weights.items() if not key.endswith("scale_router.start")}
+    assert len(old_weights) == len(weights) - 1
+    save_file(old_weights, tmp_path / "adapter_model.safetensors")
+    del saved["router_smoothing_start"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message).lower()]  # (PEFT's "missing adapter keys")
+    assert old.peft_config["default"].router_smoothing_start == "token"
+    assert torch.isnan(old.base_model.scale_router["default"].start).all()
+    with torch.no_grad():
+        old(input_ids=ids)  # from its first token, as it was saved
+    old.peft_config["default"].router_smoothing_start = "old"
+    with pytest.raises(RuntimeError, match=r"router_smoothing_start='old', but its router was fitted before the start "
+                       r"value existed .* call peft_scale.fit_router\(model, new_data, ..., adapter_name='default'\) again"):
+        with torch.no_grad():
+            old(input_ids=ids)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(router_smoothing=0.8, router_smoothing_start="first"),
+         r"router_smoothing_start='first'\): choose 'token' .* or 'old'"),
+        (dict(router_smoothing_start="old"), r"router_smoothing_start='old'\) sets where the router's moving average "
+                                            r"starts, but router_smoothing is 0"),
+    ],
+)
+def test_router_smoothing_start_config_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(ffn_expansion=8, variant="route", **config)

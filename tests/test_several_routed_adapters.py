@@ -718,12 +718,15 @@ def test_push_to_hub_of_other_peft_methods_is_transformers_own(monkeypatch):
     assert SECTION_START not in hub.card().text and "adapter_config.json" in hub.files
 
 
-def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker):
-    """``es`` smooths its router's score (router_smoothing=0.8), ``fr`` does not: routed together, each adapter's
-    score is its own rule's, and the joint choice is made on those scores; cached generation decides alike."""
+@pytest.mark.parametrize("start", ["token", "old"])
+def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker, start):
+    """``es`` smooths its router's score (router_smoothing=0.8, from its first token or from the old side's median
+    logit), ``fr`` does not: routed together, each adapter's score is its own rule's, and the joint choice is made
+    on those scores; cached generation decides alike."""
     from test_routing import reference_ema, router_logits
 
-    model = get_peft_model(copy.deepcopy(speaker), config(router_smoothing=0.8), adapter_name="es")
+    es_config = config(router_smoothing=0.8, router_smoothing_start=start)
+    model = get_peft_model(copy.deepcopy(speaker), es_config, adapter_name="es")
     model.add_adapter("fr", config())
     base, es, fr = (domain_ids(d, 48, 24, seed=60 + i) for i, d in enumerate((BASE, ES, FR)))
     fit_router(model, es, torch.cat([base, fr]), adapter_name="es", progress=False)
@@ -737,7 +740,8 @@ def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker):
     own = {name: router_logits(model, ids, name) for name in ("es", "fr")}
     result = model.base_model.last_routing
     assert result.adapters == ("es", "fr")
-    expected = {"es": torch.sigmoid(reference_ema(own["es"], 0.8)).float(), "fr": torch.sigmoid(own["fr"])}
+    es_start = float(model.base_model.scale_router["es"].start) if start == "old" else None
+    expected = {"es": torch.sigmoid(reference_ema(own["es"], 0.8, es_start)).float(), "fr": torch.sigmoid(own["fr"])}
     assert torch.allclose(result.adapter_scores["es"], expected["es"], atol=1e-6, rtol=0)
     assert torch.equal(result.adapter_scores["fr"], expected["fr"])
     routers = model.base_model.scale_router
