@@ -162,100 +162,106 @@ def measure(sc: dict, thr: float) -> dict:
     return row
 
 
-# ------------------------------------------------------------------ per old side
-results = {}
-for old_side in ("old_data", "base_samples"):
-    t = time.time()
-    sides = {"new": feats["new"], "old": feats[old_side]}
-    generator = torch.Generator().manual_seed(args.seed)
-    splits = {side: _split_sequences(len(f), generator) for side, f in sides.items()}
-    fit = {side: torch.cat([sides[side][i] for i in splits[side][0]]) for side in sides}
-    trial = _train_router(router, fit["new"], fit["old"], STEPS, LR, WEIGHT_DECAY, args.seed)
-    kept = _train_router(router, torch.cat(sides["new"]), torch.cat(sides["old"]), STEPS, LR, WEIGHT_DECAY, args.seed)
-    train_seconds = time.time() - t
-    logits = {(side, part): seq_logits([sides[side][i] for i in splits[side][j]], trial)
-              for side in sides for part, j in (("calibration", 1), ("held_out", 2))}  # fmt: skip
-    for name in ("new_eval", "old_eval"):
-        logits[(name, "trial")] = seq_logits(feats[name], trial)
-        logits[(name, "kept")] = seq_logits(feats[name], kept)
-    rows = {}
-    for cand, smooth in CANDIDATES.items():
-        sc = {key: [torch.sigmoid(smooth(l)) for l in ls] for key, ls in logits.items()}
-        calibration_old = torch.cat(sc[("old", "calibration")])
-        thr = _threshold(calibration_old, MAX_OLD_ERROR)
-        rows[cand] = measure(sc, thr)
-        exact = exact_threshold(calibration_old, MAX_OLD_ERROR)
-        if exact != thr:  # _threshold's floor of 0.5 binds: the same share of old tokens without the floor
-            rows[cand]["unfloored"] = measure(sc, exact)
-    w1 = rows["mean_1"]
-    # the check: w=1 against fit_router's report and the benchmark's routing, recorded in results.json
-    run_key = "scale_ffn_routed@0.001" if old_side == "old_data" else "scale_ffn_routed_samples@0.001"
-    rep = recorded["runs"][run_key]["router"]["report"]
-    final = recorded["runs"][run_key]["final"]
-    # the (a) runs were made before fit_router refitted the kept router on every sequence (their report has no
-    # fitted_* shares): they routed with the trial router; the (b) runs with the kept router
-    used = "kept" if "fitted_new_to_expansion" in rep else "trial"
-    check = {
-        "threshold": (w1["threshold"], rep["threshold"]),
-        "held_out_old_to_base": (w1["held_out_old_to_base"], rep["old_to_base"]),
-        "held_out_new_to_expansion": (w1["held_out_new_to_expansion"], rep["new_to_expansion"]),
-        "held_out_first_old_to_base": (w1["held_out_first_old_to_base"], rep["first_tokens_old_to_base"]),
-        "held_out_first_new_to_expansion": (w1["held_out_first_new_to_expansion"], rep["first_tokens_new_to_expansion"]),
-        "calibration_new_to_expansion": (w1["calibration_new_to_expansion"], rep["calibration_new_to_expansion"]),
-        "eval_new_to_base": (1 - w1[f"eval_{used}_new_to_expansion"], final["new_routed_to_preservation"]),
-        "eval_new_first_to_base": (1 - w1[f"eval_{used}_new_first_to_expansion"],
-                                   final["new_routed_to_preservation_first_tokens"]),
-        "eval_old_to_base": (1 - w1[f"eval_{used}_old_to_expansion"], final["old_routed_to_preservation"]),
-        "eval_old_first_to_base": (1 - w1[f"eval_{used}_old_first_to_expansion"],
-                                   final["old_routed_to_preservation_first_tokens"]),
-    }  # fmt: skip
-    results[old_side] = {
-        "label": run.OLD_SIDES[old_side],
-        "reproduces_run": run_key,
-        "router_the_run_routed_with": used,
-        "w1_check": {k: {"here": a, "recorded": b, "equal": abs(a - b) < 1e-6} for k, (a, b) in check.items()},
-        "tokens": {side: {part: sum(len(sides[side][i]) for i in splits[side][j])
-                          for part, j in (("fitting", 0), ("calibration", 1), ("held_out", 2))} for side in sides},
-        "sequences": {side: {part: len(splits[side][j]) for part, j in (("fitting", 0), ("calibration", 1),
-                                                                        ("held_out", 2))} for side in sides},
-        "eval_tokens": {name: sum(len(f) for f in feats[name]) for name in ("new_eval", "old_eval")},
-        "candidates": rows,
-        "seconds": {"router_training": train_seconds, "scoring": time.time() - t - train_seconds},
-    }  # fmt: skip
+def main() -> None:
+    """Every candidate, for each old side; writes router_smoothing.json."""
+    # ------------------------------------------------------------------ per old side
+    results = {}
+    for old_side in ("old_data", "base_samples"):
+        t = time.time()
+        sides = {"new": feats["new"], "old": feats[old_side]}
+        generator = torch.Generator().manual_seed(args.seed)
+        splits = {side: _split_sequences(len(f), generator) for side, f in sides.items()}
+        fit = {side: torch.cat([sides[side][i] for i in splits[side][0]]) for side in sides}
+        trial = _train_router(router, fit["new"], fit["old"], STEPS, LR, WEIGHT_DECAY, args.seed)
+        kept = _train_router(router, torch.cat(sides["new"]), torch.cat(sides["old"]), STEPS, LR, WEIGHT_DECAY, args.seed)
+        train_seconds = time.time() - t
+        logits = {(side, part): seq_logits([sides[side][i] for i in splits[side][j]], trial)
+                  for side in sides for part, j in (("calibration", 1), ("held_out", 2))}  # fmt: skip
+        for name in ("new_eval", "old_eval"):
+            logits[(name, "trial")] = seq_logits(feats[name], trial)
+            logits[(name, "kept")] = seq_logits(feats[name], kept)
+        rows = {}
+        for cand, smooth in CANDIDATES.items():
+            sc = {key: [torch.sigmoid(smooth(l)) for l in ls] for key, ls in logits.items()}
+            calibration_old = torch.cat(sc[("old", "calibration")])
+            thr = _threshold(calibration_old, MAX_OLD_ERROR)
+            rows[cand] = measure(sc, thr)
+            exact = exact_threshold(calibration_old, MAX_OLD_ERROR)
+            if exact != thr:  # _threshold's floor of 0.5 binds: the same share of old tokens without the floor
+                rows[cand]["unfloored"] = measure(sc, exact)
+        w1 = rows["mean_1"]
+        # the check: w=1 against fit_router's report and the benchmark's routing, recorded in results.json
+        run_key = "scale_ffn_routed@0.001" if old_side == "old_data" else "scale_ffn_routed_samples@0.001"
+        rep = recorded["runs"][run_key]["router"]["report"]
+        final = recorded["runs"][run_key]["final"]
+        # the (a) runs were made before fit_router refitted the kept router on every sequence (their report has no
+        # fitted_* shares): they routed with the trial router; the (b) runs with the kept router
+        used = "kept" if "fitted_new_to_expansion" in rep else "trial"
+        check = {
+            "threshold": (w1["threshold"], rep["threshold"]),
+            "held_out_old_to_base": (w1["held_out_old_to_base"], rep["old_to_base"]),
+            "held_out_new_to_expansion": (w1["held_out_new_to_expansion"], rep["new_to_expansion"]),
+            "held_out_first_old_to_base": (w1["held_out_first_old_to_base"], rep["first_tokens_old_to_base"]),
+            "held_out_first_new_to_expansion": (w1["held_out_first_new_to_expansion"], rep["first_tokens_new_to_expansion"]),
+            "calibration_new_to_expansion": (w1["calibration_new_to_expansion"], rep["calibration_new_to_expansion"]),
+            "eval_new_to_base": (1 - w1[f"eval_{used}_new_to_expansion"], final["new_routed_to_preservation"]),
+            "eval_new_first_to_base": (1 - w1[f"eval_{used}_new_first_to_expansion"],
+                                       final["new_routed_to_preservation_first_tokens"]),
+            "eval_old_to_base": (1 - w1[f"eval_{used}_old_to_expansion"], final["old_routed_to_preservation"]),
+            "eval_old_first_to_base": (1 - w1[f"eval_{used}_old_first_to_expansion"],
+                                       final["old_routed_to_preservation_first_tokens"]),
+        }  # fmt: skip
+        results[old_side] = {
+            "label": run.OLD_SIDES[old_side],
+            "reproduces_run": run_key,
+            "router_the_run_routed_with": used,
+            "w1_check": {k: {"here": a, "recorded": b, "equal": abs(a - b) < 1e-6} for k, (a, b) in check.items()},
+            "tokens": {side: {part: sum(len(sides[side][i]) for i in splits[side][j])
+                              for part, j in (("fitting", 0), ("calibration", 1), ("held_out", 2))} for side in sides},
+            "sequences": {side: {part: len(splits[side][j]) for part, j in (("fitting", 0), ("calibration", 1),
+                                                                            ("held_out", 2))} for side in sides},
+            "eval_tokens": {name: sum(len(f) for f in feats[name]) for name in ("new_eval", "old_eval")},
+            "candidates": rows,
+            "seconds": {"router_training": train_seconds, "scoring": time.time() - t - train_seconds},
+        }  # fmt: skip
 
-    print(f"\nold side: {run.OLD_SIDES[old_side]} (w=1 reproduces {run_key}: "
-          f"{all(v['equal'] for v in results[old_side]['w1_check'].values())}; its eval routing is the {used} "
-          "router's)")  # fmt: skip
-    print("  (* the same candidate at its unfloored threshold, where _threshold's floor of 0.5 binds)")
-    for k, v in results[old_side]["w1_check"].items():
-        print(f"  check {k}: here {v['here']:.6f}, recorded {v['recorded']:.6f}")
-    print("  candidate | thr | held-out old->base | new->exp | first8 old->base | first8 new->exp || eval (trial) new->exp "
-          "(first8) | old->exp (first8) || eval (kept) new->exp (first8) | old->exp (first8)")
-    for cand, r in [(c, x) for c, r0 in rows.items() for c, x in ((c, r0), (c + "*", r0.get("unfloored"))) if x]:
-        print(f"  {cand:9s} | {r['threshold']:.4f} | {r['held_out_old_to_base']:.1%} | {r['held_out_new_to_expansion']:.1%}"
-              f" | {r['held_out_first_old_to_base']:.1%} | {r['held_out_first_new_to_expansion']:.1%}"
-              f" || {r['eval_trial_new_to_expansion']:.1%} ({r['eval_trial_new_first_to_expansion']:.1%})"
-              f" | {r['eval_trial_old_to_expansion']:.1%} ({r['eval_trial_old_first_to_expansion']:.1%})"
-              f" || {r['eval_kept_new_to_expansion']:.1%} ({r['eval_kept_new_first_to_expansion']:.1%})"
-              f" | {r['eval_kept_old_to_expansion']:.1%} ({r['eval_kept_old_first_to_expansion']:.1%})", flush=True)
+        print(f"\nold side: {run.OLD_SIDES[old_side]} (w=1 reproduces {run_key}: "
+              f"{all(v['equal'] for v in results[old_side]['w1_check'].values())}; its eval routing is the {used} "
+              "router's)")  # fmt: skip
+        print("  (* the same candidate at its unfloored threshold, where _threshold's floor of 0.5 binds)")
+        for k, v in results[old_side]["w1_check"].items():
+            print(f"  check {k}: here {v['here']:.6f}, recorded {v['recorded']:.6f}")
+        print("  candidate | thr | held-out old->base | new->exp | first8 old->base | first8 new->exp || eval (trial) new->exp "
+              "(first8) | old->exp (first8) || eval (kept) new->exp (first8) | old->exp (first8)")
+        for cand, r in [(c, x) for c, r0 in rows.items() for c, x in ((c, r0), (c + "*", r0.get("unfloored"))) if x]:
+            print(f"  {cand:9s} | {r['threshold']:.4f} | {r['held_out_old_to_base']:.1%} | {r['held_out_new_to_expansion']:.1%}"
+                  f" | {r['held_out_first_old_to_base']:.1%} | {r['held_out_first_new_to_expansion']:.1%}"
+                  f" || {r['eval_trial_new_to_expansion']:.1%} ({r['eval_trial_new_first_to_expansion']:.1%})"
+                  f" | {r['eval_trial_old_to_expansion']:.1%} ({r['eval_trial_old_first_to_expansion']:.1%})"
+                  f" || {r['eval_kept_new_to_expansion']:.1%} ({r['eval_kept_new_first_to_expansion']:.1%})"
+                  f" | {r['eval_kept_old_to_expansion']:.1%} ({r['eval_kept_old_first_to_expansion']:.1%})", flush=True)
 
-seconds["total"] = time.time() - t_start
-out = {
-    "settings": {
-        "benchmark_settings": recorded["settings"], "router_blocks": run.ROUTER_BLOCKS, "first_tokens": FIRST_TOKENS,
-        "router_hidden": router.hidden, "layer": sizes.preserve_layers, "steps": STEPS, "lr": LR,
-        "weight_decay": WEIGHT_DECAY, "max_old_error": MAX_OLD_ERROR, "feature_batch_size": BATCH,
-        "windows": list(WINDOWS), "ema_alphas": list(ALPHAS), "base_samples_digest": run.digest(samples),
-        "smoothing": "on the router's logit, per sequence, causal; mean_w: mean over the last w tokens (truncated "
-                     "at the sequence start); ema_a: s_0 = l_0, s_t = a s_(t-1) + (1 - a) l_t; score = sigmoid",
-        "threshold": "_threshold(scores of the trial router's calibration-part old tokens, 0.01), per candidate; "
-                     "the kept router is scored with the same threshold (as fit_router does); 'unfloored': the "
-                     "same without _threshold's floor of 0.5, where it binds",
-        "eval_positions": {k: list(v) for k, v in POSITIONS.items()},
-        "machine": run.machine_description("cpu"), "torch_threads": torch.get_num_threads(),
-    },
-    "seconds": seconds,
-    "old_sides": results,
-}  # fmt: skip
-(HERE / "router_smoothing.json").write_text(json.dumps(out, indent=1))
-print(f"\n{seconds['total']:.0f} s; wrote {HERE / 'router_smoothing.json'}")
+    seconds["total"] = time.time() - t_start
+    out = {
+        "settings": {
+            "benchmark_settings": recorded["settings"], "router_blocks": run.ROUTER_BLOCKS, "first_tokens": FIRST_TOKENS,
+            "router_hidden": router.hidden, "layer": sizes.preserve_layers, "steps": STEPS, "lr": LR,
+            "weight_decay": WEIGHT_DECAY, "max_old_error": MAX_OLD_ERROR, "feature_batch_size": BATCH,
+            "windows": list(WINDOWS), "ema_alphas": list(ALPHAS), "base_samples_digest": run.digest(samples),
+            "smoothing": "on the router's logit, per sequence, causal; mean_w: mean over the last w tokens (truncated "
+                         "at the sequence start); ema_a: s_0 = l_0, s_t = a s_(t-1) + (1 - a) l_t; score = sigmoid",
+            "threshold": "_threshold(scores of the trial router's calibration-part old tokens, 0.01), per candidate; "
+                         "the kept router is scored with the same threshold (as fit_router does); 'unfloored': the "
+                         "same without _threshold's floor of 0.5, where it binds",
+            "eval_positions": {k: list(v) for k, v in POSITIONS.items()},
+            "machine": run.machine_description("cpu"), "torch_threads": torch.get_num_threads(),
+        },
+        "seconds": seconds,
+        "old_sides": results,
+    }  # fmt: skip
+    (HERE / "router_smoothing.json").write_text(json.dumps(out, indent=1))
+    print(f"\n{seconds['total']:.0f} s; wrote {HERE / 'router_smoothing.json'}")
+
+
+if __name__ == "__main__":  # (importing this module gives its setup and features: router_smoothing_start.py)
+    main()
