@@ -537,8 +537,10 @@ def fit_router(
     start_on = smoothing and config.router_smoothing_start == "old"
 
     def scores(sequences, params, first_tokens=None):
-        per_sequence = sequence_scores(router, sequences, smoothing, params, params["start"] if start_on else None)
-        return torch.cat([score[:first_tokens] for score in per_sequence])
+        return torch.cat([score[:first_tokens] for score in per_sequence_scores(sequences, params)])
+
+    def per_sequence_scores(sequences, params):
+        return sequence_scores(router, sequences, smoothing, params, params["start"] if start_on else None)
 
     calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
     fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
@@ -548,8 +550,9 @@ def fit_router(
     with torch.no_grad():
         for name, buffer in router.named_buffers():
             buffer.copy_(kept[name].to(buffer.device))
-    test_old, test_new = scores(parts["old"][2], trial), scores(parts["new"][2], trial)
-    first_old, first_new = scores(parts["old"][2], trial, FIRST_TOKENS), scores(parts["new"][2], trial, FIRST_TOKENS)
+    held_out = {side: per_sequence_scores(parts[side][2], trial) for side in ("old", "new")}  # scored once
+    test_old, test_new = (torch.cat(held_out[side]) for side in ("old", "new"))
+    first_old, first_new = (torch.cat([score[:FIRST_TOKENS] for score in held_out[side]]) for side in ("old", "new"))
     report = RouterReport(
         adapter_name=adapter_name,
         layer=config.preserve_layers,
