@@ -34,8 +34,8 @@ def routing_confusion(model: nn.Module, data: dict[str, TokenData], batch_size: 
     Each data set is run through the model as it is (its active adapters, in evaluation mode, without a cache;
     right-padded batches, the padding not counted), and each token is counted where ``ScaleModel.last_routing`` says
     it went. A diagonal near 1 means the domains are told apart; a domain whose tokens go to another domain's adapter
-    calls for refitting a router with that domain's text in its old side
-    (``fit_router(model, its_data, old_data=..., adapter_name=...)``).
+    calls for refitting a router with that domain's text among its other domains
+    (``fit_router(model, its_data, old_data, other_domains={domain: that_data}, adapter_name=...)``).
 
     Args:
         model: a ``PeftModel`` (or ``ScaleModel``) with one or several learned-route adapters active.

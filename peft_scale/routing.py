@@ -428,7 +428,7 @@ class _GateHook:
             raise RuntimeError(
                 f"SCALE adapters {unfitted} (active together with {[n for n in names if n not in unfitted]}) route with "
                 "learned routers that have not been fitted. Call peft_scale.fit_router(model, its_data, "
-                f"adapter_name={unfitted[0]!r}) for each of them (old_data: the other domains' text), or activate only "
+                f"adapter_name={unfitted[0]!r}) for each of them (other_domains: the other adapters' text), or activate only "
                 "fitted adapters."
             )
         hidden = args[0] if args else kwargs["hidden_states"]
