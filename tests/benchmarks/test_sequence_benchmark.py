@@ -111,3 +111,21 @@ def test_merge_joins_parts_made_with_more_or_fewer_rows(quick, tmp_path):
     with pytest.raises(ValueError, match="row 'scale_ffn_routed' is defined differently"):
         sequence.main(["--quick", "--output-dir", str(tmp_path / "merged"), "--merge-parts", str(tmp_path / "older"),
                        str(tmp_path / "newer")])  # fmt: skip
+
+
+def test_a_row_is_judged_against_its_own_single_stage_reference(quick):
+    """The smoothed row's options reach both stages' adapters, and its French is judged against the single-stage
+    row made at its settings, not against the default reference."""
+    _, results = quick
+    goals = sequence.goals_of(results)
+    row, reference = "scale_ffn_routed_pairwise_ema_old", "scale_ffn_routed_fr_only_ema_old"
+    assert goals[row]["french_reference"] == reference
+    assert goals["scale_ffn_routed_pairwise"]["french_reference"] == sequence.FRENCH_REFERENCE
+    base = results["base"]["fr_perplexity"]
+    fr = lambda name: results["runs"][name]["stages"][-1]["measures"]["fr_perplexity"]  # noqa: E731
+    assert goals[row]["french_ratio_to_single_stage_scale"] == pytest.approx((base - fr(row)) / (base - fr(reference)))
+    for stage in results["runs"][row]["stages"]:
+        report = stage["router"]["report"]
+        assert (report["smoothing"], report["smoothing_start"]) == (0.8, "old")
+    assert results["settings"]["rows"][row]["w12_lr_ratio"] == 4.0
+    assert "w12_lr_ratio" not in results["settings"]["rows"]["scale_ffn_routed"]
