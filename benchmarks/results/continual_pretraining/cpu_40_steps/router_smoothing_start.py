@@ -9,7 +9,9 @@ The setup, features, split and routers are ``router_smoothing.py``'s (imported: 
 sides, ``fit_router``'s split and trial/kept routers). Candidates for ``c``, from the router's own logits on the old
 side's fitting tokens (the trial router: its fitting part; the kept router: all the old side, as ``fit_router``
 keeps it): ``token`` (no start value: today), ``old_median``, ``old_mean``, ``old_q90`` (the 90th percentile, a
-weaker pull), ``zero`` (logit 0, p = 0.5). For each, the threshold is calibrated as ``fit_router`` does
+weaker pull), ``zero`` (logit 0, p = 0.5); and weighted averages (``ema_from``): ``normalised`` (the bias-corrected
+average: no start value, the first token no heavier than the next), ``old_median_w1`` and ``old_q90_w1`` (the start
+value counted as one token, where ``s_-1 = c`` counts it as ``1 / (1 - a) = 5``). For each, the threshold is calibrated as ``fit_router`` does
 (``_threshold`` on the trial router's smoothed calibration-part old scores, 1%), and the shares are reported as in
 ``router_smoothing.py``.
 
@@ -31,8 +33,21 @@ START_TOKENS = 16  # positions reported one by one
 
 
 def ema_from(logit: torch.Tensor, a: float, start) -> torch.Tensor:
-    """s_-1 = start (None: s_0 = l_0), s_t = a s_(t-1) + (1 - a) l_t, as ``routing.smooth_logits``."""
+    """s_-1 = start (None: s_0 = l_0), s_t = a s_(t-1) + (1 - a) l_t, as ``routing.smooth_logits``. ``start`` may
+    also be ``(c, w)``: a weighted average, the start value ``c`` counted as ``w`` tokens (``c`` None and ``w`` 0: the
+    bias-corrected average, every token its own weight from the first one on)::
+
+        S_t = a S_(t-1) + l_t,  W_t = a W_(t-1) + 1,  S_-1 = w c,  W_-1 = w,  s_t = S_t / W_t
+
+    (``w = 1 / (1 - a)`` is the plain ``s_-1 = c`` above)."""
     out = torch.empty_like(logit)
+    if isinstance(start, tuple):
+        c, w = start
+        total, weight = torch.tensor(w * (c or 0.0)), torch.tensor(float(w))
+        for i in range(len(logit)):
+            total, weight = a * total + logit[i], a * weight + 1
+            out[i] = total / weight
+        return out
     s = None if start is None else torch.tensor(float(start))
     for i in range(len(logit)):
         s = logit[i] if s is None else a * s + (1 - a) * logit[i]
@@ -41,9 +56,11 @@ def ema_from(logit: torch.Tensor, a: float, start) -> torch.Tensor:
 
 
 def starts(old_logits: torch.Tensor) -> dict:
+    median, q90 = float(old_logits.median()), float(old_logits.quantile(0.9))
     return {
-        "token": None, "old_median": float(old_logits.median()), "old_mean": float(old_logits.mean()),
-        "old_q90": float(old_logits.quantile(0.9)), "zero": 0.0,
+        "token": None, "old_median": median, "old_mean": float(old_logits.mean()), "old_q90": q90, "zero": 0.0,
+        # weighted starts (ema_from): the bias-corrected average, and the old side's value counted as one token
+        "normalised": (None, 0.0), "old_median_w1": (median, 1.0), "old_q90_w1": (q90, 1.0),
     }  # fmt: skip
 
 
@@ -84,7 +101,8 @@ for old_side in ("old_data", "base_samples"):
           "eval (kept) new->exp (first8) | old->exp (first8)")
     for cand, r in rows.items():
         c = r["start"]["kept"]
-        print(f"  {cand:10s} | {'-' if c is None else f'{c:.2f}':>6s} | {r['threshold']:.4f}"
+        c = c[0] if isinstance(c, tuple) else c
+        print(f"  {cand:13s} | {'-' if c is None else f'{c:.2f}':>6s} | {r['threshold']:.4f}"
               f" | {r['held_out_old_to_base']:.1%} | {r['held_out_new_to_expansion']:.1%}"
               f" | {r['held_out_first_old_to_base']:.1%} | {r['held_out_first_new_to_expansion']:.1%}"
               f" || {r['eval_kept_new_to_expansion']:.1%} ({r['eval_kept_new_first_to_expansion']:.1%})"
