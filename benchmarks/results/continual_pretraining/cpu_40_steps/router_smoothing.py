@@ -162,18 +162,26 @@ def measure(sc: dict, thr: float) -> dict:
     return row
 
 
+def fit_routers(old_side: str):
+    """``fit_router``'s split and routers for ``old_side`` (``"old_data"`` or ``"base_samples"``): ``(sides, splits,
+    fit, trial, kept)``, the per-side features, the split, the fitting part's pooled features, the trial router
+    (fitted on the fitting part) and the kept router (on every sequence). Shared by the later diagnostics."""
+    sides = {"new": feats["new"], "old": feats[old_side]}
+    generator = torch.Generator().manual_seed(args.seed)
+    splits = {side: _split_sequences(len(f), generator) for side, f in sides.items()}
+    fit = {side: torch.cat([sides[side][i] for i in splits[side][0]]) for side in sides}
+    trial = _train_router(router, fit["new"], fit["old"], STEPS, LR, WEIGHT_DECAY, args.seed)
+    kept = _train_router(router, torch.cat(sides["new"]), torch.cat(sides["old"]), STEPS, LR, WEIGHT_DECAY, args.seed)
+    return sides, splits, fit, trial, kept
+
+
 def main() -> None:
     """Every candidate, for each old side; writes router_smoothing.json."""
     # ------------------------------------------------------------------ per old side
     results = {}
     for old_side in ("old_data", "base_samples"):
         t = time.time()
-        sides = {"new": feats["new"], "old": feats[old_side]}
-        generator = torch.Generator().manual_seed(args.seed)
-        splits = {side: _split_sequences(len(f), generator) for side, f in sides.items()}
-        fit = {side: torch.cat([sides[side][i] for i in splits[side][0]]) for side in sides}
-        trial = _train_router(router, fit["new"], fit["old"], STEPS, LR, WEIGHT_DECAY, args.seed)
-        kept = _train_router(router, torch.cat(sides["new"]), torch.cat(sides["old"]), STEPS, LR, WEIGHT_DECAY, args.seed)
+        sides, splits, fit, trial, kept = fit_routers(old_side)
         train_seconds = time.time() - t
         logits = {(side, part): seq_logits([sides[side][i] for i in splits[side][j]], trial)
                   for side in sides for part, j in (("calibration", 1), ("held_out", 2))}  # fmt: skip

@@ -64,58 +64,58 @@ def starts(old_logits: torch.Tensor) -> dict:
     }  # fmt: skip
 
 
-results = {}
-for old_side in ("old_data", "base_samples"):
-    t = time.time()
-    sides = {"new": rs.feats["new"], "old": rs.feats[old_side]}
-    generator = torch.Generator().manual_seed(rs.args.seed)
-    splits = {side: rs._split_sequences(len(f), generator) for side, f in sides.items()}
-    fit = {side: torch.cat([sides[side][i] for i in splits[side][0]]) for side in sides}
-    trial = rs._train_router(rs.router, fit["new"], fit["old"], rs.STEPS, rs.LR, rs.WEIGHT_DECAY, rs.args.seed)
-    kept = rs._train_router(rs.router, torch.cat(sides["new"]), torch.cat(sides["old"]), rs.STEPS, rs.LR,
-                            rs.WEIGHT_DECAY, rs.args.seed)  # fmt: skip
-    logits = {(side, part): rs.seq_logits([sides[side][i] for i in splits[side][j]], trial)
-              for side in sides for part, j in (("calibration", 1), ("held_out", 2))}  # fmt: skip
-    for name in ("new_eval", "old_eval"):
-        logits[(name, "trial")] = rs.seq_logits(rs.feats[name], trial)
-        logits[(name, "kept")] = rs.seq_logits(rs.feats[name], kept)
-    with torch.no_grad():
-        trial_starts = starts(rs.router.logits(fit["old"], trial))
-        kept_starts = starts(rs.router.logits(torch.cat(sides["old"]), kept))
-    rows = {}
-    for cand in trial_starts:
-        sc = {}
-        for key, ls in logits.items():
-            start = (kept_starts if key[1] == "kept" else trial_starts)[cand]
-            sc[key] = [torch.sigmoid(ema_from(l, A, start)) for l in ls]
-        thr = rs._threshold(torch.cat(sc[("old", "calibration")]), rs.MAX_OLD_ERROR)
-        row = rs.measure(sc, thr)
-        row["start"] = {"trial": trial_starts[cand], "kept": kept_starts[cand]}
-        for lang in ("new", "old"):  # the kept router, position by position (the first START_TOKENS)
-            s = torch.stack([x[:START_TOKENS] for x in sc[(f"{lang}_eval", "kept")]])
-            row[f"eval_kept_{lang}_by_position_to_expansion"] = (s >= thr).float().mean(0).tolist()
-        rows[cand] = row
-    results[old_side] = {"candidates": rows, "seconds": time.time() - t}
-    print(f"\nold side: {rs.run.OLD_SIDES[old_side]} (EMA a = {A}; start values: trial / kept router's logits)")
-    print("  start | c (kept) | thr | held-out old->base | new->exp | first8 old->base | first8 new->exp || "
-          "eval (kept) new->exp (first8) | old->exp (first8)")
-    for cand, r in rows.items():
-        c = r["start"]["kept"]
-        c = c[0] if isinstance(c, tuple) else c
-        print(f"  {cand:13s} | {'-' if c is None else f'{c:.2f}':>6s} | {r['threshold']:.4f}"
-              f" | {r['held_out_old_to_base']:.1%} | {r['held_out_new_to_expansion']:.1%}"
-              f" | {r['held_out_first_old_to_base']:.1%} | {r['held_out_first_new_to_expansion']:.1%}"
-              f" || {r['eval_kept_new_to_expansion']:.1%} ({r['eval_kept_new_first_to_expansion']:.1%})"
-              f" | {r['eval_kept_old_to_expansion']:.1%} ({r['eval_kept_old_first_to_expansion']:.1%})", flush=True)
-        print("      by position, new->exp: " + " ".join(f"{x:.2f}" for x in r["eval_kept_new_by_position_to_expansion"])
-              + "\n      by position, old->exp: " + " ".join(f"{x:.2f}" for x in r["eval_kept_old_by_position_to_expansion"]))
+def main() -> None:
+    """Every start value, for each old side; writes router_smoothing_start.json."""
+    results = {}
+    for old_side in ("old_data", "base_samples"):
+        t = time.time()
+        sides, splits, fit, trial, kept = rs.fit_routers(old_side)
+        logits = {(side, part): rs.seq_logits([sides[side][i] for i in splits[side][j]], trial)
+                  for side in sides for part, j in (("calibration", 1), ("held_out", 2))}  # fmt: skip
+        for name in ("new_eval", "old_eval"):
+            logits[(name, "trial")] = rs.seq_logits(rs.feats[name], trial)
+            logits[(name, "kept")] = rs.seq_logits(rs.feats[name], kept)
+        with torch.no_grad():
+            trial_starts = starts(rs.router.logits(fit["old"], trial))
+            kept_starts = starts(rs.router.logits(torch.cat(sides["old"]), kept))
+        rows = {}
+        for cand in trial_starts:
+            sc = {}
+            for key, ls in logits.items():
+                start = (kept_starts if key[1] == "kept" else trial_starts)[cand]
+                sc[key] = [torch.sigmoid(ema_from(l, A, start)) for l in ls]
+            thr = rs._threshold(torch.cat(sc[("old", "calibration")]), rs.MAX_OLD_ERROR)
+            row = rs.measure(sc, thr)
+            row["start"] = {"trial": trial_starts[cand], "kept": kept_starts[cand]}
+            for lang in ("new", "old"):  # the kept router, position by position (the first START_TOKENS)
+                s = torch.stack([x[:START_TOKENS] for x in sc[(f"{lang}_eval", "kept")]])
+                row[f"eval_kept_{lang}_by_position_to_expansion"] = (s >= thr).float().mean(0).tolist()
+            rows[cand] = row
+        results[old_side] = {"candidates": rows, "seconds": time.time() - t}
+        print(f"\nold side: {rs.run.OLD_SIDES[old_side]} (EMA a = {A}; start values: trial / kept router's logits)")
+        print("  start | c (kept) | thr | held-out old->base | new->exp | first8 old->base | first8 new->exp || "
+              "eval (kept) new->exp (first8) | old->exp (first8)")
+        for cand, r in rows.items():
+            c = r["start"]["kept"]
+            c = c[0] if isinstance(c, tuple) else c
+            print(f"  {cand:13s} | {'-' if c is None else f'{c:.2f}':>6s} | {r['threshold']:.4f}"
+                  f" | {r['held_out_old_to_base']:.1%} | {r['held_out_new_to_expansion']:.1%}"
+                  f" | {r['held_out_first_old_to_base']:.1%} | {r['held_out_first_new_to_expansion']:.1%}"
+                  f" || {r['eval_kept_new_to_expansion']:.1%} ({r['eval_kept_new_first_to_expansion']:.1%})"
+                  f" | {r['eval_kept_old_to_expansion']:.1%} ({r['eval_kept_old_first_to_expansion']:.1%})", flush=True)
+            print("      by position, new->exp: " + " ".join(f"{x:.2f}" for x in r["eval_kept_new_by_position_to_expansion"])
+                  + "\n      by position, old->exp: " + " ".join(f"{x:.2f}" for x in r["eval_kept_old_by_position_to_expansion"]))
 
-out = {
-    "settings": {"from": "router_smoothing.py's setup", "ema_a": A, "start_tokens": START_TOKENS,
-                 "starts": "logit statistics of the router's old-side fitting tokens (trial: fitting part; kept: all)",
-                 "machine": rs.run.machine_description("cpu"), "torch_threads": torch.get_num_threads()},
-    "seconds": {**rs.seconds, "total": time.time() - rs.t_start},
-    "old_sides": results,
-}  # fmt: skip
-(HERE / "router_smoothing_start.json").write_text(json.dumps(out, indent=1))
-print(f"\nwrote {HERE / 'router_smoothing_start.json'}")
+    out = {
+        "settings": {"from": "router_smoothing.py's setup", "ema_a": A, "start_tokens": START_TOKENS,
+                     "starts": "logit statistics of the router's old-side fitting tokens (trial: fitting part; kept: all)",
+                     "machine": rs.run.machine_description("cpu"), "torch_threads": torch.get_num_threads()},
+        "seconds": {**rs.seconds, "total": time.time() - rs.t_start},
+        "old_sides": results,
+    }  # fmt: skip
+    (HERE / "router_smoothing_start.json").write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {HERE / 'router_smoothing_start.json'}")
+
+
+if __name__ == "__main__":  # (importing this module gives ema_from and starts: router_language_switch.py)
+    main()
