@@ -222,7 +222,7 @@ def choose_adapters(scores: list[torch.Tensor], claims: list[torch.Tensor]) -> t
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
     """The value adapter ``adapter_name``'s smoothed average starts from: ``router.start`` with
     ``router_smoothing_start="old"``, else ``None`` (the first token's own logit)."""
-    if getattr(config, "router_smoothing_start", "token") != "old":
+    if config.router_smoothing_start != "old":
         return None
     if math.isnan(float(router.start[0])):
         raise RuntimeError(

@@ -326,6 +326,17 @@ def optimizer_and_schedule(parameters, lr: float, steps: int):
     return optimizer, get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
 
 
+def parameter_groups(model, parameters: list, lr: float, w12_lr_ratio: float = 1.0):
+    """What a row's optimizer trains: ``parameters`` as they are, or, with ``W12`` at ``w12_lr_ratio`` times ``lr``,
+    ``peft_scale.scale_optimizer_param_groups`` (the SCALE blocks' own groups)."""
+    return parameters if w12_lr_ratio == 1.0 else scale_optimizer_param_groups(model, lr, w12_lr_ratio=w12_lr_ratio)
+
+
+def with_scale_options(sizes: MethodSizes, options: tuple) -> MethodSizes:
+    """``sizes`` with a row's ``ScaleConfig`` fields (``(name, value)`` pairs) over the command's ``--scale-option``s."""
+    return replace(sizes, scale_options={**sizes.scale_options, **dict(options)}) if options else sizes
+
+
 def train_step(model, batch: torch.Tensor, parameters: list, optimizer, schedule, precision: str) -> tuple[float, float]:
     """One optimizer step of ``model`` on ``batch`` (token ids, the labels too), the gradient norm clipped at
     ``MAX_GRAD_NORM``; returns the loss and the step's time in seconds."""
@@ -352,8 +363,7 @@ def train_run(
 
     ``old_sides``: ``OLD_SIDES`` key -> ``OldSide``, what the replay rows replay and the routed rows' routers read."""
     method, replay, old_source, w12_lr_ratio, row_options, router_options = RUNS[run_name]
-    if row_options:
-        sizes = replace(sizes, scale_options={**sizes.scale_options, **dict(row_options)})
+    sizes = with_scale_options(sizes, row_options)
     old_side = old_sides[old_source]
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -361,8 +371,7 @@ def train_run(
     model = prepare_method(method, copy.deepcopy(base_model), sizes).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in parameters)
-    groups = parameters if w12_lr_ratio == 1.0 else scale_optimizer_param_groups(model, lr, w12_lr_ratio=w12_lr_ratio)
-    optimizer, schedule = optimizer_and_schedule(groups, lr, args.steps)
+    optimizer, schedule = optimizer_and_schedule(parameter_groups(model, parameters, lr, w12_lr_ratio), lr, args.steps)
     blocks = old_side.replay if replay else text.new_train
     prepare_seconds = time.perf_counter() - started
     router = None

@@ -64,7 +64,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -74,7 +74,6 @@ from benchmarks.continual_pretraining import measures, report, run
 from benchmarks.continual_pretraining.data import build_text, documents_or_summaries
 from benchmarks.continual_pretraining.merge import merge_results
 from benchmarks.methods import ROUTED_METHODS, fit_method_router, prepare_method, scale_config
-from peft_scale import scale_optimizer_param_groups
 
 DEFAULT_OUTPUT_DIR = run.DEFAULT_OUTPUT_DIR / "sequence"
 QUICK_OUTPUT_DIR = run.DEFAULT_OUTPUT_DIR / "sequence_quick"
@@ -87,6 +86,9 @@ CONFUSION_BLOCKS = 8  # held-out blocks per language that routing_confusion read
 GOAL_SPANISH_RISE = 0.02  # Spanish perplexity after stage 2 at most 2% above after stage 1
 GOAL_DRIFT = 0.02  # English drift after stage 2, nats/token
 GOAL_FRENCH = 0.90  # French perplexity drop >= 90% of the single-stage run's
+
+
+FRENCH_REFERENCE = "scale_ffn_routed_fr_only"
 
 
 class Row(NamedTuple):
@@ -104,10 +106,9 @@ class Row(NamedTuple):
     other_domains: bool = False
     w12_lr_ratio: float = 1.0
     scale_options: tuple = ()
-    reference: str = "scale_ffn_routed_fr_only"
+    reference: str = FRENCH_REFERENCE
 
 
-FRENCH_REFERENCE = "scale_ffn_routed_fr_only"
 SMOOTHED_FROM_OLD = (("router_smoothing", 0.8), ("router_smoothing_start", "old"))
 # In the order they run: the SCALE rows first, then the baselines (the last ones are dropped first when time is short).
 ROWS = {
@@ -177,10 +178,12 @@ def settings_of(args, sizes) -> dict:
 def row_settings(row: Row) -> dict:
     """A row's definition as results.json has it; the fields added later only where they differ from their default
     (rows made before they existed have no such keys)."""
-    settings = {**row._asdict(), "languages": list(row.languages), "scale_options": dict(row.scale_options)}
+    settings = {**row._asdict(), "languages": list(row.languages)}
     for key, default in Row._field_defaults.items():
-        if key != "replay" and settings[key] == (dict(default) if key == "scale_options" else default):
+        if key != "replay" and settings[key] == default:
             del settings[key]
+    if "scale_options" in settings:
+        settings["scale_options"] = dict(settings["scale_options"])
     return settings
 
 
@@ -266,7 +269,7 @@ def train_stage(model, blocks: torch.Tensor, lr: float, args, w12_lr_ratio: floa
     """``args.steps`` steps of ``run.train_step`` over ``blocks`` with a fresh optimizer and schedule (``W12`` at
     ``w12_lr_ratio`` times ``lr``, as ``run.py``'s rows)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = parameters if w12_lr_ratio == 1.0 else scale_optimizer_param_groups(model, lr, w12_lr_ratio=w12_lr_ratio)
+    groups = run.parameter_groups(model, parameters, lr, w12_lr_ratio)
     optimizer, schedule = run.optimizer_and_schedule(groups, lr, args.steps)
     losses, seconds = [], []
     for step in range(1, args.steps + 1):
@@ -325,8 +328,7 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
     """Train row ``name`` stage by stage from a copy of ``base_model``; its record for results.json."""
     row = ROWS[name]
     routed = row.method in ROUTED_METHODS
-    if row.scale_options:
-        sizes = replace(sizes, scale_options={**sizes.scale_options, **dict(row.scale_options)})
+    sizes = run.with_scale_options(sizes, row.scale_options)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # the same initialisation of new weights as run.py's runs
     first = row.languages[0]
@@ -386,7 +388,7 @@ def goals_of(results: dict) -> dict[str, dict]:
     for name, record in results["runs"].items():
         if len(record["stages"]) < 2:
             continue
-        reference_name = ROWS[name].reference if name in ROWS else FRENCH_REFERENCE
+        reference_name = ROWS[name].reference if name in ROWS else FRENCH_REFERENCE  # (a row no longer in ROWS)
         reference = results["runs"].get(reference_name)
         reference_drop = None
         if reference is not None:
