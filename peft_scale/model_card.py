@@ -164,16 +164,20 @@ def _routed_together(configs: dict[str, ScaleConfig], routed: list[str]) -> list
     accuracy = []
     for name in routed:
         report = configs[name].router_report
+        outranks = [other for other in report.get("outranks", []) if other in routed] if report else []
         accuracy.append(
             f"`{name}`: {report['new_to_expansion']:.1%} of its domain's held-out tokens claimed, "
             f"{report['old_to_base']:.1%} of its old side's left to the base model"
+            + (f", outranks {', '.join(f'`{other}`' for other in outranks)}" if outranks else "")
             if report
             else f"`{name}`: not fitted yet"
         )
     return [
         f"**One adapter per domain, routed together:** {', '.join(f'`{name}`' for name in routed)}. Activated together "
         f"(`model.base_model.set_adapter({routed})`), each token goes to the adapter whose learned router scores "
-        "highest among those at or above their own threshold, and to the base model, exactly, when none claims it; a "
+        "highest among those at or above their own threshold (a router fitted with another adapter's domain among its "
+        "`other_domains` outranks that adapter's: a token both claim goes to it), and to the base model, exactly, when "
+        "none claims it; a "
         "token sent to one adapter gets exactly what that adapter alone computes. Routers' held-out accuracy ("
         + "; ".join(accuracy)
         + "). `peft_scale.routing_confusion(model, {domain: token_ids, ...})` measures the share of each domain's "

@@ -42,6 +42,11 @@ trains, on frozen features, and it never drifts while the adapter trains:
    another routed domain that this router also claims is resolved by the joint rule when both adapters are active
    (the more confident router takes it): an error there costs transfer between two new domains, not forgetting.
    The report's ``other_to_expansion`` is the share of each such domain's held-out tokens this router claims.
+9. A domain of ``other_domains`` named like another learned-route adapter of the model is that adapter's: this
+   router *outranks* it (``outranks``, recorded in the config; ``routing.outranking``): routed together, a token
+   both claim goes to this adapter, since only this router learned the difference. So the earlier adapter's
+   router is not refitted: its decisions on its own domain stay as they were, except on the tokens this router
+   claims (its ``other_to_expansion``), and no warning says to refit it.
 """
 
 from __future__ import annotations
@@ -101,6 +106,10 @@ class RouterReport:
             Routed together with that domain's adapter, the more confident router takes such a token; with this
             adapter active alone, it goes to this adapter. Empty without ``other_domains``.
         other_held_out_tokens: ``{domain: n}``: held-out tokens of each of ``other_domains``.
+        outranks: the other learned-route adapters that ``other_domains`` names (sorted): routed together, this
+            router takes a token it claims from them (``routing.outranking``), unless one was fitted against this
+            adapter's domain too. Their ``claimed_by_other_adapters`` shares then cannot take a token from this
+            adapter (only the ones this router does not claim, which would otherwise go to the base model).
         smoothing: the adapter's ``router_smoothing``: with ``a > 0`` every share above and the threshold are those
             of the smoothed decisions (the moving average over each sequence's tokens, as the model routes).
         smoothing_start: the adapter's ``router_smoothing_start`` (``"token"`` or ``"old"``), where that average
@@ -127,6 +136,7 @@ class RouterReport:
     other_held_out_tokens: dict = field(default_factory=dict)
     smoothing: float = 0.0
     smoothing_start: str = "token"
+    outranks: list = field(default_factory=list)
 
     def __str__(self) -> str:
         claimed = ""
@@ -140,7 +150,10 @@ class RouterReport:
                 f"{shares}"
             )
         if self.claimed_by_other_adapters:
-            shares = ", ".join(f"{name!r} {share:.2%}" for name, share in self.claimed_by_other_adapters.items())
+            shares = ", ".join(
+                f"{name!r} {share:.2%}" + (" (outranked: a token both claim goes to this adapter)" * (name in self.outranks))
+                for name, share in self.claimed_by_other_adapters.items()
+            )
             claimed += f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
         smoothed = f"; score smoothed over preceding tokens, a = {self.smoothing}" if self.smoothing else ""
         if self.smoothing and self.smoothing_start == "old":
@@ -427,7 +440,9 @@ def fit_router(
             threshold and sends much of this domain's own text to the base model (issue 12: Spanish and French,
             74.8% and 71.0% of their own tokens reached their adapters). The risk: with this adapter active alone,
             the other domains' tokens it claims (the report's ``other_to_expansion``) go to it. Split like the rest
-            (fit, calibrate, held out; at least 3 sequences each).
+            (fit, calibrate, held out; at least 3 sequences each). Name a domain after its learned-route adapter
+            (``{"es": spanish}``) and this router outranks that adapter's (a token both claim goes to this one,
+            the report's ``outranks``), so that adapter's router, which never saw this domain, need not be refitted.
         adapter_name: the adapter whose router to fit (default: the active learned-route adapter).
         max_old_error: the share of old tokens allowed to reach the expansion; sets the threshold.
         calibrate_on: where that share is measured. ``"held_out"`` (default): on old sequences the router was not
@@ -576,6 +591,7 @@ def fit_router(
         other_held_out_tokens={name: sum(len(f) for f in part[2]) for name, part in other_parts.items()},
         smoothing=smoothing,
         smoothing_start=config.router_smoothing_start,
+        outranks=sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name}),
     )
     _record_report(config, report)
     _warn_if_claimed(report)
@@ -642,16 +658,16 @@ def _warn_if_claimed(report: RouterReport) -> None:
     """One warning per other adapter whose router claims more than ``CLAIMED_WARNING`` of the held-out new tokens."""
     adapter = report.adapter_name
     for name, share in report.claimed_by_other_adapters.items():
-        if share <= CLAIMED_WARNING:
+        if share <= CLAIMED_WARNING or name in report.outranks:  # outranked: it cannot take a token this one claims
             continue
         warnings.warn(
             f"fit_router: the router of adapter {name!r} claims {share:.1%} of the held-out new tokens of adapter "
             f"{adapter!r} (score at or above its own threshold; more than {CLAIMED_WARNING:.0%}): routed together, "
-            f"those tokens can go to {name!r} instead of {adapter!r}. Refit the router of {name!r} with this new_data "
-            f"as one of its other domains, e.g. fit_router(model, {name}_data, {name}_old_data, other_domains="
-            f"{{{adapter!r}: new_data}}, adapter_name={name!r}), and give the text of {name!r} to this router the same "
-            f"way (other_domains={{{name!r}: {name}_data}}; one routed adapter per domain, in the README); domains this "
-            "close may also be one domain, for one adapter.",
+            f"those tokens can go to {name!r} instead of {adapter!r}. Fit this router with the text of {name!r} as an "
+            f"other domain named after its adapter, e.g. fit_router(model, new_data, old_data, other_domains="
+            f"{{{name!r}: {name}_data}}, adapter_name={adapter!r}): it then outranks the router of {name!r} (a token "
+            f"both claim goes to {adapter!r}) and that router needs no refit (one routed adapter per domain, in the "
+            "README); domains this close may also be one domain, for one adapter.",
             stacklevel=3,
         )
 
@@ -682,15 +698,21 @@ def _record_report(config, report: RouterReport) -> None:
         },
         # (nor this one; empty when the router was fitted without other_domains)
         "other_to_expansion": {name: round(share, 4) for name, share in report.other_to_expansion.items()},
+        # (nor this one: none outranked, the joint rule reads it, routing.outranked_adapters)
+        "outranks": list(report.outranks),
     }
 
 
-def _learned_route_adapter(scale_model, adapter_name: Optional[str]) -> str:
-    learned = [
+def _learned_route_adapters(scale_model) -> list[str]:
+    return [
         name
         for name, config in scale_model.peft_config.items()
         if config.variant == "route" and config.route_rule == "learned"
     ]
+
+
+def _learned_route_adapter(scale_model, adapter_name: Optional[str]) -> str:
+    learned = _learned_route_adapters(scale_model)
     if adapter_name is not None:
         if adapter_name not in learned:
             raise ValueError(

@@ -32,7 +32,13 @@ PEFT and transformers' ``load_adapter`` save, load and delete it with its adapte
 Several learned-route adapters active together (``model.base_model.set_adapter(["es", "fr"])``, one adapter per
 domain) are routed jointly, in one place (``choose_adapters``, run by the one gate hook of layer ``L``): per token,
 the adapter whose router scores highest among those at or above their own threshold gets the token (``g = 1`` for
-it), every other adapter gets ``g = 0``, and a token no router claims gets the base model's computation. Every
+it), every other adapter gets ``g = 0``, and a token no router claims gets the base model's computation. A router
+fitted with another adapter's domain among its ``other_domains`` (named by that adapter's name) *outranks* that
+adapter's router, unless that one was fitted against it too (``outranking``): where both claim a token, it goes to
+the outranking one. It learned to tell the two domains apart; the outranked one, fitted before the other domain
+existed, never saw it, and its confidence on it says nothing (measured on Spanish then French: a Spanish router
+claimed 95.9% of French). So an earlier adapter's router need not be refitted: it keeps every decision it made
+on its own domain except on the tokens the later router claims. Every
 widened module already sums the adapters' contributions, each times its own gate, so a token routed to ``es`` is
 computed exactly as with ``es`` active alone (``fr``'s new features are computed but reach nothing), and a token
 routed to none exactly as the base model. This needs every router to decide before any gated module runs, so the
@@ -209,14 +215,51 @@ def decoder_layer_name(module_name: str, layer: int) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def choose_adapters(scores: list[torch.Tensor], claims: list[torch.Tensor]) -> torch.Tensor:
+def choose_adapters(
+    scores: list[torch.Tensor], claims: list[torch.Tensor], outranks: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The joint rule of several learned routers: per token, the index of the adapter whose score is highest among
     those whose router claims the token (score at or above its own threshold), or ``-1`` (the base model) when none
     does. A tie goes to the adapter that comes first. ``scores`` and ``claims``: one ``(batch, seq)`` tensor per
-    adapter; returns ``(batch, seq)`` long."""
+    adapter; returns ``(batch, seq)`` long.
+
+    ``outranks``: ``(adapters, adapters)`` bool (``outranking``), ``[i, j]`` when adapter ``i``'s router outranks
+    ``j``'s: a claim of ``j`` is dropped where ``i`` claims the token too, before the highest score is taken. (A
+    cycle, ``a`` over ``b`` over ``c`` over ``a``, could drop every claim of a token: there the plain rule decides.)"""
     scores, claims = torch.stack(scores), torch.stack(claims)  # (adapters, batch, seq)
-    best = scores.masked_fill(~claims, -1.0).argmax(0)  # a score is a probability: -1 is below any claim
+    eligible = claims
+    if outranks is not None:
+        # beaten[j]: some claimant i outranks j: (i, j, batch, seq) -> any over i
+        beaten = (claims.unsqueeze(1) & outranks.to(claims.device)[:, :, None, None]).any(0)
+        kept = claims & ~beaten
+        eligible = torch.where(kept.any(0), kept, claims)
+    best = scores.masked_fill(~eligible, -1.0).argmax(0)  # a score is a probability: -1 is below any claim
     return torch.where(claims.any(0), best, torch.full_like(best, -1))
+
+
+def outranked_adapters(config) -> list[str]:
+    """The adapters whose domains this adapter's router was fitted against as ``other_domains`` (by their names),
+    as ``fit_router`` recorded them (``router_report["outranks"]``; none for a router fitted before it existed)."""
+    return list((getattr(config, "router_report", None) or {}).get("outranks", []))
+
+
+def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
+    """``(len(names), len(names))`` bool for ``choose_adapters``: ``[i, j]`` when ``names[i]``'s router was fitted
+    with ``names[j]``'s domain among its ``other_domains`` and ``names[j]``'s was not fitted with ``names[i]``'s
+    (fitted against each other, both learned the difference: the scores decide). ``None`` when no pair is."""
+    knows = [set(outranked_adapters(configs[name])) for name in names]
+    pairs = [
+        (i, j)
+        for i, name_i in enumerate(names)
+        for j, name_j in enumerate(names)
+        if name_j in knows[i] and name_i not in knows[j]
+    ]
+    if not pairs:
+        return None
+    outranks = torch.zeros(len(names), len(names), dtype=torch.bool)
+    for i, j in pairs:
+        outranks[i, j] = True
+    return outranks
 
 
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
@@ -460,7 +503,8 @@ class _GateHook:
             return None
         with torch.no_grad():
             claims, scores = zip(*(decide(name, router) for name, router in routers.items()))
-            choice = choose_adapters(list(scores), list(claims))  # (batch, seq): adapter index, -1 for the base
+            # (batch, seq): adapter index, -1 for the base
+            choice = choose_adapters(list(scores), list(claims), outranking(names, configs))
         for index, name in enumerate(names):
             gates[name] = (choice == index).unsqueeze(-1).to(hidden.dtype)
         self.routing.gates.idle = self._idle(names, [choice == index for index in range(len(names))])

@@ -24,7 +24,7 @@ from tiny_models import perturb_adapter, tiny_model
 import peft_scale
 from peft_scale import ScaleConfig, fit_router, routing_confusion
 from peft_scale.model_card import SECTION_END, SECTION_START
-from peft_scale.routing import choose_adapters
+from peft_scale.routing import choose_adapters, outranking
 
 BASE, ES, FR = OLD, (64, 96), (96, 128)
 
@@ -100,6 +100,8 @@ def stages(request, speaker):
     es_after_fr = adapter_state(model, "es")
     with torch.no_grad():
         fr_alone = model(input_ids=PROBES["fr"]).logits
+    model.set_adapter("es")
+    es_alone = routing_confusion(model, BIG)
     model.base_model.set_adapter(["es", "fr"])
     unrefitted = routing_confusion(model, BIG)
     with warnings.catch_warnings(record=True) as refit_warnings:
@@ -107,7 +109,7 @@ def stages(request, speaker):
         es_refit = fit_router(model, es_data, torch.cat([base_data, fr_data]), adapter_name="es", progress=False)
     return dict(
         mode=mode, model=model, reference=reference, before=before, before_routing=before_routing, es_state=es_state,
-        es_after_fr=es_after_fr, fr_alone=fr_alone, unrefitted=unrefitted,
+        es_after_fr=es_after_fr, fr_alone=fr_alone, es_alone=es_alone, unrefitted=unrefitted,
         reports={"es": es_report, "fr": fr_report, "es refitted": es_refit},
         warnings={"fr": [str(w.message) for w in fr_warnings], "es refitted": [str(w.message) for w in refit_warnings]},
     )
@@ -156,14 +158,16 @@ def test_training_one_adapter_leaves_the_other_bit_identical(stages):
 
 
 def test_an_earlier_router_claims_a_later_domain_until_refitted(stages):
-    """Measured: es's router, fitted against the base domain only, never saw fr's text, and it claims fr's tokens more
-    confidently than fr's own router does (fr's tokens are farther from the base domain than es's own), so under the
-    joint rule fr's tokens went to es. Refitting es's router with fr's text in its old side (its blocks untouched)
-    sends each domain to its own adapter."""
+    """Measured: es's router, fitted against the base domain only, never saw fr's text, and it claims fr's tokens
+    (with es active alone they go to es). Routed together with fr's router (fitted with es's text in its old side,
+    not as ``other_domains``, so it does not outrank es's), both claim fr's tokens and the higher of two saturated
+    scores takes each: a matter of rounding (es took them on one machine, fr on another). Refitting es's router with
+    fr's text in its old side (its blocks untouched) sends each domain to its own adapter."""
     for report in stages["reports"].values():
         assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
-    before, after = stages["unrefitted"], routing_confusion(stages["model"], BIG)
-    assert before["fr"]["es"] >= 0.9 and before["es"]["es"] >= 0.99 and before["base"]["base"] >= 0.99, before
+    alone, before, after = stages["es_alone"], stages["unrefitted"], routing_confusion(stages["model"], BIG)
+    assert alone["fr"]["es"] >= 0.9 and alone["es"]["es"] >= 0.99 and alone["base"]["base"] >= 0.99, alone
+    assert before["fr"]["base"] <= 0.01 and before["es"]["es"] >= 0.99 and before["base"]["base"] >= 0.99, before
     for domain in ("base", "es", "fr"):
         assert after[domain][domain] >= 0.99, after
 
@@ -172,11 +176,11 @@ def claimed_warning(adapter: str, other: str, share: float) -> str:
     return (
         f"fit_router: the router of adapter {other!r} claims {share:.1%} of the held-out new tokens of adapter "
         f"{adapter!r} (score at or above its own threshold; more than 5%): routed together, those tokens can go to "
-        f"{other!r} instead of {adapter!r}. Refit the router of {other!r} with this new_data as one of its other "
-        f"domains, e.g. fit_router(model, {other}_data, {other}_old_data, other_domains={{{adapter!r}: new_data}}, "
-        f"adapter_name={other!r}), and give the text of {other!r} to this router the same way (other_domains="
-        f"{{{other!r}: {other}_data}}; one routed adapter per domain, in the README); domains this close may also be "
-        "one domain, for one adapter."
+        f"{other!r} instead of {adapter!r}. Fit this router with the text of {other!r} as an other domain named after "
+        f"its adapter, e.g. fit_router(model, new_data, old_data, other_domains={{{other!r}: {other}_data}}, "
+        f"adapter_name={adapter!r}): it then outranks the router of {other!r} (a token both claim goes to {adapter!r}) "
+        "and that router needs no refit (one routed adapter per domain, in the README); domains this close may also "
+        "be one domain, for one adapter."
     )
 
 
@@ -326,6 +330,134 @@ def test_the_joint_rule_takes_the_most_confident_claiming_router():
     assert choose_adapters(scores, claims).tolist() == [[0, 1, -1, 0, 1]]
     tie = [torch.tensor([[0.7]]), torch.tensor([[0.7]])]
     assert choose_adapters(tie, [t >= 0.5 for t in tie]).tolist() == [[0]]  # a tie: the adapter that comes first
+
+
+def test_the_joint_rule_gives_a_token_to_the_router_that_outranks_the_others():
+    scores = [torch.tensor([[0.99, 0.99, 0.9, 0.3]]), torch.tensor([[0.6, 0.3, 0.9, 0.95]])]
+    claims = [s >= 0.5 for s in scores]
+    outranks = torch.tensor([[False, False], [True, False]])  # the second router outranks the first
+    # 0: both claim, the second takes it although it scores lower; 1: only the first; 2: both, the second;
+    # 3: only the second
+    assert choose_adapters(scores, claims, outranks).tolist() == [[1, 0, 1, 1]]
+    assert choose_adapters(scores, claims).tolist() == [[0, 0, 0, 1]]  # the plain rule
+    # a cycle (a over b over c over a) where all three claim: every claim is beaten, so the plain rule decides
+    three = [torch.tensor([[0.7]]), torch.tensor([[0.9]]), torch.tensor([[0.8]])]
+    cycle = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])
+    assert choose_adapters(three, [t >= 0.5 for t in three], cycle).tolist() == [[1]]
+
+
+def test_outranking_reads_which_adapters_each_router_was_fitted_against():
+    def fitted_against(*names):
+        return config(router_report={"outranks": list(names)})
+
+    # fr was fitted with es's text as other_domains={"es": ...}; es before fr existed
+    assert outranking(["es", "fr"], {"es": fitted_against(), "fr": fitted_against("es")}).tolist() == [
+        [False, False],
+        [True, False],
+    ]
+    # fitted against each other: both learned the difference, the scores decide
+    assert outranking(["es", "fr"], {"es": fitted_against("fr"), "fr": fitted_against("es")}) is None
+    # a report saved before the key existed, no report, or another domain's name: nothing outranked
+    old_report = config(router_report={"old_to_base": 0.99})
+    assert outranking(["es", "fr"], {"es": old_report, "fr": config()}) is None
+    assert outranking(["es", "fr"], {"es": fitted_against("de"), "fr": fitted_against()}) is None
+
+
+@pytest.fixture(scope="module")
+def unrefitted(speaker):
+    """The sequence without a refit: ``es`` fitted against the base domain and trained; ``fr`` fitted against the
+    base domain with ``es``'s text as ``other_domains={"es": ...}`` (named after its adapter: ``fr``'s router
+    outranks ``es``'s), trained; both active, ``es``'s router as it was fitted before ``fr`` existed."""
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    es_data, fr_data, base_data = domain_ids(ES, seed=1), domain_ids(FR, seed=3), domain_ids(BASE, seed=2)
+    es_report = fit_router(model, es_data, base_data, adapter_name="es", progress=False)
+    train(model, "es", ES, seed=100)
+    with torch.no_grad():
+        before = {name: model(input_ids=ids).logits for name, ids in PROBES.items()}
+        model(input_ids=PROBES["es"])
+        before_routing = model.base_model.last_routing.sent_to("es")
+    es_state = adapter_state(model, "es")
+    model.add_adapter("fr", config())
+    model.set_adapter("fr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fr_report = fit_router(
+            model, fr_data, base_data, other_domains={"es": es_data}, adapter_name="fr", progress=False
+        )
+    train(model, "fr", FR, seed=200)
+    with torch.no_grad():
+        fr_alone = model(input_ids=PROBES["fr"]).logits
+    model.base_model.set_adapter(["es", "fr"])
+    return dict(
+        model=model, before=before, before_routing=before_routing, es_state=es_state, fr_alone=fr_alone,
+        reports={"es": es_report, "fr": fr_report}, warnings=[str(w.message) for w in caught],
+    )
+
+
+def test_a_router_fitted_against_an_adapters_domain_outranks_it(unrefitted):
+    """fr's ``other_domains`` names the adapter es: fr's router outranks es's (reported, recorded in the config), and
+    fit_router does not warn that es's router, which claims nearly all of fr's tokens, must be refitted."""
+    reports, model = unrefitted["reports"], unrefitted["model"]
+    assert reports["es"].outranks == [] and reports["fr"].outranks == ["es"]
+    assert model.peft_config["fr"].router_report["outranks"] == ["es"]
+    assert model.peft_config["es"].router_report["outranks"] == []
+    share = reports["fr"].claimed_by_other_adapters["es"]
+    assert share >= 0.9, reports["fr"]  # es never saw fr's text
+    assert f"'es' {share:.2%} (outranked: a token both claim goes to this adapter)" in str(reports["fr"])
+    assert not [text for text in unrefitted["warnings"] if text.startswith("fit_router")]
+    assert reports["fr"].new_to_expansion >= 0.99 and reports["fr"].other_to_expansion["es"] <= 0.01, reports["fr"]
+
+
+def test_an_outranked_router_keeps_every_domain_as_it_was_without_a_refit(unrefitted, speaker):
+    """Issue 12's first test with es's router never refitted: the base domain gives the base model's logits, es's
+    sequences es's decisions and logits from before fr existed, fr's sequences what fr gives alone, although es's
+    router claims every one of them too (the outranking decides; which of two saturated scores is higher would be
+    a matter of rounding)."""
+    model = unrefitted["model"]
+    for key, tensor in unrefitted["es_state"].items():  # es's blocks and router: bit-identical
+        assert torch.equal(adapter_state(model, "es")[key], tensor), key
+    with torch.no_grad():
+        logits = model(input_ids=PROBES["base"]).logits
+        assert model.base_model.last_routing.to_preservation.all()
+        assert (logits - speaker(input_ids=PROBES["base"]).logits).abs().max() <= 1e-6
+        logits = model(input_ids=PROBES["es"]).logits
+        routing = model.base_model.last_routing
+        unchanged = (routing.sent_to("es") == unrefitted["before_routing"]).all(dim=1)
+        assert unchanged.all() and not routing.sent_to("fr").any()
+        assert (logits - unrefitted["before"]["es"]).abs().max() <= 1e-6
+        logits = model(input_ids=PROBES["fr"]).logits
+        routing = model.base_model.last_routing
+        assert routing.sent_to("fr").all()
+        assert (routing.adapter_scores["es"] >= model.base_model.scale_router["es"].threshold).all()
+        assert (logits - unrefitted["fr_alone"]).abs().max() <= 1e-6
+    confusion = routing_confusion(model, BIG)
+    for domain in ("base", "es", "fr"):
+        assert confusion[domain][domain] >= 0.99, confusion
+
+
+def test_the_outranking_is_saved_and_loaded_with_the_adapters(unrefitted, speaker, tmp_path):
+    from peft import PeftModel
+
+    model = unrefitted["model"]
+    ids = torch.cat([PROBES["es"][:2], PROBES["fr"][:2]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    choice = model.base_model.last_routing.choice
+    model.save_pretrained(tmp_path)
+    fr = model.peft_config["fr"].router_report
+    card = (tmp_path / "README.md").read_text()
+    assert (
+        f"`fr`: {fr['new_to_expansion']:.1%} of its domain's held-out tokens claimed, {fr['old_to_base']:.1%} of its "
+        "old side's left to the base model, outranks `es`"
+    ) in card and card.count("outranks `") == 1
+    loaded = PeftModel.from_pretrained(copy.deepcopy(speaker), tmp_path / "es", adapter_name="es")
+    loaded.load_adapter(tmp_path / "fr", adapter_name="fr")
+    loaded.base_model.set_adapter(["es", "fr"])
+    assert loaded.peft_config["fr"].router_report["outranks"] == ["es"]
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+    assert torch.equal(loaded.base_model.last_routing.choice, choice)
+    assert (logits - expected).abs().max() <= 1e-6
 
 
 def test_a_token_both_routers_claim_gets_one_adapter_only(stages):
@@ -644,6 +776,7 @@ def test_the_card_lists_the_domains_and_their_routers_accuracy(stages, tmp_path)
         f"`es`: {es['new_to_expansion']:.1%} of its domain's held-out tokens claimed, {es['old_to_base']:.1%} of its "
         "old side's left to the base model"
     ) in text
+    assert "outranks `" not in text  # fr was fitted with es's text in its old side, not as other_domains
 
 
 def section(text: str) -> str:

@@ -38,6 +38,9 @@ blocks are exactly the ones ``run.py``'s Spanish runs train on). Rows (``ROWS``)
 - ``scale_ffn_routed_pairwise_ema_old`` and its reference ``scale_ffn_routed_fr_only_ema_old``: the pairwise row at
   ``cpu_40_steps``' later settings (lr 3e-3, ``W12`` at 4x, ``router_smoothing=0.8`` from the old side's median
   logit, ``router_smoothing_start="old"``).
+- ``scale_ffn_routed_outranking_ema_old``: the same, but ``es``'s router is not refitted: ``fr``'s, fitted with the
+  Spanish blocks as ``other_domains={"es": ...}`` (named after the adapter), outranks it, so routed together a token
+  both claim goes to ``fr`` and ``es`` keeps every decision of stage 1 on the Spanish that ``fr`` does not claim.
 
 Measured after every stage (``measures.py`` through ``run.evaluate``, on held-out blocks): Spanish, French and
 English perplexity, drift (mean KL(base || adapted) over the English tokens) and the perplexity of the base model's
@@ -82,6 +85,11 @@ LANGUAGES = {"es": "Spanish", "fr": "French"}
 ROUTER_BLOCKS = run.ROUTER_BLOCKS
 REPLAY_FRACTION = run.REPLAY_FRACTION
 CONFUSION_BLOCKS = 8  # held-out blocks per language that routing_confusion reads (the routers' decisions only)
+CONFUSION_WHEN = {
+    "before_refit": "before the refit of the earlier routers",
+    "after_refit": "after the refit of the earlier routers",
+    "no_refit": "with the earlier routers as they were fitted (not refitted)",
+}
 
 GOAL_SPANISH_RISE = 0.02  # Spanish perplexity after stage 2 at most 2% above after stage 1
 GOAL_DRIFT = 0.02  # English drift after stage 2, nats/token
@@ -97,7 +105,9 @@ class Row(NamedTuple):
     given to ``fit_router`` as ``other_domains`` (negatives, threshold against English only) instead of in its
     ``old_data``. ``w12_lr_ratio`` and ``scale_options``: as ``run.Run``'s (``W12``'s learning rate over the row's;
     ``ScaleConfig`` fields of this row). ``reference``: the single-stage French row its French is judged against
-    (the same settings, French only)."""
+    (the same settings, French only). ``refit_earlier``: refit the earlier adapters' routers with the new language
+    (in their old side, or as ``other_domains``); without it the new router outranks them (``other_domains`` named
+    after their adapters) and they stay as stage 1 fitted them."""
 
     method: str
     lr: float
@@ -107,6 +117,7 @@ class Row(NamedTuple):
     w12_lr_ratio: float = 1.0
     scale_options: tuple = ()
     reference: str = FRENCH_REFERENCE
+    refit_earlier: bool = True
 
 
 SMOOTHED_FROM_OLD = (("router_smoothing", 0.8), ("router_smoothing_start", "old"))
@@ -124,6 +135,11 @@ ROWS = {
     "scale_ffn_routed_pairwise_ema_old": Row(
         "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD,
         reference="scale_ffn_routed_fr_only_ema_old",
+    ),
+    # the same without refitting es's router: fr's outranks it (issue 12: the refit sent more Spanish to the base)
+    "scale_ffn_routed_outranking_ema_old": Row(
+        "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD,
+        reference="scale_ffn_routed_fr_only_ema_old", refit_earlier=False,
     ),
     "scale_ffn_routed_fr_only_ema_old": Row(
         "scale_ffn_routed", 3e-3, ("fr",), w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD
@@ -346,15 +362,16 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
             if earlier:
                 together = list(row.languages[: index + 1])
                 model.base_model.set_adapter(together)
-                confusion = {"before_refit": peft_confusion(model, texts)}
-                # an earlier router never saw this language: refit it with this language in its old side
-                stage["refitted"] = {
-                    other: fit_domain_router(
-                        model, texts, other, [o for o in together if o != other], args.seed, row.other_domains
-                    )
-                    for other in earlier
-                }
-                confusion["after_refit"] = peft_confusion(model, texts)
+                confusion = {"before_refit" if row.refit_earlier else "no_refit": peft_confusion(model, texts)}
+                if row.refit_earlier:
+                    # an earlier router never saw this language: refit it with this language in its old side
+                    stage["refitted"] = {
+                        other: fit_domain_router(
+                            model, texts, other, [o for o in together if o != other], args.seed, row.other_domains
+                        )
+                        for other in earlier
+                    }
+                    confusion["after_refit"] = peft_confusion(model, texts)
                 stage["routing_confusion"] = confusion
             model.set_adapter(language)
             check_only_trains(model, language, earlier)
@@ -543,8 +560,7 @@ def routing_lines(results: dict) -> list[str]:
             for when, confusion in stage.get("routing_confusion", {}).items():
                 lines += [
                     "",
-                    f"`{name}`, stage {stage['language']}, routing confusion {when.replace('_', ' ')} of the earlier "
-                    f"routers (first {CONFUSION_BLOCKS} held-out blocks per language; rows: the text, columns: where "
+                    f"`{name}`, stage {stage['language']}, routing confusion {CONFUSION_WHEN[when]} (first {CONFUSION_BLOCKS} held-out blocks per language; rows: the text, columns: where "
                     "its tokens went):",
                     "",
                     "| text | " + " | ".join(next(iter(confusion.values()))) + " |",

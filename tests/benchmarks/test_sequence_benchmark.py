@@ -67,6 +67,19 @@ def test_the_pairwise_row_gives_the_other_language_as_other_domains(quick):
     assert set(second["routing_confusion"]) == {"before_refit", "after_refit"}
 
 
+def test_the_outranking_row_does_not_refit_the_earlier_router(quick):
+    """``scale_ffn_routed_outranking_ema_old``: fr's router is fitted with the Spanish blocks as
+    ``other_domains={"es": ...}`` and outranks es's, which stays as stage 1 fitted it (no refit)."""
+    _, results = quick
+    first, second = results["runs"]["scale_ffn_routed_outranking_ema_old"]["stages"]
+    assert first["router"]["report"]["outranks"] == []
+    assert second["router"]["other_domains"] == ["es"] and second["router"]["report"]["outranks"] == ["es"]
+    assert "refitted" not in second and set(second["routing_confusion"]) == {"no_refit"}
+    # the pairwise row's routers are fitted against each other: neither outranks the other
+    pairwise = results["runs"]["scale_ffn_routed_pairwise"]["stages"][1]
+    assert pairwise["router"]["report"]["outranks"] == ["es"] and pairwise["refitted"]["es"]["report"]["outranks"] == ["fr"]
+
+
 def test_goals_are_judged_for_every_two_stage_row(quick):
     _, results = quick
     goals = results["goals"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
-import pytest
 import torch
 from peft import get_peft_model
 from test_routing import LAYERS, MODES, PRESERVE
@@ -61,8 +61,9 @@ def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkey
         ScaleConfig=ScaleConfig,
     )
     monkeypatch.chdir(tmp_path)  # model.save_pretrained("out") -> tmp_path / "out"
-    # fitting fr warns that es's router, fitted before French existed, claims French: the block refits it next
-    with pytest.warns(UserWarning, match="the router of adapter 'es' claims"):
+    # es's router, fitted before French existed, claims French, but fr's outranks it: no warning, no refit
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fit_router")
         exec(compile(code, "README.md: One routed adapter per domain", "exec"), namespace)
 
     model = namespace["model"]
@@ -74,6 +75,9 @@ def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkey
         assert routers[name].is_fitted, f"{name}'s router is not fitted"
         config = scale_model.peft_config[name]
         assert config.variant == "route" and config.preserve_layers == PRESERVE
+    assert scale_model.peft_config["fr"].router_report["outranks"] == ["es"]
+    assert scale_model.peft_config["es"].router_report["outranks"] == []
+    assert scale_model.peft_config["fr"].router_report["claimed_by_other_adapters"]["es"] >= 0.9  # es never saw French
 
     # most of each domain's tokens go to its own adapter, the base domain's to the base model
     shares = namespace["shares"]
