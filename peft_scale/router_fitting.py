@@ -40,7 +40,7 @@ trains, on frozen features, and it never drifts while the adapter trains:
 8. ``other_domains`` (the text of the other routed adapters' domains) are negatives in the training, pooled with the
    old side, but not part of the calibration: the threshold bounds only what must be kept (forgetting). A token of
    another routed domain that this router also claims is resolved by the joint rule when both adapters are active
-   (the more confident router takes it): an error there costs transfer between two new domains, not forgetting.
+   (the outranking router, item 9, or else the more confident one takes it): an error there costs transfer between two new domains, not forgetting.
    The report's ``other_to_expansion`` is the share of each such domain's held-out tokens this router claims.
 9. A domain of ``other_domains`` named like another learned-route adapter of the model is that adapter's: this
    router *outranks* it (``outranks``, recorded in the config; ``routing.outranking``): routed together, a token
@@ -97,14 +97,15 @@ class RouterReport:
         claimed_by_other_adapters: ``{adapter: share}`` for every other learned-route adapter of the model whose
             router is fitted and reads the same layer (so can be routed together with this one): the share of the
             held-out new tokens that its router claims (score at or above its own threshold), as it stood when this
-            router was fitted. Routed together, such a token goes to whichever claiming router scores highest, so it
-            can miss this adapter; above ``CLAIMED_WARNING`` ``fit_router`` warns. Empty when there is no such
-            adapter. (The reverse, this router claiming another domain's tokens, is ``1 - old_to_base`` with that
+            router was fitted. Routed together, such a token goes to whichever claiming router scores highest
+            (unless one outranks the other: ``outranks``), so it can miss this adapter; above ``CLAIMED_WARNING``
+            ``fit_router`` warns. Empty when there is no such adapter. (The reverse, this router claiming another domain's tokens, is ``1 - old_to_base`` with that
             domain's text in ``old_data``.)
         other_to_expansion: ``{domain: share}`` for every domain given in ``other_domains``: the share of its held-out
             tokens that this router claims (score at or above the threshold, which was not calibrated on them).
-            Routed together with that domain's adapter, the more confident router takes such a token; with this
-            adapter active alone, it goes to this adapter. Empty without ``other_domains``.
+            Routed together with that domain's adapter, this router takes such a token when it outranks that
+            adapter's (``outranks``), else the more confident one does; with this adapter active alone, it goes to
+            this adapter. Empty without ``other_domains``.
         other_held_out_tokens: ``{domain: n}``: held-out tokens of each of ``other_domains``.
         outranks: the other learned-route adapters that ``other_domains`` names (sorted): routed together, this
             router takes a token it claims from them (``routing.outranking``), unless one was fitted against this
@@ -436,7 +437,7 @@ def fit_router(
             each token weighs the same, and the two together as much as ``new_data``), but the threshold is
             calibrated on the old side only, so ``max_old_error`` bounds forgetting only. Between routed domains an
             error costs transfer, not forgetting, and the joint rule resolves a token two active routers claim (the
-            more confident one takes it); in ``old_data`` instead, another domain close to this one raises the
+            outranking or else the more confident one takes it); in ``old_data`` instead, another domain close to this one raises the
             threshold and sends much of this domain's own text to the base model (issue 12: Spanish and French,
             74.8% and 71.0% of their own tokens reached their adapters). The risk: with this adapter active alone,
             the other domains' tokens it claims (the report's ``other_to_expansion``) go to it. Split like the rest
