@@ -227,6 +227,11 @@ class ScaleModel(BaseTuner):
             self._routing.remove([adapter_name])
         super().delete_adapter(adapter_name)  # the router goes with the module that holds it
         self._plans.pop(adapter_name, None)
+        # a router that outranked the deleted adapter's does not outrank a later adapter of the same name
+        for config in self.peft_config.values():
+            report = getattr(config, "router_report", None)
+            if report and adapter_name in report.get("outranks", []):
+                report["outranks"] = [name for name in report["outranks"] if name != adapter_name]
 
     # ------------------------------------------------------------------------------------------- merging
 

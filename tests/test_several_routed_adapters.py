@@ -435,6 +435,15 @@ def test_an_outranked_router_keeps_every_domain_as_it_was_without_a_refit(unrefi
         assert confusion[domain][domain] >= 0.99, confusion
 
 
+def test_deleting_an_outranked_adapter_forgets_the_outranking(unrefitted):
+    """A later adapter named like the deleted one is another domain: fr's router does not outrank it."""
+    model = copy.deepcopy(unrefitted["model"])
+    model.set_adapter("fr")
+    model.delete_adapter("es")
+    assert model.peft_config["fr"].router_report["outranks"] == []
+    assert unrefitted["model"].peft_config["fr"].router_report["outranks"] == ["es"]  # the copy's only
+
+
 def test_the_outranking_is_saved_and_loaded_with_the_adapters(unrefitted, speaker, tmp_path):
     from peft import PeftModel
 
