@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -77,8 +78,10 @@ def router_alone(routed, batch: int, seq: int, warmup: int, repeats: int) -> dic
         return summarise(time_runs(lambda: router(hidden), warmup, repeats, torch.device("cpu")), batch * seq)
 
 
-def run(model: str, quick: bool, seed: int = 0) -> dict:
-    workload = WORKLOADS["quick" if quick else model]
+def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -> dict:
+    workload = dict(WORKLOADS["quick" if quick else model])
+    if repeats is not None:  # more timed runs per row: CPU decode times vary by 10-20% from run to run
+        workload["repeats"] = repeats
     batch, seq, decode_tokens = workload["batch"], workload["seq"], workload["decode_tokens"]
     warmup, repeats = workload["warmup"], workload["repeats"]
     dtype, device = torch.float32, torch.device("cpu")
@@ -145,9 +148,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke run: the 'quick' workload")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default: the workload's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args.model, args.quick)
+    result = run(args.model, args.quick, repeats=args.repeats)
     print(format_table(result))
     output = args.output or OUTPUT_DIR / f"router_cost_{args.model}{'_quick' if args.quick else ''}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
