@@ -62,7 +62,7 @@ from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS  # noq
 
 HELD_OUT_TEXTS = 400  # summaries per language set aside for evaluation, never trained on
 QUICK_DEFAULTS = dict(
-    max_steps=4, batch_size=4, train_texts=100, eval_blocks=4, prompts=4, answer_tokens=16, router_samples=8
+    max_steps=4, batch_size=4, seq_len=64, train_texts=100, eval_blocks=4, prompts=4, answer_tokens=16, router_samples=8
 )
 PRECISION = "fp32"  # of every evaluation (measures.py also knows "bf16" autocast; the demo trains in fp32)
 # With the adapter disabled, the English perplexity must equal the base model's and the drift must be 0; the
