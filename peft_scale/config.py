@@ -71,6 +71,15 @@ class ScaleConfig(PeftConfig):
             are where the router errs most. Measured (``learned_router_findings.md``, fifth pass): with old data as
             the old side, 10.9% of the first 8 old-language tokens of each evaluation block reached the expansion
             from ``"token"``, none from ``"old"``, at the cost of the first ~4 new-language tokens of a sequence.
+        router_smoothing_fall: with ``router_smoothing = a > 0``, the average's coefficient ``f`` in ``[0, 1)`` while a
+            token's logit is below it: ``s_t = a_t s_{t-1} + (1 - a_t) l_t`` with ``a_t = f`` if ``l_t < s_{t-1}``
+            else ``a`` (with the ``"old"`` start, ``s_{-1} = c`` counts as the previous value). ``None`` (default):
+            ``a`` both ways. A smaller ``f`` falls towards the base model faster than it rises towards the
+            expansion: after a switch from new-domain text back to old text inside one sequence, the old text
+            leaves the expansion sooner (a wrong "expansion" on old text is the costly error). Measured on the
+            routers alone (``cpu_40_steps/router_asymmetric.py``, ``a = 0.8``): ``f = 0.4`` sent 96% of Spanish
+            tokens to the expansion (``a`` both ways: 97-98%, per token: 88-92%) and, after Spanish -> English,
+            7% of the English to it (``a`` both ways: 11%, per token: 6-8%); not yet measured in training.
         preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route). With the
             learned route, the router reads the stream entering this layer, and in FFN mode only the MLPs from this
             layer up are widened (the ones below could never reach the output).
@@ -138,6 +147,13 @@ class ScaleConfig(PeftConfig):
         metadata={
             "help": "Learned route: EMA coefficient a in [0, 1) of the router's logit over the preceding tokens of the "
             "sequence (s_t = a s_{t-1} + (1-a) l_t); 0: each token decides on its own logit."
+        },
+    )
+    router_smoothing_fall: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Learned route with router_smoothing > 0: the average's coefficient while a token's logit is below "
+            "it (falling towards the base model), in [0, 1); None: router_smoothing both ways."
         },
     )
     router_smoothing_start: Literal["token", "old"] = field(
@@ -264,6 +280,20 @@ class ScaleConfig(PeftConfig):
                 f"variant={self.variant!r}, route_rule={self.route_rule!r}: use it with variant='route', "
                 "route_rule='learned' (the default rule of 'route'), or leave router_smoothing=0."
             )
+        fall = self.router_smoothing_fall
+        if fall is not None:
+            if isinstance(fall, bool) or not isinstance(fall, (int, float)) or not 0 <= fall < 1:
+                raise ValueError(
+                    f"ScaleConfig(router_smoothing_fall={fall!r}): the average's coefficient while it falls must be a "
+                    "number in [0, 1) (e.g. 0.4: it falls towards the base model faster than it rises), or None "
+                    "(router_smoothing both ways)."
+                )
+            if not self.router_smoothing:
+                raise ValueError(
+                    f"ScaleConfig(router_smoothing_fall={fall}) sets how fast the router's moving average falls, but "
+                    "router_smoothing is 0 (no average): set router_smoothing, e.g. 0.8, or leave router_smoothing_fall."
+                )
+            self.router_smoothing_fall = float(fall)
         if self.router_smoothing_start not in ("token", "old"):
             raise ValueError(
                 f"ScaleConfig(router_smoothing_start={self.router_smoothing_start!r}): choose 'token' (the average "

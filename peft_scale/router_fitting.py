@@ -115,6 +115,7 @@ class RouterReport:
             of the smoothed decisions (the moving average over each sequence's tokens, as the model routes).
         smoothing_start: the adapter's ``router_smoothing_start`` (``"token"`` or ``"old"``), where that average
             starts.
+        smoothing_fall: the adapter's ``router_smoothing_fall`` (``None``: ``smoothing`` both ways).
     """
 
     adapter_name: str
@@ -138,6 +139,7 @@ class RouterReport:
     smoothing: float = 0.0
     smoothing_start: str = "token"
     outranks: list = field(default_factory=list)
+    smoothing_fall: Optional[float] = None
 
     def __str__(self) -> str:
         claimed = ""
@@ -157,6 +159,8 @@ class RouterReport:
             )
             claimed += f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
         smoothed = f"; score smoothed over preceding tokens, a = {self.smoothing}" if self.smoothing else ""
+        if self.smoothing and self.smoothing_fall is not None:
+            smoothed += f", falling with {self.smoothing_fall}"
         if self.smoothing and self.smoothing_start == "old":
             smoothed += ", from the old side's median logit"
         return (
@@ -556,7 +560,9 @@ def fit_router(
         return torch.cat([score[:first_tokens] for score in per_sequence_scores(sequences, params)])
 
     def per_sequence_scores(sequences, params):
-        return sequence_scores(router, sequences, smoothing, params, params["start"] if start_on else None)
+        return sequence_scores(
+            router, sequences, smoothing, params, params["start"] if start_on else None, config.router_smoothing_fall
+        )
 
     calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
     fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
@@ -593,6 +599,7 @@ def fit_router(
         smoothing=smoothing,
         smoothing_start=config.router_smoothing_start,
         outranks=sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name}),
+        smoothing_fall=config.router_smoothing_fall,
     )
     _record_report(config, report)
     _warn_if_claimed(report)
@@ -622,7 +629,12 @@ def _other_domain_sequences(other_domains, vocab_size: Optional[int]) -> dict[st
 
 @torch.no_grad()
 def sequence_scores(
-    router, sequences: list[torch.Tensor], smoothing: float, params=None, start: Optional[torch.Tensor] = None
+    router,
+    sequences: list[torch.Tensor],
+    smoothing: float,
+    params=None,
+    start: Optional[torch.Tensor] = None,
+    fall: Optional[float] = None,
 ) -> list[torch.Tensor]:
     """The score the gate hook computes for every token of each sequence (features ``(len, d)`` of the stream
     entering the router's layer): ``sigmoid`` of the router's logit, smoothed along the sequence first
@@ -634,7 +646,7 @@ def sequence_scores(
     if smoothing:  # right-padded rows (padding comes after a row's tokens: the causal average never reads it)
         rows = torch.nn.utils.rnn.pad_sequence(list(logits.split(lengths)), batch_first=True)
         mask = torch.arange(rows.shape[1], device=device) < torch.tensor(lengths, device=device)[:, None]
-        logits = smooth_logits(rows, smoothing, mask, start=start)[0][mask]
+        logits = smooth_logits(rows, smoothing, mask, start=start, fall=fall)[0][mask]
     return list(torch.sigmoid(logits).split(lengths))
 
 
@@ -650,7 +662,9 @@ def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module,
             continue
         config = scale_model.peft_config[name]
         start = smoothing_start(name, config, router) if config.router_smoothing else None
-        scores = torch.cat(sequence_scores(router, sequences, config.router_smoothing, start=start))
+        scores = torch.cat(
+            sequence_scores(router, sequences, config.router_smoothing, start=start, fall=config.router_smoothing_fall)
+        )
         shares[name] = float((scores >= router.threshold[0]).float().mean())
     return shares
 
@@ -691,6 +705,7 @@ def _record_report(config, report: RouterReport) -> None:
         "threshold": report.threshold,
         "smoothing": report.smoothing,  # (reports saved before it existed have no such key: 0)
         "smoothing_start": report.smoothing_start,  # (nor this one: "token")
+        "smoothing_fall": report.smoothing_fall,  # (nor this one: None)
         "calibrate_on": report.calibrate_on,
         "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
         # (reports saved before it existed have no such key)

@@ -283,13 +283,15 @@ def smooth_logits(
     last: Optional[torch.Tensor] = None,
     started: Optional[torch.Tensor] = None,
     start: Optional[torch.Tensor] = None,
+    fall: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exponential moving average of a router's logits along the sequence (``ScaleConfig.router_smoothing``)::
 
         s_0 = l_0,    s_t = a s_{t-1} + (1 - a) l_t        (a = smoothing; over one row's real tokens)
 
     or, with a ``start`` value ``c`` (a 0-d or ``(1,)`` tensor: ``router_smoothing_start="old"``), ``s_-1 = c``:
-    ``s_0 = a c + (1 - a) l_0``.
+    ``s_0 = a c + (1 - a) l_0``. With ``fall = f`` (``router_smoothing_fall``) the coefficient depends on the
+    direction: ``a_t = f`` where ``l_t < s_{t-1}`` (falling towards the base model), else ``a``.
 
     ``logits``: ``(batch, seq)``. ``mask``: ``(batch, seq)`` bool, ``False`` at padding: a pad token leaves the
     average as it is (and keeps its own logit), so a left-padded row starts at its first real token. ``last``,
@@ -306,10 +308,21 @@ def smooth_logits(
     on = torch.zeros(batch, dtype=torch.bool, device=logits.device) if started is None else started
     out = torch.empty_like(logits)
     begin = None if start is None else a * start.reshape(()).to(logits.dtype)
+    if fall is not None:  # the direction-dependent coefficient, as tensors (one where per step)
+        rise_a, fall_a = (torch.tensor(x, dtype=logits.dtype, device=logits.device) for x in (a, float(fall)))
+        origin = None if start is None else start.reshape(()).to(logits.dtype)
     for t in range(length):
         own = logits[:, t]
-        first = own if begin is None else begin + (1 - a) * own
-        step = torch.where(on, a * state + (1 - a) * own, first)
+        if fall is None:
+            first = own if begin is None else begin + (1 - a) * own
+            step = torch.where(on, a * state + (1 - a) * own, first)
+        else:
+            # the previous value: the row's average, or before its first token the start (none: the token itself)
+            previous = state if origin is None else torch.where(on, state, origin)
+            coefficient = torch.where(own < previous, fall_a, rise_a)
+            step = coefficient * previous + (1 - coefficient) * own
+            if origin is None:
+                step = torch.where(on, step, own)
         if mask is None:
             state, out[:, t] = step, step
             on = torch.ones_like(on)
@@ -485,7 +498,9 @@ class _GateHook:
                 return router(hidden[..., : router.features])
             start = smoothing_start(name, configs[name], router)
             own = router.logits(hidden[..., : router.features])
-            logits = self.routing.smoothed(name, own, smoothing[name], *sequence, start=start)
+            logits = self.routing.smoothed(
+                name, own, smoothing[name], *sequence, start=start, fall=configs[name].router_smoothing_fall
+            )
             score = torch.sigmoid(logits)
             return score >= router.threshold[0], score
 
@@ -653,9 +668,10 @@ class Routing:
         ]
 
     def smoothed(
-        self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask, start=None
+        self, adapter_name: str, logits: torch.Tensor, smoothing: float, cache, past: int, mask, start=None, fall=None
     ) -> torch.Tensor:
-        """``logits`` (batch, seq) of ``adapter_name``'s router, smoothed (``smooth_logits``, from ``start`` when given)
+        """``logits`` (batch, seq) of ``adapter_name``'s router, smoothed (``smooth_logits``, from ``start`` when given,
+        falling with ``fall`` when given)
         over the preceding tokens of each row: those of this call and, when it continues a cache, those the cache
         holds (whose average the previous call on that cache left in ``self._smoothing``). Refuses a continuation it
         has no exact state for."""
@@ -683,7 +699,7 @@ class Routing:
                     "the cache back and is not supported with router_smoothing > 0."
                 )
             last, started = state.last, state.started
-        smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started, start)
+        smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started, start, fall)
         if cache is not None:
             self._track_cache(cache)
             self._smoothing[adapter_name] = _SmoothingState(weakref.ref(cache), past + length, batch, last, started)

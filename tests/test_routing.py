@@ -935,3 +935,121 @@ def test_the_start_is_saved_and_an_adapter_saved_before_it_loads(smoothed_from_o
 def test_router_smoothing_start_config_errors(config, message):
     with pytest.raises(ValueError, match=message):
         ScaleConfig(ffn_expansion=8, variant="route", **config)
+
+
+# -------------------------------------------------- 8. an average that falls faster than it rises (router_smoothing_fall)
+
+FALL = 0.4
+
+
+def reference_falling(logits: torch.Tensor, a: float, fall: float, start=None) -> torch.Tensor:
+    """``s_t = a_t s_{t-1} + (1 - a_t) l_t``, ``a_t = fall`` where ``l_t < s_{t-1}`` else ``a``, written out (float64);
+    ``s_0 = l_0``, or with a ``start`` value ``c`` the step from ``s_-1 = c``."""
+    out = torch.empty(logits.shape, dtype=torch.float64)
+    for row in range(logits.shape[0]):
+        state = None if start is None else float(start)
+        for t in range(logits.shape[1]):
+            own = float(logits[row, t])
+            if state is None:
+                state = own
+            else:
+                coefficient = fall if own < state else a
+                state = coefficient * state + (1 - coefficient) * own
+            out[row, t] = state
+    return out
+
+
+def test_smooth_logits_falls_with_its_own_coefficient():
+    from peft_scale.routing import smooth_logits
+
+    logits = torch.tensor([[0.0, 10.0, 0.0, 10.0], [10.0, 0.0, 0.0, 0.0]])
+    # a = 0.5 both ways: 0, 5, 2.5, 6.25; falling with 0: every drop is followed at once
+    assert torch.equal(smooth_logits(logits, 0.5)[0][0], torch.tensor([0.0, 5.0, 2.5, 6.25]))
+    out, last, started = smooth_logits(logits, 0.5, fall=0.0)
+    assert torch.equal(out, torch.tensor([[0.0, 5.0, 0.0, 5.0], [10.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(last, torch.tensor([5.0, 0.0])) and started.all()
+    # from a start value c = -4: the first step rises from c (0 >= -4: a), the next falls (-8 < -2: fall)
+    out = smooth_logits(torch.tensor([[0.0, -8.0]]), 0.5, start=torch.tensor([-4.0]), fall=0.25)[0]
+    assert torch.allclose(out, torch.tensor([[-2.0, -6.5]]))
+    # padding leaves the average as it is; a continuation from the returned state gives what the whole row gives
+    rows = torch.randn(3, 9, generator=torch.Generator().manual_seed(0)) * 4
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    whole = smooth_logits(rows, 0.8, mask, fall=FALL)[0]
+    head, last, started = smooth_logits(rows[:, :5], 0.8, mask[:, :5], fall=FALL)
+    tail = smooth_logits(rows[:, 5:], 0.8, mask[:, 5:], last, started, fall=FALL)[0]
+    assert torch.equal(torch.cat([head, tail], 1), whole)
+    assert torch.allclose(whole[1, 3:].double(), reference_falling(rows[1:, 3:], 0.8, FALL)[0], atol=1e-5)
+    # fall = a is the plain average
+    assert torch.allclose(smooth_logits(rows, 0.8, fall=0.8)[0], smooth_logits(rows, 0.8)[0], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smoothed_falling(old_speaker):
+    """(untouched base, model routed with router_smoothing=0.8 falling with 0.4, perturbed; report)."""
+    reference, model, report = fitted(old_speaker, router_smoothing=SMOOTHING, router_smoothing_fall=FALL)
+    perturb_adapter(model, scale=0.5)
+    return reference, model.eval(), report
+
+
+def test_a_falling_router_decides_on_the_asymmetric_average(smoothed_falling):
+    _, model, report = smoothed_falling
+    ids = old_then_new()
+    logits = router_logits(model, ids)
+    result = model.base_model.last_routing
+    threshold = float(model.base_model.scale_router["default"].threshold)
+    expected = torch.sigmoid(reference_falling(logits, SMOOTHING, FALL))
+    assert torch.allclose(result.scores.double(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(~result.to_preservation, expected >= threshold)
+    # it bites where the rows switch from new to old: the average falls sooner than a = 0.8 both ways would
+    plain = torch.sigmoid(reference_ema(logits, SMOOTHING))
+    assert (expected[2:, 12:] < plain[2:, 12:] - 1e-3).any() and (expected[2:, 12:] <= plain[2:, 12:] + 1e-9).all()
+    assert report.smoothing_fall == FALL and "falling with 0.4" in str(report)
+    assert model.peft_config["default"].router_report["smoothing_fall"] == FALL
+    # the report's shares are the model's decisions (fit_router calibrates on the same average)
+    assert routed_share(model, domain_ids(NEW, seed=1)) == pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
+
+
+def test_generate_with_a_falling_router_with_cache_equals_without(smoothed_falling, old_speaker, tmp_path):
+    reference, model, _ = smoothed_falling
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompts = old_then_new(length=4)
+    for extra in ({}, {"num_beams": 2}):
+        cached = model.generate(input_ids=prompts, use_cache=True, **settings, **extra)
+        assert torch.equal(cached, model.generate(input_ids=prompts, use_cache=False, **settings, **extra)), extra
+    padded = prompts[[0, 2]].clone()
+    padded[1, :3] = 0
+    mask = torch.ones_like(padded)
+    mask[1, :3] = 0
+    cached = model.generate(input_ids=padded, attention_mask=mask, use_cache=True, **settings)
+    assert torch.equal(cached, model.generate(input_ids=padded, attention_mask=mask, use_cache=False, **settings))
+    old_prompt = torch.cat([torch.ones(2, 1, dtype=torch.long), domain_ids(OLD, 2, 6, seed=10)], 1)
+    assert torch.equal(model.generate(input_ids=old_prompt, **settings), reference.generate(input_ids=old_prompt, **settings))
+    # saved and loaded with the adapter; a config saved before the field existed loads as None (a both ways)
+    ids = old_then_new()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["router_smoothing_fall"] == FALL
+    with torch.no_grad():
+        assert torch.equal(PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)(input_ids=ids).logits, expected)
+    del saved["router_smoothing_fall"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path).peft_config["default"].router_smoothing_fall is None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(router_smoothing_fall=0.4), r"router_smoothing_fall=0.4\) sets how fast the router's moving average "
+                                          r"falls, but router_smoothing is 0"),
+        (dict(router_smoothing=0.8, router_smoothing_fall=1.0), r"router_smoothing_fall=1.0\): .* in \[0, 1\)"),
+        (dict(router_smoothing=0.8, router_smoothing_fall="0.4"), r"router_smoothing_fall='0.4'\): .* in \[0, 1\)"),
+        (dict(router_smoothing=0.8, router_smoothing_fall=True), r"router_smoothing_fall=True\): .* in \[0, 1\)"),
+    ],
+)
+def test_router_smoothing_fall_config_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(ffn_expansion=8, variant="route", **config)
+    assert ScaleConfig(ffn_expansion=8, variant="route", router_smoothing=0.8, router_smoothing_fall=0).router_smoothing_fall == 0.0
