@@ -136,6 +136,11 @@ RUNS = {
     "scale_ffn_routed_w12x4_ema_old": Run(
         "scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8), ("router_smoothing_start", "old"))
     ),
+    # the average falls towards the base model faster than it rises (router_smoothing_fall; the diagnostic
+    # router_asymmetric.py): old text after new text leaves the expansion sooner
+    "scale_ffn_routed_w12x4_ema_fall": Run(
+        "scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8), ("router_smoothing_fall", 0.4))
+    ),
     # a looser forgetting budget for the router (fit_router's max_old_error: 5% of the calibration part's old tokens
     # may reach the expansion, default 1%), where the drift is far below its goal: more new text to the expansion
     "scale_ffn_routed_samples_w12x4_ema_err5": Run(
@@ -154,6 +159,7 @@ DEFAULT_LRS = {
     "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
     "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
     "scale_ffn_routed_w12x4_ema_old": _LARGE, "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE,
+    "scale_ffn_routed_w12x4_ema_fall": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
