@@ -24,7 +24,7 @@ from .norm import RMSNorm
 from .plan import ModelPlan, full_width_targets, fused_parts, plan_learned_route, plan_model
 from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
-from .routing import RouteResult, Routing, check_routed_together
+from .routing import RouteResult, Routing, check_routed_together, outranked_adapters
 
 
 def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
@@ -229,9 +229,9 @@ class ScaleModel(BaseTuner):
         self._plans.pop(adapter_name, None)
         # a router that outranked the deleted adapter's does not outrank a later adapter of the same name
         for config in self.peft_config.values():
-            report = getattr(config, "router_report", None)
-            if report and adapter_name in report.get("outranks", []):
-                report["outranks"] = [name for name in report["outranks"] if name != adapter_name]
+            outranked = outranked_adapters(config)
+            if adapter_name in outranked:
+                config.router_report["outranks"] = [name for name in outranked if name != adapter_name]
 
     # ------------------------------------------------------------------------------------------- merging
 

@@ -22,6 +22,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 
 from .config import ScaleConfig
+from .routing import outranked_adapters
 
 PAPER_URL = "https://arxiv.org/abs/2511.03270"
 PAPER_TITLE = "SCALE: Upscaled Continual Learning of Large Language Models"
@@ -164,7 +165,7 @@ def _routed_together(configs: dict[str, ScaleConfig], routed: list[str]) -> list
     accuracy = []
     for name in routed:
         report = configs[name].router_report
-        outranks = [other for other in report.get("outranks", []) if other in routed] if report else []
+        outranks = [other for other in outranked_adapters(configs[name]) if other in routed]
         accuracy.append(
             f"`{name}`: {report['new_to_expansion']:.1%} of its domain's held-out tokens claimed, "
             f"{report['old_to_base']:.1%} of its old side's left to the base model"

@@ -40,7 +40,8 @@ trains, on frozen features, and it never drifts while the adapter trains:
 8. ``other_domains`` (the text of the other routed adapters' domains) are negatives in the training, pooled with the
    old side, but not part of the calibration: the threshold bounds only what must be kept (forgetting). A token of
    another routed domain that this router also claims is resolved by the joint rule when both adapters are active
-   (the outranking router, item 9, or else the more confident one takes it): an error there costs transfer between two new domains, not forgetting.
+   (the outranking router, item 9, or else the more confident one takes it): an error there costs transfer between
+   two new domains, not forgetting.
    The report's ``other_to_expansion`` is the share of each such domain's held-out tokens this router claims.
 9. A domain of ``other_domains`` named like another learned-route adapter of the model is that adapter's: this
    router *outranks* it (``outranks``, recorded in the config; ``routing.outranking``): routed together, a token
@@ -99,8 +100,8 @@ class RouterReport:
             held-out new tokens that its router claims (score at or above its own threshold), as it stood when this
             router was fitted. Routed together, such a token goes to whichever claiming router scores highest
             (unless one outranks the other: ``outranks``), so it can miss this adapter; above ``CLAIMED_WARNING``
-            ``fit_router`` warns. Empty when there is no such adapter. (The reverse, this router claiming another domain's tokens, is ``1 - old_to_base`` with that
-            domain's text in ``old_data``.)
+            ``fit_router`` warns. Empty when there is no such adapter. (The reverse, this router claiming another
+            domain's tokens, is ``1 - old_to_base`` with that domain's text in ``old_data``.)
         other_to_expansion: ``{domain: share}`` for every domain given in ``other_domains``: the share of its held-out
             tokens that this router claims (score at or above the threshold, which was not calibrated on them).
             Routed together with that domain's adapter, this router takes such a token when it outranks that
@@ -441,8 +442,8 @@ def fit_router(
             each token weighs the same, and the two together as much as ``new_data``), but the threshold is
             calibrated on the old side only, so ``max_old_error`` bounds forgetting only. Between routed domains an
             error costs transfer, not forgetting, and the joint rule resolves a token two active routers claim (the
-            outranking or else the more confident one takes it); in ``old_data`` instead, another domain close to this one raises the
-            threshold and sends much of this domain's own text to the base model (issue 12: Spanish and French,
+            outranking or else the more confident one takes it); in ``old_data`` instead, another domain close to
+            this one raises the threshold and sends much of this domain's own text to the base model (issue 12: Spanish and French,
             74.8% and 71.0% of their own tokens reached their adapters). The risk: with this adapter active alone,
             the other domains' tokens it claims (the report's ``other_to_expansion``) go to it. Split like the rest
             (fit, calibrate, held out; at least 3 sequences each). Name a domain after its learned-route adapter

@@ -248,18 +248,10 @@ def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
     with ``names[j]``'s domain among its ``other_domains`` and ``names[j]``'s was not fitted with ``names[i]``'s
     (fitted against each other, both learned the difference: the scores decide). ``None`` when no pair is."""
     knows = [set(outranked_adapters(configs[name])) for name in names]
-    pairs = [
-        (i, j)
-        for i, name_i in enumerate(names)
-        for j, name_j in enumerate(names)
-        if name_j in knows[i] and name_i not in knows[j]
-    ]
-    if not pairs:
-        return None
-    outranks = torch.zeros(len(names), len(names), dtype=torch.bool)
-    for i, j in pairs:
-        outranks[i, j] = True
-    return outranks
+    outranks = torch.tensor(
+        [[name_j in knows[i] and name_i not in knows[j] for j, name_j in enumerate(names)] for i, name_i in enumerate(names)]
+    )
+    return outranks if outranks.any() else None
 
 
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
