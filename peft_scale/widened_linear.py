@@ -21,6 +21,28 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: tor
         out.add_(_product(a, b, dtype))
 
 
+def _blocks_forward(x, weight, bias, w12, w21, b21, w22, gate):
+    """``WidenedLinear``'s forward: ``(y, [W21 W22] or None, the dtype each product ran in)``."""
+    d = weight.shape[1]
+    # the base product sees exactly what nn.Linear would: the original features as a contiguous tensor
+    x_orig = x[..., :d].contiguous() if x.shape[-1] > d else x
+    y = F.linear(x_orig, weight, bias)
+    dtypes = {"base": y.dtype}
+    if w12 is not None:
+        from_new = F.linear(x[..., d:].to(w12.dtype), w12)
+        dtypes["w12"] = from_new.dtype
+        from_new = from_new.to(y.dtype)
+        y = y + (from_new * gate.to(y.dtype) if gate is not None else from_new)
+    w_new = None
+    if w21 is not None:
+        # [W21 W22] concatenates the small trainable blocks, never the frozen W
+        w_new = w21 if w22 is None else torch.cat([w21, w22], dim=1)
+        new = F.linear((x_orig if w22 is None else x).to(w_new.dtype), w_new, b21)
+        dtypes["new"] = new.dtype
+        y = torch.cat([y, new.to(y.dtype)], dim=-1)
+    return y, w_new, dtypes
+
+
 class WidenedLinear(torch.autograd.Function):
     """The block matrix of ``peft_scale.layer.Linear`` for one adapter, forward and backward in one node::
 
@@ -54,23 +76,7 @@ class WidenedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w12, w21, b21, w22, gate):
-        d = weight.shape[1]
-        # the base product sees exactly what nn.Linear would: the original features as a contiguous tensor
-        x_orig = x[..., :d].contiguous() if x.shape[-1] > d else x
-        y = F.linear(x_orig, weight, bias)
-        dtypes = {"base": y.dtype}
-        if w12 is not None:
-            from_new = F.linear(x[..., d:].to(w12.dtype), w12)
-            dtypes["w12"] = from_new.dtype
-            from_new = from_new.to(y.dtype)
-            y = y + (from_new * gate.to(y.dtype) if gate is not None else from_new)
-        w_new = None
-        if w21 is not None:
-            # [W21 W22] concatenates the small trainable blocks, never the frozen W
-            w_new = w21 if w22 is None else torch.cat([w21, w22], dim=1)
-            new = F.linear((x_orig if w22 is None else x).to(w_new.dtype), w_new, b21)
-            dtypes["new"] = new.dtype
-            y = torch.cat([y, new.to(y.dtype)], dim=-1)
+        y, w_new, dtypes = _blocks_forward(x, weight, bias, w12, w21, b21, w22, gate)
         ctx.dtypes = dtypes
         ctx.has_w22 = w22 is not None
         ctx.save_for_backward(x, weight, w12, w_new, gate)
@@ -125,5 +131,13 @@ def widened_linear(
     w22: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``[W x + b + g W12 x_up ; W21 x + b21 + W22 x_up]`` for ``x = [x; x_up]`` (see ``WidenedLinear``)."""
+    """``[W x + b + g W12 x_up ; W21 x + b21 + W22 x_up]`` for ``x = [x; x_up]`` (see ``WidenedLinear``).
+
+    Where no gradient is recorded (``torch.no_grad()``, inference mode: evaluation and ``generate()``) the same
+    products run without the autograd node: creating it and saving its inputs is a fixed cost per call, which at a
+    decoding step's few tokens is a visible share of a widened layer's time (``benchmarks/router_cost.py``, the
+    ``with_node/without`` ratio).
+    """
+    if not torch.is_grad_enabled():
+        return _blocks_forward(x, weight, bias, w12, w21, b21, w22, gate)[0]
     return WidenedLinear.apply(x, weight, bias, w12, w21, b21, w22, gate)

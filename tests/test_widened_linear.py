@@ -199,3 +199,35 @@ def test_a_gate_of_another_shape_is_a_clear_error():
     layer = gated_layer(GATED_BLOCKS["all four blocks"], torch.ones(2, 5, 1))
     with pytest.raises(RuntimeError, match=r"no routing decision of adapter 'a' for this input of shape \(2, 3, 7\)"):
         layer(torch.randn(2, 3, D_IN + 2))
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS.values()), ids=list(BLOCKS))
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_without_grad_the_products_run_without_the_node_and_give_the_same_output(blocks, grad_mode, monkeypatch):
+    """Evaluation and generate(): no autograd node is created, and the output is the node's, bit for bit."""
+    from peft_scale import widened_linear as module
+
+    layer = make_layer(*blocks)
+    x = torch.randn(2, 3, D_IN + blocks[1])
+    with torch.no_grad():
+        expected = module.WidenedLinear.apply(x, layer.base_layer.weight, layer.base_layer.bias, *blocks_of(layer), None)
+    applied = []
+    monkeypatch.setattr(module.WidenedLinear, "apply", lambda *args: applied.append(args))
+    with getattr(torch, grad_mode)():
+        out = layer(x)
+    assert applied == [] and out.grad_fn is None
+    assert torch.equal(out, expected)
+
+
+def test_without_grad_a_gated_token_still_gets_the_base_layers_output():
+    gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]).unsqueeze(-1)
+    layer = gated_layer(GATED_BLOCKS["all four blocks"], gate)
+    x = torch.randn(2, 3, D_IN + 2)
+    with torch.no_grad():
+        out = layer(x)
+        reference = general_path(layer, x)
+        base_out = layer.base_layer(x[..., :D_IN].contiguous())
+    assert torch.equal(out, reference)
+    closed = gate[..., 0] == 0
+    assert torch.equal(out[..., :D_OUT][closed], base_out[closed])
+    assert not torch.equal(out[..., :D_OUT][~closed], base_out[~closed])
