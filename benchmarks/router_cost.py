@@ -24,13 +24,25 @@ inference pass that sends no token to an FFN-mode adapter skips its products (``
 MLPs compute as their base layers); ``old text, no skip`` times the same pass with the skip turned off
 (``Routing.skip_idle = False``), the cost before it. A pass with some tokens for the expansion computes it for all of
 them (their contribution is multiplied by the gate's zeros): skipping per token would need a gather of the routed
-tokens per layer, which is not implemented.
+tokens per layer, which is not implemented. ``unrouted`` is ``scale_ffn_upper`` in inference: the widening's own
+price, and ``routed ... /unrouted`` what routing adds to it.
+
+``scale_ffn_routed_node`` is new text with the widened layers' autograd node built without grad too, as before
+``widened_linear`` had its no-grad path: ``routed ... with_node/without`` is what that path saves.
+
+The inference rows are timed in turn (``throughput.bench_inference_interleaved``: every repeat runs each row once,
+in a rotated order), and each inference ratio is the median over repeats of the ratio of two rows' times *within*
+one repeat (``paired_ratios`` in the JSON has every one). On a 2-core CPU decode times shift by 10-40% over minutes
+(one SmolLM2 run: 3.1 s per decode in its first four repeats, 2.2 s in the last five, every row alike). Timed one
+row after the other, such a shift lands on whichever row ran then, and the ratio of medians of rows timed in turn
+still mixes regimes when the shift falls mid-run; the ratio within a repeat does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -41,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.throughput import (  # noqa: E402
     WORKLOADS,
-    bench_inference,
+    bench_inference_interleaved,
     bench_training,
     build_base,
     expansion_sizes,
@@ -51,8 +63,15 @@ from benchmarks.throughput import (  # noqa: E402
     summarise,
     time_runs,
 )
+import peft_scale.layer as layer_module  # noqa: E402
+from peft_scale.widened_linear import WidenedLinear, widened_linear  # noqa: E402
 
 OUTPUT_DIR = REPO / "benchmarks" / "results"
+
+
+def with_node(x, weight, bias, w12=None, w21=None, b21=None, w22=None, gate=None):
+    """``widened_linear`` as it was before its no-grad path: the autograd node, with or without grad."""
+    return WidenedLinear.apply(x, weight, bias, w12, w21, b21, w22, gate)
 
 
 def routed_models(base, sizes: dict):
@@ -99,29 +118,54 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
     router = router_alone(routed, batch, seq, warmup, max(repeats, 20))
     router_state = routed.base_model.scale_router["default"].threshold
     routing = routed.base_model._routing
-    infer = {"base": bench_inference(base, ids, prompt, decode_tokens, warmup, repeats, precision)}
-    for name, threshold, skip in (
-        ("scale_ffn_routed", 0.0, True), ("scale_ffn_routed_old", 2.0, True), ("scale_ffn_routed_old_no_skip", 2.0, False)
-    ):  # fmt: skip
-        router_state.fill_(threshold)  # 0: every token to the expansion (new text); 2: every token to the base (old text)
-        routing.skip_idle = skip
-        infer[name] = bench_inference(routed, ids, prompt, decode_tokens, warmup, repeats, precision)
+
+    def routed_as(threshold: float, skip: bool, node: bool = False):
+        def setup():  # 0: every token to the expansion (new text); 2: every token to the base model (old text)
+            router_state.fill_(threshold)
+            routing.skip_idle = skip
+            # node=True: the widened layers build their autograd node without grad too, as before the no-grad path
+            layer_module.widened_linear = with_node if node else widened_linear
+        return setup
+
+    infer = bench_inference_interleaved(
+        {
+            "base": (base, None),
+            "scale_ffn_upper": (plain, routed_as(0.0, True)),  # the same widening, unrouted: what routing adds to it
+            "scale_ffn_routed": (routed, routed_as(0.0, True)),
+            "scale_ffn_routed_node": (routed, routed_as(0.0, True, node=True)),
+            "scale_ffn_routed_old": (routed, routed_as(2.0, True)),
+            "scale_ffn_routed_old_no_skip": (routed, routed_as(2.0, False)),
+        },
+        ids, prompt, decode_tokens, warmup, repeats, precision,
+    )  # fmt: skip
     routing.skip_idle = True
+    layer_module.widened_linear = widened_linear
     step = train["scale_ffn_routed"]["median_s"]
     ratios = {
         "router/step": router["median_s"] / step,
         "scale_ffn_routed/scale_ffn_upper": step / train["scale_ffn_upper"]["median_s"],
     }
-    for text, row in (("new", "scale_ffn_routed"), ("old", "scale_ffn_routed_old"), ("old_no_skip", "scale_ffn_routed_old_no_skip")):
+    paired = {}  # each inference ratio: the median over repeats of the ratio within one repeat (rows timed in turn)
+    rows = {
+        "routed_{phase}_new_text/base": ("scale_ffn_routed", "base"),
+        "routed_{phase}_old_text/base": ("scale_ffn_routed_old", "base"),
+        "routed_{phase}_old_no_skip_text/base": ("scale_ffn_routed_old_no_skip", "base"),
+        "unrouted_{phase}/base": ("scale_ffn_upper", "base"),  # the widening alone
+        "routed_{phase}_new_text/unrouted": ("scale_ffn_routed", "scale_ffn_upper"),  # what routing adds to it
+        "routed_{phase}_with_node/without": ("scale_ffn_routed_node", "scale_ffn_routed"),  # what the no-grad path saves
+    }
+    for name, (row, reference) in rows.items():
         for phase in ("prefill", "decode"):
-            ratios[f"routed_{phase}_{text}_text/base"] = infer[row][phase]["median_s"] / infer["base"][phase]["median_s"]
+            within = [a / b for a, b in zip(infer[row][phase]["samples_s"], infer[reference][phase]["samples_s"])]
+            paired[name.format(phase=phase)] = within
+            ratios[name.format(phase=phase)] = statistics.median(within)
     goals = {"router/step": 0.02, **{f"routed_{phase}_{text}_text/base": 1.15 for phase in ("prefill", "decode") for text in ("new", "old")}}
     for row in train.values():
         row.pop("memory", None)
     return dict(
         model=model, quick=quick, machine=machine_info(device), sizes=sizes,
         workload=dict(batch=batch, seq=seq, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats),
-        train=train, router=router, inference=infer, ratios=ratios,
+        train=train, router=router, inference=infer, ratios=ratios, paired_ratios=paired,
         goals={name: {"goal": goal, "met": ratios[name] <= goal} for name, goal in goals.items()},
     )  # fmt: skip
 

@@ -442,9 +442,10 @@ def training_rows(base, dtype, device, ids, sizes, warmup, repeats, seed, log, c
 # --------------------------------------------------------------------------------------------------- inference
 
 
-def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision, compile_model=False):
-    device = prefill_ids.device
-    model.to(device).eval()
+def inference_fns(model, prefill_ids, prompt_ids, decode_tokens, precision, compile_model=False):
+    """``(prefill, decode)``: one no-grad forward over ``prefill_ids`` and one greedy ``generate()`` of
+    ``decode_tokens`` new tokens after ``prompt_ids`` (KV cache), each a closure to time."""
+    model.to(prefill_ids.device).eval()
     pad = model.config.pad_token_id
     forward = maybe_compile(model, compile_model)  # prefill only: generate() runs the eager model
 
@@ -462,12 +463,48 @@ def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repea
             )
         assert out.shape[1] == prompt_ids.shape[1] + decode_tokens, out.shape
 
+    return prefill, decode
+
+
+def bench_inference(model, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision, compile_model=False):
+    device = prefill_ids.device
+    prefill, decode = inference_fns(model, prefill_ids, prompt_ids, decode_tokens, precision, compile_model)
     result = dict(
         prefill=summarise(time_runs(prefill, warmup, repeats, device), prefill_ids.numel()),
         decode=summarise(time_runs(decode, warmup, repeats, device), prompt_ids.shape[0] * decode_tokens),
     )
     model.to("cpu")
     return result
+
+
+def bench_inference_interleaved(rows: dict, prefill_ids, prompt_ids, decode_tokens, warmup, repeats, precision) -> dict:
+    """``bench_inference`` for several rows at once, timed in turn: each repeat runs every row's prefill and decode
+    once, in an order rotated by one per repeat. A CPU's speed drifts over minutes (other jobs, clocks) by more than
+    the few percent that separate the rows; timed one row after the other, that drift lands on whichever row ran
+    in the slow minutes, timed in turn it lands on all alike.
+
+    ``rows``: ``{name: (model, setup)}``, where ``setup()`` (or ``None``) puts the model in that row's state before
+    each of its runs (rows may share one model in different states).
+    """
+    device = prefill_ids.device
+    fns = {name: (setup, *inference_fns(model, prefill_ids, prompt_ids, decode_tokens, precision))
+           for name, (model, setup) in rows.items()}
+    times = {name: {"prefill": [], "decode": []} for name in rows}
+    names = list(rows)
+    for repeat in range(warmup + repeats):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            setup, prefill, decode = fns[name]
+            for phase, fn in (("prefill", prefill), ("decode", decode)):
+                if setup is not None:
+                    setup()
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                if repeat >= warmup:
+                    times[name][phase].append(time.perf_counter() - start)
+    tokens = {"prefill": prefill_ids.numel(), "decode": prompt_ids.shape[0] * decode_tokens}
+    return {name: {phase: summarise(t, tokens[phase]) for phase, t in row.items()} for name, row in times.items()}
 
 
 def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_tokens, warmup, repeats, seed, log,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -142,13 +144,67 @@ def test_router_cost_quick_run_writes_its_table_and_json(tmp_path):
     result = router_cost.main(["--quick", "--output", str(output)])
     data = json.loads(output.read_text())
     assert set(data["train"]) == {"scale_ffn_upper", "scale_ffn_routed"}
-    assert set(data["inference"]) == {"base", "scale_ffn_routed", "scale_ffn_routed_old", "scale_ffn_routed_old_no_skip"}
+    assert set(data["inference"]) == {
+        "base", "scale_ffn_upper", "scale_ffn_routed", "scale_ffn_routed_node", "scale_ffn_routed_old",
+        "scale_ffn_routed_old_no_skip",
+    }
     assert data["ratios"]["router/step"] == data["router"]["median_s"] / data["train"]["scale_ffn_routed"]["median_s"]
-    decode = {row: data["inference"][row]["decode"]["median_s"] for row in ("base", "scale_ffn_routed_old")}
-    assert data["ratios"]["routed_decode_old_text/base"] == decode["scale_ffn_routed_old"] / decode["base"]
+    # an inference ratio: the median over repeats of the two rows' ratio within each repeat
+    decode = {row: data["inference"][row]["decode"]["samples_s"] for row in ("base", "scale_ffn_routed_old")}
+    within = [a / b for a, b in zip(decode["scale_ffn_routed_old"], decode["base"])]
+    assert data["paired_ratios"]["routed_decode_old_text/base"] == within
+    assert data["ratios"]["routed_decode_old_text/base"] == statistics.median(within)
+    prefill = {row: data["inference"][row]["prefill"]["samples_s"] for row in ("scale_ffn_upper", "scale_ffn_routed")}
+    within = [a / b for a, b in zip(prefill["scale_ffn_routed"], prefill["scale_ffn_upper"])]
+    assert data["ratios"]["routed_prefill_new_text/unrouted"] == statistics.median(within)
+    assert set(data["paired_ratios"]) == set(data["ratios"]) - {"router/step", "scale_ffn_routed/scale_ffn_upper"}
+    assert all(len(data["inference"][row]["decode"]["samples_s"]) == data["workload"]["repeats"] for row in decode)
+    # the benchmark's toggle of the widened layers' autograd node is undone
+    import peft_scale.layer
+    from peft_scale.widened_linear import widened_linear
+
+    assert peft_scale.layer.widened_linear is widened_linear
     assert set(data["goals"]) == {"router/step"} | {
         f"routed_{phase}_{text}_text/base" for phase in ("prefill", "decode") for text in ("new", "old")
     }
     # the two training rows widen the same layers: the router adds no trainable parameter
     assert data["train"]["scale_ffn_upper"]["trainable_params"] == data["train"]["scale_ffn_routed"]["trainable_params"]
     assert result["ratios"] == data["ratios"]
+
+
+def test_interleaved_inference_runs_each_rows_setup_before_each_of_its_runs_in_a_rotated_order():
+    """bench_inference_interleaved: every repeat times every row once (prefill, then decode), the order rotated by one
+    per repeat, and a row's setup runs right before each of its timed calls (rows may share a model)."""
+    from benchmarks import throughput
+
+    model = throughput.build_base("tiny_quick", torch.float32, 0)
+    calls = []
+    original_generate = model.generate
+
+    def generate(*args, **kwargs):
+        calls.append(("decode", state["row"]))
+        return original_generate(*args, **kwargs)
+
+    def forward_pre_hook(module, args, kwargs):
+        if not kwargs.get("use_cache", True):
+            calls.append(("prefill", state["row"]))
+
+    state = {}
+    model.generate = generate
+    model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True)
+    setup = lambda row: lambda: state.update(row=row)  # noqa: E731
+    ids = torch.randint(3, 200, (2, 6))
+    result = throughput.bench_inference_interleaved(
+        {"a": (model, setup("a")), "b": (model, setup("b"))}, ids, ids[:, :3], 2, warmup=1, repeats=2,
+        precision=contextlib.nullcontext,
+    )
+    order = [(phase, row) for phase, row in calls]
+    assert order == [
+        ("prefill", "a"), ("decode", "a"), ("prefill", "b"), ("decode", "b"),  # warm-up
+        ("prefill", "b"), ("decode", "b"), ("prefill", "a"), ("decode", "a"),
+        ("prefill", "a"), ("decode", "a"), ("prefill", "b"), ("decode", "b"),
+    ]
+    assert set(result) == {"a", "b"}
+    for row in result.values():
+        assert len(row["prefill"]["samples_s"]) == len(row["decode"]["samples_s"]) == 2
+        assert row["decode"]["tokens"] == 2 * 2 and row["prefill"]["tokens"] == ids.numel()
