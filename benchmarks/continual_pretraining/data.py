@@ -81,6 +81,9 @@ class ExperimentText:
             mixes: ``replay_stream``).
         new_eval / old_eval: held-out blocks of each language (never trained on).
         epochs: how many times the new-language training text was cycled to fill the steps (1 = no repeats).
+        switch_eval: text that switches language: each row is the first half of a ``new_eval`` block followed by
+            the second half of the ``old_eval`` block of the same row (two documents), ``switch_at`` its first
+            old-language position.
     """
 
     new_train: torch.Tensor
@@ -90,6 +93,14 @@ class ExperimentText:
     epochs: float
     old_train: Optional[torch.Tensor] = None
     new_blocks: Optional[Dataset] = None
+
+    @property
+    def switch_at(self) -> int:
+        return self.new_eval.shape[1] // 2
+
+    @property
+    def switch_eval(self) -> torch.Tensor:
+        return torch.cat([self.new_eval[:, : self.switch_at], self.old_eval[:, self.switch_at :]], dim=1)
 
 
 def build_text(

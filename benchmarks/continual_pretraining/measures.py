@@ -178,6 +178,55 @@ def text_measures(
     return result
 
 
+@torch.no_grad()
+def switch_measures(
+    model, blocks: torch.Tensor, switch_at: int, base_logprobs: torch.Tensor, batch_size: int, precision: str
+) -> dict:
+    """The drift (b) on text that switches from the new language to the old one at position ``switch_at`` of each
+    block (``ExperimentText.switch_eval``), measured on the old-language part only (the positions from
+    ``switch_at`` on, whose context holds the new-language passage before them).
+
+    Returns ``drift`` (mean KL to the base model there); for a learned-route model also ``routed_to_preservation``
+    (share of those positions computed as the base model), ``routed_to_preservation_first_tokens`` (over the
+    ``FIRST_TOKENS`` positions right after the switch, where a smoothed router still carries the new passage's
+    average), and ``drift_on_preservation`` / ``drift_on_adaptation`` (the mean KL over the positions of each
+    decision, ``None`` where there are none). A token routed to the base model gets its MLPs' base output, but its
+    attention reads the new passage's keys and values, which the expansion changed: ``drift_on_preservation`` is
+    what that costs (on single-language old text it is the drift of the few old tokens after a misrouted one).
+    """
+    model.eval()
+    device = model_device(model)
+    kl_sum, kl_count, kept, first_kept, first, positions = 0.0, 0, 0, 0, 0, 0
+    kl_kept = kl_other = 0.0
+    saw_routing = False
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks[start : start + batch_size].to(device)
+        before = routing_of(model)
+        with autocast(device, precision):
+            logits = model(input_ids=input_ids).logits
+        kl = token_kl(base_logprobs[start : start + len(input_ids)], logits)[:, switch_at:]
+        kl_sum += kl.sum().item()
+        kl_count += kl.numel()
+        routing = routing_of(model)
+        if routing is None or routing is before or routing.adaptation_logits is not None:
+            continue  # no routing, or the cosine rule (two heads, no per-token computation to count)
+        saw_routing = True
+        mask = routing.to_preservation[:, switch_at:]
+        kl_kept += kl[mask].sum().item()
+        kl_other += kl[~mask].sum().item()
+        kept += int(mask.sum())
+        positions += mask.numel()
+        first_kept += int(mask[:, :FIRST_TOKENS].sum())
+        first += mask[:, :FIRST_TOKENS].numel()
+    result = {"drift": kl_sum / kl_count}
+    if saw_routing:
+        result["routed_to_preservation"] = kept / positions
+        result["routed_to_preservation_first_tokens"] = first_kept / first
+        result["drift_on_preservation"] = kl_kept / kept if kept else None
+        result["drift_on_adaptation"] = kl_other / (positions - kept) if positions - kept else None
+    return result
+
+
 # ------------------------------------------------------------------------------------------- (c) chat answers
 
 

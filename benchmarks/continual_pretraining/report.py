@@ -224,6 +224,42 @@ def results_thresholds(records: list[dict]) -> list[str]:
     return list(records[0]["route_threshold_sweep"]["new"])  # JSON keys: the thresholds as strings
 
 
+def switch_lines(runs: list[dict]) -> list[str]:
+    """The runs measured on text that switches language (``measures.switch_measures``; runs recorded before that
+    measure existed have none): the drift on the old-language half after a new-language half, and where a learned
+    router sent those tokens."""
+    measured = [record for record in runs if "switch_drift" in record["final"]]
+    if not measured:
+        return []
+    lines = [
+        "## Text that switches language",
+        "",
+        "Each evaluation row: the first half of a new-language block, then the second half of an old-language one. "
+        "Drift (b) on the old-language half only; for a learned router, the share of those tokens computed as the "
+        f"base model (in parentheses: the first {FIRST_TOKENS} after the switch). The drift on single-language "
+        "old text is the table's (b).",
+        "",
+        f"| run | lr | drift after the switch | (b) drift | old tokens after the switch -> base (first {FIRST_TOKENS}) "
+        "| drift there on base / expansion tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for record in measured:
+        final = record["final"]
+        kept = final.get("switch_routed_to_preservation")
+        routed = split = "-"
+        if kept is not None:
+            routed = f"{kept:.1%} ({final['switch_routed_to_preservation_first_tokens']:.1%})"
+            split = " / ".join(
+                "-" if value is None else f"{value:.4f}"
+                for value in (final["switch_drift_on_preservation"], final["switch_drift_on_adaptation"])
+            )
+        lines.append(
+            f"| `{record['run']}` | {record['lr']:g} | {final['switch_drift']:.4f} | {final['drift']:.4f} | {routed} "
+            f"| {split} |"
+        )
+    return lines + [""]
+
+
 def write_report(results: dict, output_dir: Path) -> None:
     """results.md and the PNGs from ``results`` (as written to results.json)."""
     output_dir = Path(output_dir)
@@ -252,6 +288,7 @@ def write_report(results: dict, output_dir: Path) -> None:
         "",
         *routed_goal_lines(selected, list(results["runs"].values()), base),
         *route_lines(results, base),
+        *switch_lines(list(results["runs"].values())),
         "## Every run",
         "",
         TABLE_HEAD,

@@ -297,7 +297,8 @@ def synchronize(device: torch.device) -> None:
 
 def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[dict[str, float], dict]:
     """Learning and the three forgetting measures of ``model`` (see ``measures.py``), as one point of the curves:
-    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_*``;
+    ``new_*`` on the new-language blocks, ``old_*`` and ``drift*`` on the old-language blocks, ``answer_*``,
+    ``switch_*`` on text that switches from the new language to the old one (``measures.switch_measures``);
     and SCALE-Route's evaluation-only threshold sweep ``{"new": ..., "old": ...}`` when ``route_thresholds`` are given
     (empty for other methods)."""
     new = measures.text_measures(model, text.new_eval, args.eval_batch_size, args.dtype, None, route_thresholds)
@@ -309,6 +310,10 @@ def evaluate(model, text, reference: dict, args, route_thresholds=()) -> tuple[d
     point.update({key if key.startswith("drift") else f"old_{key}": value for key, value in old.items()})
     answers = measures.answer_measures(model, reference["answers"], args.eval_batch_size, args.dtype, reference["pad_id"])
     point.update({f"answer_{key}": value for key, value in answers.items()})
+    switch = measures.switch_measures(
+        model, text.switch_eval, text.switch_at, reference["switch_logprobs"], args.eval_batch_size, args.dtype
+    )
+    point.update({f"switch_{key}": value for key, value in switch.items()})
     return point, sweep
 
 
@@ -579,13 +584,14 @@ def base_reference(model, tokenizer, text, args, cached_answers: Optional[list[d
     memory, for the drift) and its greedy answers (generated once and kept in results.json, so a resumed run scores
     the same answers); and the base model's own measures."""
     old_logprobs = measures.block_logprobs(model, text.old_eval, args.eval_batch_size, args.dtype)
+    switch_logprobs = measures.block_logprobs(model, text.switch_eval, args.eval_batch_size, args.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cached_answers:
         answers = [measures.ChatAnswer(**answer) for answer in cached_answers]
     else:
         prompts = ENGLISH_CHAT_PROMPTS[: args.prompts]
         answers = measures.generate_base_answers(model, tokenizer, prompts, args.max_new_tokens, len(prompts), args.dtype)
-    reference = {"old_logprobs": old_logprobs, "answers": answers, "pad_id": pad_id}
+    reference = {"old_logprobs": old_logprobs, "switch_logprobs": switch_logprobs, "answers": answers, "pad_id": pad_id}
     return reference, evaluate(model, text, reference, args)[0]
 
 

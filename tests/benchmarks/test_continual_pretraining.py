@@ -46,11 +46,12 @@ def test_quick_run_writes_results_table_and_plots(quick):
 def test_quick_run_has_every_method_with_finite_numbers(quick):
     _, results = quick
     assert {record["run"] for record in results["runs"].values()} == set(run.RUNS)
-    assert all(math.isfinite(v) and v > 0 for k, v in results["base"].items() if k != "drift")
+    assert all(math.isfinite(v) and v > 0 for k, v in results["base"].items() if not k.endswith("drift"))
+    assert results["base"]["drift"] == results["base"]["switch_drift"] == 0.0
     for key, record in results["runs"].items():
         assert record["curve"]["step"] == [0, 2, 4], key
         assert len(record["train_loss"]) == 4
-        for measure in ("new_perplexity", "old_perplexity", "drift", "answer_perplexity"):
+        for measure in ("new_perplexity", "old_perplexity", "drift", "answer_perplexity", "switch_drift"):
             values = record["curve"][measure]
             assert len(values) == 3 and all(math.isfinite(v) for v in values), (key, measure)
         assert record["trainable_parameters"] > 0
@@ -81,7 +82,8 @@ def test_learned_route_rows_record_their_router_and_routing(quick):
         assert record["route_threshold_sweep"] == {}  # the sweep needs the cosine rule's two heads
         curve = record["curve"]
         for key in ("old_routed_to_preservation", "new_routed_to_preservation", "old_routed_to_preservation_first_tokens",
-                    "answer_routed_to_preservation"):  # fmt: skip
+                    "answer_routed_to_preservation", "switch_routed_to_preservation",
+                    "switch_routed_to_preservation_first_tokens"):  # fmt: skip
             assert all(0 <= share <= 1 for share in curve[key]), (name, key)
         assert "drift_on_preservation" in curve and "drift_adaptation_head" not in curve
         assert "new_perplexity_adaptation_head" not in curve
@@ -92,6 +94,9 @@ def test_learned_route_rows_record_their_router_and_routing(quick):
     for name in ROUTED_ROWS:
         assert section.count(f"| `{name}` | 0.001 |") == 2  # the goals and the routing detail
     assert "`full_replay_samples`" not in section
+    switched = (out / "results.md").read_text().split("## Text that switches language")[1].split("\n## ")[0]
+    assert switched.count(" | 0.001 | ") == sum(record["lr"] == 0.001 for record in results["runs"].values())
+    assert "switch_routed_to_preservation" not in results["runs"]["full@3e-05"]["final"]
 
 
 def test_base_samples_are_reused_from_the_output_folder(quick, monkeypatch):
@@ -114,6 +119,7 @@ def test_no_method_drifts_before_training(quick):
     _, results = quick
     for key, record in results["runs"].items():
         assert record["curve"]["drift"][0] == 0.0, key
+        assert record["curve"]["switch_drift"][0] == 0.0, key
         assert record["curve"]["old_perplexity"][0] == results["base"]["old_perplexity"], key
         assert record["curve"]["answer_perplexity"][0] == results["base"]["answer_perplexity"], key
 
@@ -173,16 +179,22 @@ def learned_route_model():
     return model.eval()
 
 
-def test_learned_route_text_measures_split_the_drift_by_routing_decision():
-    blocks = random_ids(batch=4, length=16)
+def half_routed(blocks):
+    """``(learned_route_model() with its threshold at the median score of blocks, its router, the base model's
+    log-probabilities of blocks)``: about half the tokens go each way."""
     base_logprobs = measures.block_logprobs(tiny_llama(), blocks, 2, "fp32")
     model = learned_route_model()
     router = model.base_model.scale_router["default"]
     with torch.no_grad():
         model(input_ids=blocks)
-    scores = model.base_model.last_routing.scores
     assert model.base_model.last_routing.adaptation_logits is None
-    router.threshold.fill_(scores.median().item())  # about half the tokens each way
+    router.threshold.fill_(model.base_model.last_routing.scores.median().item())
+    return model, router, base_logprobs
+
+
+def test_learned_route_text_measures_split_the_drift_by_routing_decision():
+    blocks = random_ids(batch=4, length=16)
+    model, router, base_logprobs = half_routed(blocks)
 
     result = measures.text_measures(model, blocks, 2, "fp32", base_logprobs, route_thresholds=(0.5, 0.9))
     assert set(result) == {"perplexity", "drift", "routed_to_preservation", "routed_to_preservation_first_tokens",
@@ -216,6 +228,42 @@ def test_learned_route_text_measures_split_the_drift_by_routing_decision():
     assert measures.answer_measures(model, answers, 2, "fp32", pad_id=0)["routed_to_preservation"] == 0.0
     router.threshold.fill_(2.0)
     assert set(measures.answer_measures(model, answers, 2, "fp32", pad_id=0)) == {"perplexity", "routed_to_preservation"}
+
+
+def test_switch_measures_score_only_the_old_half_after_the_new_one():
+    """Text that switches language: the drift and the routing shares count the positions from the switch on."""
+    blocks = random_ids(batch=4, length=16)
+    model, router, base_logprobs = half_routed(blocks)
+    result = measures.switch_measures(model, blocks, 8, base_logprobs, 2, "fp32")
+    kl, kept = [], []
+    for start in (0, 2):
+        with torch.no_grad():
+            logits = model(input_ids=blocks[start : start + 2]).logits
+        kl.append(measures.token_kl(base_logprobs[start : start + 2], logits))
+        kept.append(model.base_model.last_routing.to_preservation)
+    kl, kept = torch.cat(kl), torch.cat(kept)
+    assert result["drift"] == pytest.approx(kl[:, 8:].mean().item(), rel=1e-6)
+    assert result["drift"] != pytest.approx(kl.mean().item(), rel=1e-3)  # not the whole block's
+    assert result["routed_to_preservation"] == kept[:, 8:].float().mean().item()
+    assert result["routed_to_preservation_first_tokens"] == kept[:, 8 : 8 + measures.FIRST_TOKENS].float().mean().item()
+    after, kept_after = kl[:, 8:], kept[:, 8:]
+    assert result["drift_on_preservation"] == pytest.approx(after[kept_after].mean().item(), rel=1e-6)
+    assert result["drift_on_adaptation"] == pytest.approx(after[~kept_after].mean().item(), rel=1e-6)
+    router.threshold.fill_(2.0)  # every token to the base model: no drift after the switch either
+    everything = measures.switch_measures(model, blocks, 8, base_logprobs, 2, "fp32")
+    assert everything["drift"] == everything["drift_on_preservation"] == 0.0
+    assert everything["drift_on_adaptation"] is None
+    # a model without routing: the drift only
+    assert set(measures.switch_measures(tiny_llama(), blocks, 8, base_logprobs, 2, "fp32")) == {"drift"}
+
+
+def test_switch_eval_joins_the_first_half_of_new_blocks_to_the_second_half_of_old_ones():
+    from benchmarks.continual_pretraining.data import ExperimentText
+
+    new, old = torch.arange(24).view(3, 8), 100 + torch.arange(24).view(3, 8)
+    text = ExperimentText(new_train=new, replay_train=None, new_eval=new, old_eval=old, epochs=1.0)
+    assert text.switch_at == 4
+    assert torch.equal(text.switch_eval, torch.cat([new[:, :4], old[:, 4:]], dim=1))
 
 
 def test_replay_of_two_old_sources_puts_them_at_the_same_steps():
