@@ -130,7 +130,8 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
     infer = bench_inference_interleaved(
         {
             "base": (base, None),
-            "scale_ffn_upper": (plain, routed_as(0.0, True)),  # the same widening, unrouted: what routing adds to it
+            # the same widening, unrouted (what routing adds to it); its setup undoes the previous row's forced node
+            "scale_ffn_upper": (plain, routed_as(0.0, True)),
             "scale_ffn_routed": (routed, routed_as(0.0, True)),
             "scale_ffn_routed_node": (routed, routed_as(0.0, True, node=True)),
             "scale_ffn_routed_old": (routed, routed_as(2.0, True)),

@@ -300,17 +300,19 @@ def precision_context(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, with the device's queued work finished before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_runs(fn: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [time_once(fn, device) for _ in range(repeats)]
 
 
 def summarise(times: list[float], tokens: int) -> dict:
@@ -497,12 +499,9 @@ def bench_inference_interleaved(rows: dict, prefill_ids, prompt_ids, decode_toke
             for phase, fn in (("prefill", prefill), ("decode", decode)):
                 if setup is not None:
                     setup()
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
+                seconds = time_once(fn, device)
                 if repeat >= warmup:
-                    times[name][phase].append(time.perf_counter() - start)
+                    times[name][phase].append(seconds)
     tokens = {"prefill": prefill_ids.numel(), "decode": prompt_ids.shape[0] * decode_tokens}
     return {name: {phase: summarise(t, tokens[phase]) for phase, t in row.items()} for name, row in times.items()}
 

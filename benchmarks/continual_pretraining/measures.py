@@ -88,6 +88,7 @@ def text_measures(
     precision: str,
     base_logprobs: Optional[torch.Tensor] = None,
     route_thresholds: Sequence[float] = (),
+    from_position: int = 0,
 ) -> dict:
     """Perplexity of ``blocks`` and, given the base model's log-probabilities of the same blocks, the drift (b).
 
@@ -103,6 +104,9 @@ def text_measures(
     The learned rule (one computation per token, ``adaptation_logits`` is ``None``) has neither; it gives
     ``routed_to_preservation_first_tokens``, the share over the first ``FIRST_TOKENS`` positions of each block,
     where the router has the least context.
+
+    ``from_position``: every measure counts only the positions from it on (their context still holds the whole
+    block before them), and the first ``FIRST_TOKENS`` are counted from it (``switch_measures``).
     """
     model.eval()
     device = model_device(model)
@@ -112,10 +116,11 @@ def text_measures(
     saw_routing = two_heads = False
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks[start : start + batch_size].to(device)
-        base = None if base_logprobs is None else base_logprobs[start : start + len(input_ids)]
+        base = None if base_logprobs is None else base_logprobs[start : start + len(input_ids), from_position:]
         before = routing_of(model)
         with autocast(device, precision):
-            logits = model(input_ids=input_ids).logits
+            logits = model(input_ids=input_ids).logits[:, from_position:]
+        input_ids = input_ids[:, from_position:]
         nll += _sum_nll(logits, input_ids)
         predicted += input_ids[:, 1:].numel()
         kl = None
@@ -128,7 +133,7 @@ def text_measures(
             continue
         saw_routing = True
         two_heads = routing.adaptation_logits is not None  # the cosine rule; the learned rule has one computation
-        mask = routing.to_preservation
+        mask = routing.to_preservation[:, from_position:]
         routed["positions"] += mask.numel()
         routed["kept"] += int(mask.sum())
         routed["first"] += mask[:, :FIRST_TOKENS].numel()
@@ -138,14 +143,15 @@ def text_measures(
             routed["kl_other"] += kl[~mask].sum().item()
         if not two_heads:
             continue
-        routed["nll_head"] += _sum_nll(routing.adaptation_logits, input_ids)
+        preservation, adaptation = routing.preservation_logits[:, from_position:], routing.adaptation_logits[:, from_position:]
+        routed["nll_head"] += _sum_nll(adaptation, input_ids)
         if kl is not None:
-            routed["kl_head"] += token_kl(base, routing.adaptation_logits).sum().item()
+            routed["kl_head"] += token_kl(base, adaptation).sum().item()
         if route_thresholds:
-            cosine = F.cosine_similarity(routing.preservation_logits.float(), routing.adaptation_logits.float(), dim=-1)
+            cosine = F.cosine_similarity(preservation.float(), adaptation.float(), dim=-1)
             for tau, sums in sweep.items():
                 keep = cosine >= tau
-                at_tau = torch.where(keep.unsqueeze(-1), routing.preservation_logits, routing.adaptation_logits)
+                at_tau = torch.where(keep.unsqueeze(-1), preservation, adaptation)
                 sums["kept"] += int(keep.sum())
                 sums["nll"] += _sum_nll(at_tau, input_ids)
                 if base is not None:
@@ -178,6 +184,12 @@ def text_measures(
     return result
 
 
+# what switch_measures gives of text_measures' routing numbers, for the learned rule
+SWITCH_ROUTING = (
+    "routed_to_preservation", "routed_to_preservation_first_tokens", "drift_on_preservation", "drift_on_adaptation"
+)
+
+
 @torch.no_grad()
 def switch_measures(
     model, blocks: torch.Tensor, switch_at: int, base_logprobs: torch.Tensor, batch_size: int, precision: str
@@ -194,37 +206,10 @@ def switch_measures(
     attention reads the new passage's keys and values, which the expansion changed: ``drift_on_preservation`` is
     what that costs (on single-language old text it is the drift of the few old tokens after a misrouted one).
     """
-    model.eval()
-    device = model_device(model)
-    kl_sum, kl_count, kept, first_kept, first, positions = 0.0, 0, 0, 0, 0, 0
-    kl_kept = kl_other = 0.0
-    saw_routing = False
-    for start in range(0, len(blocks), batch_size):
-        input_ids = blocks[start : start + batch_size].to(device)
-        before = routing_of(model)
-        with autocast(device, precision):
-            logits = model(input_ids=input_ids).logits
-        kl = token_kl(base_logprobs[start : start + len(input_ids)], logits)[:, switch_at:]
-        kl_sum += kl.sum().item()
-        kl_count += kl.numel()
-        routing = routing_of(model)
-        if routing is None or routing is before or routing.adaptation_logits is not None:
-            continue  # no routing, or the cosine rule (two heads, no per-token computation to count)
-        saw_routing = True
-        mask = routing.to_preservation[:, switch_at:]
-        kl_kept += kl[mask].sum().item()
-        kl_other += kl[~mask].sum().item()
-        kept += int(mask.sum())
-        positions += mask.numel()
-        first_kept += int(mask[:, :FIRST_TOKENS].sum())
-        first += mask[:, :FIRST_TOKENS].numel()
-    result = {"drift": kl_sum / kl_count}
-    if saw_routing:
-        result["routed_to_preservation"] = kept / positions
-        result["routed_to_preservation_first_tokens"] = first_kept / first
-        result["drift_on_preservation"] = kl_kept / kept if kept else None
-        result["drift_on_adaptation"] = kl_other / (positions - kept) if positions - kept else None
-    return result
+    result = text_measures(model, blocks, batch_size, precision, base_logprobs, from_position=switch_at)
+    # the learned rule's per-token decisions (text_measures gives routed_to_preservation_first_tokens for it alone)
+    learned = "routed_to_preservation_first_tokens" in result
+    return {key: result[key] for key in ("drift", *(SWITCH_ROUTING if learned else ()))}
 
 
 # ------------------------------------------------------------------------------------------- (c) chat answers
