@@ -27,6 +27,11 @@ them (their contribution is multiplied by the gate's zeros): skipping per token 
 tokens per layer, which is not implemented. ``unrouted`` is ``scale_ffn_upper`` in inference: the widening's own
 price, and ``routed ... /unrouted`` what routing adds to it.
 
+``scale_ffn_routed_copy`` / ``_copy_old`` are new and old text with ``router_preservation_copy=True``
+(``peft_scale.preservation_copy``): on new text the layers from ``preserve_layers`` up run on twice the rows (the
+worst case: any sequence with a token routed to the expansion pays it); on old text the copy is not carried.
+``copy ... new_text/routed`` is the copy's own price. The copy is opt-in and has no goal here.
+
 ``scale_ffn_routed_node`` is new text with the widened layers' autograd node built without grad too, as before
 ``widened_linear`` had its no-grad path: ``routed ... with_node/without`` is what that path saves.
 
@@ -119,10 +124,11 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
     router_state = routed.base_model.scale_router["default"].threshold
     routing = routed.base_model._routing
 
-    def routed_as(threshold: float, skip: bool, node: bool = False):
+    def routed_as(threshold: float, skip: bool, node: bool = False, copy: bool = False):
         def setup():  # 0: every token to the expansion (new text); 2: every token to the base model (old text)
             router_state.fill_(threshold)
             routing.skip_idle = skip
+            routed.peft_config["default"].router_preservation_copy = copy
             # node=True: the widened layers build their autograd node without grad too, as before the no-grad path
             layer_module.widened_linear = with_node if node else widened_linear
         return setup
@@ -136,10 +142,13 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
             "scale_ffn_routed_node": (routed, routed_as(0.0, True, node=True)),
             "scale_ffn_routed_old": (routed, routed_as(2.0, True)),
             "scale_ffn_routed_old_no_skip": (routed, routed_as(2.0, False)),
+            "scale_ffn_routed_copy": (routed, routed_as(0.0, True, copy=True)),
+            "scale_ffn_routed_copy_old": (routed, routed_as(2.0, True, copy=True)),
         },
         ids, prompt, decode_tokens, warmup, repeats, precision,
     )  # fmt: skip
     routing.skip_idle = True
+    routed.peft_config["default"].router_preservation_copy = False
     layer_module.widened_linear = widened_linear
     step = train["scale_ffn_routed"]["median_s"]
     ratios = {
@@ -154,6 +163,10 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
         "unrouted_{phase}/base": ("scale_ffn_upper", "base"),  # the widening alone
         "routed_{phase}_new_text/unrouted": ("scale_ffn_routed", "scale_ffn_upper"),  # what routing adds to it
         "routed_{phase}_with_node/without": ("scale_ffn_routed_node", "scale_ffn_routed"),  # what the no-grad path saves
+        # router_preservation_copy (opt-in, no goal): carried while a token went to the expansion, skipped on old text
+        "copy_{phase}_new_text/base": ("scale_ffn_routed_copy", "base"),
+        "copy_{phase}_old_text/base": ("scale_ffn_routed_copy_old", "base"),
+        "copy_{phase}_new_text/routed": ("scale_ffn_routed_copy", "scale_ffn_routed"),  # the copy's own price
     }
     for name, (row, reference) in rows.items():
         for phase in ("prefill", "decode"):

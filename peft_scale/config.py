@@ -80,6 +80,14 @@ class ScaleConfig(PeftConfig):
             routers alone (``cpu_40_steps/router_asymmetric.py``, ``a = 0.8``): ``f = 0.4`` sent 96% of Spanish
             tokens to the expansion (``a`` both ways: 97-98%, per token: 88-92%) and, after Spanish -> English,
             7% of the English to it (``a`` both ways: 11%, per token: 6-8%); not yet measured in training.
+        router_preservation_copy: learned rule only, inference only (no gradient recorded): carry the base model's
+            own stream beside the adapted one above ``preserve_layers`` (``peft_scale.preservation_copy``), so that a
+            token routed to the base model gets exactly the base model's logits inside a mixed sequence too: its
+            attention then reads the base model's keys and values of the earlier tokens, not the ones the expansion
+            changed. Without it (default) only a sequence whose tokens all go to the base model is exact; after a
+            switch from new-domain text to old text the old tokens drift (measured: about 0.05 nats per token).
+            Costs up to one more run of the layers above ``preserve_layers`` (the batch is stacked with its copy),
+            and nothing while no token of the sequence has gone to the expansion.
         preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route). With the
             learned route, the router reads the stream entering this layer, and in FFN mode only the MLPs from this
             layer up are widened (the ones below could never reach the output).
@@ -162,6 +170,13 @@ class ScaleConfig(PeftConfig):
             "help": "Learned route with router_smoothing > 0: 'token' (s_0 = l_0) or 'old' (the average starts from the "
             "median logit of the old side's tokens, s_-1 = c: a sequence counts as old text until its tokens say "
             "otherwise)."
+        },
+    )
+    router_preservation_copy: bool = field(
+        default=False,
+        metadata={
+            "help": "Learned route, inference: carry the base model's stream beside the adapted one above "
+            "preserve_layers, so tokens routed to the base model get its exact logits in mixed sequences too."
         },
     )
     route_threshold: float = field(
@@ -303,6 +318,17 @@ class ScaleConfig(PeftConfig):
             raise ValueError(
                 "ScaleConfig(router_smoothing_start='old') sets where the router's moving average starts, but "
                 "router_smoothing is 0 (no average): set router_smoothing, e.g. 0.8, or leave router_smoothing_start."
+            )
+        if not isinstance(self.router_preservation_copy, bool):
+            raise ValueError(
+                f"ScaleConfig(router_preservation_copy={self.router_preservation_copy!r}): pass True or False."
+            )
+        if self.router_preservation_copy and not (self.variant == "route" and self.route_rule == "learned"):
+            raise ValueError(
+                "ScaleConfig(router_preservation_copy=True) carries the base model's stream for the tokens a learned "
+                f"router sends to the base model, but this config has variant={self.variant!r}, "
+                f"route_rule={self.route_rule!r}: use it with variant='route', route_rule='learned' (the cosine rule "
+                "always carries its own copy), or leave router_preservation_copy=False."
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")

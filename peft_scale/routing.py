@@ -13,7 +13,8 @@ Two rules decide, token by token, whether a token gets the widened model's compu
 
   A token with ``g = 0`` gets nothing of the expansion and gives it no gradient; a sequence whose tokens all have
   ``g = 0`` is computed exactly as the base model computes it. (A token with ``g = 0`` in a mixed sequence still
-  attends to earlier tokens whose states the expansion changed.) The gate is computed in the same forward pass,
+  attends to earlier tokens whose states the expansion changed, unless ``router_preservation_copy`` carries the base
+  model's stream beside the adapted one: ``peft_scale.preservation_copy``.) The gate is computed in the same forward pass,
   at layer ``L``, before any gated module runs, so training, evaluation and ``generate()`` (with or without the
   KV cache: the router is per token) all see the same decisions. With ``router_smoothing = a > 0`` the decision
   is on the moving average ``s_t = a s_{t-1} + (1 - a) l_t`` of the router's logits along the sequence
@@ -59,6 +60,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .preservation_copy import PreservationCopy
 
 
 def mode_applies(mode: str, training: bool) -> bool:
@@ -392,10 +395,12 @@ class _GateHook:
     stored in ``RouteGates`` (one gate per adapter). One hook per layer, shared by the adapters whose routers read it,
     so that several of them decide jointly (``choose_adapters``)."""
 
-    def __init__(self, routing: "Routing", layer: nn.Module, index: int) -> None:
+    def __init__(self, routing: "Routing", layer: nn.Module, index: int, layers: nn.ModuleList) -> None:
         self.routing = routing
         self.layer = layer  # the decoder layer this hook is on: its input is what the routers read
         self.index = index  # its index in the decoder (``preserve_layers``): the cache's layer to read lengths from
+        # router_preservation_copy: the base model's stream carried beside the adapted one from this layer up
+        self.copy = PreservationCopy(layers, index)
         # adapter -> the gated module that holds its router; it says whether the adapter computes at all
         self.holders: dict[str, nn.Module] = {}
         # the FFN-mode adapters (hidden_expansion=0): their expansion lives inside the MLPs above this layer only, so
@@ -459,10 +464,24 @@ class _GateHook:
             mask = mask[:, mask.shape[1] - length :].to(device=hidden.device, dtype=torch.bool)
         return cache, past, mask
 
+    def _carry_copy(self, args, kwargs, hidden, names: list[str], configs: dict):
+        """The preservation copy (``peft_scale.preservation_copy``) where an adapter of this pass asks for it and no
+        gradient is recorded: the layer's new ``(args, kwargs)``, or ``None``."""
+        cache = _layer_cache(args, kwargs)
+        if torch.is_grad_enabled() or not any(configs[name].router_preservation_copy for name in names):
+            self.copy.refuse_carried(cache)
+            return None
+        past = int(cache.get_seq_length(self.index)) if cache is not None else 0
+        return self.copy.begin(
+            args, kwargs, hidden, self.routing.last.to_preservation, self.routing.gates.gates, names, cache, past
+        )
+
     def __call__(self, module, args, kwargs):
         names = self._active() if self.holders else []
         self.routing.gates.idle = frozenset()
+        self.copy.batch = None  # (a pass that ended by an error may have left it set)
         if not names:
+            self.copy.refuse_carried(_layer_cache(args, kwargs))
             return None
         routers = {name: self.holders[name].scale_router[name] for name in names}
         unfitted = [name for name, router in routers.items() if not router.is_fitted]
@@ -507,7 +526,7 @@ class _GateHook:
                 to_preservation=~to_expansion, scores=score, adapters=(name,), choice=to_expansion.long() - 1,
                 adapter_scores={name: score},
             )
-            return None
+            return self._carry_copy(args, kwargs, hidden, names, configs)
         with torch.no_grad():
             claims, scores = zip(*(decide(name, router) for name, router in routers.items()))
             # (batch, seq): adapter index, -1 for the base
@@ -519,7 +538,7 @@ class _GateHook:
             to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,
             adapter_scores=dict(zip(names, scores)),
         )
-        return None
+        return self._carry_copy(args, kwargs, hidden, names, configs)
 
 
 # ------------------------------------------------------------------------------------------------ the cosine rule
@@ -765,7 +784,8 @@ class Routing:
             device = holder.get_base_layer().weight.device
             holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
         if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
-            hook = _GateHook(self, model.get_submodule(layer_name), layer)
+            layers = model.get_submodule(layer_name.rsplit(".", 1)[0])
+            hook = _GateHook(self, model.get_submodule(layer_name), layer, layers)
             handle = hook.layer.register_forward_pre_hook(hook, with_kwargs=True)
             self._layer_hooks[layer_name] = (hook, handle)
         hook = self._layer_hooks[layer_name][0]
@@ -821,6 +841,7 @@ class Routing:
         for layer_name, (hook, handle) in list(self._layer_hooks.items()):
             if not hook.holders:  # the last router reading this layer is gone
                 handle.remove()
+                hook.copy.remove()
                 del self._layer_hooks[layer_name]
         if not self._gate_hooks:
             for handle in self._mask_handles:

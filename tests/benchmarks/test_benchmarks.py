@@ -146,7 +146,7 @@ def test_router_cost_quick_run_writes_its_table_and_json(tmp_path):
     assert set(data["train"]) == {"scale_ffn_upper", "scale_ffn_routed"}
     assert set(data["inference"]) == {
         "base", "scale_ffn_upper", "scale_ffn_routed", "scale_ffn_routed_node", "scale_ffn_routed_old",
-        "scale_ffn_routed_old_no_skip",
+        "scale_ffn_routed_old_no_skip", "scale_ffn_routed_copy", "scale_ffn_routed_copy_old",
     }
     assert data["ratios"]["router/step"] == data["router"]["median_s"] / data["train"]["scale_ffn_routed"]["median_s"]
     # an inference ratio: the median over repeats of the two rows' ratio within each repeat
@@ -164,6 +164,9 @@ def test_router_cost_quick_run_writes_its_table_and_json(tmp_path):
     from peft_scale.widened_linear import widened_linear
 
     assert peft_scale.layer.widened_linear is widened_linear
+    assert data["ratios"]["copy_decode_new_text/routed"] == statistics.median(
+        [a / b for a, b in zip(*(data["inference"][row]["decode"]["samples_s"] for row in ("scale_ffn_routed_copy", "scale_ffn_routed")))]
+    )
     assert set(data["goals"]) == {"router/step"} | {
         f"routed_{phase}_{text}_text/base" for phase in ("prefill", "decode") for text in ("new", "old")
     }

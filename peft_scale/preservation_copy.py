@@ -1,0 +1,224 @@
+"""The learned rule's preservation copy: the base model's stream, carried beside the adapted one, so that a token
+routed to the base model gets the base model's logits inside a mixed sequence too (``router_preservation_copy``).
+
+The learned router's gate (``peft_scale.routing``) makes a token routed to the base model (``g = 0``) compute its
+widened modules as the base model does, but its attention still reads the keys and values of the earlier tokens,
+and the expansion changed those of the tokens it got. So where a sequence switches from new-domain text to old,
+the old tokens after the switch drift (measured on Spanish then English, SmolLM2-135M: about 0.05 nats per token
+routed to the base model, ``learned_router_findings.md``, eighth pass). The copy removes that term. At the entry
+of layer ``L = preserve_layers``, where the stream is still exactly the base model's, the batch is stacked with
+itself along the batch dimension::
+
+    rows 0 .. B-1:   x        the adapted stream (gated as without the copy)
+    rows B .. 2B-1:  x_pres   the copy: gate 0 for every adapter, so only frozen base weights touch it
+
+Attention is computed per row, so a copy row attends to copy rows only: every layer computes the base model on
+them, with the base model's keys and values. After the last decoder layer each token keeps one row::
+
+    h_t = h_pres_t   where the token went to the base model,   h_adapt_t   elsewhere
+
+so a token routed to the base model gets exactly the base model's hidden state (and logits), whatever came before
+it, and a token routed to the expansion gets the numbers it gets without the copy. (The final norm and the LM
+head see ``B`` rows and the ``B``-row gates again.)
+
+Where it runs: only in passes that record no gradient (evaluation, ``generate()``). Training computes the adapted
+rows alone, as without the copy: the copy has no trainable input, and a token's loss is on the adapted rows.
+
+Its cost: the layers from ``L`` up run on ``2B`` rows. It is skipped while no token of the sequence has gone to
+the expansion (the copy would equal the adapted rows): a pass without a cache that sends no token to it, and every
+pass on a cache while all the cache's passes sent none. When a later pass on that cache first sends one, the
+cache's rows from layer ``L`` up are duplicated: they are the base model's, exactly.
+
+The cache (a ``DynamicCache`` of ``DynamicLayer`` s; others are refused) holds ``2B`` rows in the layers from ``L``
+up once the copy is carried; those layers' row operations (beam search's ``reorder_cache``, contrastive search's
+``batch_select_indices`` / ``batch_repeat_interleave``) are wrapped to apply to both halves alike. Tensors of
+``B`` rows that the decoder layers receive by keyword (position embeddings, a 4-D attention mask, position ids)
+are stacked the same way for the layers from ``L`` up. With ``output_hidden_states=True`` those layers' outputs
+hold ``2B`` rows (the adapted ones, then the copy's), except the last, which is the selected one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+# what the cache object of a pass remembers (an attribute on it): "base" while every pass on it sent no token to
+# the expansion (the copy not carried: its rows above L are the base model's), "carried" once the copy is
+CACHE_STATE = "_scale_preservation_copy"
+
+
+def _stacked(value, batch: int):
+    """``value`` (a decoder layer's argument) with its ``batch`` rows stacked twice, where it has them: a tensor of
+    two or more dimensions whose first is ``batch``, or a tuple or list of such (the position embeddings)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_stacked(item, batch) for item in value)
+    if type(value).__name__ == "BlockMask":
+        raise RuntimeError(
+            "SCALE: router_preservation_copy stacks the batch with the base model's copy, and a flex-attention "
+            "BlockMask cannot be stacked. Load the model with attn_implementation='sdpa' or 'eager', or set "
+            "router_preservation_copy=False."
+        )
+    return value
+
+
+def _rows_of_both_halves(index: torch.Tensor, half: int) -> torch.Tensor:
+    """Row indices for a ``B``-row cache operation, applied to both halves of a ``2B``-row layer."""
+    index = index.nonzero().squeeze(-1) if index.dtype == torch.bool else index.long()
+    return torch.cat([index, index + half])
+
+
+def _check_cache(cache, index: int) -> None:
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or layers is None or any(
+        type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers[index:]
+    ):
+        raise RuntimeError(
+            f"SCALE: router_preservation_copy stacks the batch with the base model's copy from decoder layer {index} "
+            f"up, which needs the cache to grow to twice the rows there; a {type(cache).__name__} cannot. Use the "
+            "default DynamicCache (generate() without cache_implementation), or no cache, or set "
+            "router_preservation_copy=False."
+        )
+
+
+def _duplicate_rows(cache, index: int) -> None:
+    """Stack the rows of the cache's layers from ``index`` up with themselves (their states are the base model's)."""
+    for layer in cache.layers[index:]:
+        if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+            layer.keys, layer.values = torch.cat([layer.keys, layer.keys]), torch.cat([layer.values, layer.values])
+
+
+def _follow_both_halves(layer) -> None:
+    """Wrap one cache layer's row operations (on this instance) so they act on both halves of its ``2B`` rows."""
+    if getattr(layer, "_scale_both_halves", False):
+        return
+    select = layer.batch_select_indices
+
+    def half():
+        return layer.keys.shape[0] // 2
+
+    def reorder_cache(beam_idx):
+        select(_rows_of_both_halves(beam_idx.to(layer.keys.device), half()))
+
+    def batch_select_indices(indices):
+        select(_rows_of_both_halves(torch.as_tensor(indices, device=layer.keys.device), half()))
+
+    def batch_repeat_interleave(repeats):
+        rows = torch.arange(half(), device=layer.keys.device).repeat_interleave(repeats)
+        select(_rows_of_both_halves(rows, half()))
+
+    layer.reorder_cache = reorder_cache
+    layer.batch_select_indices = batch_select_indices
+    layer.batch_repeat_interleave = batch_repeat_interleave
+    layer._scale_both_halves = True
+
+
+class PreservationCopy:
+    """The preservation copy of the learned routers that read decoder layer ``index`` (one per such layer, owned by
+    its gate hook, ``peft_scale.routing._GateHook``).
+
+    The gate hook calls ``begin`` after the routers decided; the hooks installed on first use (pre-hooks of the
+    layers above ``index``: ``_stack_kwargs``; a forward hook of the last layer: ``_select``) do the rest.
+    """
+
+    def __init__(self, layers: nn.ModuleList, index: int) -> None:
+        self.layers = layers
+        self.index = index
+        # while the pass in flight carries the copy: its batch size, routing, gates and cache
+        self.batch: Optional[int] = None
+        self._to_base: Optional[torch.Tensor] = None
+        self._gates: dict[str, torch.Tensor] = {}
+        self._names: list[str] = []
+        self._cache = None
+        self._handles: list = []
+
+    def _install(self) -> None:
+        if self._handles:
+            return
+        self._handles = [
+            layer.register_forward_pre_hook(self._stack_kwargs, with_kwargs=True) for layer in self.layers[self.index + 1 :]
+        ]
+        self._handles.append(self.layers[-1].register_forward_hook(self._select))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.batch = [], None
+
+    def refuse_carried(self, cache) -> None:
+        """A pass that does not carry the copy (adapters disabled, copy switched off, gradients on) cannot continue
+        a cache that holds it (twice the rows above layer ``index``)."""
+        if cache is not None and getattr(cache, CACHE_STATE, None) == "carried":
+            raise RuntimeError(
+                "SCALE: this call continues a cache filled with the preservation copy (router_preservation_copy=True: "
+                f"twice the rows from decoder layer {self.index} up), but this call does not carry the copy (adapters "
+                "disabled, router_preservation_copy switched off, or gradients recorded). Continue the cache with the "
+                "same settings under torch.no_grad(), or start a new cache."
+            )
+
+    def begin(self, args, kwargs, hidden: torch.Tensor, to_base: torch.Tensor, gates: dict, names, cache, past: int):
+        """Stack the batch with its copy if this pass needs it (``to_base``: ``(B, seq)`` bool, the tokens routed to
+        the base model; ``gates``: the model's gates, adapter -> ``(B, seq, 1)``, of which those of ``names``, the
+        pass's routed adapters, are stacked with zeros in place).
+        Returns the decoder layer's new ``(args, kwargs)``, or ``None`` where the copy is not carried."""
+        self.batch = None
+        state = getattr(cache, CACHE_STATE, None) if cache is not None else None
+        if past and state is None:
+            raise RuntimeError(
+                "SCALE: router_preservation_copy=True, and this call continues a cache that this model did not fill "
+                "with the copy's bookkeeping (filled without the copy, with gradients recorded, or by another model): "
+                "whether its rows above decoder layer preserve_layers are the base model's is unknown. Fill the cache "
+                "with this model under torch.no_grad() from an empty cache (as generate() does), or pass the whole "
+                "sequence without a cache."
+            )
+        carried = state == "carried"
+        # one device-to-host read per pass; compiled, the copy is always carried (no branch on data in the graph)
+        if not carried and not torch.compiler.is_compiling() and bool(to_base.all()):
+            if cache is not None:
+                setattr(cache, CACHE_STATE, "base")
+            return None
+        if cache is not None:
+            _check_cache(cache, self.index)
+            if state == "base" and past:
+                _duplicate_rows(cache, self.index)
+            setattr(cache, CACHE_STATE, "carried")
+        self._install()
+        batch = hidden.shape[0]
+        for name in names:
+            gates[name] = torch.cat([gates[name], torch.zeros_like(gates[name])])
+        self.batch, self._to_base, self._gates, self._names = batch, to_base, gates, list(names)
+        self._cache = weakref.ref(cache) if cache is not None else None
+        stacked_kwargs = {key: _stacked(value, batch) for key, value in kwargs.items()}
+        if args:
+            return (torch.cat([hidden, hidden]), *(_stacked(arg, batch) for arg in args[1:])), stacked_kwargs
+        return args, {**stacked_kwargs, "hidden_states": torch.cat([hidden, hidden])}
+
+    def _stack_kwargs(self, module, args, kwargs):
+        """Pre-hook of a layer above ``index``: its ``B``-row arguments, stacked like the hidden states."""
+        if self.batch is None:
+            return None
+        return (
+            (args[0], *(_stacked(arg, self.batch) for arg in args[1:])) if args else args,
+            {key: _stacked(value, self.batch) for key, value in kwargs.items()},
+        )
+
+    def _select(self, module, args, output):
+        """Forward hook of the last decoder layer: per token, the copy's row or the adapted one (``B`` rows again)."""
+        if self.batch is None:
+            return None
+        batch, self.batch = self.batch, None
+        hidden = output[0] if isinstance(output, tuple) else output
+        chosen = torch.where(self._to_base.unsqueeze(-1), hidden[batch:], hidden[:batch])
+        for name in self._names:
+            self._gates[name] = self._gates[name][:batch]
+        cache = self._cache() if self._cache is not None else None
+        if cache is not None:
+            for layer in cache.layers[self.index :]:
+                _follow_both_halves(layer)
+        return (chosen, *output[1:]) if isinstance(output, tuple) else chosen
