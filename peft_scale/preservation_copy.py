@@ -34,7 +34,8 @@ up once the copy is carried; those layers' row operations (beam search's ``reord
 ``batch_select_indices`` / ``batch_repeat_interleave``) are wrapped to apply to both halves alike. Tensors of
 ``B`` rows that the decoder layers receive by keyword (position embeddings, a 4-D attention mask, position ids)
 are stacked the same way for the layers from ``L`` up. With ``output_hidden_states=True`` those layers' outputs
-hold ``2B`` rows (the adapted ones, then the copy's), except the last, which is the selected one.
+hold ``2B`` rows (the adapted ones, then the copy's), except the last, which is the selected one. (Not measured
+under ``torch.compile``: there the copy is carried in every pass, without the skip's data-dependent read.)
 """
 
 from __future__ import annotations

@@ -245,3 +245,18 @@ def test_the_flag_is_saved_and_loaded(routed_pair, old_speaker, tmp_path):
 def test_config_errors(config, message):
     with pytest.raises(ValueError, match=message):
         ScaleConfig(**config)
+
+
+def test_hidden_states_of_the_layers_that_carry_the_copy_hold_both_halves(routed_pair):
+    _, model = routed_pair
+    ids = switching()
+    copying(model)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+            plain = copying(model, False)(input_ids=ids, output_hidden_states=True)
+    finally:
+        copying(model, False)
+    # embeddings, layers 0-2 (from layer 2 up: the adapted rows, then the copy's), the final norm's (selected)
+    assert [h.shape[0] for h in out.hidden_states] == [4, 4, 4, 8, 4]
+    assert torch.equal(out.hidden_states[3][:4], plain.hidden_states[3])

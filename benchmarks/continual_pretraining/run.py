@@ -148,6 +148,18 @@ RUNS = {
         router_options=(("max_old_error", 0.05),),
     ),
 }
+# the same rows with the preservation copy (router_preservation_copy; it acts where no gradient is recorded, so their
+# training is the same): the old tokens routed to the base model read its keys and values in mixed windows too
+COPIED = ("scale_ffn_routed_w12x4_ema", "scale_ffn_routed_w12x4_ema_fall", "scale_ffn_routed_samples_w12x4_ema_err5")
+RUNS.update({
+    f"{name}_copy": RUNS[name]._replace(scale_options=(*RUNS[name].scale_options, ("router_preservation_copy", True)))
+    for name in COPIED
+})  # fmt: skip
+# with the copy, the drift on old text is the share of old tokens sent to the expansion times their drift: a tighter
+# forgetting budget (fit_router's max_old_error 0.5% instead of 1%) for the (a) smoothed row
+RUNS["scale_ffn_routed_w12x4_ema_strict_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
+    router_options=(("max_old_error", 0.005),)
+)
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
     "full": _SMALL, "full_replay": _SMALL, "full_replay_samples": _SMALL, "freeze": _SMALL,
@@ -159,7 +171,8 @@ DEFAULT_LRS = {
     "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
     "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
     "scale_ffn_routed_w12x4_ema_old": _LARGE, "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE,
-    "scale_ffn_routed_w12x4_ema_fall": _LARGE,
+    "scale_ffn_routed_w12x4_ema_fall": _LARGE, **{f"{name}_copy": _LARGE for name in COPIED},
+    "scale_ffn_routed_w12x4_ema_strict_copy": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
