@@ -892,3 +892,28 @@ def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker, start):
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(input_ids=ids, use_cache=True, **settings),
                        model.generate(input_ids=ids, use_cache=False, **settings))  # fmt: skip
+
+
+def test_the_preservation_copy_with_two_routed_adapters(stages):
+    """Rows that go es -> base domain -> fr: with router_preservation_copy, the tokens no router claims get the base
+    model's logits although es and fr changed the tokens before them."""
+    model, reference = stages["model"], stages["reference"]
+    rows = torch.cat([PROBES["es"][:, :8], PROBES["base"][:, :8], PROBES["fr"][:, :8]], 1)
+    configs = [model.peft_config[name] for name in ("es", "fr")]
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=rows).logits
+            to_base = model.base_model.last_routing.to_preservation.clone()
+            for config in configs:
+                config.router_preservation_copy = True
+            copied = model(input_ids=rows).logits
+            routing = model.base_model.last_routing
+            expected = reference(input_ids=rows).logits
+    finally:
+        for config in configs:
+            config.router_preservation_copy = False
+    assert torch.equal(routing.to_preservation, to_base)
+    assert routing.sent_to("es")[:, :8].any() and routing.sent_to("fr")[:, 16:].any() and to_base[:, 8:16].any()
+    assert (plain - expected)[to_base].abs().max() > 1e-3  # without the copy: es's changes reach them
+    assert (copied - expected)[to_base].abs().max() <= 1e-6
+    assert (copied - plain)[~to_base].abs().max() <= 1e-6
