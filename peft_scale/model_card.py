@@ -67,6 +67,8 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
                 variant += "; threshold set on all of the old data given"
         else:
             variant += "; not fitted yet: call peft_scale.fit_router"
+        if config.router_preservation_copy:
+            variant += "; preservation copy in inference: base-routed tokens exact in mixed sequences too"
         variant += ")"
     return {
         "mode": mode,

@@ -89,6 +89,12 @@ def test_card_of_a_learned_route_adapter_gives_its_routers_held_out_accuracy(tmp
     peft_scale.fit_router(model, new, old, calibrate_on="fitted", progress=False)
     model.save_pretrained(tmp_path / "fitted_on_all")
     assert "old side: old data; threshold set on all of the old data given)" in read_card(tmp_path / "fitted_on_all").text
+    model.peft_config["default"].router_preservation_copy = True
+    model.save_pretrained(tmp_path / "with_copy")
+    assert (
+        "given; preservation copy in inference: base-routed tokens exact in mixed sequences too)"
+        in read_card(tmp_path / "with_copy").text
+    )
 
 
 def test_card_names_the_widened_layers_when_not_all_are(tmp_path):
