@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .cache_rows import ROW_OPERATIONS, kept_rows
+
 # what the cache object of a pass remembers (an attribute on it): "base" while every pass on it sent no token to
 # the expansion (the copy not carried: its rows above L are the base model's), "carried" once the copy is
 CACHE_STATE = "_scale_preservation_copy"
@@ -65,12 +67,6 @@ def _stacked(value, batch: int):
             "router_preservation_copy=False."
         )
     return value
-
-
-def _rows_of_both_halves(index: torch.Tensor, half: int) -> torch.Tensor:
-    """Row indices for a ``B``-row cache operation, applied to both halves of a ``2B``-row layer."""
-    index = index.nonzero().squeeze(-1) if index.dtype == torch.bool else index.long()
-    return torch.cat([index, index + half])
 
 
 def _check_cache(cache, index: int) -> None:
@@ -96,27 +92,22 @@ def _duplicate_rows(cache, index: int) -> None:
 
 
 def _follow_both_halves(layer) -> None:
-    """Wrap one cache layer's row operations (on this instance) so they act on both halves of its ``2B`` rows."""
+    """Wrap one cache layer's row operations (on this instance) so they act on both halves of its ``2B`` rows: the
+    rows a ``B``-row operation keeps (``cache_rows.kept_rows``), in the adapted half and again in the copy's."""
     if getattr(layer, "_scale_both_halves", False):
         return
     select = layer.batch_select_indices
 
-    def half():
-        return layer.keys.shape[0] // 2
+    def follow(operation):
+        def wrapped(argument):
+            half = layer.keys.shape[0] // 2
+            rows = kept_rows(operation, argument, half, layer.keys.device)
+            select(torch.cat([rows, rows + half]))
 
-    def reorder_cache(beam_idx):
-        select(_rows_of_both_halves(beam_idx.to(layer.keys.device), half()))
+        return wrapped
 
-    def batch_select_indices(indices):
-        select(_rows_of_both_halves(torch.as_tensor(indices, device=layer.keys.device), half()))
-
-    def batch_repeat_interleave(repeats):
-        rows = torch.arange(half(), device=layer.keys.device).repeat_interleave(repeats)
-        select(_rows_of_both_halves(rows, half()))
-
-    layer.reorder_cache = reorder_cache
-    layer.batch_select_indices = batch_select_indices
-    layer.batch_repeat_interleave = batch_repeat_interleave
+    for operation in ROW_OPERATIONS:
+        setattr(layer, operation, follow(operation))
     layer._scale_both_halves = True
 
 
@@ -137,6 +128,8 @@ class PreservationCopy:
         self._gates: dict[str, torch.Tensor] = {}
         self._names: list[str] = []
         self._cache = None
+        # the pass's arguments stacked once, for every layer that receives the same object: id -> (it, stacked)
+        self._stacked_arguments: dict[int, tuple] = {}
         self._handles: list = []
 
     def _install(self) -> None:
@@ -167,8 +160,8 @@ class PreservationCopy:
         """Stack the batch with its copy if this pass needs it (``to_base``: ``(B, seq)`` bool, the tokens routed to
         the base model; ``gates``: the model's gates, adapter -> ``(B, seq, 1)``, of which those of ``names``, the
         pass's routed adapters, are stacked with zeros in place).
-        Returns the decoder layer's new ``(args, kwargs)``, or ``None`` where the copy is not carried."""
-        self.batch = None
+        Returns the decoder layer's new ``(args, kwargs)``, or ``None`` where the copy is not carried. (The gate
+        hook clears ``batch`` at the start of every pass.)"""
         state = getattr(cache, CACHE_STATE, None) if cache is not None else None
         if past and state is None:
             raise RuntimeError(
@@ -195,25 +188,36 @@ class PreservationCopy:
             gates[name] = torch.cat([gates[name], torch.zeros_like(gates[name])])
         self.batch, self._to_base, self._gates, self._names = batch, to_base, gates, list(names)
         self._cache = weakref.ref(cache) if cache is not None else None
-        stacked_kwargs = {key: _stacked(value, batch) for key, value in kwargs.items()}
+        self._stacked_arguments = {}
+        stacked_args, stacked_kwargs = self._stack_arguments(args[1:], kwargs)
         if args:
-            return (torch.cat([hidden, hidden]), *(_stacked(arg, batch) for arg in args[1:])), stacked_kwargs
+            return (torch.cat([hidden, hidden]), *stacked_args), stacked_kwargs
         return args, {**stacked_kwargs, "hidden_states": torch.cat([hidden, hidden])}
+
+    def _stack_arguments(self, args, kwargs) -> tuple[tuple, dict]:
+        """A decoder layer's other arguments with their ``B`` rows stacked (``_stacked``), each object once per
+        pass: the layers receive the same position embeddings and mask objects, one after the other."""
+
+        def stacked(value):
+            known = self._stacked_arguments.get(id(value))
+            if known is None or known[0] is not value:
+                known = self._stacked_arguments[id(value)] = (value, _stacked(value, self.batch))
+            return known[1]
+
+        return tuple(stacked(arg) for arg in args), {key: stacked(value) for key, value in kwargs.items()}
 
     def _stack_kwargs(self, module, args, kwargs):
         """Pre-hook of a layer above ``index``: its ``B``-row arguments, stacked like the hidden states."""
         if self.batch is None:
             return None
-        return (
-            (args[0], *(_stacked(arg, self.batch) for arg in args[1:])) if args else args,
-            {key: _stacked(value, self.batch) for key, value in kwargs.items()},
-        )
+        stacked_args, stacked_kwargs = self._stack_arguments(args[1:], kwargs)
+        return ((args[0], *stacked_args) if args else args), stacked_kwargs
 
     def _select(self, module, args, output):
         """Forward hook of the last decoder layer: per token, the copy's row or the adapted one (``B`` rows again)."""
         if self.batch is None:
             return None
-        batch, self.batch = self.batch, None
+        batch, self.batch, self._stacked_arguments = self.batch, None, {}
         hidden = output[0] if isinstance(output, tuple) else output
         chosen = torch.where(self._to_base.unsqueeze(-1), hidden[batch:], hidden[:batch])
         for name in self._names:

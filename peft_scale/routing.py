@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache_rows import ROW_OPERATIONS, kept_rows
 from .preservation_copy import PreservationCopy
 
 
@@ -724,7 +725,7 @@ class Routing:
             return
         routing = weakref.ref(self)
 
-        def follow(method_name, rows):
+        def follow(method_name):
             method = getattr(cache, method_name, None)
             if method is None:
                 return
@@ -732,28 +733,26 @@ class Routing:
             def wrapped(*args, **kwargs):
                 result = method(*args, **kwargs)
                 if routing() is not None:
-                    routing()._states_follow(cache, rows, *args, **kwargs)
+                    argument = args[0] if args else next(iter(kwargs.values()), None)
+                    routing()._states_follow(cache, method_name, argument)
                 return result
 
             setattr(cache, method_name, wrapped)
 
-        follow("reorder_cache", lambda state, beam_idx: beam_idx)
-        follow("batch_select_indices", lambda state, indices: indices)
-        follow("batch_repeat_interleave", lambda state, repeats: torch.arange(state.batch).repeat_interleave(repeats))
-        follow("crop", None)
+        for method_name in (*ROW_OPERATIONS, "crop"):
+            follow(method_name)
         cache._scale_router_tracked = True
 
-    def _states_follow(self, cache, rows, *args, **kwargs) -> None:
-        """Apply a cache's row operation to the states tied to it (``rows(state, *args)``: the rows to keep, in
-        order), or invalidate them (``rows=None``: a crop)."""
+    def _states_follow(self, cache, operation: str, argument) -> None:
+        """Apply a cache's row operation (one of ``cache_rows.ROW_OPERATIONS``) to the states tied to it, or
+        invalidate them (``"crop"``)."""
         for state in self._smoothing.values():
             if state.cache() is not cache:
                 continue
-            if rows is None:
+            if operation == "crop":
                 state.consumed = -1
                 continue
-            index = torch.as_tensor(rows(state, *args, **kwargs), device=state.last.device)
-            index = (index.nonzero().squeeze(-1) if index.dtype == torch.bool else index).long()
+            index = kept_rows(operation, argument, state.batch, state.last.device)
             state.last, state.started = state.last[index], state.started[index]
             state.batch = len(index)
 
