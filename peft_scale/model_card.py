@@ -65,6 +65,8 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
             )
             if report.get("calibrate_on") == "fitted":  # (reports saved before calibrate_on existed: held out)
                 variant += "; threshold set on all of the old data given"
+            elif report.get("calibrate_on") == "cross_fitted":
+                variant += "; threshold set on every old sequence, scored by routers that did not see it"
         else:
             variant += "; not fitted yet: call peft_scale.fit_router"
         if config.router_preservation_copy:

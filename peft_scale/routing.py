@@ -252,10 +252,9 @@ def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
     with ``names[j]``'s domain among its ``other_domains`` and ``names[j]``'s was not fitted with ``names[i]``'s
     (fitted against each other, both learned the difference: the scores decide). ``None`` when no pair is."""
     knows = [set(outranked_adapters(configs[name])) for name in names]
-    outranks = torch.tensor(
-        [[name_j in knows[i] and name_i not in knows[j] for j, name_j in enumerate(names)] for i, name_i in enumerate(names)]
-    )
-    return outranks if outranks.any() else None
+    rows = [[name_j in knows[i] and name_i not in knows[j] for j, name_j in enumerate(names)] for i, name_i in enumerate(names)]
+    # (a tensor only where some adapter outranks another: the common case builds none per forward pass)
+    return torch.tensor(rows) if any(map(any, rows)) else None
 
 
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:

@@ -89,6 +89,13 @@ def test_card_of_a_learned_route_adapter_gives_its_routers_held_out_accuracy(tmp
     peft_scale.fit_router(model, new, old, calibrate_on="fitted", progress=False)
     model.save_pretrained(tmp_path / "fitted_on_all")
     assert "old side: old data; threshold set on all of the old data given)" in read_card(tmp_path / "fitted_on_all").text
+    peft_scale.fit_router(model, new, old, calibrate_on="cross_fitted", progress=False)
+    model.save_pretrained(tmp_path / "cross_fitted")
+    assert (
+        "old side: old data; threshold set on every old sequence, scored by routers that did not see it)"
+        in read_card(tmp_path / "cross_fitted").text
+    )
+    peft_scale.fit_router(model, new, old, calibrate_on="fitted", progress=False)
     model.peft_config["default"].router_preservation_copy = True
     model.save_pretrained(tmp_path / "with_copy")
     assert (

@@ -190,6 +190,31 @@ def test_calibrating_on_the_fitted_old_data_keeps_exactly_that_data(old_speaker)
         fit_router(model, new, old, calibrate_on="all")
 
 
+def test_cross_fitted_calibration_reads_the_bound_off_every_old_sequence(old_speaker):
+    _, model = routed(old_speaker)
+    new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)
+    held_out = fit_router(model, new, old, progress=False)
+    cross = fit_router(model, new, old, calibrate_on="cross_fitted", progress=False)
+    assert cross.calibrate_on == "cross_fitted"
+    assert model.peft_config["default"].router_report["calibrate_on"] == "cross_fitted"
+    fitted = fit_router(model, new, old, calibrate_on="fitted", progress=False)
+    # the tail is read off every old token (each scored by a router that did not see its sequence), not a fifth
+    assert cross.calibration_tokens == cross.tokens["old"] == fitted.calibration_tokens
+    assert held_out.calibration_tokens < cross.tokens["old"] / 4
+    assert cross.calibration_old_to_base >= 1 - 0.01  # at most max_old_error of those scores reach the threshold
+    # out of fold the old tokens score higher than in the sample the kept router was fitted on (overlapping
+    # domains: ids 34-63 in both), so the bound sits above the one set on the fitted data
+    assert cross.threshold > fitted.threshold
+    assert f"threshold set on the {cross.tokens['old']:,} cross-fitted old tokens" in str(cross)
+    # the same data and seed: the same threshold, and the kept router is the one the other calibrations keep
+    assert fit_router(model, new, old, calibrate_on="cross_fitted", progress=False).threshold == cross.threshold
+    assert cross.fitted_new_to_expansion >= 0 and cross.held_out_tokens == held_out.held_out_tokens
+    with pytest.raises(ValueError, match="old side has 4 sequence.*each of the 5 folds.*calibrate_on='held_out'"):
+        fit_router(model, new, old[:4], calibrate_on="cross_fitted", progress=False)
+    with pytest.raises(ValueError, match="'cross_fitted'"):
+        fit_router(model, new, old, calibrate_on="crossfit")
+
+
 def test_fit_router_accepts_datasets_and_lists_of_dicts(old_speaker):
     new, old = domain_ids(NEW, seed=1), domain_ids(OLD, seed=2)
     _, model = routed(old_speaker)
