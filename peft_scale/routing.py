@@ -257,6 +257,22 @@ def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
     return torch.tensor(rows) if any(map(any, rows)) else None
 
 
+def gate_values(to_expansion: torch.Tensor, score: torch.Tensor, threshold: torch.Tensor, soft: bool, dtype):
+    """The gate of one adapter, ``(batch, seq, 1)`` in ``dtype``, from its router's decisions and scores::
+
+        hard:  g = 1                          where the token goes to the adapter's expansion
+        soft:  g = (p - tau) / (1 - tau)      there (``ScaleConfig.router_gate="soft"``)
+        both:  g = 0                          elsewhere (the token computes the base model's function)
+
+    ``to_expansion``: ``(batch, seq)`` bool; ``score``: ``p``, the (smoothed) router score, same shape;
+    ``threshold``: ``tau``, a 0-d tensor."""
+    if not soft:
+        return to_expansion.unsqueeze(-1).to(dtype)
+    # (a threshold of 1 leaves no room above it: the denominator is kept above 0, and such a token's g is 0)
+    weight = ((score - threshold) / (1 - threshold).clamp_min(torch.finfo(score.dtype).eps)).clamp(0, 1)
+    return (weight * to_expansion).unsqueeze(-1).to(dtype)
+
+
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
     """The value adapter ``adapter_name``'s smoothed average starts from: ``router.start`` with
     ``router_smoothing_start="old"``, else ``None`` (the first token's own logit)."""
@@ -520,7 +536,8 @@ class _GateHook:
             router = routers[name]
             with torch.no_grad():
                 to_expansion, score = decide(name, router)
-            gates[name] = to_expansion.unsqueeze(-1).to(hidden.dtype)
+                soft = configs[name].router_gate == "soft"
+                gates[name] = gate_values(to_expansion, score, router.threshold[0], soft, hidden.dtype)
             self.routing.gates.idle = self._idle(names, [to_expansion])
             self.routing.last = RouteResult(
                 to_preservation=~to_expansion, scores=score, adapters=(name,), choice=to_expansion.long() - 1,
@@ -531,8 +548,9 @@ class _GateHook:
             claims, scores = zip(*(decide(name, router) for name, router in routers.items()))
             # (batch, seq): adapter index, -1 for the base
             choice = choose_adapters(list(scores), list(claims), outranking(names, configs))
-        for index, name in enumerate(names):
-            gates[name] = (choice == index).unsqueeze(-1).to(hidden.dtype)
+            for index, name in enumerate(names):
+                soft = configs[name].router_gate == "soft"
+                gates[name] = gate_values(choice == index, scores[index], routers[name].threshold[0], soft, hidden.dtype)
         self.routing.gates.idle = self._idle(names, [choice == index for index in range(len(names))])
         self.routing.last = RouteResult(
             to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,

@@ -102,6 +102,11 @@ def test_card_of_a_learned_route_adapter_gives_its_routers_held_out_accuracy(tmp
         "given; preservation copy in inference: base-routed tokens exact in mixed sequences too)"
         in read_card(tmp_path / "with_copy").text
     )
+    model.peft_config["default"].router_gate = "soft"
+    model.save_pretrained(tmp_path / "soft")
+    assert "; soft gate: the expansion weighed by how far the router's score clears its threshold;" in read_card(
+        tmp_path / "soft"
+    ).text
 
 
 def test_card_names_the_widened_layers_when_not_all_are(tmp_path):

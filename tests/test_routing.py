@@ -215,6 +215,50 @@ def test_cross_fitted_calibration_reads_the_bound_off_every_old_sequence(old_spe
         fit_router(model, new, old, calibrate_on="crossfit")
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_soft_gate_weighs_the_expansion_by_how_far_the_score_clears_the_threshold(old_speaker, mode):
+    _, model = routed(old_speaker, mode, router_gate="soft")
+    new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)  # overlapping: scores spread over (0, 1)
+    fit_router(model, new, old, progress=False)
+    scale_model = model.base_model
+    router = scale_model.scale_router["default"]
+    module = next(m for name, m in scale_model.model.named_modules() if name.endswith(f"layers.{PRESERVE}.mlp.down_proj"))
+    captured = {}
+    handle = module.register_forward_hook(lambda mod, args, out: captured.update(x=args[0], y=out))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        module.scale_w12["default"].normal_(0, 0.1)  # (zero at the start: no expansion to weigh)
+        model(input_ids=torch.cat([new[:2], old[:2]]))
+    handle.remove()
+    score, tau = scale_model.last_routing.scores, router.threshold[0]
+    gate = scale_model._routing.gates.gates["default"][..., 0]
+    expected = torch.where(score >= tau, (score - tau) / (1 - tau), torch.zeros_like(score))
+    torch.testing.assert_close(gate, expected, rtol=0, atol=1e-6)
+    assert ((gate > 0.05) & (gate < 0.95)).any() and (gate == 0).any() and (gate > 0.95).any()
+    # the first gated module: y = W x + b + g W12 x_up, g per token
+    x, d = captured["x"], module.base_layer.in_features
+    base_out = module.base_layer(x[..., :d].contiguous())
+    from_new = x[..., d:] @ module.scale_w12["default"].T
+    torch.testing.assert_close(captured["y"][..., :base_out.shape[-1]], base_out + gate[..., None] * from_new)
+    # training: the gradient a token gives W12 is scaled by its gate (none below the threshold)
+    model.train()
+    weights = torch.rand(4, new.shape[1], base_out.shape[-1])
+    out = {}
+    handle = module.register_forward_hook(lambda mod, args, y: out.update(y=y))
+    model(input_ids=torch.cat([new[:2], old[:2]]))
+    handle.remove()
+    (out["y"][..., : base_out.shape[-1]] * weights).sum().backward()
+    expected_grad = (gate[..., None] * weights).flatten(0, 1).T @ x[..., d:].flatten(0, 1)
+    torch.testing.assert_close(module.scale_w12["default"].grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_gate_config_errors():
+    with pytest.raises(ValueError, match="router_gate='sigmoid'.*'hard'.*'soft'"):
+        ScaleConfig(ffn_expansion=8, variant="route", preserve_layers=1, router_gate="sigmoid")
+    with pytest.raises(ValueError, match="router_gate='soft'.*variant='adapt'.*leave router_gate='hard'"):
+        ScaleConfig(ffn_expansion=8, variant="adapt", preserve_layers=1, router_gate="soft")
+
+
 def test_fit_router_accepts_datasets_and_lists_of_dicts(old_speaker):
     new, old = domain_ids(NEW, seed=1), domain_ids(OLD, seed=2)
     _, model = routed(old_speaker)

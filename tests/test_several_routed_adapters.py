@@ -917,3 +917,23 @@ def test_the_preservation_copy_with_two_routed_adapters(stages):
     assert (plain - expected)[to_base].abs().max() > 1e-3  # without the copy: es's changes reach them
     assert (copied - expected)[to_base].abs().max() <= 1e-6
     assert (copied - plain)[~to_base].abs().max() <= 1e-6
+
+
+def test_routed_together_each_adapter_gets_its_own_kind_of_gate(speaker):
+    """``es`` with the hard gate, ``fr`` with the soft one: the joint rule picks the adapter, and the chosen one's
+    gate is 1 (``es``) or ``(p - tau) / (1 - tau)`` of its own router (``fr``); every other adapter's is 0."""
+    model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
+    model.add_adapter("fr", config(router_gate="soft"))
+    es_data, fr_data, base_data = domain_ids(ES, seed=1), domain_ids(FR, seed=3), domain_ids(BASE, seed=2)
+    fit_router(model, es_data, torch.cat([base_data, fr_data]), adapter_name="es", progress=False)
+    fit_router(model, fr_data, torch.cat([base_data, es_data]), adapter_name="fr", progress=False)
+    model.base_model.set_adapter(["es", "fr"])
+    with torch.no_grad():
+        model(input_ids=torch.cat([PROBES["base"], PROBES["es"], PROBES["fr"]]))
+    routing, gates = model.base_model.last_routing, model.base_model._routing.gates.gates
+    tau = model.base_model.scale_router["fr"].threshold[0]
+    fr_score = routing.adapter_scores["fr"]
+    assert torch.equal(gates["es"][..., 0], routing.sent_to("es").float())
+    expected = torch.where(routing.sent_to("fr"), (fr_score - tau) / (1 - tau), torch.zeros_like(fr_score))
+    torch.testing.assert_close(gates["fr"][..., 0], expected, rtol=0, atol=1e-6)
+    assert routing.sent_to("es").any() and routing.sent_to("fr").any() and routing.to_preservation.any()

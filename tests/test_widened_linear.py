@@ -169,7 +169,8 @@ def test_gated_backward_matches_finite_differences(blocks):
     layer = make_layer(*blocks, dtype=torch.float64, adapter_dtype=torch.float64)
     base = layer.base_layer
     x = torch.randn(2, 3, D_IN + blocks[1], dtype=torch.float64, requires_grad=True)
-    gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64).unsqueeze(-1)
+    # 0/1 (router_gate="hard") and fractional (router_gate="soft") gates
+    gate = torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.7, 1.0]], dtype=torch.float64).unsqueeze(-1)
 
     def fn(x, *params):
         return widened_linear(x, base.weight, base.bias, *params, gate=gate)
@@ -179,7 +180,7 @@ def test_gated_backward_matches_finite_differences(blocks):
 
 @pytest.mark.parametrize("blocks", list(GATED_BLOCKS.values()), ids=list(GATED_BLOCKS))
 def test_gated_one_node_equals_the_gated_general_path(blocks):
-    gate = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]).unsqueeze(-1)
+    gate = torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.7, 1.0]]).unsqueeze(-1)  # (fractional: router_gate="soft")
     layer = gated_layer(blocks, gate)
     x = torch.randn(2, 3, D_IN + blocks[1])
     out, grads = gradients(layer, x, lambda layer, x: layer(x))
