@@ -160,6 +160,28 @@ RUNS.update({
 RUNS["scale_ffn_routed_w12x4_ema_strict_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
     router_options=(("max_old_error", 0.005),)
 )
+# the same budget, its tail read off every old block scored out of fold (fit_router(calibrate_on="cross_fitted"): 64
+# blocks instead of the calibration part's 13; router_first_tokens.py found the threshold, not the router, decides)
+RUNS["scale_ffn_routed_w12x4_ema_xfit_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
+    router_options=(("max_old_error", 0.005), ("calibrate_on", "cross_fitted"))
+)
+# and the budget the drift goal asks for: <= 0.01 nats at ~2.4 nats per old token sent to the expansion is <= 0.42%
+# of them, so 0.3% with a margin
+RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
+    router_options=(("max_old_error", 0.003), ("calibrate_on", "cross_fitted"))
+)
+# the (a) smoothed row with the copy and a soft gate (ScaleConfig(router_gate="soft"): the expansion weighed by how
+# far the score clears the threshold): an English token misrouted at a score just above it gets little expansion
+RUNS["scale_ffn_routed_w12x4_ema_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
+    scale_options=(*RUNS["scale_ffn_routed_w12x4_ema_copy"].scale_options, ("router_gate", "soft"))
+)
+RUNS["scale_ffn_routed_samples_w12x4_ema_err5_soft_copy"] = RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"]._replace(
+    scale_options=(*RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"].scale_options, ("router_gate", "soft"))
+)
+# both: the budget read off every old block and the soft gate
+RUNS["scale_ffn_routed_w12x4_ema_xfit3_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"]._replace(
+    scale_options=RUNS["scale_ffn_routed_w12x4_ema_soft_copy"].scale_options
+)
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
     "full": _SMALL, "full_replay": _SMALL, "full_replay_samples": _SMALL, "freeze": _SMALL,
@@ -172,7 +194,9 @@ DEFAULT_LRS = {
     "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
     "scale_ffn_routed_w12x4_ema_old": _LARGE, "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE,
     "scale_ffn_routed_w12x4_ema_fall": _LARGE, **{f"{name}_copy": _LARGE for name in COPIED},
-    "scale_ffn_routed_w12x4_ema_strict_copy": _LARGE,
+    "scale_ffn_routed_w12x4_ema_strict_copy": _LARGE, "scale_ffn_routed_w12x4_ema_xfit_copy": _LARGE,
+    "scale_ffn_routed_w12x4_ema_xfit3_copy": _LARGE, "scale_ffn_routed_w12x4_ema_soft_copy": _LARGE,
+    "scale_ffn_routed_samples_w12x4_ema_err5_soft_copy": _LARGE, "scale_ffn_routed_w12x4_ema_xfit3_soft_copy": _LARGE,
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
