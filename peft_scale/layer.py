@@ -162,8 +162,9 @@ class Linear(nn.Module, ScaleTunerLayer):
     output projection (``down``) has only ``W12`` (its input is widened).
 
     SCALE-Route with the learned rule gates ``W12`` per token (``route_gated[adapter]``): ``y = W x + b + g W12 x_up``
-    with ``g`` the router's 0/1 decision for the token (``peft_scale.routing``). A token routed to the base model
-    (``g = 0``) gets exactly the base layer's output and gives ``W12`` (and, through it, the expansion) no gradient.
+    with ``g`` the router's gate for the token (0/1, or in ``[0, 1]`` with ``router_gate="soft"``;
+    ``peft_scale.routing``). A token routed to the base model (``g = 0``) gets exactly the base layer's output and
+    gives ``W12`` (and, through it, the expansion) no gradient.
 
     With several active adapters, the input is ``[x; x_up_a; x_up_b; ...]`` and the new outputs follow the
     original ones in the same order.
@@ -324,7 +325,7 @@ class Linear(nn.Module, ScaleTunerLayer):
 
         copy = self.carries_preservation_copy()
         widths = self._check_stream(x, self.in_features, copy, {name: self.in_expansion[name] for name in active})
-        # (batch, seq, 1) 0/1 per adapter whose W12 the learned router gates
+        # (batch, seq, 1) gate (0/1, or [0, 1] with a soft gate) per adapter whose W12 the learned router gates
         gates = {name: self.route_gates.get(name, x) for name in active if self.route_gated.get(name)}
         if len(active) == 1 and not copy and not args and not kwargs and self._takes_one_node():
             return self._widened_linear(active[0], x, gates.get(active[0]))

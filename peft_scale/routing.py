@@ -5,8 +5,8 @@ Two rules decide, token by token, whether a token gets the widened model's compu
 - ``"learned"`` (``TokenRouter``, the project's extension): a small classifier reads the stream entering layer
   ``L = preserve_layers``. Nothing below ``L`` can change that stream (no ``W12`` exists there, and in FFN mode
   nothing is widened there), so it is the base model's own hidden state, and the router can be fitted once,
-  before training, on frozen features (``peft_scale.router_fitting.fit_router``). Its decision is a 0/1 *gate*
-  ``g`` per token that multiplies every contribution of the expansion to the original features::
+  before training, on frozen features (``peft_scale.router_fitting.fit_router``). Its decision is a *gate*
+  ``g`` per token (0 or 1; with ``router_gate="soft"`` in ``[0, 1]``, ``gate_values``) that multiplies every contribution of the expansion to the original features::
 
         y = W x + b + g * W12 x_up                 (every widened module with a W12 block)
         out = norm(x) + g * P rms(x_up) g_up       (the final norm: the LM head's new block)

@@ -65,7 +65,7 @@ class WidenedLinear(torch.autograd.Function):
     small token counts, where a step's time follows its number of operations (a GPU on a 135M model), that
     overhead is most of what full width costs beyond its arithmetic.
 
-    With a gate ``g`` (the learned router's 0/1 per token, shape ``(..., 1)``) the first row is
+    With a gate ``g`` (the learned router's 0/1 or soft value per token, shape ``(..., 1)``) the first row is
     ``y = W x + b + g W12 x_up``, and ``g_y`` reaches ``W12`` and ``x_up`` as ``g g_y``: a token routed to the base
     model gives the new -> original block no gradient.
 
