@@ -45,8 +45,9 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
     initialisation). The head module is never wrapped, so TRL's fused LM head, which multiplies the last hidden
     state by ``lm_head.weight`` directly, still works.
 
-    With the learned route (``route_gated[adapter]``), the new block is gated per token by the router's gate (0/1, or [0, 1] soft):
-    ``out = norm(x) + g P rms(x_up) g_up``, so a token routed to the base model gets the base model's logits.
+    With the learned route (``route_gated[adapter]``), the new block is gated per token by the router's gate (0/1,
+    or in ``[0, 1]`` with a soft gate): ``out = norm(x) + g P rms(x_up) g_up``, so a token routed to the base model
+    gets the base model's logits.
 
     With a preservation copy (SCALE-Route, cosine rule) the input is ``[x_pres; x; x_up]`` and the output gains
     ``norm(x_pres)`` in front. When ``routing`` applies, the final norm returns ``[norm(x_pres); out]`` (twice

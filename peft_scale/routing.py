@@ -6,7 +6,8 @@ Two rules decide, token by token, whether a token gets the widened model's compu
   ``L = preserve_layers``. Nothing below ``L`` can change that stream (no ``W12`` exists there, and in FFN mode
   nothing is widened there), so it is the base model's own hidden state, and the router can be fitted once,
   before training, on frozen features (``peft_scale.router_fitting.fit_router``). Its decision is a *gate*
-  ``g`` per token (0 or 1; with ``router_gate="soft"`` in ``[0, 1]``, ``gate_values``) that multiplies every contribution of the expansion to the original features::
+  ``g`` per token (0 or 1; with ``router_gate="soft"`` in ``[0, 1]``, ``gate_values``) that multiplies every
+  contribution of the expansion to the original features::
 
         y = W x + b + g * W12 x_up                 (every widened module with a W12 block)
         out = norm(x) + g * P rms(x_up) g_up       (the final norm: the LM head's new block)
@@ -252,7 +253,8 @@ def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
     with ``names[j]``'s domain among its ``other_domains`` and ``names[j]``'s was not fitted with ``names[i]``'s
     (fitted against each other, both learned the difference: the scores decide). ``None`` when no pair is."""
     knows = [set(outranked_adapters(configs[name])) for name in names]
-    rows = [[name_j in knows[i] and name_i not in knows[j] for j, name_j in enumerate(names)] for i, name_i in enumerate(names)]
+    rows = [[name_j in knows[i] and name_i not in knows[j] for j, name_j in enumerate(names)]
+            for i, name_i in enumerate(names)]  # fmt: skip
     # (a tensor only where some adapter outranks another: the common case builds none per forward pass)
     return torch.tensor(rows) if any(map(any, rows)) else None
 
@@ -550,7 +552,8 @@ class _GateHook:
             choice = choose_adapters(list(scores), list(claims), outranking(names, configs))
             for index, name in enumerate(names):
                 soft = configs[name].router_gate == "soft"
-                gates[name] = gate_values(choice == index, scores[index], routers[name].threshold[0], soft, hidden.dtype)
+                threshold = routers[name].threshold[0]
+                gates[name] = gate_values(choice == index, scores[index], threshold, soft, hidden.dtype)
         self.routing.gates.idle = self._idle(names, [choice == index for index in range(len(names))])
         self.routing.last = RouteResult(
             to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,

@@ -222,7 +222,8 @@ def test_a_soft_gate_weighs_the_expansion_by_how_far_the_score_clears_the_thresh
     fit_router(model, new, old, progress=False)
     scale_model = model.base_model
     router = scale_model.scale_router["default"]
-    module = next(m for name, m in scale_model.model.named_modules() if name.endswith(f"layers.{PRESERVE}.mlp.down_proj"))
+    first_gated = f"layers.{PRESERVE}.mlp.down_proj"
+    module = next(m for name, m in scale_model.model.named_modules() if name.endswith(first_gated))
     captured = {}
     handle = module.register_forward_hook(lambda mod, args, out: captured.update(x=args[0], y=out))
     torch.manual_seed(0)

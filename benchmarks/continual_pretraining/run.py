@@ -175,8 +175,9 @@ RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"] = RUNS["scale_ffn_routed_w12x4_ema
 RUNS["scale_ffn_routed_w12x4_ema_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
     scale_options=(*RUNS["scale_ffn_routed_w12x4_ema_copy"].scale_options, ("router_gate", "soft"))
 )
-RUNS["scale_ffn_routed_samples_w12x4_ema_err5_soft_copy"] = RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"]._replace(
-    scale_options=(*RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"].scale_options, ("router_gate", "soft"))
+_ERR5_COPY = RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"]
+RUNS["scale_ffn_routed_samples_w12x4_ema_err5_soft_copy"] = _ERR5_COPY._replace(
+    scale_options=(*_ERR5_COPY.scale_options, ("router_gate", "soft"))
 )
 # both: the budget read off every old block and the soft gate
 RUNS["scale_ffn_routed_w12x4_ema_xfit3_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"]._replace(
