@@ -589,11 +589,14 @@ def fit_router(
             router, sequences, smoothing, params, params["start"] if start_on else None, config.router_smoothing_fall
         )
 
-    calibration_old, calibration_new = scores(parts["old"][1], trial), scores(parts["new"][1], trial)
-    fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
-    if calibrate_on == "cross_fitted":
+    if calibrate_on == "cross_fitted":  # every old sequence, scored out of fold, instead of the calibration part
         calibration_old = _out_of_fold_scores(router, sides, others, per_sequence_scores, steps, lr, weight_decay, seed)
-    threshold = _threshold(fitted_old if calibrate_on == "fitted" else calibration_old, max_old_error)
+    else:
+        calibration_old = scores(parts["old"][1], trial)
+    calibration_new = scores(parts["new"][1], trial)
+    fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
+    bounded = fitted_old if calibrate_on == "fitted" else calibration_old  # the old scores max_old_error bounds
+    threshold = _threshold(bounded, max_old_error)
     kept["threshold"] = torch.tensor([threshold])
     kept["fitted"] = torch.ones(1)
     with torch.no_grad():
@@ -627,7 +630,7 @@ def fit_router(
         smoothing_start=config.router_smoothing_start,
         outranks=sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name}),
         smoothing_fall=config.router_smoothing_fall,
-        calibration_tokens=len(fitted_old if calibrate_on == "fitted" else calibration_old),
+        calibration_tokens=len(bounded),
     )
     _record_report(config, report)
     _warn_if_claimed(report)

@@ -92,7 +92,7 @@ def position_shares(scores: list, thresholds: tuple[float, float]) -> dict:
 def main() -> None:
     results = {}
     big_eval = eval_features()
-    dumped = {}
+    scored = {}
     for old_side in ("old_data", "base_samples"):
         ids = {"new": rs.sequences["new"], "old": rs.sequences[old_side]}
         sides = {"new": rs.feats["new"], "old": rs.feats[old_side]}
@@ -123,8 +123,7 @@ def main() -> None:
             evaluation = {lang: score(big_eval[lang], kept) for lang in ("new", "old")}
             cal_windows = features(short_windows([ids["old"][i] for i in splits["old"][1]], FIRST_TOKENS))
             cal_window_scores = score(cal_windows, trial)
-            dumped[(old_side, length)] = {"calibration": calibration, "cal_windows": cal_window_scores,
-                                          "eval": evaluation, "held_out": held_out}  # fmt: skip
+            scored[(old_side, length)] = {"calibration": calibration, "eval": evaluation}  # (for calibrations)
             for cal in ("", "_cal"):
                 if cal and not length:
                     continue
@@ -163,8 +162,7 @@ def main() -> None:
                     flush=True,
                 )
         results[old_side] = rows
-        results[old_side]["calibration"] = calibrations(sides, splits, dumped[(old_side, 0)])
-    torch.save(dumped, "/tmp/router_first_tokens_scores.pt")
+        results[old_side]["calibration"] = calibrations(sides, splits, scored[(old_side, 0)])
     out = {
         "machine": rs.run.machine_description("cpu"),
         "smoothing": SMOOTHING,
