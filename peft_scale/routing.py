@@ -520,6 +520,7 @@ class _GateHook:
         gates = self.routing.gates.gates
         configs = self.routing.configs()
         smoothing = {name: configs[name].router_smoothing for name in names}
+        soft = {name: configs[name].router_gate == "soft" for name in names}
         sequence = self._sequence(args, kwargs, hidden) if any(smoothing.values()) else None
 
         def decide(name, router):  # (claim, score) per token: on the token's own logit, or on the smoothed one
@@ -538,8 +539,7 @@ class _GateHook:
             router = routers[name]
             with torch.no_grad():
                 to_expansion, score = decide(name, router)
-                soft = configs[name].router_gate == "soft"
-                gates[name] = gate_values(to_expansion, score, router.threshold[0], soft, hidden.dtype)
+                gates[name] = gate_values(to_expansion, score, router.threshold[0], soft[name], hidden.dtype)
             self.routing.gates.idle = self._idle(names, [to_expansion])
             self.routing.last = RouteResult(
                 to_preservation=~to_expansion, scores=score, adapters=(name,), choice=to_expansion.long() - 1,
@@ -551,9 +551,8 @@ class _GateHook:
             # (batch, seq): adapter index, -1 for the base
             choice = choose_adapters(list(scores), list(claims), outranking(names, configs))
             for index, name in enumerate(names):
-                soft = configs[name].router_gate == "soft"
                 threshold = routers[name].threshold[0]
-                gates[name] = gate_values(choice == index, scores[index], threshold, soft, hidden.dtype)
+                gates[name] = gate_values(choice == index, scores[index], threshold, soft[name], hidden.dtype)
         self.routing.gates.idle = self._idle(names, [choice == index for index in range(len(names))])
         self.routing.last = RouteResult(
             to_preservation=choice < 0, scores=torch.stack(scores).amax(0), adapters=tuple(names), choice=choice,
