@@ -128,6 +128,7 @@ def test_fit_router_with_old_data_separates_the_domains(old_speaker, mode):
     assert report.held_out_tokens["old"] > 0 and report.tokens["old"] == 64 * 48
     assert model.peft_config["default"].router_report["old_to_base"] == round(report.old_to_base, 4)
     assert "held-out old tokens routed to the base model" in str(report)
+    assert "own samples" not in str(report)
     # one routed adapter: no other router to claim its tokens (tests/test_several_routed_adapters.py: several)
     assert report.claimed_by_other_adapters == {} and "claimed by other adapters" not in str(report)
 
@@ -140,6 +141,7 @@ def test_fit_router_without_old_data_samples_the_base_model(old_speaker):
     assert report.old_source == "base model samples"
     assert 128 * 18 <= report.tokens["old"] <= 128 * 23
     assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
+    assert "measured on the base model's own samples, not on the old task's text" in str(report)
 
 
 def test_samples_are_cut_like_the_new_data():
