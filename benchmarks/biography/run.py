@@ -74,6 +74,7 @@ from benchmarks.methods import (  # noqa: E402
     prepare_method,
     trainable_parameters,
 )
+from peft_scale import scale_optimizer_param_groups  # noqa: E402
 from benchmarks.biography.data import biographies, build_tokenizer, make_tasks, qa_pairs  # noqa: E402
 from benchmarks.biography.train import (  # noqa: E402
     IGNORE,
@@ -134,6 +135,7 @@ class Settings:
     task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
     router_hidden: int = 256  # the learned routers' MLP width (ScaleConfig.router_hidden) of the routed rows
     router_samples: int = 600  # base-model samples of the +samples rows and full+replay_samples (one per Task-1 QA)
+    w12_lr_ratio: float = 1.0  # SCALE rows: W12's learning rate over the row's (peft_scale.scale_optimizer_param_groups)
 
     @classmethod
     def full(cls) -> "Settings":
@@ -343,9 +345,12 @@ class Experiment:
         torch.manual_seed(s.seed + 5)  # the methods' random initialisations (SCALE's W21/W22, LoRA's A)
         model = prepare_method(row_method(row), copy.deepcopy(base_model), self.row_sizes(row)).to(self.device)
         router = self.fit_router(model, row, base_model) if row in ROUTED_ROWS else None
+        # W12's own learning rate (learning_per_step_findings.md); a model without W12 gets one group at lr
+        groups = s.w12_lr_ratio != 1.0
         result = train(
             model, self.continual_stream(row, base_model), collator=self.collator, batch_size=s.batch_size, lr=lr,
             device=self.device, autocast=self.autocast, eval_every=s.eval_every, evaluate=lambda: self.evaluate(model),
+            param_groups=scale_optimizer_param_groups(model, lr, w12_lr_ratio=s.w12_lr_ratio) if groups else None,
         )
         if router is not None:
             result["router"] = router
@@ -695,7 +700,9 @@ def apply_overrides(settings: Settings, args) -> None:
         settings.lr_grid[row] = tuple(float(v) for v in value.split(","))
 
 
-STAGE3_SETTINGS = ("continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples")
+STAGE3_SETTINGS = (
+    "continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples", "w12_lr_ratio"
+)
 
 
 def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
@@ -786,6 +793,8 @@ def parse_args(argv):
                         help="extra ScaleConfig field for the scale_* methods, e.g. --scale-option adapt_modules=attention")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                         help="override a method's learning-rate grid, e.g. --lr scale_route=0.01,0.03")
+    parser.add_argument("--w12-lr-ratio", type=float, default=1.0, metavar="R",
+                        help="SCALE rows: W12's learning rate is R times the row's (the other blocks keep it)")
     parser.add_argument("--task1-bios", action="store_true",
                         help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
@@ -810,6 +819,7 @@ def main(argv=None) -> dict:
     log = lambda message: print(f"[{time.perf_counter() - begin:7.1f}s] {message}", flush=True)  # noqa: E731
 
     settings.task1_bios = args.task1_bios
+    settings.w12_lr_ratio = args.w12_lr_ratio
     if args.workers is None:
         args.workers = 1 if (args.quick or device.type == "cuda") else min(2, os.cpu_count() or 1)
     apply_overrides(settings, args)

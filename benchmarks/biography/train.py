@@ -223,14 +223,17 @@ def train(
     scheduler: str = "cosine",
     eval_every: int = 0,
     evaluate: Optional[Callable[[], dict]] = None,
+    param_groups: Optional[list] = None,
 ) -> dict:
     """Train ``model`` on ``stream`` in order, one AdamW step per batch; evaluate every ``eval_every`` steps.
+    ``param_groups``: AdamW's parameter groups (each with its own ``lr``); default one group of every trainable
+    parameter at ``lr``.
 
     Returns ``{"curve": {"step": [...], <metric>: [...]}, "steps", "train_s", "step_s", "final_loss"}``; the curve
     has the point before the first step (step 0) and after the last. ``train_s`` excludes evaluation time.
     """
     steps = len(stream) // batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = get_scheduler(
         scheduler, optimizer, num_warmup_steps=int(warmup_fraction * steps), num_training_steps=steps

@@ -178,3 +178,21 @@ def test_quick_run_writes_complete_results(tmp_path):
     assert "SCALE-Route's finding goes here." in (tmp_path / "results.md").read_text()  # the notes are kept
     with pytest.raises(SystemExit, match="--merge: this run does not match"):
         main(["--quick", "--output-dir", str(tmp_path), "--methods", "full", "--size", "ffn_expansion=8", "--merge"])
+
+
+def test_w12_lr_ratio_changes_the_scale_rows_only(tmp_path):
+    """``--w12-lr-ratio``: SCALE's W12 trains at its own rate (the run records it); full fine-tuning has no W12 and
+    trains exactly as without it."""
+    from benchmarks.biography.run import main
+
+    runs = {}
+    for ratio in ("1", "8"):
+        out = tmp_path / ratio
+        runs[ratio] = main(["--quick", "--output-dir", str(out), "--methods", "full", "scale_ffn", "--w12-lr-ratio", ratio,
+                            "--cache-dir", str(tmp_path / "cache")])
+    assert runs["8"]["settings"]["w12_lr_ratio"] == 8.0 and runs["1"]["settings"]["w12_lr_ratio"] == 1.0
+    assert runs["8"]["pretraining"] == runs["1"]["pretraining"]  # the same stage-2 model (cached once)
+    (lr,) = runs["1"]["sweep"]["full"]
+    assert runs["8"]["sweep"]["full"][lr]["final_loss"] == runs["1"]["sweep"]["full"][lr]["final_loss"]
+    (lr,) = runs["1"]["sweep"]["scale_ffn"]
+    assert runs["8"]["sweep"]["scale_ffn"][lr]["final_loss"] != runs["1"]["sweep"]["scale_ffn"][lr]["final_loss"]
