@@ -123,6 +123,9 @@ RUNS = {
     "scale_ffn_routed_w12x4": Run("scale_ffn_routed", w12_lr_ratio=4.0),
     "scale_ffn_routed_samples_w12x4": Run("scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0),
     "scale_routed_samples_w12x4": Run("scale_routed", old_side="base_samples", w12_lr_ratio=4.0),
+    # Ungated, W12 at 10x the run's rate and the new neurons' input rows at it (on the biographies, W12 at 1e-3
+    # forgot less the slower the rest trained: benchmarks/results/biography/findings.md, "W12's learning rate")
+    "scale_ffn_w12x10": Run("scale_ffn", w12_lr_ratio=10.0),
     # the router's score smoothed over the preceding tokens (learned_router_findings.md, the smoothing diagnostic)
     "scale_ffn_routed_w12x4_ema": Run("scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)),
     "scale_ffn_routed_samples_w12x4_ema": Run(
@@ -190,7 +193,7 @@ DEFAULT_LRS = {
     "scale_ffn": _LARGE, "scale_preserve": _LARGE, "scale_adapt": _LARGE, "scale_route": _LARGE,
     "scale_route_replay": _LARGE,
     "scale_ffn_routed": _LARGE, "scale_ffn_routed_samples": _LARGE, "scale_routed": _LARGE,
-    "scale_routed_samples": _LARGE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
+    "scale_routed_samples": _LARGE, "scale_ffn_w12x10": _MIDDLE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
     "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
     "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
     "scale_ffn_routed_w12x4_ema_old": _LARGE, "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE,
