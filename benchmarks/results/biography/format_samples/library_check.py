@@ -1,6 +1,10 @@
+"""Check of the library code: fit_router(sample_format="new_data") on the biographies, routing shares only.
+
+    python benchmarks/results/biography/format_samples/library_check.py CACHE_DIR   # run.py's --cache-dir
+"""
 import copy, json, sys, time, torch
 torch.set_num_threads(1)
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))
 from benchmarks.biography.run import Experiment, Settings, pretrain_or_load, ROUTER_BATCH
 from benchmarks.methods import prepare_method
 from peft_scale import fit_router

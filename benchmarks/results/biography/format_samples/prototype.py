@@ -1,9 +1,12 @@
-"""Prototype: the old side sampled from the base model in the new data's format (nothing trained but the router)."""
+"""Prototype: the old side sampled from the base model in the new data's format (nothing trained but the router).
+
+    python benchmarks/results/biography/format_samples/prototype.py CACHE_DIR [--copies N --dedupe --unique ...]
+"""
 import collections, copy, json, sys, time
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))
 from benchmarks.biography.run import Experiment, Settings, pretrain_or_load, ROUTER_BATCH
 from benchmarks.biography.train import encode_qa
 from benchmarks.methods import prepare_method, fit_method_router
@@ -106,7 +109,7 @@ def main(cache, format_share=0.05, slot_typing=True, copies=1, calibrate_on="hel
            "name_slot_task1_full_name": stats["task1_name"] / len(old), "examples": examples,
            "report": {k: report.__dict__[k] for k in ("old_to_base", "new_to_expansion", "threshold", "fitted_new_to_expansion")}}
     colon = tok.convert_tokens_to_ids(":")
-    torch.save(old, Path("/tmp/fmt") / f"old_{copies}_{keep_share}_{slot_typing}.pt")
+    torch.save(old, Path("/tmp") / f"old_{copies}_{keep_share}_{slot_typing}.pt")
     for task in ("task0", "task1"):
         es = e.eval_sets[task]
         with torch.no_grad():
