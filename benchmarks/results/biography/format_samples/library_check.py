@@ -9,7 +9,7 @@ from benchmarks.biography.run import Experiment, Settings, pretrain_or_load, ROU
 from benchmarks.methods import prepare_method
 from peft_scale import fit_router
 s = Settings.full(); e = Experiment(s, torch.device("cpu"), "fp32")
-base, _ = pretrain_or_load(e, "/tmp/bio_work/cache", print); base.eval()
+base, _ = pretrain_or_load(e, sys.argv[1], print); base.eval()
 torch.manual_seed(s.seed + 5)
 model = prepare_method("scale_ffn_routed", copy.deepcopy(base), e.row_sizes("scale_ffn_routed"))
 t = time.time()
