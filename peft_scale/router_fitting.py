@@ -479,7 +479,7 @@ def fit_router(
             draws, each a copy of a new sequence (cycled) whose format tokens are kept and whose content the base
             model fills in; repeats and draws that write back a new sequence's content are dropped. For new facts
             in a format the model already handles (measured on the biographies: the old task's answer positions
-            reaching the expansion fell from 43% to 6-8%); not for a new language or domain, whose content is the
+            reaching the expansion fell from 42% to 4-9%, routing only); not for a new language or domain, whose content is the
             new part. ``sample_length`` and ``sample_prompts`` do not apply (each draw is as long as its new sequence).
         format_share: with ``sample_format="new_data"``, a token in at least this share of the new sequences is a
             format token (copied); the others are content (filled in by the base model).
@@ -567,7 +567,7 @@ def fit_router(
     base.eval()
     try:
         with _adapters_disabled(scale_model):
-            if old_data is None and sample_format == "new_data":
+            if sample_format == "new_data":  # (old_data is None: checked above)
                 old_sequences = sample_in_format(
                     base, new_sequences, num_samples, format_share, batch_size, seed, progress
                 )
