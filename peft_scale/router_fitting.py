@@ -678,6 +678,7 @@ def fit_router(
     )
     _record_report(config, report)
     _warn_if_claimed(report)
+    _warn_if_closed(report, max_old_error)
     return report
 
 
@@ -794,6 +795,19 @@ def _warn_if_claimed(report: RouterReport) -> None:
             "README); domains this close may also be one domain, for one adapter.",
             stacklevel=3,
         )
+
+
+def _warn_if_closed(report: RouterReport, max_old_error: float) -> None:
+    """A warning when the threshold is above 1: no score reaches it, so the adapter never computes its expansion."""
+    if report.threshold <= 1.0:
+        return
+    warnings.warn(
+        f"fit_router: more than max_old_error={max_old_error} of the old calibration tokens score 1.0 (the router "
+        f"is certain they are new), so the threshold is {report.threshold!r}, above every score: no token reaches "
+        f"the expansion of adapter {report.adapter_name!r}, which then learns nothing. The old side looks like the new "
+        "data: give old data that differs from it (old_data), more or longer new data, or a larger max_old_error.",
+        stacklevel=3,
+    )
 
 
 def _threshold(old_scores: torch.Tensor, max_old_error: float) -> float:

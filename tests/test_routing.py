@@ -289,6 +289,26 @@ def test_the_threshold_leans_towards_the_base_model(old_speaker):
     assert strict.new_to_expansion < loose.new_to_expansion
 
 
+def test_a_threshold_above_every_score_is_warned_about(old_speaker, monkeypatch):
+    """More than ``max_old_error`` of the old calibration tokens at a saturated 1.0 put the threshold just above 1:
+    nothing would reach the expansion, and fit_router says so and how to fix it (a smoke run of the biographies with
+    format samples got there; the threshold itself is exact, patched in only to reach the warning here)."""
+    from peft_scale import router_fitting
+
+    assert router_fitting._threshold(torch.tensor([0.2] * 95 + [1.0] * 5), 0.01) > 1.0
+    assert router_fitting._threshold(torch.tensor([0.2] * 99 + [1.0]), 0.01) < 1.0  # 1 of 100 may reach it
+    _, model = routed(old_speaker)
+    new, old = domain_ids(NEW, seed=1), domain_ids(OLD, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a separable old side: no warning
+        fit_router(model, new, old, progress=False)
+    monkeypatch.setattr(router_fitting, "_threshold", lambda scores, error: float(torch.nextafter(torch.tensor(1.0),
+                                                                                                  torch.tensor(2.0))))
+    with pytest.warns(UserWarning, match=r"threshold is 1\.0000001.*no token reaches the expansion.*give old data"):
+        report = fit_router(model, new, old, progress=False)
+    assert report.new_to_expansion == 0.0
+
+
 @pytest.mark.parametrize(
     ("new", "old", "error", "message"),
     [
