@@ -8,18 +8,22 @@ The SCALE paper's protocol (after Physics of Language Models 3.1), at CPU scale:
              Task-1 people's QA pairs (``--task1-bios``: their biographies too); evaluate every ``eval_every`` steps
              Task-0 QA (retention) and Task-1 QA (acquisition), first-token accuracy and exact match
 
-Three replay rows mix 25% old data into the same number of steps with ``methods.mix_with_replay``: Task-0 QA (the
-stage-2 data; ``full+replay``, ``scale_route+replay``) or the base model's own samples (``full+replay_samples``).
+Four replay rows mix 25% old data into the same number of steps with ``methods.mix_with_replay``: Task-0 QA (the
+stage-2 data; ``full+replay``, ``scale_route+replay``) or the base model's own samples (``full+replay_samples``;
+``full+replay_format_samples``: those drawn in the Task-1 format).
 Every row trains the same number of steps on batches of the same size.
 
-Four learned-route rows (``methods.ROUTED_METHODS``: ``scale_ffn_routed``, FFN mode; ``scale_routed``, full width)
+Eight learned-route rows (``methods.ROUTED_METHODS``: ``scale_ffn_routed``, FFN mode; ``scale_routed``, full width)
 fit the router (``methods.fit_method_router``, ``peft_scale.fit_router``) after ``prepare_method`` and before
 stage 3, with an MLP router of ``Settings.router_hidden`` (256) hidden units reading the stream entering layer
 ``preserve_layers``. The new side is the Task-1 training sequences; the old side is the Task-0 QA (the rows without
 a suffix) or, for the ``+samples`` rows, ``Settings.router_samples`` samples of the base model (the stage-2 model),
 each started from the beginning of a Task-1 question (``<s>`` and its first word) and as long as the longest
 Task-1 QA sequence. ``full+replay_samples`` replays exactly those samples (checked: ``samples_equal_replay_samples``
-in each ``+samples`` run's router report).
+in each ``+samples`` run's router report). The ``+format`` rows draw their old side in the Task-1 QA's format
+(``fit_router(sample_format="new_data")``, ``Settings.router_format_samples`` draws: the question words copied, the
+names and answers drawn from the base model); ``full+replay_format_samples`` replays the same draws (checked the same
+way).
 
 Choosing the learning rate: each method runs a small sweep (``Settings.lr_grid``); the table reports, per method,
 the learning rate with the highest final Task-1 first-token accuracy (ties within 0.005 go to the higher final
@@ -89,8 +93,10 @@ from benchmarks.biography.train import (  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "biography"
 # replay rows: the method, and the replayed old data (Task-0 QA, or the base model's own samples)
-REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route", "full+replay_samples": "full"}
-REPLAY_SOURCES = {"full+replay": "task0_qa", "scale_route+replay": "task0_qa", "full+replay_samples": "samples"}
+REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route", "full+replay_samples": "full",
+               "full+replay_format_samples": "full"}
+REPLAY_SOURCES = {"full+replay": "task0_qa", "scale_route+replay": "task0_qa", "full+replay_samples": "samples",
+                  "full+replay_format_samples": "format_samples"}
 # learned-route rows: the method, the router's old side (Task-0 QA, or the base model's own samples), and where
 # fit_router sets its threshold (``calibrate_on``: on held-out Task-0 questions, or on all of them: the Task-0 QA
 # is exactly what must be kept here, the "+fitted" rows)
@@ -101,11 +107,16 @@ ROUTED_ROWS = {
     "scale_routed+fitted": ("scale_routed", "task0_qa", "fitted"),
     "scale_ffn_routed+samples": ("scale_ffn_routed", "samples", "held_out"),
     "scale_routed+samples": ("scale_routed", "samples", "held_out"),
+    # the old side sampled from the base model in the Task-1 data's format (fit_router(sample_format="new_data"))
+    "scale_ffn_routed+format": ("scale_ffn_routed", "format_samples", "held_out"),
+    "scale_routed+format": ("scale_routed", "format_samples", "held_out"),
 }
 ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 # the rows of the learned router's own plots (the main plots keep the other rows: one colour each)
-LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "scale_route", *ROUTED_ROWS)
+LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "full+replay_format_samples", "scale_route",
+                            *ROUTED_ROWS)
 REPLAY_FRACTION = 0.25
+FORMAT_SHARE = 0.05  # fit_router's format_share of the +format rows (its default): a token in 5% of Task-1 QA is format
 ROUTER_BATCH = 32  # sequences per forward of fit_router (features and sampling) and of the replayed samples
 GOAL = {"task0_retained": 0.95, "task1_first_token": 0.95}  # the learned router's goal (routed rows)
 METRICS = ("task0_first_token", "task0_exact_match", "task1_first_token", "task1_exact_match")
@@ -135,6 +146,9 @@ class Settings:
     task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
     router_hidden: int = 256  # the learned routers' MLP width (ScaleConfig.router_hidden) of the routed rows
     router_samples: int = 600  # base-model samples of the +samples rows and full+replay_samples (one per Task-1 QA)
+    # draws of the +format rows and full+replay_format_samples (fit_router(sample_format="new_data", num_samples=...));
+    # 19,200 = 32 per Task-1 QA: format_samples/findings.md measured the routing there (more draws, more coverage)
+    router_format_samples: int = 19200
     w12_lr_ratio: float = 1.0  # SCALE rows: W12's learning rate over the row's (peft_scale.scale_optimizer_param_groups)
 
     @classmethod
@@ -160,7 +174,7 @@ class Settings:
             continual_steps=6, eval_every=3, batch_size=8,
             sizes=MethodSizes(ffn_expansion=16, hidden_expansion=16, preserve_layers=1, llama_pro_blocks=1),
             lr_grid={row: lrs[1:2] for row, lrs in default_lr_grid().items()},
-            router_hidden=16, router_samples=20,
+            router_hidden=16, router_samples=20, router_format_samples=40,
         )
 
 
@@ -216,6 +230,7 @@ class Experiment:
         self.sample_prompts = torch.tensor([row["input_ids"][:2] for row in task1_rows])
         self.sample_length = max(len(row["input_ids"]) for row in task1_rows)
         self._samples = None
+        self._format_samples = None
 
     def evaluate(self, model) -> dict:
         """Task-0 and Task-1 QA metrics (``task0_first_token``, ...), with routing diagnostics for SCALE-Route."""
@@ -290,6 +305,31 @@ class Experiment:
 
         return Dataset.from_list(rows)
 
+    def format_samples(self, base_model) -> list:
+        """``router_format_samples`` draws of ``base_model`` in the Task-1 data's format, drawn exactly as
+        ``fit_router(sample_format="new_data")`` draws its old side with the same arguments (the kept ones)."""
+        from peft_scale.format_sampling import sample_in_format
+        from peft_scale.router_fitting import token_sequences
+
+        if self._format_samples is None:
+            s = self.settings
+            was_training = base_model.training
+            base_model.eval()
+            new = token_sequences(self.new_data(), "new_data", len(self.tokenizer))
+            self._format_samples = sample_in_format(base_model, new, s.router_format_samples, FORMAT_SHARE,
+                                                    ROUTER_BATCH, s.seed, progress=False)
+            base_model.train(was_training)
+        return self._format_samples
+
+    def format_samples_dataset(self, base_model):
+        """The format samples as training examples: the loss on every token after ``<s>`` (each is the base
+        model's own, format tokens included, as the router's old side sees them)."""
+        from datasets import Dataset
+
+        rows = [{"input_ids": ids.tolist(), "labels": [IGNORE] + ids[1:].tolist()}
+                for ids in self.format_samples(base_model)]
+        return Dataset.from_list(rows)
+
     def continual_stream(self, row: str, base_model=None):
         """Stage 3's training examples in order: Task-1 QA (and biographies with ``task1_bios``); replay rows mix
         in 25% old data: Task-0 QA, the old task's training data (which are also the Task-0 questions evaluated, so
@@ -301,6 +341,8 @@ class Experiment:
             return repeat_shuffled(new, length, s.seed + 2)
         if REPLAY_SOURCES[row] == "samples":
             old = self.samples_dataset(base_model)
+        elif REPLAY_SOURCES[row] == "format_samples":
+            old = self.format_samples_dataset(base_model)
         else:
             old = examples_dataset(self.tokenizer, pairs=self.task0_qa)
         mixed = mix_with_replay(repeat_shuffled(new, length, s.seed + 2), repeat_shuffled(old, length, s.seed + 3),
@@ -326,9 +368,19 @@ class Experiment:
         if old_side == "task0_qa":
             report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa), **common)
             extra = {"old_side": "Task-0 QA"}
+        elif old_side == "format_samples":
+            captured = []
+            with _capturing_samples(captured, "sample_in_format"):
+                report = fit_method_router(model, self.new_data(), None, sample_format="new_data",
+                                           format_share=FORMAT_SHARE, num_samples=s.router_format_samples, **common)
+            fit_s = time.perf_counter() - begin
+            replayed = self.format_samples(base_model)
+            same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
+            extra = {"old_side": "base model samples in the Task-1 format", "samples_equal_replay_samples": same,
+                     "num_samples": s.router_format_samples, "samples_kept": len(captured), "fit_s": fit_s}
         else:
             captured: list = []
-            with _capturing_samples(captured):
+            with _capturing_samples(captured, "sample_base_model"):
                 report = fit_method_router(model, self.new_data(), None, sample_prompts=self.sample_prompts,
                                            num_samples=s.router_samples, sample_length=self.sample_length, **common)
             fit_s = time.perf_counter() - begin
@@ -360,23 +412,24 @@ class Experiment:
 
 
 @contextlib.contextmanager
-def _capturing_samples(store: list):
-    """Keep what ``fit_router`` samples from the base model (``router_fitting.sample_base_model``) in ``store``, to
-    check that ``full+replay_samples`` replays the very samples the ``+samples`` routers were fitted on."""
+def _capturing_samples(store: list, sampler: str):
+    """Keep what ``fit_router`` samples from the base model (``router_fitting.<sampler>``: ``sample_base_model``, or
+    ``sample_in_format``) in ``store``, to check that ``full+replay_samples`` (``full+replay_format_samples``) replays
+    the very samples the ``+samples`` (``+format``) routers were fitted on."""
     from peft_scale import router_fitting
 
-    original = router_fitting.sample_base_model
+    original = getattr(router_fitting, sampler)
 
     def sample_and_keep(*args, **kwargs):
         samples = original(*args, **kwargs)
         store.extend(samples)
         return samples
 
-    router_fitting.sample_base_model = sample_and_keep
+    setattr(router_fitting, sampler, sample_and_keep)
     try:
         yield
     finally:
-        router_fitting.sample_base_model = original
+        setattr(router_fitting, sampler, original)
 
 
 # ------------------------------------------------------------------------------------------- sweep and report
@@ -415,7 +468,7 @@ def summarise(rows: dict) -> dict:
 
 ROUTER_REPORT_KEYS = ("old_side", "old_to_base", "new_to_expansion", "threshold", "first_tokens_old_to_base",
                       "first_tokens_new_to_expansion", "layer", "tokens", "held_out_tokens", "fit_s",
-                      "samples_equal_replay_samples")
+                      "samples_equal_replay_samples", "num_samples", "samples_kept")
 
 
 def bar_check(table: dict, sweep: dict) -> dict:
@@ -530,7 +583,8 @@ def learned_router_markdown(result: dict) -> list[str]:
         f"{s.get('router_hidden', '?')} hidden units on the stream entering layer {s['sizes']['preserve_layers']}; "
         "new side: the Task-1 training sequences; old side: the Task-0 QA, or (+samples) "
         f"{s.get('router_samples', '?')} base-model samples started from `<s>` and the first word of a Task-1 "
-        "question. Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
+        f"question, or (+format) {s.get('router_format_samples', '?')} base-model draws in the Task-1 QA's format "
+        "(`fit_router(sample_format='new_data')`, repeats and write-backs of Task-1 people dropped). Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
         "held-out report (old tokens to the base model, new tokens to the expansion; the same on each sequence's "
         "first 8 tokens). Routing columns (final evaluation): share of answer tokens and of first-answer positions "
         "(the `:` that predicts it) sent to the base model, and of questions with every token on the base model.",
@@ -573,7 +627,8 @@ def plot(result: dict, output_dir: Path) -> list[str]:
 
     curves = {row: result["sweep"][row][str(r["lr"])]["curve"] for row, r in result["table"].items()}
     learned = {row: curve for row, curve in curves.items() if row in LEARNED_ROUTER_PLOT_ROWS}
-    main_curves = {row: curve for row, curve in curves.items() if row not in (*ROUTED_ROWS, "full+replay_samples")}
+    main_curves = {row: curve for row, curve in curves.items() if row not in (*ROUTED_ROWS, "full+replay_samples",
+                                                                                 "full+replay_format_samples")}
     made = []
     for key, title, ylabel in (
         ("task0_first_token", "Retention: Task-0 QA during Task-1 training", "Task-0 first-token accuracy"),
@@ -701,8 +756,10 @@ def apply_overrides(settings: Settings, args) -> None:
 
 
 STAGE3_SETTINGS = (
-    "continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples", "w12_lr_ratio"
+    "continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples",
+    "router_format_samples", "w12_lr_ratio",
 )
+ROUTER_SETTINGS = ("router_hidden", "router_samples", "router_format_samples")  # a --merge may change them
 
 
 def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
@@ -731,7 +788,7 @@ def merge(previous: dict, new: dict) -> dict:
     Raises SystemExit when the two runs do not share their settings (other than the learning-rate grid and the
     router's) or their stage-2 model (its losses and accuracies after stages 1-2)."""
     mine, theirs = previous["settings"], new["settings"]
-    differ = [k for k in mine if k not in ("lr_grid", "router_hidden", "router_samples") and mine[k] != theirs.get(k)]
+    differ = [k for k in mine if k not in ("lr_grid", *ROUTER_SETTINGS) and mine[k] != theirs.get(k)]
     if previous["dtype"] != new["dtype"]:
         differ.append("dtype")
     same_model = all(previous["pretraining"][key] == new["pretraining"][key] for key in ("qa_after_stage2", "parameters"))
@@ -750,7 +807,7 @@ def merge(previous: dict, new: dict) -> dict:
         merged["settings"]["lr_grid"][row] = sorted(grid)
     order = {row: index for index, row in enumerate(ROWS)}
     merged["sweep"] = dict(sorted(merged["sweep"].items(), key=lambda item: order.get(item[0], len(order))))
-    for key in ("router_hidden", "router_samples"):
+    for key in ROUTER_SETTINGS:
         merged["settings"][key] = theirs[key]
     run = {key: new[key] for key in ("command", "device", "workers", "machine", "total_s")}
     merged.setdefault("merged_runs", []).append({**run, "rows": list(new["sweep"])})
