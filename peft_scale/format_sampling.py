@@ -8,12 +8,17 @@ old task to the expansion. These samples keep the new data's format and let the 
 
 1. A token that occurs in at least ``format_share`` of the new sequences is a *format* token (template words,
    punctuation, ``<s>``/``</s>``); every other token is *content* (names, values: each occurs in few sequences).
-2. Each sample copies one new sequence's format tokens at their positions. At each content position the base
-   model, conditioned on the sample so far, draws the token (temperature 1), among
+2. Each sample copies one new sequence's format tokens, in order. At each content position the base model,
+   conditioned on the sample so far, draws the token (temperature 1), among
    - at the first position of a content run: the tokens that start a content run after the same format token in
      the new data (the slot's type: after ``of`` a first name, after ``Answer :`` an answer's first word; measured:
      without this only 26% of the biography samples had a known person's name in the name slot, with it 64%);
-   - inside a run: every content token.
+   - inside a run: every content token;
+   - inside the *last* content run (the answer, the completion), also the format token that ends it: the model
+     ends the answer where it would (up to the longest last run of the new data). Earlier runs keep the length
+     they have in the new sequence. Measured on the biographies: with every run at the template's length, an
+     answer of another length was forced (``Answer : Economics Art``) and 12% of the kept draws were a known
+     person's question with the model's answer; with the last run free, 20%, at 4x fewer draws for as many.
    The base model writes the entity it knows and then what it knows about it, e.g.
    ``<s> What is the birth city of Otto Ingram ? Answer : Omaha </s>`` for a person it was trained on.
 3. Two kinds of draws are dropped: exact repeats (they add nothing; draws are cheap, so ``num_samples`` draws give
@@ -63,6 +68,85 @@ def _prefix_before_last_run(ids: list[int], formats: set[int]) -> tuple[int, ...
     return tuple(ids[:end])
 
 
+def longest_last_run(sequences: list[torch.Tensor], formats: set[int]) -> int:
+    """The most tokens in the last content run of any of ``sequences``: how long a drawn last run may grow."""
+    longest = 0
+    for ids in sequences:
+        ids = ids.tolist()
+        longest = max(longest, len(ids) - len(_prefix_before_last_run(ids, formats)) - len(_format_tail(ids, formats)))
+    return longest
+
+
+def _format_tail(ids: list[int], formats: set[int]) -> list[int]:
+    """The format tokens ``ids`` ends with."""
+    end = len(ids)
+    while end > 0 and ids[end - 1] in formats:
+        end -= 1
+    return ids[end:]
+
+
+class _TemplateWalk:
+    """One draw's way through the format of the new sequence it follows (step 2 of the module docstring).
+
+    ``at`` is the template position to produce next. A format token there is copied; a content position is drawn.
+    The template's last content run (the answer, the completion: what a sequence ends with) is as long as the model
+    makes it: the draw stays at the run's first position while the model writes content, and the run ends when the
+    model writes the template's next format token (or has written ``max_run`` tokens: that token is then copied).
+    Earlier runs keep the template's length (measured: a model trained on answers only does not end a question's
+    name where the question goes on, and writes biography text into it).
+    """
+
+    def __init__(self, template: list[int], formats: set[int], max_run: int):
+        self.template, self.formats, self.max_run = template, formats, max_run
+        self.tokens = template[:1]
+        self.at, self.run = 1, 0
+        # the last content run's positions -> the index of the format token that ends it (None elsewhere)
+        self.ends_run = [None] * len(template)
+        end = len(template) - 1
+        while end > 0 and template[end] in formats and template[end - 1] in formats:
+            end -= 1
+        if template[end] in formats:
+            index = end - 1
+            while index > 0 and template[index] not in formats:
+                self.ends_run[index] = end
+                index -= 1
+
+    @property
+    def done(self) -> bool:
+        return self.at >= len(self.template)
+
+    def forced(self):
+        """The next token when it is not the model's to choose (a format token), else ``None``."""
+        token = self.template[self.at]
+        if token in self.formats:
+            return token
+        end = self.ends_run[self.at]
+        return self.template[end] if end is not None and self.run >= self.max_run else None
+
+    def allowed(self, content: torch.Tensor, slot_masks: dict) -> torch.Tensor:
+        """The tokens the model may draw next: a slot's type at a run's start, else content or the run's end."""
+        last = self.tokens[-1]
+        if self.run == 0 and last in self.formats:
+            return slot_masks[last]
+        end = self.ends_run[self.at]
+        if self.run == 0 or end is None:
+            return content
+        mask = content.clone()
+        mask[self.template[end]] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        self.tokens.append(token)
+        end = self.ends_run[self.at]
+        if token in self.formats:  # the template's format token here, or the one that ends the current run
+            self.at = self.at + 1 if end is None else end + 1
+            self.run = 0
+        else:
+            self.run += 1
+            if end is None:  # a run of the template's length
+                self.at += 1
+
+
 @torch.no_grad()
 def sample_in_format(
     model: nn.Module,
@@ -75,8 +159,9 @@ def sample_in_format(
 ) -> list[torch.Tensor]:
     """Up to ``num_samples`` distinct samples of ``model`` in the format of ``new_sequences`` (module docstring).
 
-    Returns the kept samples (1-D token id tensors, each as long as the new sequence it follows); raises a
-    ``ValueError`` naming the fix when the new data has no content tokens or every draw was dropped.
+    Returns the kept samples (1-D token id tensors; the last content run is as long as the model makes it, up to
+    the longest last run in the new data); raises a ``ValueError`` naming the fix when the new data has no content tokens or
+    every draw was dropped.
     """
     from tqdm.auto import tqdm
 
@@ -88,6 +173,7 @@ def sample_in_format(
             "Lower format_share, or use sample_format='free' or old_data."
         )
     starts = slot_starts(new_sequences, formats)
+    max_run = longest_last_run(new_sequences, formats)
     vocab_size = model.get_output_embeddings().weight.shape[0]  # the logits' width
     special = {getattr(model.config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     content = torch.ones(vocab_size, dtype=torch.bool)
@@ -102,31 +188,28 @@ def sample_in_format(
     new_prefixes = {_prefix_before_last_run(ids.tolist(), formats) for ids in new_sequences}
     kept, seen = [], set()
     for start in tqdm(range(0, num_samples, batch_size), desc="Sampling the base model", disable=not progress):
-        rows = [new_sequences[i % len(new_sequences)] for i in range(start, min(start + batch_size, num_samples))]
-        lengths = [len(ids) for ids in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for row, seq in enumerate(rows):  # right padding: a row's positions past its length are never read
-            ids[row, : len(seq)] = seq
-        ids = ids.to(device)
-        is_content = torch.tensor([[int(t) not in formats for t in row] for row in ids.tolist()], device=device)
+        walks = [_TemplateWalk(new_sequences[i % len(new_sequences)].tolist(), formats, max_run)
+                 for i in range(start, min(start + batch_size, num_samples))]
         cache = DynamicCache(config=model.config)  # filled in place: one new token per step
-        for t in range(1, ids.shape[1]):
-            out = model(input_ids=ids[:, t - 1 : t], cache=cache, use_cache=True)
-            rows_here = [r for r in range(len(rows)) if t < lengths[r] and is_content[r, t]]
-            if not rows_here:
-                continue
-            allowed = torch.stack([
-                slot_masks[int(ids[r, t - 1])] if not is_content[r, t - 1] else content for r in rows_here
-            ]).to(device)
-            logits = out.logits[rows_here, -1].float().masked_fill(~allowed, float("-inf"))
-            ids[rows_here, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-        for row, length in enumerate(lengths):
-            sample = ids[row, :length].cpu()
-            key = tuple(sample.tolist())
+        while not all(walk.done for walk in walks):
+            # a finished draw feeds its last token again: causal attention, so nothing earlier reads it
+            last = torch.tensor([[walk.tokens[-1]] for walk in walks], device=device)
+            logits = model(input_ids=last, cache=cache, use_cache=True).logits[:, -1]
+            drawn = [r for r, walk in enumerate(walks) if not walk.done and walk.forced() is None]
+            if drawn:
+                allowed = torch.stack([walks[r].allowed(content, slot_masks) for r in drawn]).to(device)
+                scores = logits[drawn].float().masked_fill(~allowed, float("-inf"))
+                choice = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1).tolist()
+            picks = dict(zip(drawn, choice)) if drawn else {}
+            for r, walk in enumerate(walks):
+                if not walk.done:
+                    walk.advance(picks[r] if r in picks else walk.forced())
+        for walk in walks:
+            key = tuple(walk.tokens)
             if key in seen or _prefix_before_last_run(list(key), formats) in new_prefixes:
                 continue
             seen.add(key)
-            kept.append(sample)
+            kept.append(torch.tensor(key))
     if len(kept) < 3:
         raise ValueError(
             f"fit_router(sample_format='new_data'): {len(kept)} of {num_samples} draws were kept (the others repeat an "
