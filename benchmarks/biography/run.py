@@ -116,7 +116,6 @@ ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "full+replay_format_samples", "scale_route",
                             *ROUTED_ROWS)
 REPLAY_FRACTION = 0.25
-FORMAT_SHARE = 0.05  # fit_router's format_share of the +format rows (its default): a token in 5% of Task-1 QA is format
 ROUTER_BATCH = 32  # sequences per forward of fit_router (features and sampling) and of the replayed samples
 GOAL = {"task0_retained": 0.95, "task1_first_token": 0.95}  # the learned router's goal (routed rows)
 METRICS = ("task0_first_token", "task0_exact_match", "task1_first_token", "task1_exact_match")
@@ -149,6 +148,8 @@ class Settings:
     # draws of the +format rows and full+replay_format_samples (fit_router(sample_format="new_data", num_samples=...));
     # 19,200 = 32 per Task-1 QA: format_samples/findings.md measured the routing there (more draws, more coverage)
     router_format_samples: int = 19200
+    router_format_share: float = 0.05  # the +format rows' and full+replay_format_samples' fit_router format_share
+    router_format_max_old_error: float = 0.01  # the +format rows' fit_router max_old_error (its default)
     w12_lr_ratio: float = 1.0  # SCALE rows: W12's learning rate over the row's (peft_scale.scale_optimizer_param_groups)
 
     @classmethod
@@ -316,7 +317,7 @@ class Experiment:
             was_training = base_model.training
             base_model.eval()
             new = token_sequences(self.new_data(), "new_data", len(self.tokenizer))
-            self._format_samples = sample_in_format(base_model, new, s.router_format_samples, FORMAT_SHARE,
+            self._format_samples = sample_in_format(base_model, new, s.router_format_samples, s.router_format_share,
                                                     ROUTER_BATCH, s.seed, progress=False)
             base_model.train(was_training)
         return self._format_samples
@@ -372,7 +373,8 @@ class Experiment:
             captured = []
             with _capturing_samples(captured, "sample_in_format"):
                 report = fit_method_router(model, self.new_data(), None, sample_format="new_data",
-                                           format_share=FORMAT_SHARE, num_samples=s.router_format_samples, **common)
+                                           format_share=s.router_format_share, num_samples=s.router_format_samples,
+                                           **{**common, "max_old_error": s.router_format_max_old_error})
             fit_s = time.perf_counter() - begin
             replayed = self.format_samples(base_model)
             same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
@@ -584,7 +586,9 @@ def learned_router_markdown(result: dict) -> list[str]:
         "new side: the Task-1 training sequences; old side: the Task-0 QA, or (+samples) "
         f"{s.get('router_samples', '?')} base-model samples started from `<s>` and the first word of a Task-1 "
         f"question, or (+format) {s.get('router_format_samples', '?')} base-model draws in the Task-1 QA's format "
-        "(`fit_router(sample_format='new_data')`, repeats and write-backs of Task-1 people dropped). Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
+        f"(`fit_router(sample_format='new_data', format_share={s.get('router_format_share', 0.05)}, "
+        f"max_old_error={s.get('router_format_max_old_error', 0.01)})`, repeats and write-backs of Task-1 people "
+        "dropped). Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
         "held-out report (old tokens to the base model, new tokens to the expansion; the same on each sequence's "
         "first 8 tokens). Routing columns (final evaluation): share of answer tokens and of first-answer positions "
         "(the `:` that predicts it) sent to the base model, and of questions with every token on the base model.",
@@ -757,9 +761,11 @@ def apply_overrides(settings: Settings, args) -> None:
 
 STAGE3_SETTINGS = (
     "continual_steps", "eval_every", "sizes", "lr_grid", "task1_bios", "router_hidden", "router_samples",
-    "router_format_samples", "w12_lr_ratio",
+    "router_format_samples", "router_format_share", "router_format_max_old_error", "w12_lr_ratio",
 )
-ROUTER_SETTINGS = ("router_hidden", "router_samples", "router_format_samples")  # a --merge may change them
+# a --merge may change them
+ROUTER_SETTINGS = ("router_hidden", "router_samples", "router_format_samples", "router_format_share",
+                   "router_format_max_old_error")
 
 
 def pretrain_or_load(experiment: Experiment, cache_dir, log) -> tuple:
@@ -852,6 +858,10 @@ def parse_args(argv):
                         help="override a method's learning-rate grid, e.g. --lr scale_route=0.01,0.03")
     parser.add_argument("--w12-lr-ratio", type=float, default=1.0, metavar="R",
                         help="SCALE rows: W12's learning rate is R times the row's (the other blocks keep it)")
+    parser.add_argument("--format-share", type=float, default=None, metavar="F",
+                        help="the +format rows' fit_router format_share (default 0.05, fit_router's)")
+    parser.add_argument("--format-max-old-error", type=float, default=None, metavar="E",
+                        help="the +format rows' fit_router max_old_error (default 0.01, fit_router's)")
     parser.add_argument("--task1-bios", action="store_true",
                         help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
@@ -877,6 +887,10 @@ def main(argv=None) -> dict:
 
     settings.task1_bios = args.task1_bios
     settings.w12_lr_ratio = args.w12_lr_ratio
+    if args.format_share is not None:
+        settings.router_format_share = args.format_share
+    if args.format_max_old_error is not None:
+        settings.router_format_max_old_error = args.format_max_old_error
     if args.workers is None:
         args.workers = 1 if (args.quick or device.type == "cuda") else min(2, os.cpu_count() or 1)
     apply_overrides(settings, args)

@@ -202,3 +202,23 @@ def test_w12_lr_ratio_changes_the_scale_rows_only(tmp_path):
     assert runs["8"]["sweep"]["full"][lr]["final_loss"] == runs["1"]["sweep"]["full"][lr]["final_loss"]
     (lr,) = runs["1"]["sweep"]["scale_ffn"]
     assert runs["8"]["sweep"]["scale_ffn"][lr]["final_loss"] != runs["1"]["sweep"]["scale_ffn"][lr]["final_loss"]
+
+
+def test_format_rows_fit_with_the_given_format_share_and_max_old_error(tmp_path, monkeypatch):
+    """``--format-share`` / ``--format-max-old-error`` reach the +format rows' fit_router (the run records them);
+    the other routed rows keep fit_router's default max_old_error."""
+    from benchmarks.biography import run
+
+    calls = {}
+    original = run.fit_method_router
+
+    def recording(model, new, old=None, **kwargs):
+        calls[kwargs.get("sample_format", "free") + ("" if old is None else "+old")] = kwargs
+        return original(model, new, old, **kwargs)
+
+    monkeypatch.setattr(run, "fit_method_router", recording)
+    result = run.main(["--quick", "--output-dir", str(tmp_path), "--methods", "scale_ffn_routed+format",
+                       "scale_ffn_routed", "--format-share", "0.1", "--format-max-old-error", "0.02"])
+    assert result["settings"]["router_format_share"] == 0.1 and result["settings"]["router_format_max_old_error"] == 0.02
+    assert calls["new_data"]["format_share"] == 0.1 and calls["new_data"]["max_old_error"] == 0.02
+    assert "max_old_error" not in calls["free+old"]
