@@ -477,12 +477,16 @@ def fit_router(
         sample_format: how the old side is sampled when ``old_data`` is ``None``. ``"free"`` (default): the base
             model continues ``sample_prompts``. ``"new_data"`` (``peft_scale.format_sampling``): ``num_samples``
             draws, each a copy of a new sequence (cycled) whose format tokens are kept and whose content the base
-            model fills in; repeats and draws that write back a new sequence's content are dropped. For new facts
-            in a format the model already handles (measured on the biographies: the old task's answer positions
-            reaching the expansion fell from 42% to 4-9%, routing only); not for a new language or domain, whose content is the
-            new part. ``sample_length`` and ``sample_prompts`` do not apply (each draw is as long as its new sequence).
+            model fills in (the last content run, the answer, as long as the model makes it); repeats and draws
+            that write back a new sequence's content are dropped. For new facts in a format the model already
+            handles (measured on the biographies: the old task's answer positions reaching the expansion fell from
+            42% to 2-4%, and routed SCALE kept 0.97-0.98 of the old task with no old data); not for a new language
+            or domain, whose content is the new part. ``sample_length`` and ``sample_prompts`` do not apply.
         format_share: with ``sample_format="new_data"``, a token in at least this share of the new sequences is a
-            format token (copied); the others are content (filled in by the base model).
+            format token (copied); the others are content (filled in by the base model). Set it below the share of
+            the template's words and above that of the most frequent name or value: on the biographies (6
+            templates: each word in >= 16.7%, names in <= 6%) 0.1 kept three frequent names out of the format,
+            which 0.05 copied into draws, and with them new people labelled old.
         max_old_error: the share of old tokens allowed to reach the expansion; sets the threshold.
         calibrate_on: where that share is measured. ``"held_out"`` (default): on old sequences the router was not
             fitted on (the calibration part, a fifth of them), a bound for unseen old text (the old data is a
