@@ -39,12 +39,31 @@ from torch import nn
 from transformers import DynamicCache
 
 
-def format_tokens(sequences: list[torch.Tensor], format_share: float) -> set[int]:
-    """The tokens that occur in at least ``format_share`` of ``sequences`` (each counted once per sequence)."""
+def _sequence_counts(sequences: list[torch.Tensor]) -> Counter:
+    """Token -> the number of ``sequences`` it occurs in."""
     counts = Counter()
     for ids in sequences:
         counts.update(set(ids.tolist()))
+    return counts
+
+
+def format_tokens(sequences: list[torch.Tensor], format_share: float) -> set[int]:
+    """The tokens that occur in at least ``format_share`` of ``sequences`` (each counted once per sequence)."""
+    counts = _sequence_counts(sequences)
     return {token for token, count in counts.items() if count >= format_share * len(sequences)}
+
+
+def format_split(sequences: list[torch.Tensor], format_share: float) -> dict:
+    """How ``format_share`` splits the tokens of ``sequences``: the format tokens, the share of sequences the rarest
+    of them occurs in, and the share the most frequent content token occurs in (``format_share`` lies between the
+    two; where they are close, a name or value may be taken for format, or a template word for content)."""
+    formats = format_tokens(sequences, format_share)
+    shares = {token: count / len(sequences) for token, count in _sequence_counts(sequences).items()}
+    return {
+        "format_tokens": len(formats),
+        "rarest_format_share": min((shares[t] for t in formats), default=None),
+        "commonest_content_share": max((share for t, share in shares.items() if t not in formats), default=None),
+    }
 
 
 def slot_starts(sequences: list[torch.Tensor], formats: set[int]) -> dict[int, list[int]]:

@@ -67,7 +67,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .format_sampling import sample_in_format
+from .format_sampling import format_split, sample_in_format
 from .routing import rms_normalise, smooth_logits, smoothing_start
 
 logger = logging.get_logger(__name__)
@@ -130,6 +130,9 @@ class RouterReport:
         calibration_tokens: the old tokens the threshold was set on (the calibration part's; with
             ``calibrate_on="cross_fitted"`` or ``"fitted"`` every old token); ``max_old_error`` of them may reach
             the expansion. 0 in a report made before it existed.
+        format_split: with ``sample_format="new_data"``: ``format_share`` and the split it made
+            (``format_sampling.format_split``: the format tokens, the share of new sequences the rarest of them is
+            in, the share the most frequent content token is in) and the draws made and kept; else empty.
     """
 
     adapter_name: str
@@ -155,9 +158,20 @@ class RouterReport:
     outranks: list = field(default_factory=list)
     smoothing_fall: Optional[float] = None
     calibration_tokens: int = 0
+    format_split: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         claimed = ""
+        if self.format_split:
+            split = self.format_split
+            shares = {key: "-" if split[key] is None else f"{split[key]:.1%}"  # None: no token of that kind
+                      for key in ("rarest_format_share", "commonest_content_share")}
+            claimed += (
+                f"\n  format (format_share={split['format_share']}): {split['format_tokens']} tokens, the rarest in "
+                f"{shares['rarest_format_share']} of the new sequences; the most frequent content token in "
+                f"{shares['commonest_content_share']} (format_share belongs between: a name or value above it is "
+                f"copied into the draws); {split['kept']:,} of {split['draws']:,} draws kept"
+            )
         if self.other_to_expansion:
             shares = ", ".join(
                 f"{name!r} {share:.2%} of {self.other_held_out_tokens[name]:,}"
@@ -571,11 +585,14 @@ def fit_router(
     base.eval()
     try:
         with _adapters_disabled(scale_model):
+            split = {}  # the format split and the draws (sample_format="new_data"), for the report
             if sample_format == "new_data":  # (old_data is None: checked above)
                 old_sequences = sample_in_format(
                     base, new_sequences, num_samples, format_share, batch_size, seed, progress
                 )
                 old_source = "base model samples in the new data's format"
+                split = {"format_share": format_share, **format_split(new_sequences, format_share),
+                         "draws": num_samples, "kept": len(old_sequences)}
             elif old_data is None:
                 prompts = default_prompts(base) if sample_prompts is None else torch.as_tensor(sample_prompts).long()
                 if prompts.dim() != 2:
@@ -679,6 +696,7 @@ def fit_router(
         outranks=sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name}),
         smoothing_fall=config.router_smoothing_fall,
         calibration_tokens=len(bounded),
+        format_split=split,
     )
     _record_report(config, report)
     _warn_if_claimed(report)

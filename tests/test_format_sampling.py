@@ -7,6 +7,7 @@ template tokens 1, 10, 11, 12 and 13 in every sequence (format) and the name and
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -120,6 +121,13 @@ def test_fit_router_samples_the_old_side_in_the_new_data_format(base):
     assert report.old_source == "base model samples in the new data's format"
     assert 3 * 8 <= report.tokens["old"] <= 120 * 9 and report.tokens["new"] == 30 * 8 + 30 * 9
     assert "measured on the base model's own samples, not on the old task's text" in str(report)
+    # the split format_share made: the 5 template tokens (in every sequence), the most frequent content token
+    content = Counter(t for row in new for t in set(row["input_ids"]) if t not in FORMAT)
+    assert report.format_split == {"format_share": 0.2, "format_tokens": 5, "rarest_format_share": 1.0,
+                                   "commonest_content_share": max(content.values()) / 60, "draws": 120,
+                                   "kept": report.format_split["kept"]}
+    assert 3 <= report.format_split["kept"] <= 120 and report.tokens["old"] >= 8 * report.format_split["kept"]
+    assert "format (format_share=0.2): 5 tokens, the rarest in 100.0% of the new sequences" in str(report)
     assert model.base_model.scale_router["default"].is_fitted
     assert model.peft_config["default"].router_report["old_source"] == report.old_source
 

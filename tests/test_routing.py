@@ -139,6 +139,7 @@ def test_fit_router_without_old_data_samples_the_base_model(old_speaker):
     # first tokens, and a window's first tokens have little context to be told apart by (64 samples: 98.1% new)
     report = fit_router(model, domain_ids(NEW, seed=1), None, num_samples=128, sample_length=24, progress=False)
     assert report.old_source == "base model samples"
+    assert report.format_split == {} and "format (" not in str(report)  # sample_format="new_data" only
     assert 128 * 18 <= report.tokens["old"] <= 128 * 23
     assert report.old_to_base >= 0.99 and report.new_to_expansion >= 0.99, report
     assert "measured on the base model's own samples, not on the old task's text" in str(report)
