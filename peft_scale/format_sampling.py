@@ -33,6 +33,7 @@ function words) would be new text labelled old. Use the default free samples, or
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,9 +48,10 @@ def _sequence_counts(sequences: list[torch.Tensor]) -> Counter:
     return counts
 
 
-def format_tokens(sequences: list[torch.Tensor], format_share: float) -> set[int]:
-    """The tokens that occur in at least ``format_share`` of ``sequences`` (each counted once per sequence)."""
-    counts = _sequence_counts(sequences)
+def format_tokens(sequences: list[torch.Tensor], format_share: float, counts: Optional[Counter] = None) -> set[int]:
+    """The tokens that occur in at least ``format_share`` of ``sequences`` (each counted once per sequence;
+    ``counts``: ``_sequence_counts(sequences)`` when already computed)."""
+    counts = _sequence_counts(sequences) if counts is None else counts
     return {token for token, count in counts.items() if count >= format_share * len(sequences)}
 
 
@@ -57,8 +59,9 @@ def format_split(sequences: list[torch.Tensor], format_share: float) -> dict:
     """How ``format_share`` splits the tokens of ``sequences``: the format tokens, the share of sequences the rarest
     of them occurs in, and the share the most frequent content token occurs in (``format_share`` lies between the
     two; where they are close, a name or value may be taken for format, or a template word for content)."""
-    formats = format_tokens(sequences, format_share)
-    shares = {token: count / len(sequences) for token, count in _sequence_counts(sequences).items()}
+    counts = _sequence_counts(sequences)
+    formats = format_tokens(sequences, format_share, counts)
+    shares = {token: count / len(sequences) for token, count in counts.items()}
     return {
         "format_tokens": len(formats),
         "rarest_format_share": min((shares[t] for t in formats), default=None),

@@ -230,8 +230,7 @@ class Experiment:
         # and are as long as the longest Task-1 QA sequence (so every sampled question has room for its answer)
         self.sample_prompts = torch.tensor([row["input_ids"][:2] for row in task1_rows])
         self.sample_length = max(len(row["input_ids"]) for row in task1_rows)
-        self._samples = None
-        self._format_samples = None
+        self._drawn = {}  # the base model's samples, drawn once (_drawn_once): "samples", "format_samples"
 
     def evaluate(self, model) -> dict:
         """Task-0 and Task-1 QA metrics (``task0_first_token``, ...), with routing diagnostics for SCALE-Route."""
@@ -288,23 +287,14 @@ class Experiment:
         its old side with the same arguments (``sample_base_model``: temperature 1, full length, the same seed)."""
         from peft_scale.router_fitting import sample_base_model
 
-        if self._samples is None:
-            s = self.settings
-            was_training = base_model.training
-            base_model.eval()
-            self._samples = sample_base_model(base_model, self.sample_prompts, s.router_samples, self.sample_length,
-                                              ROUTER_BATCH, s.seed, progress=False)
-            base_model.train(was_training)
-        return self._samples
+        s = self.settings
+        return self._drawn_once("samples", base_model, lambda: sample_base_model(
+            base_model, self.sample_prompts, s.router_samples, self.sample_length, ROUTER_BATCH, s.seed, progress=False
+        ))
 
     def samples_dataset(self, base_model):
         """The base model's samples as training examples: the loss on every sampled token (not on the prompt)."""
-        prompt = self.sample_prompts.shape[1]
-        rows = [{"input_ids": ids.tolist(), "labels": [IGNORE] * prompt + ids[prompt:].tolist()}
-                for ids in self.base_samples(base_model)]
-        from datasets import Dataset
-
-        return Dataset.from_list(rows)
+        return _replay_dataset(self.base_samples(base_model), unlabelled=self.sample_prompts.shape[1])
 
     def format_samples(self, base_model) -> list:
         """``router_format_samples`` draws of ``base_model`` in the Task-1 data's format, drawn exactly as
@@ -312,24 +302,25 @@ class Experiment:
         from peft_scale.format_sampling import sample_in_format
         from peft_scale.router_fitting import token_sequences
 
-        if self._format_samples is None:
-            s = self.settings
-            was_training = base_model.training
-            base_model.eval()
-            new = token_sequences(self.new_data(), "new_data", len(self.tokenizer))
-            self._format_samples = sample_in_format(base_model, new, s.router_format_samples, s.router_format_share,
-                                                    ROUTER_BATCH, s.seed, progress=False)
-            base_model.train(was_training)
-        return self._format_samples
+        s = self.settings
+        return self._drawn_once("format_samples", base_model, lambda: sample_in_format(
+            base_model, token_sequences(self.new_data(), "new_data", len(self.tokenizer)), s.router_format_samples,
+            s.router_format_share, ROUTER_BATCH, s.seed, progress=False,
+        ))
 
     def format_samples_dataset(self, base_model):
         """The format samples as training examples: the loss on every token after ``<s>`` (each is the base
         model's own, format tokens included, as the router's old side sees them)."""
-        from datasets import Dataset
+        return _replay_dataset(self.format_samples(base_model), unlabelled=1)
 
-        rows = [{"input_ids": ids.tolist(), "labels": [IGNORE] + ids[1:].tolist()}
-                for ids in self.format_samples(base_model)]
-        return Dataset.from_list(rows)
+    def _drawn_once(self, kind: str, base_model, draw) -> list:
+        """``draw()`` with ``base_model`` in eval mode, once per experiment and ``kind`` (then the kept draws)."""
+        if kind not in self._drawn:
+            was_training = base_model.training
+            base_model.eval()
+            self._drawn[kind] = draw()
+            base_model.train(was_training)
+        return self._drawn[kind]
 
     def continual_stream(self, row: str, base_model=None):
         """Stage 3's training examples in order: Task-1 QA (and biographies with ``task1_bios``); replay rows mix
@@ -370,27 +361,34 @@ class Experiment:
             report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa), **common)
             extra = {"old_side": "Task-0 QA"}
         elif old_side == "format_samples":
-            captured = []
-            with _capturing_samples(captured, "sample_in_format"):
-                report = fit_method_router(model, self.new_data(), None, sample_format="new_data",
-                                           format_share=s.router_format_share, num_samples=s.router_format_samples,
-                                           **{**common, "max_old_error": s.router_format_max_old_error})
-            fit_s = time.perf_counter() - begin
-            replayed = self.format_samples(base_model)
-            same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
-            extra = {"old_side": "base model samples in the Task-1 format", "samples_equal_replay_samples": same,
-                     "num_samples": s.router_format_samples, "samples_kept": len(captured), "fit_s": fit_s}
+            report, extra = self._fit_on_samples(
+                model, "sample_in_format", lambda: self.format_samples(base_model), begin, sample_format="new_data",
+                format_share=s.router_format_share, num_samples=s.router_format_samples,
+                **{**common, "max_old_error": s.router_format_max_old_error},
+            )
+            extra = {"old_side": "base model samples in the Task-1 format", **extra,
+                     "num_samples": s.router_format_samples}
         else:
-            captured: list = []
-            with _capturing_samples(captured, "sample_base_model"):
-                report = fit_method_router(model, self.new_data(), None, sample_prompts=self.sample_prompts,
-                                           num_samples=s.router_samples, sample_length=self.sample_length, **common)
-            fit_s = time.perf_counter() - begin
-            replayed = self.base_samples(base_model)
-            same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
-            extra = {"old_side": "base model samples", "samples_equal_replay_samples": same,
-                     "sample_length": self.sample_length, "num_samples": s.router_samples, "fit_s": fit_s}
+            report, extra = self._fit_on_samples(
+                model, "sample_base_model", lambda: self.base_samples(base_model), begin,
+                sample_prompts=self.sample_prompts, num_samples=s.router_samples, sample_length=self.sample_length,
+                **common,
+            )
+            extra = {"old_side": "base model samples", **extra, "sample_length": self.sample_length,
+                     "num_samples": s.router_samples}
         return {**dataclasses.asdict(report), "fit_s": time.perf_counter() - begin, **extra}
+
+    def _fit_on_samples(self, model, sampler: str, replayed, begin: float, **fit_kwargs) -> tuple:
+        """``fit_router`` with the old side sampled by ``router_fitting.<sampler>``; returns its report and whether
+        the samples it fitted on are exactly ``replayed()`` (what the replay row trains on, drawn after the fit, so
+        not in its time), how many, and the time since ``begin``."""
+        captured: list = []
+        with _capturing_samples(captured, sampler):
+            report = fit_method_router(model, self.new_data(), None, **fit_kwargs)
+        fit_s = time.perf_counter() - begin
+        replayed = replayed()
+        same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
+        return report, {"samples_equal_replay_samples": same, "samples_kept": len(captured), "fit_s": fit_s}
 
     def continual(self, base_model, row: str, lr: float) -> dict:
         """Stage 3 for one method and learning rate, from a copy of the stage-2 model (a routed row fits its
@@ -411,6 +409,14 @@ class Experiment:
         result["trainable_parameters"] = trainable_parameters(model)
         result["final"] = {k: result["curve"][k][-1] for k in METRICS}
         return result
+
+
+def _replay_dataset(samples: list, unlabelled: int):
+    """Samples as training examples: the loss on every token after the first ``unlabelled`` (the prompt)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": ids.tolist(), "labels": [IGNORE] * unlabelled + ids[unlabelled:].tolist()}
+                              for ids in samples])
 
 
 @contextlib.contextmanager
