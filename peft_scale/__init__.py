@@ -8,6 +8,7 @@
 from .architectures import FFN_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .confusion import routing_confusion
+from .forgetting import ForgettingCallback, ForgettingReport, forgetting
 from .layer import ScaleLayer
 from .mer import MERCallback
 from .model import ScaleModel
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FFN_LAYOUTS",
     "FfnLayout",
+    "ForgettingCallback",
+    "ForgettingReport",
     "MERCallback",
     "RouterFitCallback",
     "RouterReport",
@@ -32,6 +35,7 @@ __all__ = [
     "ScaleModel",
     "create_scale_optimizer",
     "fit_router",
+    "forgetting",
     "register_scale",
     "routing_confusion",
     "scale_optimizer_param_groups",

@@ -225,13 +225,15 @@ def token_sequences(
     vocab_size: Optional[int],
     caller: str = "fit_router",
     if_empty: str = "The router needs examples of it to tell it apart.",
+    tokenizer=None,
 ) -> list[torch.Tensor]:
     """``data`` as a list of 1-D ``LongTensor`` sequences (padding removed where an ``attention_mask`` says so):
     the one check of token-id inputs, for ``fit_router`` and ``routing_confusion``.
 
     Accepts an integer tensor ``(n, seq)``, a list of 1-D token id sequences (tensors or lists, of any lengths), a
     ``datasets.Dataset`` with an ``input_ids`` column, or a list of dicts with ``input_ids`` (lists or tensors,
-    optionally ``attention_mask``). Sequences without tokens are dropped.
+    optionally ``attention_mask``), or, with ``tokenizer``, a list of strings (each tokenized as one sequence, with
+    the tokenizer's special tokens). Sequences without tokens are dropped.
 
     Args:
         data: the token ids.
@@ -239,6 +241,7 @@ def token_sequences(
         vocab_size: the model's vocabulary size (token ids must lie in ``[0, vocab_size)``), or ``None``.
         caller: the public function whose input this is; every error message starts with it.
         if_empty: the sentence after "``what`` is empty (no tokens)." in that error.
+        tokenizer: the model's tokenizer, for ``data`` given as strings.
 
     Raises:
         TypeError: ``data`` of an unsupported type.
@@ -249,6 +252,15 @@ def token_sequences(
         f"Give {what} as a LongTensor of token ids of shape (n, seq), a list of 1-D token id sequences, a "
         "datasets.Dataset with an 'input_ids' column, or a list of dicts with 'input_ids'."
     )
+    if isinstance(data, str):
+        raise TypeError(f"{caller}: {what} is one string. Give a list of strings (with tokenizer=...), one per text.")
+    if isinstance(data, (list, tuple)) and data and all(isinstance(row, str) for row in data):
+        if tokenizer is None:
+            raise ValueError(
+                f"{caller}: {what} is a list of strings; pass the model's tokenizer (tokenizer=...) to tokenize them, "
+                "or give token ids."
+            )
+        data = [tokenizer(text)["input_ids"] for text in data]
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
             raise ValueError(f"{caller}: {what} is a {data.dtype} tensor of shape {tuple(data.shape)}. {fix}")
