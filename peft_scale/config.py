@@ -126,11 +126,11 @@ class ScaleConfig(PeftConfig):
         init_weights: ``True`` (default): the exact start above, every block that feeds the original features
             (``W12``, and in full width the LM head's new block ``P``) at zero, so the model computes exactly what
             the base model computes. ``False``, as PEFT's ``init_lora_weights=False``: those blocks, and ``b21``,
-            are drawn at random instead (``W12`` and ``b21`` normal at the standard deviation of the base layer's
-            weight and bias, ``P`` normal at ``1/sqrt(d)``, so that ``P rms(x_up) g_up`` stands to ``norm(x)`` as
-            ``W12 x_up`` to ``W x``): the adapter changes the output from the first step. This breaks SCALE's
-            preservation guarantee (the original computation is not reproduced at initialisation); it is for tests
-            and debugging (PEFT's generic tests use it to check that merging, disabling and unloading do something).
+            are drawn at random instead, as torch draws a fresh ``nn.Linear`` over the widened input (uniform in
+            ``±1/sqrt(in + in_expansion)``; for ``P``, ``±1/sqrt(d + d_up)``): the adapter changes the output from
+            the first step. This breaks SCALE's preservation guarantee (the original computation is not reproduced
+            at initialisation); it is for tests and debugging (PEFT's generic tests use it to check that merging,
+            disabling and unloading do something).
         modules_to_save: extra modules to train fully and save with the adapter (as in every PEFT method).
         trainable_token_indices: token ids whose embeddings are trained (PEFT's trainable tokens; TRL sets it
             when it adds chat-template tokens).

@@ -60,14 +60,13 @@ INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
 @torch.no_grad()
-def init_random_like(block: Optional[torch.Tensor], reference: Optional[torch.Tensor], std: Optional[float] = None):
-    """``ScaleConfig(init_weights=False)``: a block that starts at zero drawn i.i.d. normal instead, at the entry
-    standard deviation of ``reference`` (the base weight or bias it sits next to) or at ``std``."""
-    if block is None or not ScaleTunerLayer._materialised(block):
-        return
-    if std is None:
-        std = reference.detach().float().std().item() if reference is not None and reference.numel() > 1 else 1.0
-    block.copy_(torch.randn_like(block, dtype=torch.float32) * std)
+def init_like_linear(block: Optional[torch.Tensor], fan_in: int) -> None:
+    """``ScaleConfig(init_weights=False)``: a block that starts at zero drawn instead as torch draws the weight and bias
+    of a fresh ``nn.Linear`` with ``fan_in`` inputs, uniform in ``±1/sqrt(fan_in)`` (and as PEFT draws LoRA's ``B``
+    with ``init_lora_weights=False``)."""
+    if block is not None and ScaleTunerLayer._materialised(block):
+        bound = fan_in**-0.5
+        block.uniform_(-bound, bound)
 
 
 class ScaleTunerLayer(BaseTunerLayer):
@@ -378,25 +377,23 @@ class Linear(nn.Module, ScaleTunerLayer):
     @torch.no_grad()
     def reset_scale_parameters(self, adapter_name: str, init: str, init_weights: bool = True) -> None:
         """``W21`` from the base rows (each packed part from its own rows); ``W22`` normal at the base weight's
-        scale; ``b21`` and ``W12`` at zero, or with ``init_weights=False`` normal at the scale of the base bias and
-        weight (``ScaleConfig.init_weights``: the output changes from the start)."""
+        scale; ``b21`` and ``W12`` at zero, or with ``init_weights=False`` drawn as a fresh ``nn.Linear`` over the
+        widened input draws its weight and bias (``ScaleConfig.init_weights``: the output changes from the start)."""
         w12, b21 = self.scale_w12.get(adapter_name), self.scale_b21.get(adapter_name)
         if w12 is not None:
             w12.zero_()  # zero: the original output is untouched at initialisation
         if b21 is not None:
             b21.zero_()
-        w21 = self.scale_w21.get(adapter_name)
-        draw_w21 = w21 is not None and self._materialised(w21)
-        draw_w12 = not init_weights and w12 is not None and self._materialised(w12)
-        if not (draw_w21 or draw_w12):
+        if not init_weights:  # as a fresh nn.Linear over the widened input [x; x_up] would draw them
+            fan_in = self.in_features + self.in_expansion[adapter_name]
+            init_like_linear(w12, fan_in)
+            init_like_linear(b21, fan_in)
+        if adapter_name not in self.scale_w21:
             return
-        base = self.get_base_layer()
-        base_rows = weight_rows(base)  # dequantised, for a quantized base
-        if not init_weights:
-            init_random_like(w12, base_rows)
-            init_random_like(b21, base.bias)
-        if not draw_w21:
+        w21 = self.scale_w21[adapter_name]
+        if not self._materialised(w21):
             return
+        base_rows = weight_rows(self.get_base_layer())  # dequantised, for a quantized base
         make_rows = INIT_ROWS[init]
         k = self.out_expansion[adapter_name]
         for part, rows in enumerate(base_rows.chunk(self.out_parts, dim=0)):

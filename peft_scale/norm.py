@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ScaleTunerLayer, init_random_like
+from .layer import ScaleTunerLayer, init_like_linear
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -103,15 +103,15 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
 
     @torch.no_grad()
     def reset_scale_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """``g_up`` at the mean base gain; ``P`` at zero, or with ``init_weights=False`` normal at ``1/sqrt(d)``
-        (``ScaleConfig.init_weights``: ``P rms(x_up) g_up`` then stands to ``norm(x)`` as ``W12 x_up`` to ``W x``)."""
+        """``g_up`` at the mean base gain; ``P`` at zero, or with ``init_weights=False`` drawn like ``W12`` (as a fresh
+        ``nn.Linear`` over the widened stream ``d + d_up`` draws its weight; ``ScaleConfig.init_weights``)."""
         gain = self.scale_gain[adapter_name]
         if self._materialised(gain):
             gain.fill_(self.base_layer.weight.float().mean().item())
         if adapter_name in self.scale_head:
             self.scale_head[adapter_name].zero_()  # zero: the logits start as the base model's
             if not init_weights:
-                init_random_like(self.scale_head[adapter_name], None, std=self.features**-0.5)
+                init_like_linear(self.scale_head[adapter_name], self.features + self.expansion[adapter_name])
 
     def routes(self) -> bool:
         """Whether this final norm emits both heads' inputs ``[norm(x_pres); out]``."""
