@@ -282,6 +282,8 @@ class Linear(nn.Module, ScaleTunerLayer):
         in_expansion: new input features (``W12`` columns).
         init: ``"svd"`` or ``"normal"``, the initialisation of ``W21``.
         out_parts: number of projections packed in the base output.
+        init_weights: ``False`` draws ``W12`` and ``b21`` at random instead of zero (``ScaleConfig.init_weights``: for
+            tests and debugging; the original output then changes from the start).
 
     Raises:
         TypeError: ``base_layer`` is not a ``Linear`` or ``Conv1D``, or its weight is quantized by something other

@@ -127,7 +127,8 @@ class ScaleModel(BaseTuner):
                     "adapter into the base model it was trained on"
                     f"{f' ({config.base_model_name_or_path!r})' if config.base_model_name_or_path else ''}."
                 )
-        self.peft_config[adapter_name] = config = _keep_passed_config(passed, config)
+        shared = any(other is passed for name, other in self.peft_config.items() if name != adapter_name)
+        self.peft_config[adapter_name] = config = _keep_passed_config(passed, config, shared)
         self._plans[adapter_name] = plan  # read by _create_and_replace, module by module
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
@@ -252,7 +253,9 @@ class ScaleModel(BaseTuner):
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
-            raise ValueError(f"Cannot merge {unknown}: this model has no such adapter (it has {list(self.peft_config)}).")
+            raise ValueError(
+                f"Cannot merge {unknown}: this model has no such adapter (it has {list(self.peft_config)})."
+            )
         configs = [self.peft_config[name] for name in names]
         check_mergeable(configs)
         if safe_merge:
@@ -305,22 +308,26 @@ def _callers_settings(config: ScaleConfig) -> ScaleConfig:
     return settings
 
 
-def _keep_passed_config(passed: ScaleConfig, filled: ScaleConfig) -> ScaleConfig:
+def _keep_passed_config(passed: ScaleConfig, filled: ScaleConfig, shared: bool) -> ScaleConfig:
     """The config object the adapter keeps: the one the caller passed, as in PEFT (``PeftModel.from_pretrained(...,
     config=cfg)`` holds ``cfg``, so later edits of ``cfg`` reach the model), with the fields SCALE filled in for this
     model (``filled``: filled in on the caller's settings) written into it.
 
-    Unless ``passed`` already describes another model: one config object reused for a second model from which other
-    values follow (another architecture, other FFN sizes) would make the first model's config describe the second.
-    That second model keeps ``filled``, a copy; the first keeps ``passed`` as it was. Reused for a model from which the
-    same values follow (reloading an adapter into the same base), ``passed`` is kept."""
+    Unless SCALE must keep another object, ``filled`` (a copy):
+    - ``passed`` already describes another model: one config object reused for a model from which other values follow
+      (another architecture, other FFN sizes) would make the first model's config describe the second, which keeps the
+      copy. Reused for a model from which the same values follow (reloading an adapter into the same base), ``passed``
+      is kept, and both models hold it, as in PEFT.
+    - ``shared``: another adapter of this model holds ``passed`` (``add_adapter(name, cfg)`` with the first adapter's
+      ``cfg``). An adapter's config also records what was done to that adapter (``fit_router``'s ``router_report``),
+      so two adapters of one model never share one object."""
     callers = _callers_settings(passed)
     derived = [f.name for f in fields(filled) if getattr(filled, f.name) != getattr(callers, f.name)]
     recorded = passed.__dict__.get(_FILLED_IN, {})
-    if any(getattr(passed, name) != getattr(filled, name) for name in set(derived) | set(recorded)):
-        if recorded:
-            filled.__dict__[_FILLED_IN] = {name: copy.deepcopy(getattr(callers, name)) for name in derived}
-            return filled
+    describes_another = any(getattr(passed, name) != getattr(filled, name) for name in set(derived) | set(recorded))
+    if shared or (recorded and describes_another):
+        filled.__dict__[_FILLED_IN] = {name: copy.deepcopy(getattr(callers, name)) for name in derived}
+        return filled
     for name in derived:
         if name not in recorded:
             recorded[name] = copy.deepcopy(getattr(callers, name))

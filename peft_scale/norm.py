@@ -58,6 +58,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         adapter_name: name of the first adapter.
         expansion: ``d_up``, the width of the new slice.
         final: whether this is the norm in front of the LM head.
+        init_weights: ``False`` draws ``P`` at random instead of zero (``ScaleConfig.init_weights``).
     """
 
     adapter_layer_names = ("scale_gain", "scale_head")

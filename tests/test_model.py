@@ -59,12 +59,21 @@ def test_a_config_reused_for_another_model_is_copied_for_that_model():
     assert first.peft_config["default"] is config and same_base.peft_config["default"] is config
     assert config.base_ffn_shapes == [[32, 64]] and config.target_modules == {"gate_proj", "up_proj", "down_proj"}
     copied, gpt2 = second.peft_config["default"], third.peft_config["default"]
-    assert copied is not config and copied.base_ffn_shapes == [[48, 96]] and copied.target_modules == config.target_modules
+    assert copied is not config and copied.base_ffn_shapes == [[48, 96]]
+    assert copied.target_modules == config.target_modules
     assert gpt2.target_modules == {"mlp.c_fc", "mlp.c_proj"} and gpt2.ffn_output_modules == ["mlp.c_proj"]
     assert gpt2.base_ffn_shapes == [[32, 64]]
     with torch.no_grad():  # each model runs with its own description
         for model in (first, second, third):
             model(random_ids())
+
+
+def test_two_adapters_of_one_model_never_share_a_config_object():
+    config = ScaleConfig(ffn_expansion=4)
+    model = get_peft_model(tiny_llama(), config)
+    model.add_adapter("other", config)  # what is done to one adapter (fit_router's report) is recorded in its config
+    assert model.peft_config["default"] is config and model.peft_config["other"] is not config
+    assert model.peft_config["other"].to_dict() == config.to_dict()
 
 
 def test_from_pretrained_keeps_the_config_passed(tmp_path):
