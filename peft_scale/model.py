@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -129,7 +129,7 @@ class ScaleModel(BaseTuner):
                 )
         shared = any(other is passed for name, other in self.peft_config.items() if name != adapter_name)
         self.peft_config[adapter_name] = config = _keep_passed_config(passed, config, shared)
-        self._plans[adapter_name] = plan  # read by _create_and_replace, module by module
+        self._plans[adapter_name] = replace(plan, config=config)  # read by _create_and_replace, module by module
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
             self._routing.install(
