@@ -121,8 +121,16 @@ class ScaleConfig(PeftConfig):
         layers_pattern: the name of the layer list, when ``layers_to_transform`` cannot find it by itself.
         init: how the new rows ``W21`` start. ``"svd"`` (default): random rows in the principal input subspace of
             the base weight, scaled by its singular values (see ``peft_scale.layer.init_rows_svd``); ``"normal"``:
-            i.i.d. normal entries with the base weight's standard deviation. The zero block ``W12`` always starts
-            at zero, which is what keeps the output unchanged at initialisation.
+            i.i.d. normal entries with the base weight's standard deviation. The block ``W12`` starts at zero
+            (unless ``init_weights=False``), which is what keeps the output unchanged at initialisation.
+        init_weights: ``True`` (default): the exact start above, every block that feeds the original features
+            (``W12``, and in full width the LM head's new block ``P``) at zero, so the model computes exactly what
+            the base model computes. ``False``, as PEFT's ``init_lora_weights=False``: those blocks, and ``b21``,
+            are drawn at random instead, as torch draws a fresh ``nn.Linear`` over the widened input (uniform in
+            ``±1/sqrt(in + in_expansion)``; for ``P``, ``±1/sqrt(d + d_up)``): the adapter changes the output from
+            the first step. This breaks SCALE's preservation guarantee (the original computation is not reproduced
+            at initialisation); it is for tests and debugging (PEFT's generic tests use it to check that merging,
+            disabling and unloading do something).
         modules_to_save: extra modules to train fully and save with the adapter (as in every PEFT method).
         trainable_token_indices: token ids whose embeddings are trained (PEFT's trainable tokens; TRL sets it
             when it adds chat-template tokens).
@@ -233,7 +241,14 @@ class ScaleConfig(PeftConfig):
     )
     init: Literal["svd", "normal"] = field(
         default="svd",
-        metadata={"help": "Initialisation of the new rows W21: 'svd' (default) or 'normal'. W12 always starts at 0."},
+        metadata={"help": "Initialisation of the new rows W21: 'svd' (default) or 'normal' (W12: see init_weights)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True (default): W12 and the LM head's new block start at zero (exact preservation). False: drawn "
+            "at random, so the adapter changes the output from the start (tests and debugging; breaks preservation)."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train fully and save with the adapter."}
@@ -356,6 +371,11 @@ class ScaleConfig(PeftConfig):
                 "ScaleConfig(router_gate='soft') weighs the expansion by the learned router's score, but this config "
                 f"has variant={self.variant!r}, route_rule={self.route_rule!r}: use it with variant='route', "
                 "route_rule='learned', or leave router_gate='hard'."
+            )
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(
+                f"ScaleConfig(init_weights={self.init_weights!r}): pass True (W12 starts at zero: exact preservation) "
+                "or False (W12 random: for tests and debugging); the initialisation of W21 is `init`."
             )
         if self.init not in INIT_METHODS:
             raise ValueError(f"ScaleConfig(init={self.init!r}): choose one of {list(INIT_METHODS)}.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +32,11 @@ class Embedding(nn.Module, ScaleTunerLayer):
         self.expansion: dict[str, int] = {}
         self.update_layer(adapter_name, expansion, init, **kwargs)
 
-    def update_layer(self, adapter_name: str, expansion: int, init: str = "svd", inference_mode=False) -> None:
+    def update_layer(
+        self, adapter_name: str, expansion: int, init: str = "svd", init_weights: bool = True, inference_mode=False
+    ) -> None:
+        # E_up never starts at zero, so init_weights (which draws the zero blocks of the other modules) changes nothing
+        # here: it is accepted so that every SCALE module takes the same arguments from the config.
         weight = self.base_layer.weight
         self.scale_embedding[adapter_name] = nn.Parameter(
             torch.empty(weight.shape[0], expansion, device=weight.device, dtype=weight.dtype)
@@ -47,19 +49,21 @@ class Embedding(nn.Module, ScaleTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(ids, *args, **kwargs)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(ids, *args, **kwargs)  # merged: [E, E_up][ids] already
         active = self._active_scale_adapters()
         if self.disable_adapters or self.merged or not active:
             return result
         new = [F.embedding(ids, self.scale_embedding[name]).to(result.dtype) for name in active]
         return torch.cat([result, *new], dim=-1)  # (..., d + d_up)
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
-        if not merge:
-            return self.base_layer
-        names = adapter_names or self._active_scale_adapters()
-        weight = torch.cat([self.base_layer.weight, *[self.scale_embedding[n].to(self.base_layer.weight.dtype) for n in names]], 1)
-        merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
+    def _merged_module(self, adapter_names: list[str]) -> nn.Module:
+        """One ``nn.Embedding`` of width ``d + d_up``: ``[E, E_up_a, ...]``."""
+        base = self._pretrained_layer()
+        dtype = base.weight.dtype
+        weight = torch.cat([base.weight, *[self.scale_embedding[name].to(dtype) for name in adapter_names]], dim=1)
+        merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=base.padding_idx, device="meta")
         merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return merged
 

@@ -59,6 +59,16 @@ def init_rows_normal(weight: torch.Tensor, num_rows: int) -> torch.Tensor:
 INIT_ROWS = {"svd": init_rows_svd, "normal": init_rows_normal}
 
 
+@torch.no_grad()
+def init_like_linear(block: Optional[torch.Tensor], fan_in: int) -> None:
+    """``ScaleConfig(init_weights=False)``: a block that starts at zero drawn instead as torch draws the weight and bias
+    of a fresh ``nn.Linear`` with ``fan_in`` inputs, uniform in ``±1/sqrt(fan_in)`` (and as PEFT draws LoRA's ``B``
+    with ``init_lora_weights=False``)."""
+    if block is not None and ScaleTunerLayer._materialised(block):
+        bound = fan_in**-0.5
+        block.uniform_(-bound, bound)
+
+
 class ScaleTunerLayer(BaseTunerLayer):
     """What every SCALE module is and shares (``Linear`` here, ``norm.RMSNorm``, ``embedding.Embedding``), as PEFT's
     ``LoraLayer`` is for ``lora.Linear`` and the rest: PEFT switches, deletes and freezes adapters on the modules of the tuner's
@@ -80,6 +90,9 @@ class ScaleTunerLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
+        # While merged, `base_layer` is the merged module and the pre-trained layer waits here (a plain list, so that
+        # it is neither saved with the adapter nor counted twice in `parameters()`).
+        self._unmerged_base_layer: list[nn.Module] = []
 
     def _active_scale_adapters(self) -> list[str]:
         """The active adapters that have blocks in this module (another adapter may widen other modules only)."""
@@ -132,6 +145,81 @@ class ScaleTunerLayer(BaseTunerLayer):
         preserved = pieces[0].contiguous() if copy else None
         pieces = pieces[1:] if copy else pieces
         return preserved, pieces[0].contiguous(), list(pieces[1:])
+
+    # ------------------------------------------------------------------------------------------- merging
+    # Every SCALE module merges the same way: the merged module (wider, or a split norm) replaces `base_layer`, and
+    # unmerging swaps the pre-trained layer back: exact, bit for bit, whatever the merge did. Each module says only
+    # what its merged form is (`_merged_module`).
+
+    def _merged_module(self, adapter_names: list[str]) -> nn.Module:
+        """The pre-trained layer with the blocks of ``adapter_names`` (in this order) folded in."""
+        raise NotImplementedError
+
+    def _pretrained_layer(self) -> nn.Module:
+        """The frozen layer this module wraps, merged or not."""
+        return self._unmerged_base_layer[0] if self.merged else self.base_layer
+
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]], safe_merge: bool) -> list[str]:
+        """Of ``adapter_names`` (default: the active ones), those this module holds and has not merged yet
+        (PEFT's ``check_adapters_to_merge`` warns about the others), each checked finite with ``safe_merge``."""
+        widths = getattr(self, self._widths_attr)
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in widths]
+        if safe_merge:
+            for name in names:
+                self.check_finite(name)
+        return names
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Swap in the merged module (the shapes change); the pre-trained layer comes back with ``unmerge()``.
+
+        Adapters merged earlier stay merged: the merged module is rebuilt from the pre-trained layer with all of
+        them, in the order they were merged (the order of their features in the stream).
+
+        Raises:
+            ValueError: ``safe_merge`` and an adapter's blocks are not finite (the layer is left as it was).
+        """
+        names = self._adapters_to_merge(adapter_names, safe_merge)
+        if not names:
+            return
+        merged = self._merged_module(self.merged_adapters + names)
+        if not self.merged:
+            self._unmerged_base_layer.append(self.base_layer)
+        self.base_layer = merged
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.base_layer = self._unmerged_base_layer.pop()
+        self.merged_adapters = []
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
+        """What ``merge_and_unload`` (the merged module) or ``unload`` (the pre-trained layer) puts in its place."""
+        if not merge:
+            return self._pretrained_layer()
+        names = self.merged_adapters + self._adapters_to_merge(adapter_names, safe_merge)
+        return self._merged_module(names) if names else self._pretrained_layer()
+
+    def check_finite(self, adapter_name: str) -> None:
+        """``safe_merge``: every block of the adapter is finite (a merged SCALE module holds the blocks as they are,
+        so its merged weights are finite exactly when they are).
+
+        Raises:
+            ValueError: PEFT's words (callers match on them), with what SCALE knows after them.
+        """
+        for container in self.adapter_layer_names:
+            blocks = getattr(self, container)
+            if adapter_name not in blocks:
+                continue
+            block = blocks[adapter_name]
+            tensors = block.parameters() if isinstance(block, nn.Module) else [block]
+            if not all(torch.isfinite(t).all() for t in tensors):
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: its SCALE "
+                    f"block {container} holds NaN or inf values (e.g. from a diverged training run), so nothing was "
+                    "merged. Merge an earlier checkpoint of the adapter, or retrain it."
+                )
 
     @staticmethod
     def _materialised(tensor: torch.Tensor) -> bool:
@@ -194,6 +282,8 @@ class Linear(nn.Module, ScaleTunerLayer):
         in_expansion: new input features (``W12`` columns).
         init: ``"svd"`` or ``"normal"``, the initialisation of ``W21``.
         out_parts: number of projections packed in the base output.
+        init_weights: ``False`` draws ``W12`` and ``b21`` at random instead of zero (``ScaleConfig.init_weights``: for
+            tests and debugging; the original output then changes from the start).
 
     Raises:
         TypeError: ``base_layer`` is not a ``Linear`` or ``Conv1D``, or its weight is quantized by something other
@@ -217,6 +307,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         open_w12: bool = True,
         preservation_copy: str = "off",
         route_gated: bool = False,
+        init_weights: bool = True,
         inference_mode: bool = False,
     ) -> None:
         super().__init__()
@@ -238,9 +329,6 @@ class Linear(nn.Module, ScaleTunerLayer):
         self.route_gated: dict[str, bool] = {}
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
-        # While merged, `base_layer` is a wider copy and the pre-trained layer waits here (a plain list, so that it
-        # is neither saved with the adapter nor counted twice in `parameters()`).
-        self._unmerged_base_layer: list[nn.Module] = []
         self.update_layer(
             adapter_name,
             out_expansion,
@@ -249,6 +337,7 @@ class Linear(nn.Module, ScaleTunerLayer):
             open_w12=open_w12,
             preservation_copy=preservation_copy,
             route_gated=route_gated,
+            init_weights=init_weights,
             inference_mode=inference_mode,
         )
 
@@ -261,6 +350,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         open_w12: bool = True,
         preservation_copy: str = "off",
         route_gated: bool = False,
+        init_weights: bool = True,
         inference_mode: bool = False,
     ) -> None:
         """Add the blocks of one adapter (``open_w12=False``: ``W12`` stays a frozen zero block, i.e. absent)."""
@@ -283,17 +373,23 @@ class Linear(nn.Module, ScaleTunerLayer):
         self.in_expansion[adapter_name] = in_expansion
         self.preservation_copy[adapter_name] = preservation_copy
         self.route_gated[adapter_name] = bool(route_gated and in_expansion and open_w12)
-        self.reset_scale_parameters(adapter_name, init)
+        self.reset_scale_parameters(adapter_name, init, init_weights)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def reset_scale_parameters(self, adapter_name: str, init: str) -> None:
+    def reset_scale_parameters(self, adapter_name: str, init: str, init_weights: bool = True) -> None:
         """``W21`` from the base rows (each packed part from its own rows); ``W22`` normal at the base weight's
-        scale; ``b21`` and ``W12`` at zero."""
-        if adapter_name in self.scale_w12:
-            self.scale_w12[adapter_name].zero_()  # zero: the original output is untouched at initialisation
-        if adapter_name in self.scale_b21:
-            self.scale_b21[adapter_name].zero_()
+        scale; ``b21`` and ``W12`` at zero, or with ``init_weights=False`` drawn as a fresh ``nn.Linear`` over the
+        widened input draws its weight and bias (``ScaleConfig.init_weights``: the output changes from the start)."""
+        w12, b21 = self.scale_w12.get(adapter_name), self.scale_b21.get(adapter_name)
+        if w12 is not None:
+            w12.zero_()  # zero: the original output is untouched at initialisation
+        if b21 is not None:
+            b21.zero_()
+        if not init_weights:  # as a fresh nn.Linear over the widened input [x; x_up] would draw them
+            fan_in = self.in_features + self.in_expansion[adapter_name]
+            init_like_linear(w12, fan_in)
+            init_like_linear(b21, fan_in)
         if adapter_name not in self.scale_w21:
             return
         w21 = self.scale_w21[adapter_name]
@@ -402,15 +498,9 @@ class Linear(nn.Module, ScaleTunerLayer):
 
     # ------------------------------------------------------------------------------------------- merging
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Swap in a wider copy of the base layer that holds the adapters' blocks (the shapes change).
-
-        The pre-trained layer is kept aside and comes back with ``unmerge()``.
-        """
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.out_expansion]
-        if not adapter_names:
-            return
-        wide = self.base_layer
+    def _merged_module(self, adapter_names: list[str]) -> nn.Module:
+        """A wider copy of the base layer holding the adapters' blocks (``peft_scale.merge.widened_copy``)."""
+        wide = self._pretrained_layer()
         for name in adapter_names:
             wide = widened_copy(
                 wide,
@@ -421,19 +511,7 @@ class Linear(nn.Module, ScaleTunerLayer):
                 w22=self.scale_w22.get(name),
                 out_parts=self.out_parts,
             )
-        if safe_merge and not torch.isfinite(weight_rows(wide)).all():
-            raise ValueError(f"NaNs or infs in the merged weights of adapters {adapter_names}; not merging.")
-        if not self.merged:
-            self._unmerged_base_layer.append(self.base_layer)
-        self.base_layer = wide
-        self.merged_adapters.extend(adapter_names)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        self.base_layer = self._unmerged_base_layer.pop()
-        self.merged_adapters = []
+        return wide
 
     def __repr__(self) -> str:
         return "scale." + super().__repr__()

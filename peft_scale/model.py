@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import fields, replace
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -99,10 +100,11 @@ class ScaleModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
-        # Work on a copy: the fields filled in below describe this model, and the caller may reuse its config object
-        # for another one.
-        config = copy.deepcopy(self.peft_config[adapter_name])
-        self.peft_config[adapter_name] = config
+        # The fields SCALE fills in (target modules, base FFN shapes, ...) describe this model. They are filled in on a
+        # copy, so that the whole model is checked before the caller's object is touched; `_keep_passed_config` then
+        # decides which object the adapter keeps.
+        passed = self.peft_config[adapter_name]
+        config = _callers_settings(passed)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         plan = plan_model(config, getattr(model, "config", None))  # the whole model's plan, checked from the config
         if _is_cosine_route(config) and any(_is_cosine_route(c) for n, c in self.peft_config.items() if n != adapter_name):
@@ -125,7 +127,9 @@ class ScaleModel(BaseTuner):
                     "adapter into the base model it was trained on"
                     f"{f' ({config.base_model_name_or_path!r})' if config.base_model_name_or_path else ''}."
                 )
-        self._plans[adapter_name] = plan  # read by _create_and_replace, module by module
+        shared = any(other is passed for name, other in self.peft_config.items() if name != adapter_name)
+        self.peft_config[adapter_name] = config = _keep_passed_config(passed, config, shared)
+        self._plans[adapter_name] = replace(plan, config=config)  # read by _create_and_replace, module by module
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
             self._routing.install(
@@ -139,7 +143,7 @@ class ScaleModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         plan = self._plans[adapter_name].module(current_key)
-        common = {"inference_mode": peft_config.inference_mode}
+        common = {"inference_mode": peft_config.inference_mode, "init_weights": peft_config.init_weights}
         if plan.role == "embedding":
             cls, args = Embedding, {"expansion": plan.out_expansion, "init": peft_config.init}
         elif plan.role in ("norm", "final_norm"):
@@ -171,9 +175,9 @@ class ScaleModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
-        if isinstance(child, (Embedding, RMSNorm)) and not isinstance(new_module, BaseTunerLayer):
-            # Unloading: the module is already complete (a merged, wider embedding or a SplitRMSNorm); PEFT's
-            # version would copy the old base layer's weight onto it.
+        if isinstance(child, ScaleTunerLayer) and not isinstance(new_module, BaseTunerLayer):
+            # Unloading: the module is already complete (merged: wider, or a SplitRMSNorm; unloaded: the pre-trained
+            # layer); PEFT's version would copy the old base layer's weight onto it.
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
@@ -240,18 +244,39 @@ class ScaleModel(BaseTuner):
         super()._check_merge_allowed()
         check_quantized_merge([self.peft_config[name] for name in self.active_adapters], self.model)
 
+    def _check_before_merging(self, adapter_names: Optional[list[str]], safe_merge: bool) -> list[ScaleConfig]:
+        """The configs of the adapters to merge (default: the active ones), checked on the whole model before any
+        module is merged: they exist, none is a route adapter (``check_mergeable``), and with ``safe_merge`` every
+        block of every module is finite (PEFT's error; see ``ScaleTunerLayer.check_finite``)."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")  # as PEFT
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"Cannot merge {unknown}: this model has no such adapter (it has {list(self.peft_config)})."
+            )
+        configs = [self.peft_config[name] for name in names]
+        check_mergeable(configs)
+        if safe_merge:
+            for module in self.model.modules():
+                if isinstance(module, ScaleTunerLayer):
+                    for name in names:
+                        module.check_finite(name)
+        return configs
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """PEFT's ``merge_adapter``: every SCALE module swaps in its merged form (wider layers, a wider embedding, split
+        norms), and ``unmerge_adapter`` swaps the pre-trained layers back, bit for bit. SCALE's checks come first."""
+        self._check_before_merging(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        merging = [self.peft_config[name] for name in (adapter_names or self.active_adapters)] if merge else []
-        check_mergeable(merging)
+        merging = self._check_before_merging(adapter_names, safe_merge) if merge else []
         config_field = intermediate_size_field(self.model)
         new_size = None
         if merge and getattr(self.model, "config", None) is not None:
             new_size = merged_intermediate_size(self.model, list(self.peft_config.values()), adapter_names)
-        elif not merge:
-            # unload() gives back the pre-trained model: undo merges first so that every layer has its old shape.
-            for module in self.model.modules():
-                if isinstance(module, Linear) and module.merged:
-                    module.unmerge()
         if "_routing" in self.__dict__:
             self._routing.remove()
         model = super()._unload_and_optionally_merge(
@@ -268,6 +293,47 @@ class ScaleModel(BaseTuner):
 _refuse_standard_checkpoint = refuse_standard_checkpoint
 _fused_parts = fused_parts
 _plan_learned_route = plan_learned_route
+
+
+# On a config object SCALE filled in for a model: field -> the value the caller had set (not a dataclass field, so it
+# is never saved).
+_FILLED_IN = "_scale_filled_in"
+
+
+def _callers_settings(config: ScaleConfig) -> ScaleConfig:
+    """A copy of ``config`` with the fields SCALE filled in for a model back at the values the caller set."""
+    settings = copy.deepcopy(config)
+    for name, value in settings.__dict__.pop(_FILLED_IN, {}).items():
+        setattr(settings, name, value)
+    return settings
+
+
+def _keep_passed_config(passed: ScaleConfig, filled: ScaleConfig, shared: bool) -> ScaleConfig:
+    """The config object the adapter keeps: the one the caller passed, as in PEFT (``PeftModel.from_pretrained(...,
+    config=cfg)`` holds ``cfg``, so later edits of ``cfg`` reach the model), with the fields SCALE filled in for this
+    model (``filled``: filled in on the caller's settings) written into it.
+
+    Unless SCALE must keep another object, ``filled`` (a copy):
+    - ``passed`` already describes another model: one config object reused for a model from which other values follow
+      (another architecture, other FFN sizes) would make the first model's config describe the second, which keeps the
+      copy. Reused for a model from which the same values follow (reloading an adapter into the same base), ``passed``
+      is kept, and both models hold it, as in PEFT.
+    - ``shared``: another adapter of this model holds ``passed`` (``add_adapter(name, cfg)`` with the first adapter's
+      ``cfg``). An adapter's config also records what was done to that adapter (``fit_router``'s ``router_report``),
+      so two adapters of one model never share one object."""
+    callers = _callers_settings(passed)
+    derived = [f.name for f in fields(filled) if getattr(filled, f.name) != getattr(callers, f.name)]
+    recorded = passed.__dict__.get(_FILLED_IN, {})
+    describes_another = any(getattr(passed, name) != getattr(filled, name) for name in set(derived) | set(recorded))
+    if shared or (recorded and describes_another):
+        filled.__dict__[_FILLED_IN] = {name: copy.deepcopy(getattr(callers, name)) for name in derived}
+        return filled
+    for name in derived:
+        if name not in recorded:
+            recorded[name] = copy.deepcopy(getattr(callers, name))
+        setattr(passed, name, getattr(filled, name))
+    passed.__dict__[_FILLED_IN] = recorded
+    return passed
 
 
 def _is_cosine_route(config: ScaleConfig) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import ScaleTunerLayer
+from .layer import ScaleTunerLayer, init_like_linear
 
 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,6 +58,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         adapter_name: name of the first adapter.
         expansion: ``d_up``, the width of the new slice.
         final: whether this is the norm in front of the LM head.
+        init_weights: ``False`` draws ``P`` at random instead of zero (``ScaleConfig.init_weights``).
     """
 
     adapter_layer_names = ("scale_gain", "scale_head")
@@ -85,6 +86,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         preservation_copy: str = "off",
         routing: str = "off",
         route_gated: bool = False,
+        init_weights: bool = True,
         inference_mode=False,
     ) -> None:
         weight = self.base_layer.weight
@@ -97,25 +99,31 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         self.preservation_copy[adapter_name] = preservation_copy
         self.routing[adapter_name] = routing
         self.route_gated[adapter_name] = bool(route_gated and self.final)
-        self.reset_scale_parameters(adapter_name)
+        self.reset_scale_parameters(adapter_name, init_weights)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def reset_scale_parameters(self, adapter_name: str) -> None:
+    def reset_scale_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """``g_up`` at the mean base gain; ``P`` at zero, or with ``init_weights=False`` drawn like ``W12`` (as a fresh
+        ``nn.Linear`` over the widened stream ``d + d_up`` draws its weight; ``ScaleConfig.init_weights``)."""
         gain = self.scale_gain[adapter_name]
         if self._materialised(gain):
             gain.fill_(self.base_layer.weight.float().mean().item())
         if adapter_name in self.scale_head:
             self.scale_head[adapter_name].zero_()  # zero: the logits start as the base model's
+            if not init_weights:
+                init_like_linear(self.scale_head[adapter_name], self.features + self.expansion[adapter_name])
 
     def routes(self) -> bool:
         """Whether this final norm emits both heads' inputs ``[norm(x_pres); out]``."""
         return self.final and self._mode_applies(self.routing)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
         active = self._active_scale_adapters()
-        if self.disable_adapters or not active:
-            return self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or not active or self.merged:
+            return self.base_layer(x, *args, **kwargs)  # merged: a SplitRMSNorm over the adapters merged
         copy = self.carries_preservation_copy()
         widths = self._check_stream(x, self.features, copy, {name: self.expansion[name] for name in active})
         x_pres, x, x_ups = self._split_stream(x, widths, copy)
@@ -135,13 +143,11 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
             return out  # (..., d): what the LM head and TRL expect
         return torch.cat([original, *new] if preserved is None else [preserved, original, *new], dim=-1)
 
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
-        """A norm over two slices has no single-module equivalent: merging keeps a plain ``SplitRMSNorm``."""
-        if not merge:
-            return self.base_layer
-        names = adapter_names or self._active_scale_adapters()
-        heads = [self.scale_head[name].detach() for name in names] if self.final else None
-        return SplitRMSNorm(self.base_layer, [self.scale_gain[name].detach() for name in names], self.eps, heads)
+    def _merged_module(self, adapter_names: list[str]) -> nn.Module:
+        """A norm over two slices has no single-module equivalent: the merged form is a plain ``SplitRMSNorm``."""
+        heads = [self.scale_head[name].detach() for name in adapter_names] if self.final else None
+        gains = [self.scale_gain[name].detach() for name in adapter_names]
+        return SplitRMSNorm(self._pretrained_layer(), gains, self.eps, heads)
 
 
 class SplitRMSNorm(nn.Module):

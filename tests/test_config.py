@@ -14,13 +14,17 @@ from peft_scale import ScaleConfig
 
 def test_config_round_trips_through_json(tmp_path):
     config = ScaleConfig(
-        ffn_expansion=16, target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=[0], init="normal"
+        ffn_expansion=16,
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        layers_to_transform=[0],
+        init="normal",
+        init_weights=False,
     )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ScaleConfig)
     assert loaded.to_dict() == {**config.to_dict(), "target_modules": loaded.target_modules}
-    assert loaded.target_modules == {"gate_proj", "up_proj", "down_proj"}
+    assert loaded.target_modules == {"gate_proj", "up_proj", "down_proj"} and loaded.init_weights is False
 
 
 def test_a_config_saved_by_version_0_1_still_loads():
@@ -29,6 +33,7 @@ def test_a_config_saved_by_version_0_1_still_loads():
     config = PeftConfig.from_peft_type(**saved)
     assert isinstance(config, ScaleConfig)
     assert config.ffn_expansion == 8 and config.init == "svd" and config.base_ffn_shapes == [[32, 64]]
+    assert "init_weights" not in saved and config.init_weights is True  # fields added later take their default
 
 
 @pytest.mark.parametrize(
@@ -41,6 +46,7 @@ def test_a_config_saved_by_version_0_1_still_loads():
         ({"ffn_expansion": 8, "variant": "wide"}, r"variant='wide'\): choose one of"),
         ({"ffn_expansion": 8, "adapt_modules": "attention"}, "needs hidden_expansion > 0: FFN mode widens no attention"),
         ({"ffn_expansion": 8, "init": "zeros"}, r"init='zeros'\): choose one of \['svd', 'normal'\]"),
+        ({"ffn_expansion": 8, "init_weights": "gaussian"}, r"init_weights='gaussian'\): pass True .* or False"),
         ({"ffn_expansion": 8, "layers_pattern": "layers"}, "only has an effect together with `layers_to_transform`"),
         ({"ffn_expansion": 8, "ffn_fused_modules": {"gate_up_proj": 0}}, "must be a positive integer"),
     ],

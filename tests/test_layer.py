@@ -40,6 +40,23 @@ def test_input_widening_adds_w12_columns_starting_at_zero():
     torch.testing.assert_close(layer(torch.cat([x, x_up], -1)), base(x) + x_up @ layer.scale_w12["a"].T)
 
 
+def test_init_weights_false_draws_w12_and_b21_as_a_fresh_linear_over_the_widened_input():
+    base = linear(60, 100, bias=True)
+    exact = ScaleLayer(base, "a", out_expansion=20, in_expansion=40)
+    torch.manual_seed(0)
+    drawn = ScaleLayer(base, "a", out_expansion=20, in_expansion=40, init_weights=False)
+    w12, b21 = drawn.scale_w12["a"], drawn.scale_b21["a"]
+    bound = 1 / math.sqrt(60 + 40)  # torch's nn.Linear(100, ...): uniform in +-1/sqrt(fan_in)
+    for block in (w12, b21):
+        assert block.abs().max() <= bound and block.abs().max() > 0.9 * bound
+        assert math.isclose(block.std().item(), bound / math.sqrt(3), rel_tol=0.15)
+    assert torch.count_nonzero(exact.scale_w12["a"]) == 0 and torch.count_nonzero(exact.scale_b21["a"]) == 0
+    x = torch.randn(4, 60 + 40)
+    y = drawn(x)  # the original output moves from the start: W x + b + W12 x_up
+    torch.testing.assert_close(y[:, :100], base(x[:, :60]) + x[:, 60:] @ w12.T)
+    torch.testing.assert_close(y[:, 100:], x @ torch.cat([drawn.scale_w21["a"], drawn.scale_w22["a"]], 1).T + b21)
+
+
 def test_packed_projections_get_new_rows_after_each_part():
     """Phi-3's gate_up_proj packs [gate; up]; after widening, chunk(2) must give [gate; gate_new], [up; up_new]."""
     base = linear(6, 2 * 8)
@@ -184,7 +201,11 @@ def test_safe_merge_refuses_non_finite_weights():
     layer = ScaleLayer(linear(6, 10), "a", out_expansion=2)
     with torch.no_grad():
         layer.scale_w21["a"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaNs or infs"):
+    # PEFT's words first (callers match on them), then SCALE's
+    with pytest.raises(
+        ValueError,
+        match=r"^NaNs detected in the merged weights\. The adapter a seems to be broken: its SCALE block scale_w21",
+    ):
         layer.merge(safe_merge=True)
     assert not layer.merged
 

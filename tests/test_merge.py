@@ -12,6 +12,7 @@ from test_full_width import full_width, train
 from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama
 
 from peft_scale import ScaleConfig, ScaleLayer
+from peft_scale.layer import ScaleTunerLayer
 from peft_scale.norm import SplitRMSNorm
 
 
@@ -89,6 +90,49 @@ def test_merge_folds_into_wider_linears_with_the_same_logits(variant):
         assert (merged(ids).logits - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_full_width_merge_adapter_round_trips_inside_the_peft_model(model_type):
+    reference, model = full_width(model_type, "adapt", init_weights=False)
+    perturb_adapter(model, "default", seed=0)  # every block, the new gains and the embedding's columns too
+    model.eval()
+    ids = random_ids(vocab=VOCAB)
+    pretrained = {name: m.base_layer for name, m in model.named_modules() if isinstance(m, ScaleTunerLayer)}
+    base_state = {key: value.clone() for key, value in reference.state_dict().items()}
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (expected - reference(ids).logits).abs().max() > 1e-2  # the adapter does something
+        model.merge_adapter()
+        layer = model.base_model.model.model.layers[0]
+        assert type(layer.self_attn.q_proj.base_layer) is torch.nn.Linear and layer.self_attn.q_proj.merged
+        assert isinstance(layer.input_layernorm.base_layer, SplitRMSNorm)
+        assert model.base_model.model.model.embed_tokens.base_layer.weight.shape == (VOCAB, 48)
+        assert (model(ids).logits - expected).abs().max() <= 1e-5
+        model.unmerge_adapter()  # the pre-trained layers themselves come back
+        back = {name: m for name, m in model.named_modules() if name in pretrained}
+        assert all(m.base_layer is pretrained[name] and not m.merged for name, m in back.items())
+        assert torch.equal(model(ids).logits, expected)
+        model.merge_adapter()
+        with model.disable_adapter():  # unmerges on the fly, every module together
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+        assert not any(m.merged for m in model.modules() if isinstance(m, ScaleTunerLayer))
+        unloaded = model.unload().state_dict()  # and they are bit for bit what they were
+        assert unloaded.keys() == base_state.keys()
+        assert all(torch.equal(unloaded[key], value) for key, value in base_state.items())
+
+
+def test_safe_merge_checks_every_block_before_merging_anything():
+    _, model = full_width("llama", "adapt")
+    with torch.no_grad():
+        model.base_model.model.model.norm.scale_head["default"][0, 0] = float("nan")  # the last module merged
+    message = r"^NaNs detected in the merged weights\. The adapter default seems to be broken: its SCALE block scale_h"
+    with pytest.raises(ValueError, match=message):
+        model.merge_adapter(safe_merge=True)
+    assert not any(m.merged for m in model.modules() if isinstance(m, ScaleTunerLayer))
+    with pytest.raises(ValueError, match=message):
+        model.merge_and_unload(safe_merge=True)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, ScaleLayer)  # nothing was unloaded
+
+
 def test_a_merged_full_width_model_refuses_to_save_as_a_plain_checkpoint(tmp_path):
     _, model = full_width("llama", "adapt")
     merged = model.merge_and_unload()
@@ -99,5 +143,14 @@ def test_a_merged_full_width_model_refuses_to_save_as_a_plain_checkpoint(tmp_pat
 
 def test_merging_a_route_adapter_is_an_error():
     _, model = full_width("llama", "route")
-    with pytest.raises(ValueError, match="Cannot merge a SCALE-Route adapter: its preservation head needs"):
-        model.merge_and_unload()
+    for merge in (model.merge_and_unload, model.merge_adapter):
+        with pytest.raises(ValueError, match="Cannot merge a SCALE-Route adapter: its preservation head needs"):
+            merge()
+    assert not any(m.merged for m in model.modules() if isinstance(m, ScaleTunerLayer))
+
+
+def test_merging_an_unknown_adapter_names_the_adapters():
+    model = get_peft_model(tiny_llama(), ScaleConfig(ffn_expansion=8))
+    for merge in (model.merge_and_unload, model.merge_adapter):
+        with pytest.raises(ValueError, match=r"Cannot merge \['other'\]: this model has no such adapter \(it has \["):
+            merge(adapter_names=["other"])

@@ -12,7 +12,7 @@ import torch
 from conftest import run_in_fresh_process
 from peft import PeftModel, get_peft_model
 from torch import nn
-from tiny_models import perturb_adapter, random_ids, tiny_llama
+from tiny_models import perturb_adapter, random_ids, tiny_llama, tiny_model
 
 from peft_scale import ScaleConfig, ScaleLayer
 
@@ -27,13 +27,66 @@ def test_trainable_parameter_count():
     assert trainable == 2 * (8 * 32 + 8 * 32 + 32 * 8)
 
 
-def test_the_callers_config_is_not_modified():
+@pytest.mark.parametrize("widths", [{"ffn_expansion": 8}, {"ffn_expansion": 8, "hidden_expansion": 16}])
+def test_init_weights_false_changes_the_output_from_the_start(widths, tmp_path):
+    ids = random_ids()
+    with torch.no_grad():
+        base = tiny_llama()(ids).logits
+        exact = get_peft_model(tiny_llama(), ScaleConfig(**widths))
+        assert torch.allclose(exact(ids).logits, base, atol=1e-6, rtol=0)
+        drawn = get_peft_model(tiny_llama(), ScaleConfig(**widths, init_weights=False))
+        assert (drawn(ids).logits - base).abs().max() > 1e-3  # logits of about 0.1 here
+        drawn.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+        assert loaded.peft_config["default"].init_weights is False
+        assert torch.equal(loaded(ids).logits, drawn(ids).logits)
+
+
+def test_the_callers_config_is_kept_with_what_scale_fills_in():
+    config = ScaleConfig(ffn_expansion=4)
+    model = get_peft_model(tiny_llama(), config)
+    assert model.peft_config["default"] is config  # as in PEFT: later edits of the object reach the model
+    assert config.target_modules == {"gate_proj", "up_proj", "down_proj"} and config.ffn_output_modules == ["down_proj"]
+    assert config.base_ffn_shapes == [[32, 64]]
+
+
+def test_a_config_reused_for_another_model_is_copied_for_that_model():
     config = ScaleConfig(ffn_expansion=4)
     first = get_peft_model(tiny_llama(), config)
     second = get_peft_model(tiny_llama(hidden_size=48, intermediate_size=96), config)  # the same object, reused
-    assert config.target_modules is None and config.base_ffn_shapes is None
-    assert first.peft_config["default"].base_ffn_shapes == [[32, 64]]
-    assert second.peft_config["default"].base_ffn_shapes == [[48, 96]]
+    third = get_peft_model(tiny_model("gpt2"), config)  # and for another family
+    same_base = get_peft_model(tiny_llama(), config)  # the same values follow: the object is kept
+    assert first.peft_config["default"] is config and same_base.peft_config["default"] is config
+    assert config.base_ffn_shapes == [[32, 64]] and config.target_modules == {"gate_proj", "up_proj", "down_proj"}
+    copied, gpt2 = second.peft_config["default"], third.peft_config["default"]
+    assert copied is not config and copied.base_ffn_shapes == [[48, 96]]
+    assert copied.target_modules == config.target_modules
+    assert gpt2.target_modules == {"mlp.c_fc", "mlp.c_proj"} and gpt2.ffn_output_modules == ["mlp.c_proj"]
+    assert gpt2.base_ffn_shapes == [[32, 64]]
+    with torch.no_grad():  # each model runs with its own description
+        for model in (first, second, third):
+            model(random_ids())
+
+
+def test_two_adapters_of_one_model_never_share_a_config_object():
+    config = ScaleConfig(ffn_expansion=4)
+    model = get_peft_model(tiny_llama(), config)
+    model.add_adapter("other", config)  # what is done to one adapter (fit_router's report) is recorded in its config
+    assert model.peft_config["default"] is config and model.peft_config["other"] is not config
+    assert model.peft_config["other"].to_dict() == config.to_dict()
+
+
+def test_from_pretrained_keeps_the_config_passed(tmp_path):
+    config = ScaleConfig(ffn_expansion=4, init_weights=False)
+    model = get_peft_model(tiny_llama(), config)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=config)  # the object get_peft_model filled in
+    assert loaded.peft_config["default"] is config and config.inference_mode
+    fresh = ScaleConfig(ffn_expansion=4)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, config=fresh)  # one that no model has filled in
+    assert loaded.peft_config["default"] is fresh and fresh.base_ffn_shapes == [[32, 64]]
+    with torch.no_grad():
+        assert torch.equal(loaded(random_ids()).logits, model(random_ids()).logits)
 
 
 def test_unknown_architecture_says_how_to_name_the_modules():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -46,6 +48,15 @@ def test_the_final_norm_gives_the_base_width_and_the_head_block_starts_at_zero()
         norm.scale_head["a"].normal_()
     expected = base(x[..., :8].contiguous()) + rms_norm(x[..., 8:], norm.scale_gain["a"], 1e-6) @ norm.scale_head["a"].T
     torch.testing.assert_close(norm(x), expected)
+
+
+def test_init_weights_false_draws_the_head_block_as_a_fresh_linear_over_the_widened_stream():
+    torch.manual_seed(0)
+    norm = RMSNorm(llama_norm(d=64), "a", expansion=32, final=True, init_weights=False)
+    head, bound = norm.scale_head["a"], 1 / math.sqrt(64 + 32)
+    assert head.shape == (64, 32) and bound >= head.abs().max() > 0.9 * bound
+    assert math.isclose(head.std().item(), bound / math.sqrt(3), rel_tol=0.05)
+    assert torch.equal(norm.scale_gain["a"], RMSNorm(llama_norm(d=64), "a", expansion=32).scale_gain["a"])  # as before
 
 
 def test_a_stream_of_the_wrong_width_names_the_cause():
