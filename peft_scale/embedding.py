@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -20,6 +21,10 @@ class Embedding(nn.Module, ScaleTunerLayer):
     stream comes from. With ``init="svd"`` its columns are drawn like ``init_rows_svd`` draws new rows, from the
     principal subspace of ``E``'s columns at their scale, so each new feature is distributed over the vocabulary
     like an existing one. The frozen ``E`` is untouched, so a tied LM head keeps its weight.
+
+    A scaled embedding (Gemma's ``embed_scale``, ``sqrt(hidden_size)`` of the base config, which widening leaves
+    as it is) scales the new columns by the same factor: ``[E[ids] s ; E_up[ids] s]``, so they enter the stream at
+    the scale of the old ones, and the merged ``[E, E_up]`` is scaled as one matrix.
     """
 
     adapter_layer_names = ("scale_embedding",)
@@ -52,6 +57,9 @@ class Embedding(nn.Module, ScaleTunerLayer):
         if self.disable_adapters or self.merged or not active:
             return result
         new = [F.embedding(ids, self.scale_embedding[name]).to(result.dtype) for name in active]
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is not None:  # as the base scales E[ids]
+            new = [columns * scale.to(columns.dtype) for columns in new]
         return torch.cat([result, *new], dim=-1)  # (..., d + d_up)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]):
@@ -59,7 +67,13 @@ class Embedding(nn.Module, ScaleTunerLayer):
             return self.base_layer
         names = adapter_names or self._active_scale_adapters()
         weight = torch.cat([self.base_layer.weight, *[self.scale_embedding[n].to(self.base_layer.weight.dtype) for n in names]], 1)
-        merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
+        if type(self.base_layer) is nn.Embedding:
+            merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
+        else:  # the base's own class (Gemma's scaled embedding keeps its scale): a copy sharing everything but E
+            merged = copy.copy(self.base_layer)
+            merged._parameters, merged._buffers = dict(merged._parameters), dict(merged._buffers)
+            merged._modules = dict(merged._modules)
+            merged.embedding_dim = weight.shape[1]
         merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return merged
 
