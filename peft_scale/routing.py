@@ -80,6 +80,9 @@ class RouteResult:
             (cosine: ``cos(z_pres, z_adapt) >= threshold``; learned: the router's score below its threshold).
         preservation_logits: cosine rule only: ``z_pres = W_out norm(x_pres)``, the base model's own logits.
         adaptation_logits: cosine rule only: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``.
+            Both are the LM head's outputs: a family's transform of the logits after the head (Gemma 2's softcapping,
+            Granite's ``logits_scaling``) applies to the routed output only, which, elementwise, is the same as
+            routing the transformed logits.
         scores: learned rule only: the router's probability that the token is new-domain text (the sigmoid of the
             smoothed logit with ``router_smoothing > 0``; with several routed adapters: the highest of their
             routers' scores).
