@@ -324,6 +324,16 @@ def test_other_families_preserve_the_base_after_training(model_type, tmp_path):
         merged.save_pretrained(tmp_path / "merged")
 
 
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_adapt_keeps_the_layers_below_preserve_layers(model_type):
+    reference, model = family_model(model_type, "adapt")
+    train(model, steps=5)
+    ids = random_ids(vocab=VOCAB, seed=7)
+    widened, base = decoder_outputs(model, ids), decoder_outputs(reference, ids)
+    assert torch.equal(widened[0][..., :HIDDEN], base[0])  # layer 0: no W12
+    assert (widened[1][..., :HIDDEN] - base[1]).abs().max() > 1e-3  # layer 1 has opened W12
+
+
 @pytest.mark.parametrize("variant", ["cosine", "learned"])
 @pytest.mark.parametrize("model_type", OTHER_FAMILIES)
 def test_other_families_route_nothing_to_the_expansion_gives_the_base(model_type, variant):
