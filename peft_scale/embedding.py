@@ -68,7 +68,8 @@ class Embedding(nn.Module, ScaleTunerLayer):
         names = adapter_names or self._active_scale_adapters()
         weight = torch.cat([self.base_layer.weight, *[self.scale_embedding[n].to(self.base_layer.weight.dtype) for n in names]], 1)
         if type(self.base_layer) is nn.Embedding:
-            merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=self.base_layer.padding_idx, device="meta")
+            vocab, width = weight.shape
+            merged = nn.Embedding(vocab, width, padding_idx=self.base_layer.padding_idx, device="meta")
         else:  # the base's own class (Gemma's scaled embedding keeps its scale): a copy sharing everything but E
             merged = copy.copy(self.base_layer)
             merged._parameters, merged._buffers = dict(merged._parameters), dict(merged._buffers)

@@ -201,8 +201,8 @@ def refuse_standard_checkpoint(model: nn.Module) -> None:
         raise ValueError(
             f"This merged full-width SCALE model cannot be saved as a {architecture} checkpoint: its norms normalise "
             "the original and the new features separately (SplitRMSNorm, SplitLayerNorm), which the architecture's "
-            "config cannot express, so the checkpoint would not load. Use it in memory for fast inference, and save the adapter "
-            "instead: PeftModel.save_pretrained before merging."
+            "config cannot express, so the checkpoint would not load. Use it in memory for fast inference, and save "
+            "the adapter instead: PeftModel.save_pretrained before merging."
         )
 
     model.save_pretrained = save_pretrained

@@ -151,7 +151,8 @@ class ScaleModel(BaseTuner):
             cls, args = Embedding, {"expansion": plan.out_expansion, "init": peft_config.init}
         elif plan.role in NORM_ROLES:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            cls, args = split_norm_class(base), {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
+            cls = split_norm_class(base)  # RMSNorm-style or LayerNorm
+            args = {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
             if plan.role == "final_norm":
                 args["routing"] = plan.routing
                 args["route_gated"] = plan.route_gated
