@@ -14,6 +14,7 @@ CONTRIBUTING.md); for a one-off model, pass the same three facts through ``Scale
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ FFN_LAYOUTS: dict[str, FfnLayout] = {
     "qwen3": _GATED,
     "gemma": _GATED,
     "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    "granite": _GATED,
+    "olmo2": _GATED,
+    "stablelm": _GATED,
+    "starcoder2": FfnLayout(input_modules=("mlp.c_fc",), output_module="mlp.c_proj"),
     "phi3": FfnLayout(input_modules=("gate_up_proj",), output_module="down_proj", fused_modules={"gate_up_proj": 2}),
     # GPT-2's attention also has a `c_proj`: the `mlp.` prefix keeps it out.
     "gpt2": FfnLayout(input_modules=("mlp.c_fc",), output_module="mlp.c_proj", size_field="n_inner"),
@@ -69,11 +75,16 @@ class DecoderLayout:
         query, key, value: attention input projections (get whole new heads of the base head size; keys and
             values in the base group ratio).
         attention_output: the attention output projection (reads the new heads, writes ``d_up`` new features).
-        norms: the RMSNorms inside each decoder layer (split: the original slice keeps the base norm).
+        norms: the norms of the residual stream inside each decoder layer, in front of a sublayer or (Gemma 2/3,
+            OLMo 2) on its output before the residual addition: every one is split, the original slice keeping the
+            base norm (RMSNorm, Gemma's ``1 + w`` RMSNorm or LayerNorm: ``peft_scale.norm``).
         final_norm: the norm in front of the LM head (split, and carries the LM head's new block ``P``).
         layers: the list of decoder layers (SCALE-Route adds the preservation copy at the input of one).
         input_norm: the first module of a decoder layer to read its input (SCALE-Route checks it to know whether
-            the layer carries a preservation copy).
+            the layer carries a preservation copy): a norm, or a projection where the layer has no input norm.
+        query_norm, key_norm: norms over the whole query / key projection (OLMo 2's ``q_norm``, ``k_norm``; not
+            the per-head norms of Qwen 3 and Gemma 3, which act on ``head_dim`` and apply to new heads unchanged).
+            Split like the others, by the new query / key-value features.
     """
 
     # "model.embed_tokens", not "embed_tokens": PEFT saves the whole (frozen) embedding matrix with the adapter
@@ -87,20 +98,67 @@ class DecoderLayout:
     final_norm: str = "model.norm"
     layers: str = "model.layers"
     input_norm: str = "input_layernorm"
+    query_norm: Optional[str] = None
+    key_norm: Optional[str] = None
+
+    @property
+    def head_norms(self) -> list[str]:
+        return [name for name in (self.query_norm, self.key_norm) if name is not None]
 
     @property
     def target_modules(self) -> list[str]:
-        return [self.embedding, self.query, self.key, self.value, self.attention_output, *self.norms, self.final_norm]
+        return [
+            self.embedding, self.query, self.key, self.value, self.attention_output, *self.norms, *self.head_norms,
+            self.final_norm,
+        ]  # fmt: skip
 
 
 _LLAMA_DECODER = DecoderLayout()
 
+# Gemma 2 and 3 also normalise each sublayer's output before the residual addition.
+_GEMMA2_DECODER = DecoderLayout(
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+)
+
 # Families whose whole decoder SCALE can widen (hidden_expansion > 0). Each entry also needs an FFN_LAYOUTS row.
+# What each family adds to Llama's decoder, and why the split holds for it, is in the comments; the tests run every
+# row (tests/test_full_width.py).
 FULL_WIDTH_LAYOUTS: dict[str, DecoderLayout] = {
     "llama": _LLAMA_DECODER,
     "mistral": _LLAMA_DECODER,
     "qwen2": _LLAMA_DECODER,
     "qwen3": _LLAMA_DECODER,  # its per-head q_norm/k_norm act on head_dim and apply to new heads unchanged
+    # Gemma: the embedding is scaled by sqrt(hidden_size) of the (unchanged) config, the new columns too; the norms
+    # compute x (1 + w), and the split keeps that for the original slice.
+    "gemma": _LLAMA_DECODER,
+    # + attention and final-logit softcapping and query_pre_attn_scalar: per head or per logit, so elementwise.
+    "gemma2": _GEMMA2_DECODER,
+    "gemma3_text": _GEMMA2_DECODER,  # + per-head q_norm/k_norm, as Qwen 3
+    # Granite's embedding, residual, attention and logit multipliers are scalars on whole tensors.
+    "granite": _LLAMA_DECODER,
+    # OLMo 2 has no input norms: it normalises each sublayer's output, and q/k over the whole projection width.
+    "olmo2": DecoderLayout(
+        norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        input_norm="self_attn.q_proj",
+        query_norm="self_attn.q_norm",
+        key_norm="self_attn.k_norm",
+    ),
+    # LayerNorm with biases, and biases in every projection.
+    "starcoder2": _LLAMA_DECODER,
+}
+
+# Families SCALE cannot widen in full, and why (the error says it; FFN mode works on them).
+FULL_WIDTH_REFUSED: dict[str, str] = {
+    "phi3": (
+        "Phi-3's attention splits its fused qkv_proj at offsets computed from the config's head counts "
+        "(queries: the first num_attention_heads x head_dim features, keys: the next num_key_value_heads x "
+        "head_dim, values: the rest), so new heads placed after each part would be read as the wrong projection, "
+        "and changing the config would change the base model's own split"
+    ),
+    "stablelm": (
+        "StableLM's attention reshapes its queries, keys and values into the config's number of heads "
+        "(view(batch, length, num_heads, head_dim)), so a projection with new heads does not fit the reshape"
+    ),
 }
 
 # Config attributes that hold the intermediate size in families outside the table, tried in this order when a

@@ -32,7 +32,8 @@ class ScaleConfig(PeftConfig):
     Args:
         ffn_expansion: number of new intermediate neurons added to every targeted MLP.
         hidden_expansion: ``d_up``, new features of the residual stream (full-width SCALE; llama, mistral, qwen2,
-            qwen3). Must be a whole number of attention heads, and of heads per key-value head under
+            qwen3, gemma, gemma2, gemma3_text, granite, olmo2, starcoder2: ``FULL_WIDTH_LAYOUTS``; phi3 and stablelm
+            are refused). Must be a whole number of attention heads, and of heads per key-value head under
             grouped-query attention (SmolLM2-135M: multiples of 64 x 3 = 192).
         variant: which ``W12`` blocks (new -> original features) exist and train. ``"adapt"`` (default): those of
             the layers from ``preserve_layers`` up, in ``adapt_modules``. ``"preserve"``: none (full width only):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,10 @@ class Embedding(nn.Module, ScaleTunerLayer):
     stream comes from. With ``init="svd"`` its columns are drawn like ``init_rows_svd`` draws new rows, from the
     principal subspace of ``E``'s columns at their scale, so each new feature is distributed over the vocabulary
     like an existing one. The frozen ``E`` is untouched, so a tied LM head keeps its weight.
+
+    A scaled embedding (Gemma's ``embed_scale``, ``sqrt(hidden_size)`` of the base config, which widening leaves
+    as it is) scales the new columns by the same factor: ``[E[ids] s ; E_up[ids] s]``, so they enter the stream at
+    the scale of the old ones, and the merged ``[E, E_up]`` is scaled as one matrix.
     """
 
     adapter_layer_names = ("scale_embedding",)
@@ -56,14 +62,24 @@ class Embedding(nn.Module, ScaleTunerLayer):
         if self.disable_adapters or self.merged or not active:
             return result
         new = [F.embedding(ids, self.scale_embedding[name]).to(result.dtype) for name in active]
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is not None:  # as the base scales E[ids]
+            new = [columns * scale.to(columns.dtype) for columns in new]
         return torch.cat([result, *new], dim=-1)  # (..., d + d_up)
 
     def _merged_module(self, adapter_names: list[str]) -> nn.Module:
-        """One ``nn.Embedding`` of width ``d + d_up``: ``[E, E_up_a, ...]``."""
+        """One embedding of width ``d + d_up``: ``[E, E_up_a, ...]``, of the base's own class (Gemma's scaled
+        embedding keeps its scale)."""
         base = self._pretrained_layer()
         dtype = base.weight.dtype
         weight = torch.cat([base.weight, *[self.scale_embedding[name].to(dtype) for name in adapter_names]], dim=1)
-        merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=base.padding_idx, device="meta")
+        if type(base) is nn.Embedding:
+            merged = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=base.padding_idx, device="meta")
+        else:  # a copy sharing everything but E
+            merged = copy.copy(base)
+            merged._parameters, merged._buffers = dict(merged._parameters), dict(merged._buffers)
+            merged._modules = dict(merged._modules)
+            merged.embedding_dim = weight.shape[1]
         merged.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return merged
 

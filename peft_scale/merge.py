@@ -200,9 +200,9 @@ def refuse_standard_checkpoint(model: nn.Module) -> None:
     def save_pretrained(*args, **kwargs):
         raise ValueError(
             f"This merged full-width SCALE model cannot be saved as a {architecture} checkpoint: its norms normalise "
-            "the original and the new features separately (SplitRMSNorm), which the architecture's config cannot "
-            "express, so the checkpoint would not load. Use it in memory for fast inference, and save the adapter "
-            "instead: PeftModel.save_pretrained before merging."
+            "the original and the new features separately (SplitRMSNorm, SplitLayerNorm), which the architecture's "
+            "config cannot express, so the checkpoint would not load. Use it in memory for fast inference, and save "
+            "the adapter instead: PeftModel.save_pretrained before merging."
         )
 
     model.save_pretrained = save_pretrained

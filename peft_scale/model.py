@@ -21,8 +21,16 @@ from .merge import (
     merged_intermediate_size,
     refuse_standard_checkpoint,
 )
-from .norm import RMSNorm
-from .plan import ModelPlan, full_width_targets, fused_parts, plan_learned_route, plan_model
+from .norm import RMSNorm, split_norm_class
+from .plan import (
+    NORM_ROLES,
+    ModelPlan,
+    check_full_width_family,
+    full_width_targets,
+    fused_parts,
+    plan_learned_route,
+    plan_model,
+)
 from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
 from .routing import RouteResult, Routing, check_routed_together, outranked_adapters
@@ -67,6 +75,7 @@ class ScaleModel(BaseTuner):
         model_type = model_config.get("model_type")
         layout: Optional[FfnLayout] = FFN_LAYOUTS.get(model_type)
         if peft_config.hidden_expansion:
+            check_full_width_family(model_type)
             if model_type not in FULL_WIDTH_LAYOUTS:
                 raise ValueError(
                     f"Full-width SCALE (hidden_expansion > 0) knows the decoder layout of {sorted(FULL_WIDTH_LAYOUTS)}, "
@@ -132,9 +141,7 @@ class ScaleModel(BaseTuner):
         self._plans[adapter_name] = replace(plan, config=config)  # read by _create_and_replace, module by module
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
-            self._routing.install(
-                model, adapter_name, config, model.config.hidden_size, plan.decoder.layers if plan.decoder else None
-            )
+            self._routing.install(model, adapter_name, config, model.config.hidden_size, plan.decoder)
 
     @property
     def _plans(self) -> dict[str, ModelPlan]:
@@ -146,8 +153,10 @@ class ScaleModel(BaseTuner):
         common = {"inference_mode": peft_config.inference_mode, "init_weights": peft_config.init_weights}
         if plan.role == "embedding":
             cls, args = Embedding, {"expansion": plan.out_expansion, "init": peft_config.init}
-        elif plan.role in ("norm", "final_norm"):
-            cls, args = RMSNorm, {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
+        elif plan.role in NORM_ROLES:
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            cls = split_norm_class(base)  # RMSNorm-style or LayerNorm
+            args = {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
             if plan.role == "final_norm":
                 args["routing"] = plan.routing
                 args["route_gated"] = plan.route_gated
@@ -165,7 +174,7 @@ class ScaleModel(BaseTuner):
             return
         if cls is Linear:
             args["out_parts"] = plan.out_parts
-        if cls is RMSNorm:
+        if issubclass(cls, RMSNorm):
             args["final"] = plan.role == "final_norm"
         new_module = cls(target, adapter_name, **args, **common)
         if cls is not Embedding:

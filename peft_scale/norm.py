@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,6 +18,20 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return gain * x.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, gain: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension, as ``nn.LayerNorm`` computes it."""
+    return F.layer_norm(x, (x.shape[-1],), gain.to(x.dtype), None if bias is None else bias.to(x.dtype), eps)
+
+
+@torch.no_grad()
+def effective_gain(norm: nn.Module, eps: float) -> torch.Tensor:
+    """The per-feature gain an RMSNorm-style layer applies, read off its output on a row of ones (whose mean square
+    is 1): ``w`` for Llama's RMSNorm, ``1 + w`` for Gemma's, whatever the family's convention."""
+    weight = norm.weight
+    ones = torch.ones(1, weight.shape[0], device=weight.device, dtype=weight.dtype)
+    return norm(ones)[0].float() * math.sqrt(1 + eps)
 
 
 def norm_epsilon(norm: nn.Module) -> float:
@@ -35,7 +50,14 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
     over ``[x; x_up]`` together would let the new features change the original ones through the shared
     statistic, and the original computation would be lost (the method note's preservation condition 1).
     The new slice gets its own statistic and its own trainable gain ``g_up`` (``scale_gain``), which starts
-    at the mean of the base gain so the new features enter at the scale of the old ones.
+    at the mean of the base's *effective* gain (``effective_gain``) so the new features enter at the scale of the
+    old ones. The gain is a plain one, ``rms(x_up) * g_up``, whatever the base's convention: Gemma's norms compute
+    ``x (1 + w)``, and there ``g_up`` starts at the mean of ``1 + w`` (a plain gain is what the merged
+    ``SplitRMSNorm`` holds, and needs no family knowledge).
+
+    The same split serves every norm of the residual stream, in front of a sublayer or on its output before the
+    residual addition (Gemma 2/3, OLMo 2), and OLMo 2's query/key norms over the whole projection width (there the
+    new slice is the new heads' features). ``LayerNorm`` below is the split for ``nn.LayerNorm``.
 
     The *final* norm also feeds the untouched LM head (``final=True``). It returns the base width::
 
@@ -108,11 +130,18 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         ``nn.Linear`` over the widened stream ``d + d_up`` draws its weight; ``ScaleConfig.init_weights``)."""
         gain = self.scale_gain[adapter_name]
         if self._materialised(gain):
-            gain.fill_(self.base_layer.weight.float().mean().item())
+            gain.fill_(self._base_gain().mean().item())
         if adapter_name in self.scale_head:
             self.scale_head[adapter_name].zero_()  # zero: the logits start as the base model's
             if not init_weights:
                 init_like_linear(self.scale_head[adapter_name], self.features + self.expansion[adapter_name])
+
+    def _base_gain(self) -> torch.Tensor:
+        return effective_gain(self.base_layer, self.eps)
+
+    def _normalise_new(self, name: str, x_up: torch.Tensor) -> torch.Tensor:
+        """The new slice of adapter ``name``: ``rms(x_up) * g_up``."""
+        return rms_norm(x_up, self.scale_gain[name], self.eps)
 
     def routes(self) -> bool:
         """Whether this final norm emits both heads' inputs ``[norm(x_pres); out]``."""
@@ -130,7 +159,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         preserved = self.base_layer(x_pres) if copy else None
         original = self.base_layer(x)  # norm(x): the base norm over the original slice only
         new = [  # rms(x_up) * g_up, per adapter
-            rms_norm(x_up, self.scale_gain[name], self.eps).to(original.dtype) for name, x_up in zip(active, x_ups)
+            self._normalise_new(name, x_up).to(original.dtype) for name, x_up in zip(active, x_ups)
         ]
         if self.final:
             out = original
@@ -150,6 +179,54 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         return SplitRMSNorm(self._pretrained_layer(), gains, self.eps, heads)
 
 
+class LayerNorm(RMSNorm):
+    """The split of an ``nn.LayerNorm`` over the widened stream ``[x; x_up]``::
+
+        out = [ LN(x) ; (x_up - mean(x_up)) / sqrt(var(x_up) + eps) * g_up + b_up ]
+
+    ``LN(x)`` is the base layer over the original slice alone: its mean and variance are over the original
+    features only, so the original slice is exactly the base model's. The new slice is a LayerNorm of its own, with
+    its own mean and variance and a trainable affine (``scale_gain``, and ``scale_bias`` when the base has a bias).
+    Its own statistics rather than the original slice's: with the original slice's, the new features' scale would
+    follow the original features', and the new slice could not be normalised in itself. ``g_up`` starts at the
+    mean of the base weight, ``b_up`` at zero (the new features start centred). Everything else (the final norm's
+    ``P``, routing, the preservation copy) is ``RMSNorm``'s.
+    """
+
+    adapter_layer_names = ("scale_gain", "scale_bias", "scale_head")
+
+    def update_layer(self, adapter_name: str, expansion: int, **kwargs) -> None:
+        if "scale_bias" not in self._modules:  # (the first adapter: RMSNorm's __init__ calls this)
+            self.scale_bias = nn.ParameterDict()
+        bias = self.base_layer.bias
+        if bias is not None:
+            self.scale_bias[adapter_name] = nn.Parameter(torch.empty(expansion, device=bias.device, dtype=bias.dtype))
+        super().update_layer(adapter_name, expansion, **kwargs)
+
+    @torch.no_grad()
+    def reset_scale_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        super().reset_scale_parameters(adapter_name, init_weights)
+        if adapter_name in self.scale_bias:
+            self.scale_bias[adapter_name].zero_()
+
+    def _base_gain(self) -> torch.Tensor:
+        return self.base_layer.weight.float()
+
+    def _normalise_new(self, name: str, x_up: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x_up, self.scale_gain[name], self.scale_bias.get(name), self.eps)
+
+    def _merged_module(self, adapter_names: list[str]) -> nn.Module:
+        heads = [self.scale_head[name].detach() for name in adapter_names] if self.final else None
+        gains = [self.scale_gain[name].detach() for name in adapter_names]
+        biases = [self.scale_bias[name].detach() if name in self.scale_bias else None for name in adapter_names]
+        return SplitLayerNorm(self._pretrained_layer(), gains, self.eps, heads, biases)
+
+
+def split_norm_class(base: nn.Module) -> type:
+    """The split-norm class for a base norm: ``LayerNorm`` for an ``nn.LayerNorm``, else ``RMSNorm``."""
+    return LayerNorm if isinstance(base, nn.LayerNorm) else RMSNorm
+
+
 class SplitRMSNorm(nn.Module):
     """The merged form of ``RMSNorm``: a plain module, kept after ``merge_and_unload`` (it cannot be written
     into a standard checkpoint of the base architecture, whose norm spans the whole hidden size)."""
@@ -161,16 +238,31 @@ class SplitRMSNorm(nn.Module):
         self.heads = nn.ParameterList([nn.Parameter(h, requires_grad=False) for h in heads]) if heads else None
         self.eps = eps
 
+    def _normalise_new(self, index: int, x_up: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x_up, self.gains[index], self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.base.weight.shape[0]
         pieces = x.split([d] + [g.shape[0] for g in self.gains], dim=-1)
         original = self.base(pieces[0].contiguous())
-        new = [rms_norm(p, g, self.eps) for p, g in zip(pieces[1:], self.gains)]
+        new = [self._normalise_new(index, p).to(original.dtype) for index, p in enumerate(pieces[1:])]
         if self.heads is None:
             return torch.cat([original, *new], dim=-1)
         for head, x_up in zip(self.heads, new):
             original = original + F.linear(x_up.to(head.dtype), head).to(original.dtype)
         return original
+
+
+class SplitLayerNorm(SplitRMSNorm):
+    """The merged form of ``LayerNorm`` (see ``SplitRMSNorm``)."""
+
+    def __init__(self, base, gains, eps, heads, biases: list[Optional[torch.Tensor]]):
+        super().__init__(base, gains, eps, heads)
+        has_bias = base.bias is not None
+        self.biases = nn.ParameterList([nn.Parameter(b, requires_grad=False) for b in biases]) if has_bias else None
+
+    def _normalise_new(self, index: int, x_up: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x_up, self.gains[index], self.biases[index] if self.biases else None, self.eps)
 
 
 # The name before 0.2, kept for user code, the tests and pickled modules (see ``layer.ScaleLayer``).

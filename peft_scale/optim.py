@@ -9,7 +9,8 @@ SCALE's trainable tensors have very different roles and starting points (``peft_
   ``W21`` starts at the base weight's scale (SVD rows), ``b21`` at zero.
 - ``w22``: ``scale_w22``, new -> new; normal at the base weight's scale.
 - ``head``: ``scale_head``, the ``P`` of the LM head's new block ``W_out P``; zero.
-- ``gain``: ``scale_gain``, the new slice's norm gain; the base gain's mean.
+- ``gain``: ``scale_gain``, the new slice's norm gain; the base gain's mean (and ``scale_bias``, a split LayerNorm's
+  new bias; zero).
 - ``embedding``: ``scale_embedding``, ``E_up``; at the base embedding's scale.
 - ``other``: anything else trainable (``modules_to_save``, trainable tokens).
 
@@ -62,6 +63,7 @@ BLOCK_OF_NAME = {
     "scale_w22": "w22",
     "scale_head": "head",
     "scale_gain": "gain",
+    "scale_bias": "gain",
     "scale_embedding": "embedding",
 }
 BLOCKS = ("w12", "w21", "w22", "head", "gain", "embedding", "other")

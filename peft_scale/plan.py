@@ -22,18 +22,27 @@ from typing import Optional
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, DecoderLayout, module_name_matches
+from .architectures import (
+    FFN_LAYOUTS,
+    FULL_WIDTH_LAYOUTS,
+    FULL_WIDTH_REFUSED,
+    DecoderLayout,
+    module_name_matches,
+)
 from .config import ScaleConfig
 from .quantized import check_layer, weight_shape
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
+NORM_ROLES = ("norm", "query_norm", "key_norm", "final_norm")  # the roles a split norm takes (peft_scale.norm)
 FFN_ROLES = ("ffn_input", "ffn_output")
 LINEAR_ROLES = ATTENTION_ROLES + FFN_ROLES  # the roles a layer.Linear takes (the others: embedding, norms)
 
 
 @dataclass(frozen=True)
 class ModulePlan:
-    role: str  # embedding | norm | final_norm | query | key_value | attention_output | ffn_input | ffn_output
+    # embedding | norm | query_norm | key_norm | final_norm | query | key_value | attention_output | ffn_input |
+    # ffn_output
+    role: str
     in_expansion: int = 0
     out_expansion: int = 0
     open_w12: bool = False
@@ -89,6 +98,8 @@ def module_role(config: ScaleConfig, decoder: Optional[DecoderLayout], key: str)
         for role, names in (
             ("final_norm", [decoder.final_norm]),
             ("norm", decoder.norms),
+            ("query_norm", [decoder.query_norm] if decoder.query_norm else []),
+            ("key_norm", [decoder.key_norm] if decoder.key_norm else []),
             ("embedding", [decoder.embedding]),
             ("query", [decoder.query]),
             ("key_value", [decoder.key, decoder.value]),
@@ -154,6 +165,9 @@ class ModelPlan:
 
         if role in ("embedding", "norm"):
             return ModulePlan(role, out_expansion=widths.hidden, preservation_copy=copy)
+        if role in ("query_norm", "key_norm"):  # over a whole projection's output: split by its new features
+            width = widths.query if role == "query_norm" else widths.key_value
+            return ModulePlan(role, out_expansion=width, preservation_copy=copy)
         if role == "final_norm":
             copy = self.route_mode if self.cosine and self.routed_layers else "off"
             routing = self.route_mode if self.cosine else "off"
@@ -295,3 +309,17 @@ def plan_learned_route(config: ScaleConfig, num_layers: Optional[int]) -> None:
 
 def full_width_targets(model_type: str) -> set[str]:
     return set(FFN_LAYOUTS[model_type].target_modules + FULL_WIDTH_LAYOUTS[model_type].target_modules)
+
+
+def check_full_width_family(model_type: Optional[str]) -> None:
+    """Refuse, with the reason, a family whose decoder cannot be widened in full (``FULL_WIDTH_REFUSED``).
+
+    Raises:
+        ValueError: it cannot; the message says why and that FFN mode works.
+    """
+    if model_type in FULL_WIDTH_REFUSED:
+        raise ValueError(
+            f"Full-width SCALE (hidden_expansion > 0) cannot widen model_type {model_type!r}: "
+            f"{FULL_WIDTH_REFUSED[model_type]}. Use FFN mode (ffn_expansion alone, hidden_expansion=0), which "
+            "widens only the MLPs."
+        )

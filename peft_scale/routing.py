@@ -80,6 +80,9 @@ class RouteResult:
             (cosine: ``cos(z_pres, z_adapt) >= threshold``; learned: the router's score below its threshold).
         preservation_logits: cosine rule only: ``z_pres = W_out norm(x_pres)``, the base model's own logits.
         adaptation_logits: cosine rule only: ``z_adapt = W_out norm(x) + W_out P rms(x_up) g_up``.
+            Both are the LM head's outputs: a family's transform of the logits after the head (Gemma 2's softcapping,
+            Granite's ``logits_scaling``) applies to the routed output only, which, elementwise, is the same as
+            routing the transformed logits.
         scores: learned rule only: the router's probability that the token is new-domain text (the sigmoid of the
             smoothed logit with ``router_smoothing > 0``; with several routed adapters: the highest of their
             routers' scores).
@@ -616,17 +619,19 @@ class _CopyOriginalSlice:
     """Forward pre-hook of the first routed decoder layer (cosine rule): ``[x; x_up] -> [x_pres; x; x_up]``.
 
     Below this layer no ``W12`` exists, so ``x`` is still exactly the base model's hidden state and can seed the
-    preservation copy. The layer's input norm says whether the copy is wanted (route adapter active, routing mode).
+    preservation copy. The first SCALE module of the layer to read its input (the input norm, or a projection in a
+    family without one) says whether the copy is wanted (route adapter active, routing mode).
     """
 
-    def __init__(self, input_norm: nn.Module) -> None:
-        self.input_norm = input_norm
+    def __init__(self, reader: nn.Module, features: int) -> None:
+        self.reader = reader
+        self.features = features  # d, the width of x
 
     def __call__(self, module, args, kwargs):
-        if not self.input_norm.carries_preservation_copy():
+        if not self.reader.carries_preservation_copy():
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        hidden = torch.cat([hidden[..., : self.input_norm.features], hidden], dim=-1)
+        hidden = torch.cat([hidden[..., : self.features], hidden], dim=-1)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -775,13 +780,13 @@ class Routing:
             state.last, state.started = state.last[index], state.started[index]
             state.batch = len(index)
 
-    def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder_layers: Optional[str]) -> None:
+    def install(self, model: nn.Module, adapter_name: str, config, features: int, decoder) -> None:
         """Install the rule of ``config`` for ``adapter_name``. ``features``: ``d``, the original stream's width;
-        ``decoder_layers``: the layer list's name (full width; the learned rule finds layer ``preserve_layers``
+        ``decoder``: the family's ``DecoderLayout`` (full width; the learned rule finds layer ``preserve_layers``
         from the names of the modules it gates)."""
         layer = config.preserve_layers
         if config.route_rule == "cosine":
-            self._install_cosine(model, adapter_name, config, decoder_layers)
+            self._install_cosine(model, adapter_name, config, features, decoder)
             return
         consumers = [
             (name, module)
@@ -814,13 +819,13 @@ class Routing:
         self._handles[adapter_name] = []
         self._gate_hooks[adapter_name] = hook
 
-    def _install_cosine(self, model, adapter_name, config, decoder_layers) -> None:
+    def _install_cosine(self, model, adapter_name, config, features, decoder) -> None:
         """The preservation copy enters at layer ``preserve_layers``; the LM head routes."""
         handles = []
-        num_layers = len(model.get_submodule(decoder_layers))
+        num_layers = len(model.get_submodule(decoder.layers))
         if config.preserve_layers < num_layers:
-            layer = model.get_submodule(f"{decoder_layers}.{config.preserve_layers}")
-            hook = _CopyOriginalSlice(getattr(layer, "input_layernorm"))
+            layer = model.get_submodule(f"{decoder.layers}.{config.preserve_layers}")
+            hook = _CopyOriginalSlice(layer.get_submodule(decoder.input_norm), features)
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self._head_router is None:
             self._head_router = LMHeadRouter(model.get_output_embeddings(), self)

@@ -54,3 +54,21 @@ def test_on_the_meta_device_nothing_is_drawn():
         base = nn.Embedding(20, 8)
     embedding = Embedding(base, "a", expansion=4)  # low_cpu_mem_usage: the values come from the checkpoint
     assert embedding.scale_embedding["a"].device.type == "meta"
+
+
+def test_a_scaled_embedding_scales_the_new_columns_like_the_old_and_merges_into_its_own_class():
+    """Gemma multiplies the embedding by sqrt(hidden_size) inside the module: the new columns get the same factor,
+    and the merged embedding is still the scaled class, with the scale."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    base = GemmaTextScaledWordEmbedding(20, 8, padding_idx=0, embed_scale=8**0.5).requires_grad_(False)
+    embedding = Embedding(base, "a", expansion=4)
+    ids = torch.randint(0, 20, (2, 5))
+    out = embedding(ids)
+    assert torch.equal(out[..., :8], base(ids))
+    torch.testing.assert_close(out[..., 8:], embedding.scale_embedding["a"][ids] * 8**0.5)
+    merged = embedding.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+    assert type(merged) is GemmaTextScaledWordEmbedding and merged.weight.shape == (20, 12)
+    assert merged.embedding_dim == 12 and base.weight.shape == (20, 8)  # the base is left as it was
+    torch.testing.assert_close(merged(ids), out)

@@ -1,4 +1,5 @@
-"""Full-width SCALE: residual stream, attention heads, embedding, split norms; Preserve, Adapt and Route.
+"""Full-width SCALE: residual stream, attention heads, embedding, split norms; Preserve, Adapt and Route; every family
+of ``FULL_WIDTH_LAYOUTS`` (the Llama family on 4 layers, the others on 2) and the refused ones.
 
 Its helpers (``full_width``, ``decoder_outputs``, ``train``) also serve ``test_plan.py`` and ``test_merge.py``, where
 the full-width tests of the plan and of merging are."""
@@ -9,10 +10,12 @@ import copy
 
 import pytest
 import torch
-from peft import get_peft_model
-from tiny_models import VOCAB, random_ids, tiny_model
+from peft import PeftModel, get_peft_model
+from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_model
 
 from peft_scale import ScaleConfig
+from peft_scale.architectures import FULL_WIDTH_LAYOUTS, FULL_WIDTH_REFUSED
+from peft_scale.norm import ScaleNorm, SplitRMSNorm
 from peft_scale.routing import route
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -173,7 +176,7 @@ def test_the_cosine_rule_on_a_hand_checked_case():
 
 
 def test_full_width_on_an_architecture_without_a_decoder_layout():
-    with pytest.raises(ValueError, match=r"knows the decoder layout of \['llama', 'mistral', 'qwen2', 'qwen3'\], not of .*'gpt2'"):
+    with pytest.raises(ValueError, match=r"knows the decoder layout of \['gemma', .*'llama', .*\], not of .*'gpt2'"):
         get_peft_model(tiny_model("gpt2"), ScaleConfig(hidden_expansion=16))
 
 
@@ -205,3 +208,157 @@ def test_the_saved_adapter_holds_only_the_new_blocks(tmp_path):
     assert saved and all(".scale_" in key for key in saved)  # no frozen base weight (e.g. the embedding) is copied
     trainable, _ = model.get_nb_trainable_parameters()
     assert sum(t.numel() for t in saved.values()) == trainable
+
+
+# --------------------------------------------------------------------------------- the families beyond Llama's
+# What each adds (FULL_WIDTH_LAYOUTS' comments): Gemma's scaled embedding and `1 + w` norms, Gemma 2/3's norms on the
+# sublayers' outputs and softcapping, Granite's multipliers (all four away from 1 in the tiny config), OLMo 2's norms
+# after the sublayers and q/k norms over the whole projection, StarCoder 2's LayerNorms with biases. Two layers,
+# preserve_layers=1: layer 0 keeps W12 closed, layer 1 opens it (adapt/route) and carries route's preservation copy.
+
+OTHER_FAMILIES = ["gemma", "gemma2", "gemma3_text", "granite", "olmo2", "starcoder2"]
+FAMILY_VARIANTS = {
+    "preserve": dict(variant="preserve"),
+    "adapt": dict(variant="adapt"),
+    "cosine": dict(variant="route", route_rule="cosine"),
+    "learned": dict(variant="route", route_rule="learned"),
+}
+
+
+def test_every_full_width_family_is_tested():
+    assert sorted(FULL_WIDTH_LAYOUTS) == sorted(FAMILIES + OTHER_FAMILIES)
+
+
+def family_model(model_type, variant="preserve", seed=0):
+    """(untouched copy of the base, full-width SCALE model): a 2-layer tiny model of ``model_type``."""
+    base = tiny_model(model_type, seed=seed)
+    reference = copy.deepcopy(base)
+    torch.manual_seed(0)
+    config = ScaleConfig(hidden_expansion=16, ffn_expansion=8, preserve_layers=1, **FAMILY_VARIANTS[variant])
+    model = get_peft_model(base, config)
+    if variant == "learned":  # a router "fitted" by hand: its score is sigmoid(0) = 0.5 for every token
+        router = model.base_model.scale_router["default"]
+        router.fitted.fill_(1.0)
+    return reference, model.eval()
+
+
+def unroutable(model, variant):
+    """Route every token to the base model: the cosine rule's threshold -1, the learned router's above 1."""
+    if variant == "cosine":
+        model.peft_config["default"].route_threshold = -1.0
+    else:
+        model.base_model.scale_router["default"].threshold.fill_(1.5)
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_split_every_norm_wider_than_a_head(model_type):
+    """Every norm of the residual stream, and OLMo 2's query/key norms over the whole projection, is split (by the
+    new features of what it normalises); only per-head norms (Gemma 3's q_norm/k_norm, over head_dim) are not."""
+    base = tiny_model(model_type)
+    norms = {name: m.weight.shape[0] for name, m in base.named_modules() if "norm" in type(m).__name__.lower()}
+    _, model = family_model(model_type)
+    split = {
+        name.removeprefix("base_model.model."): m.expansion["default"]
+        for name, m in model.named_modules() if isinstance(m, ScaleNorm)
+    }  # fmt: skip
+    head_dim = 8
+    new_features = {HIDDEN: 16, 4 * head_dim: 16, 2 * head_dim: 8}  # stream / queries: 2 new heads; keys: 1
+    assert split == {name: new_features[width] for name, width in norms.items() if width > head_dim}
+    if model_type == "olmo2":
+        assert split["model.layers.0.self_attn.k_norm"] == 8
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_VARIANTS))
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_equal_the_base_at_init(model_type, variant):
+    reference, model = family_model(model_type, variant)
+    ids = random_ids(vocab=VOCAB)
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max() <= 1e-5
+        with model.disable_adapter():
+            assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_preserve_the_base_after_training(model_type, tmp_path):
+    """SCALE-Preserve trained: every layer's original slice is the base model's, and the logits differ from the
+    base model's only through the LM head's new block P (zero it: the base logits). Then disable_adapter, a save/load
+    round trip, and merge_and_unload (whose model refuses to be saved as a checkpoint of its architecture)."""
+    reference, model = family_model(model_type, "preserve")
+    ids = random_ids(batch=4, length=16, vocab=VOCAB, seed=0)  # what `train` trains on
+    with torch.no_grad():
+        loss_before = model(input_ids=ids, labels=ids).loss
+    train(model, steps=8)
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss < loss_before
+
+    ids = random_ids(vocab=VOCAB, seed=7)
+    with torch.no_grad():
+        base_logits = reference(ids).logits
+        logits = model(ids).logits
+    assert (logits - base_logits).abs().max() > 1e-3  # the new block has learned
+    for widened, original in zip(decoder_outputs(model, ids), decoder_outputs(reference, ids), strict=True):
+        assert widened.shape[-1] == HIDDEN + 16
+        assert (widened[..., :HIDDEN] - original).abs().max() <= 1e-5
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(ids).logits, base_logits)
+        heads = {name: p.detach().clone() for name, p in model.named_parameters() if ".scale_head." in name}
+        assert len(heads) == 1
+        for name, p in model.named_parameters():
+            if name in heads:
+                p.zero_()
+        assert (model(ids).logits - base_logits).abs().max() <= 1e-5
+        for name, p in model.named_parameters():
+            if name in heads:
+                p.copy_(heads[name])
+
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(tiny_model(model_type), tmp_path).eval()
+        assert torch.equal(loaded(ids).logits, logits)
+
+        merged = model.merge_and_unload()
+        assert isinstance(merged.get_decoder().norm, SplitRMSNorm)
+        assert (merged(ids).logits - logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="cannot be saved as a .* checkpoint"):
+        merged.save_pretrained(tmp_path / "merged")
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_adapt_keeps_the_layers_below_preserve_layers(model_type):
+    reference, model = family_model(model_type, "adapt")
+    train(model, steps=5)
+    ids = random_ids(vocab=VOCAB, seed=7)
+    widened, base = decoder_outputs(model, ids), decoder_outputs(reference, ids)
+    assert torch.equal(widened[0][..., :HIDDEN], base[0])  # layer 0: no W12
+    assert (widened[1][..., :HIDDEN] - base[1]).abs().max() > 1e-3  # layer 1 has opened W12
+
+
+@pytest.mark.parametrize("variant", ["cosine", "learned"])
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_route_nothing_to_the_expansion_gives_the_base(model_type, variant):
+    """SCALE-Route, its W12 opened (perturbed: a stand-in for training): with every token sent to the base model the
+    logits are the base model's (the family's softcapping or logits_scaling applies after the routing, per token);
+    with the tokens sent to the expansion they are not."""
+    reference, model = family_model(model_type, variant)
+    perturb_adapter(model)
+    ids = random_ids(vocab=VOCAB, seed=3)
+    with torch.no_grad():
+        base_logits = reference(ids).logits
+        if variant == "learned":
+            model.base_model.scale_router["default"].threshold.fill_(0.0)  # every token to the expansion
+            assert (model(ids).logits - base_logits).abs().max() > 1e-3
+        unroutable(model, variant)
+        assert (model(ids).logits - base_logits).abs().max() <= 1e-5
+        if variant == "cosine":
+            assert model.base_model.last_routing.to_preservation.all()
+            model.peft_config["default"].route_threshold = 2.0  # no token to the preservation head
+            assert (model(ids).logits - base_logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", sorted(FULL_WIDTH_REFUSED))
+def test_full_width_refuses_a_family_it_cannot_widen_and_says_why(model_type):
+    base = tiny_model(model_type)
+    with pytest.raises(ValueError, match=rf"cannot widen model_type '{model_type}': .* Use FFN mode"):
+        get_peft_model(base, ScaleConfig(hidden_expansion=16))
+    assert not any("scale" in type(m).__module__ for m in base.modules())

@@ -42,6 +42,7 @@ def names_by_group(model, groups) -> dict[tuple[str, float, float], set[str]]:
         ("base_model.model.model.layers.1.self_attn.o_proj.scale_w22.default", "w22"),
         ("base_model.model.model.norm.scale_head.default", "head"),
         ("base_model.model.model.layers.0.input_layernorm.scale_gain.default", "gain"),
+        ("base_model.model.model.layers.0.input_layernorm.scale_bias.default", "gain"),  # a split LayerNorm's
         ("base_model.model.model.embed_tokens.scale_embedding.default", "embedding"),
         ("base_model.model.score.modules_to_save.default.weight", "other"),
         ("base_model.model.model.layers.0.mlp.down_proj.base_layer.weight", "other"),
