@@ -113,6 +113,9 @@ def forgetting(model: nn.Module, old_data, *, tokenizer=None, batch_size: int = 
     """
     model = _peft_model(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokenizer is None and isinstance(old_data, (list, tuple)) and old_data and isinstance(old_data[0], str):
+        raise ValueError("forgetting: old_data is a list of strings; pass the model's tokenizer (tokenizer=...) to "
+                         "tokenize them, or give token ids.")
     sequences = token_sequences(
         old_data, "old_data", vocab_size, caller="forgetting", if_empty="It is the text whose drift is measured.",
         tokenizer=tokenizer,

@@ -252,14 +252,7 @@ def token_sequences(
         f"Give {what} as a LongTensor of token ids of shape (n, seq), a list of 1-D token id sequences, a "
         "datasets.Dataset with an 'input_ids' column, or a list of dicts with 'input_ids'."
     )
-    if isinstance(data, str):
-        raise TypeError(f"{caller}: {what} is one string. Give a list of strings (with tokenizer=...), one per text.")
-    if isinstance(data, (list, tuple)) and data and all(isinstance(row, str) for row in data):
-        if tokenizer is None:
-            raise ValueError(
-                f"{caller}: {what} is a list of strings; pass the model's tokenizer (tokenizer=...) to tokenize them, "
-                "or give token ids."
-            )
+    if tokenizer is not None and isinstance(data, (list, tuple)) and data and all(isinstance(row, str) for row in data):
         data = [tokenizer(text)["input_ids"] for text in data]
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:

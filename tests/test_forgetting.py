@@ -120,7 +120,7 @@ def test_old_data_as_strings_with_the_tokenizer_or_as_a_dataset():
     "data, kwargs, error, message",
     [
         (["some text"], {}, ValueError, "pass the model's tokenizer"),
-        ("some text", {}, TypeError, "is one string"),
+        ("some text", {}, TypeError, "old_data is a str"),
         ([torch.tensor([3])], {}, ValueError, "single token"),
         ([torch.tensor([3, 500])], {}, ValueError, "outside the model's vocabulary"),
         ([], {}, ValueError, "old_data is empty"),
