@@ -139,7 +139,27 @@ class ScaleTunerLayer(BaseTunerLayer):
         return tensor.device.type != "meta"
 
 
-class Linear(nn.Module, ScaleTunerLayer):
+class SwapMergedLayer(ScaleTunerLayer):
+    """A SCALE layer whose merge changes the base layer's shape (``Linear``, ``experts.Experts``): merging swaps in a
+    wider copy that holds the adapters' blocks, and the pre-trained layer waits in ``_unmerged_base_layer`` (a plain
+    list, so that it is neither saved with the adapter nor counted twice in ``parameters()``) until ``unmerge`` swaps it
+    back, exactly."""
+
+    def _swap_in_merged(self, wide: nn.Module, adapter_names: list[str]) -> None:
+        if not self.merged:
+            self._unmerged_base_layer.append(self.base_layer)
+        self.base_layer = wide
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        self.base_layer = self._unmerged_base_layer.pop()
+        self.merged_adapters = []
+
+
+class Linear(nn.Module, SwapMergedLayer):
     """A frozen linear map ``y = W x + b`` widened by SCALE blocks.
 
     The layer computes the block matrix over the original features ``x`` and the new features ``x_up``::
@@ -238,9 +258,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         self.route_gated: dict[str, bool] = {}
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
-        # While merged, `base_layer` is a wider copy and the pre-trained layer waits here (a plain list, so that it
-        # is neither saved with the adapter nor counted twice in `parameters()`).
-        self._unmerged_base_layer: list[nn.Module] = []
+        self._unmerged_base_layer: list[nn.Module] = []  # the pre-trained layer while merged (SwapMergedLayer)
         self.update_layer(
             adapter_name,
             out_expansion,
@@ -423,17 +441,7 @@ class Linear(nn.Module, ScaleTunerLayer):
             )
         if safe_merge and not torch.isfinite(weight_rows(wide)).all():
             raise ValueError(f"NaNs or infs in the merged weights of adapters {adapter_names}; not merging.")
-        if not self.merged:
-            self._unmerged_base_layer.append(self.base_layer)
-        self.base_layer = wide
-        self.merged_adapters.extend(adapter_names)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        self.base_layer = self._unmerged_base_layer.pop()
-        self.merged_adapters = []
+        self._swap_in_merged(wide, adapter_names)
 
     def __repr__(self) -> str:
         return "scale." + super().__repr__()
