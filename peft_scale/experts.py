@@ -34,6 +34,7 @@ or that normalises each expert's output (not a sum over neurons), is refused wit
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -460,3 +461,37 @@ def merged_experts_size(model: nn.Module, adapter_names: Optional[list[str]]) ->
             f"{list(EXPERTS_SIZE_FIELDS)}), so the merged checkpoint would not load."
         )
     return field, next(iter(sizes.values()))
+
+
+def refuse_unloadable_checkpoint(model: nn.Module) -> None:
+    """After a merge that widened experts: if the merged model's config would build other shapes than it holds, its
+    ``save_pretrained`` raises instead of writing a checkpoint that does not load (and a warning says so now).
+
+    This happens where a family derives another module's size from the experts' field: DeepSeek-style shared experts
+    are ``moe_intermediate_size * n_shared_experts`` wide, and a merge that widened the experts but not the shared
+    experts by the same factor leaves them at another size."""
+    with torch.device("meta"):  # shapes only: no memory, nothing drawn
+        skeleton = type(model)._from_config(copy.deepcopy(model.config))
+    built = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    mismatched = [
+        f"{name}: {tuple(p.shape)} (the config builds {built[name]})"
+        for name, p in model.named_parameters()
+        if name in built and tuple(p.shape) != built[name]
+    ]
+    if not mismatched:
+        return
+    why = (
+        f"the merged {type(model).__name__}'s config builds other shapes than the merged model holds ("
+        f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}): the family derives these sizes from the "
+        "experts' intermediate size, which the merge changed"
+    )
+    warnings.warn(f"SCALE: this merged model cannot be saved as a standard checkpoint: {why}.")
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            f"Cannot save this merged SCALE model as a checkpoint: {why}, so the checkpoint would not load. Use it in "
+            "memory, or save the adapter (PeftModel.save_pretrained before merging)."
+        )
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = save_pretrained

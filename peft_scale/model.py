@@ -12,7 +12,14 @@ from torch import nn
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .embedding import Embedding
-from .experts import Experts, experts_layout, find_fused_experts, fused_expert_targets, merged_experts_size
+from .experts import (
+    Experts,
+    experts_layout,
+    find_fused_experts,
+    fused_expert_targets,
+    merged_experts_size,
+    refuse_unloadable_checkpoint,
+)
 from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
@@ -289,6 +296,7 @@ class ScaleModel(BaseTuner):
             setattr(model.config, config_field, new_size)
         if experts_size is not None:
             setattr(model.config, *experts_size)
+            refuse_unloadable_checkpoint(model)
         if any(config.hidden_expansion for config in merging):
             refuse_standard_checkpoint(model)
         return model

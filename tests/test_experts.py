@@ -304,3 +304,13 @@ def test_merging_experts_of_different_widths_is_refused():
     )
     with pytest.raises(ValueError, match="different intermediate sizes"):
         model.merge_and_unload()
+
+
+def test_a_merge_whose_config_would_build_other_shapes_cannot_be_saved(tmp_path):
+    # Dots1's shared experts are moe_intermediate_size * n_shared_experts wide: widening the experts moves them too
+    model = tiny_model("dots1")
+    with pytest.warns(UserWarning, match="cannot be saved as a standard checkpoint"):
+        merged = get_peft_model(model, ScaleConfig(ffn_expansion=EXPANSION)).merge_and_unload()
+    assert merged.config.moe_intermediate_size == 16 + EXPANSION
+    with pytest.raises(ValueError, match=r"shared_experts\.gate_proj\.weight: \(32, 32\) \(the config builds \(48, 32\)\)"):
+        merged.save_pretrained(tmp_path)

@@ -71,10 +71,16 @@ def perturb_adapter(model, adapter_name: str = "default", seed: int = 0, scale: 
 
 # Mixture-of-experts families whose experts are fused 3-D parameters (peft_scale.experts): 1 layer, 4 experts of
 # intermediate size 24 (Qwen2-MoE: 16, so that 2I = D and only the declared layout tells the orientation), top-2.
-# gpt-oss stores them transposed, gate/up interleaved, with biases. (Not in TINY_CONFIGS: no FFN_LAYOUTS row.)
+# gpt-oss stores them transposed, gate/up interleaved, with biases; Dots1 derives its shared experts' size from the
+# experts'. (Not in TINY_CONFIGS: no FFN_LAYOUTS row.)
 _MOE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
 TINY_MOE_CONFIGS = {
     "mixtral": dict(_MOE, num_local_experts=4, intermediate_size=24),
     "qwen2_moe": dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32, intermediate_size=48),
     "gpt_oss": dict(_MOE, num_local_experts=4, intermediate_size=24, head_dim=8, layer_types=["full_attention"]),
+    # shared experts sized moe_intermediate_size * n_shared_experts
+    "dots1": dict(
+        _MOE, n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=0, head_dim=8,
+        intermediate_size=48,
+    ),
 }
