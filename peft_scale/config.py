@@ -110,8 +110,9 @@ class ScaleConfig(PeftConfig):
             initialisation every token is (the two heads agree exactly): a new adapter does not train with it
             (a warning says so); it is for continuing to train an adapter whose heads already differ.
         target_modules: names (or a regex) of the FFN projections to widen. Default: the architecture's FFN
-            projections from ``peft_scale.architectures.FFN_LAYOUTS``. Every MLP must be targeted whole (its
-            input projections and its output projection), or injection fails.
+            projections from ``peft_scale.architectures.FFN_LAYOUTS``, and every mixture-of-experts module whose
+            experts are fused 3-D parameters (``peft_scale.experts``; each is a whole FFN by itself). Every MLP must
+            be targeted whole (its input projections and its output projection), or injection fails.
         ffn_output_modules: which of ``target_modules`` are FFN *output* projections (their input is widened;
             e.g. ``["down_proj"]``). Every other target is an FFN input projection (its output is widened).
             Default: from the architecture table; required for an architecture the table does not know.

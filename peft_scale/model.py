@@ -13,6 +13,14 @@ from torch import nn
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .embedding import Embedding
+from .experts import (
+    Experts,
+    experts_layout,
+    find_fused_experts,
+    fused_expert_targets,
+    merged_experts_size,
+    refuse_unloadable_checkpoint,
+)
 from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
@@ -71,7 +79,12 @@ class ScaleModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------ injection
 
-    def _prepare_adapter_config(self, peft_config: ScaleConfig, model_config: dict) -> ScaleConfig:
+    def _prepare_adapter_config(
+        self, peft_config: ScaleConfig, model_config: dict, expert_targets: tuple[str, ...] = ()
+    ) -> ScaleConfig:
+        """Fill in the module names: the family's FFN (``FFN_LAYOUTS``) and, on a mixture-of-experts model, its
+        fused-experts modules (``expert_targets``, from ``peft_scale.experts.fused_expert_targets``; an experts module
+        is its own whole FFN, so a model whose FFNs are all experts needs no ``ffn_output_modules``)."""
         model_type = model_config.get("model_type")
         layout: Optional[FfnLayout] = FFN_LAYOUTS.get(model_type)
         if peft_config.hidden_expansion:
@@ -97,13 +110,13 @@ class ScaleModel(BaseTuner):
         if num_layers is not None and peft_config.preserve_layers > num_layers:
             raise ValueError(f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers.")
         if peft_config.target_modules is None:
-            if layout is None:
+            if layout is None and not expert_targets:
                 raise _unknown_architecture_error(model_type, "target_modules")
-            peft_config.target_modules = set(layout.target_modules)
+            peft_config.target_modules = set(layout.target_modules if layout else ()) | set(expert_targets)
         if peft_config.ffn_output_modules is None:
-            if layout is None:
+            if layout is None and not expert_targets:
                 raise _unknown_architecture_error(model_type, "ffn_output_modules")
-            peft_config.ffn_output_modules = [layout.output_module]
+            peft_config.ffn_output_modules = [layout.output_module] if layout else []
         if peft_config.ffn_fused_modules is None:
             peft_config.ffn_fused_modules = dict(layout.fused_modules) if layout else {}
         return peft_config
@@ -114,7 +127,13 @@ class ScaleModel(BaseTuner):
         # decides which object the adapter keeps.
         passed = self.peft_config[adapter_name]
         config = _callers_settings(passed)
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        # the fused-experts modules: the names to target when none are given, else those of every experts module found
+        # (one SCALE cannot read is refused by name when targeted: plan.find_ffn_blocks)
+        if config.target_modules is None and not config.hidden_expansion:
+            expert_targets = fused_expert_targets(model)
+        else:
+            expert_targets = tuple(name for names in find_fused_experts(model) for name in names)
+        config = self._prepare_adapter_config(config, self.get_model_config(model), expert_targets)
         plan = plan_model(config, getattr(model, "config", None))  # the whole model's plan, checked from the config
         if _is_cosine_route(config) and any(_is_cosine_route(c) for n, c in self.peft_config.items() if n != adapter_name):
             raise ValueError(
@@ -149,9 +168,18 @@ class ScaleModel(BaseTuner):
         return self.__dict__.setdefault("_scale_plans", {})
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        plan = self._plans[adapter_name].module(current_key)
+        is_experts = isinstance(target, Experts) or experts_layout(target) is not None
+        plan = self._plans[adapter_name]
+        plan = plan.experts_module(current_key) if is_experts else plan.module(current_key)
         common = {"inference_mode": peft_config.inference_mode, "init_weights": peft_config.init_weights}
-        if plan.role == "embedding":
+        if is_experts:  # a fused mixture-of-experts module (peft_scale.experts)
+            cls, args = Experts, {
+                "expansion": plan.out_expansion,
+                "init": peft_config.init,
+                "open_w12": plan.open_w12,
+                "route_gated": plan.route_gated,
+            }
+        elif plan.role == "embedding":
             cls, args = Embedding, {"expansion": plan.out_expansion, "init": peft_config.init}
         elif plan.role in NORM_ROLES:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -286,6 +314,13 @@ class ScaleModel(BaseTuner):
         new_size = None
         if merge and getattr(self.model, "config", None) is not None:
             new_size = merged_intermediate_size(self.model, list(self.peft_config.values()), adapter_names)
+        experts_size = merged_experts_size(self.model, adapter_names) if merge else None
+        if experts_size is not None and new_size is not None and experts_size[0] == config_field and experts_size[1] != new_size:
+            raise ValueError(
+                f"Cannot merge into a standard checkpoint: the dense MLPs and the experts share the config field "
+                f"{config_field!r} but would have sizes {new_size} and {experts_size[1]}. Keep the model unmerged and "
+                "save the adapter with save_pretrained."
+            )
         if "_routing" in self.__dict__:
             self._routing.remove()
         model = super()._unload_and_optionally_merge(
@@ -293,6 +328,9 @@ class ScaleModel(BaseTuner):
         )
         if new_size is not None:
             setattr(model.config, config_field, new_size)
+        if experts_size is not None:
+            setattr(model.config, *experts_size)
+            refuse_unloadable_checkpoint(model)
         if any(config.hidden_expansion for config in merging):
             refuse_standard_checkpoint(model)
         return model

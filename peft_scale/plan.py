@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
@@ -30,6 +30,7 @@ from .architectures import (
     module_name_matches,
 )
 from .config import ScaleConfig
+from .experts import UnsupportedExperts, experts_layout
 from .quantized import check_layer, weight_shape
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
@@ -196,6 +197,12 @@ class ModelPlan:
             out_parts=fused_parts(config, key),
         )
 
+    def experts_module(self, key: str) -> ModulePlan:
+        """What SCALE does to the fused-experts module called ``key`` (``peft_scale.experts``): every expert gets
+        ``ffn_expansion`` neurons, with ``W12`` (and the learned route's gate) as in an FFN output projection."""
+        ffn = self.module(key)  # an FFN role: open_w12 and route_gated follow the FFN policy
+        return replace(ffn, role="experts", in_expansion=self.widths.ffn, out_expansion=self.widths.ffn, out_parts=1)
+
     def find_ffn_blocks(self, model: nn.Module) -> list[list[int]]:
         """Group the matched modules by MLP (their parent module) and check each MLP is widened whole, and that every
         module to widen is a layer SCALE can read (``peft_scale.quantized.check_layer``). Run before any module is
@@ -207,12 +214,15 @@ class ModelPlan:
         blocks: dict[str, dict[str, list]] = defaultdict(lambda: {"inputs": [], "outputs": []})
         tuner_layers = [name + "." for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
         linear = []  # (key, base layer) of every module that becomes a linear SCALE layer
+        experts = {}  # key -> ExpertsLayout of every fused-experts module matched (its own whole FFN)
         for key, module in model.named_modules():
             if not key or any(key.startswith(prefix) for prefix in tuner_layers):
                 continue
             if not check_target_module_exists(config, key):
                 continue
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if self._matched_experts(key, base, experts):
+                continue
             if self.role(key) in LINEAR_ROLES:
                 linear.append((key, base))
             if config.hidden_expansion and not module_name_matches(key, FFN_LAYOUTS[config_model_type(model)].target_modules):
@@ -220,7 +230,7 @@ class ModelPlan:
             role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
             blocks[key.rpartition(".")[0]][role].append((key, base))
 
-        if not blocks:
+        if not blocks and not experts:
             linear_names = sorted({key.rpartition(".")[2] for key, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(
                 f"SCALE: no module of {type(model).__name__} matches target_modules={sorted(config.target_modules)}"
@@ -239,7 +249,7 @@ class ModelPlan:
                 )
         for key, base in linear:
             check_layer(base, key)  # a Linear / Conv1D, plain or quantized by bitsandbytes
-        shapes = set()
+        shapes = {(layout.hidden, layout.intermediate) for layout in experts.values()}
         for block in blocks.values():
             inputs, outputs = block["inputs"], block["outputs"]
             out_key, out_module = outputs[0]
@@ -255,6 +265,24 @@ class ModelPlan:
                         "output of one FFN: check target_modules, ffn_output_modules and ffn_fused_modules."
                     )
         return sorted(map(list, shapes))
+
+
+    def _matched_experts(self, key: str, base: nn.Module, experts: dict) -> bool:
+        """Whether the matched module ``key`` is a fused-experts module (recorded in ``experts``; checked here: an
+        experts module SCALE cannot read and full width are refused)."""
+        try:
+            layout = experts_layout(base)
+        except UnsupportedExperts as error:
+            raise ValueError(f"SCALE: target {key!r}: {error}") from None
+        if layout is None:
+            return False
+        if self.config.hidden_expansion:
+            raise ValueError(
+                f"Full-width SCALE does not widen mixture-of-experts layers ({key!r}): use FFN mode (ffn_expansion "
+                "alone), which widens every expert."
+            )
+        experts[key] = layout
+        return True
 
 
 def plan_model(config: ScaleConfig, model_config) -> ModelPlan:

@@ -804,7 +804,7 @@ class Routing:
                 f"{layer} (preserve_layers), but no widened module was found in that layer."
             )
         if adapter_name not in holder.scale_router:
-            device = holder.get_base_layer().weight.device
+            device = next(holder.get_base_layer().parameters()).device  # (an experts module has no .weight)
             holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
         if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
             layers = model.get_submodule(layer_name.rsplit(".", 1)[0])

@@ -49,9 +49,12 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides):
-    """A tiny random model of ``model_type`` (see TINY_CONFIGS), in eval mode; ``overrides`` change its config."""
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, experts_implementation=None, **overrides):
+    """A tiny random model of ``model_type`` (see TINY_CONFIGS and TINY_MOE_CONFIGS), in eval mode; ``overrides``
+    change its config."""
     torch.manual_seed(seed)
+    sizes = TINY_CONFIGS[model_type] if model_type in TINY_CONFIGS else TINY_MOE_CONFIGS[model_type]
+    implementation = {"experts_implementation": experts_implementation} if experts_implementation else {}
     config = AutoConfig.for_model(
         model_type,
         vocab_size=VOCAB,
@@ -59,9 +62,9 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, **overrides)
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        **{**TINY_CONFIGS[model_type], **overrides},
+        **{**sizes, **overrides},
     )
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, **implementation).eval()
 
 
 def tiny_llama(seed: int = 0, **overrides):
@@ -81,3 +84,21 @@ def perturb_adapter(model, adapter_name: str = "default", seed: int = 0, scale: 
         for name, param in model.named_parameters():
             if ".scale_" in name and name.endswith(f".{adapter_name}"):
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+
+# Mixture-of-experts families whose experts are fused 3-D parameters (peft_scale.experts): 1 layer, 4 experts of
+# intermediate size 24 (Qwen2-MoE: 16, so that 2I = D and only the declared layout tells the orientation), top-2.
+# gpt-oss stores them transposed, gate/up interleaved, with biases; Dots1 derives its shared experts' size from the
+# experts'. (Not in TINY_CONFIGS: no FFN_LAYOUTS row.)
+_MOE = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
+TINY_MOE_CONFIGS = {
+    "mixtral": dict(_MOE, num_local_experts=4, intermediate_size=24),
+    "qwen2_moe": dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=32, intermediate_size=48),
+    "gpt_oss": dict(_MOE, num_local_experts=4, intermediate_size=24, head_dim=8, layer_types=["full_attention"]),
+    # shared experts sized moe_intermediate_size * n_shared_experts
+    "dots1": dict(
+        _MOE, n_routed_experts=4, moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=0, head_dim=8,
+        intermediate_size=48,
+    ),
+}
