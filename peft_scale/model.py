@@ -12,12 +12,12 @@ from torch import nn
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, FfnLayout
 from .config import ScaleConfig
 from .embedding import Embedding
+from .ffn_detection import DetectedFfn, find_ffn
 from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
     check_quantized_merge,
-    intermediate_size_field,
-    merged_intermediate_size,
+    merged_config_sizes,
     refuse_standard_checkpoint,
 )
 from .norm import RMSNorm
@@ -25,17 +25,6 @@ from .plan import ModelPlan, full_width_targets, fused_parts, plan_learned_route
 from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
 from .routing import RouteResult, Routing, check_routed_together, outranked_adapters
-
-
-def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
-    known = ", ".join(sorted(FFN_LAYOUTS))
-    return ValueError(
-        f"SCALE does not know where the FFN of model_type {model_type!r} is, so it cannot choose `{missing}`. "
-        "Name the FFN projections yourself: for an MLP `down(act(gate(x)) * up(x))`, use "
-        "ScaleConfig(ffn_expansion=..., target_modules=['gate', 'up', 'down'], ffn_output_modules=['down']) "
-        "with your model's module names (add ffn_fused_modules={'gate_up': 2} for a fused [gate; up] projection). "
-        f"Architectures with a built-in layout: {known}."
-    )
 
 
 class ScaleModel(BaseTuner):
@@ -86,17 +75,28 @@ class ScaleModel(BaseTuner):
         num_layers = model_config.get("num_hidden_layers")
         if num_layers is not None and peft_config.preserve_layers > num_layers:
             raise ValueError(f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers.")
+        if layout is None and (peft_config.target_modules is None or peft_config.ffn_output_modules is None):
+            layout = self._detected_layout(peft_config)
         if peft_config.target_modules is None:
-            if layout is None:
-                raise _unknown_architecture_error(model_type, "target_modules")
             peft_config.target_modules = set(layout.target_modules)
+            peft_config.ffn_found_by = "table" if model_type in FFN_LAYOUTS else "shape"
         if peft_config.ffn_output_modules is None:
-            if layout is None:
-                raise _unknown_architecture_error(model_type, "ffn_output_modules")
-            peft_config.ffn_output_modules = [layout.output_module]
+            peft_config.ffn_output_modules = (
+                [layout.output_module] if isinstance(layout, FfnLayout) else list(layout.output_modules)
+            )
         if peft_config.ffn_fused_modules is None:
             peft_config.ffn_fused_modules = dict(layout.fused_modules) if layout else {}
         return peft_config
+
+    def _detected_layout(self, peft_config: ScaleConfig) -> DetectedFfn:
+        """The FFN found by its shape (``peft_scale.ffn_detection``), for a family the table does not list."""
+        if peft_config.target_modules is not None:
+            raise ValueError(
+                f"SCALE: target_modules={sorted(peft_config.target_modules)} is set but ffn_output_modules is not, and "
+                "this family is not in peft_scale.architectures.FFN_LAYOUTS: name the output projection(s) too, "
+                "e.g. ffn_output_modules=['down_proj'], or leave both unset to find the FFN by its shape."
+            )
+        return find_ffn(self.model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
         # Work on a copy: the fields filled in below describe this model, and the caller may reuse its config object
@@ -243,10 +243,9 @@ class ScaleModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         merging = [self.peft_config[name] for name in (adapter_names or self.active_adapters)] if merge else []
         check_mergeable(merging)
-        config_field = intermediate_size_field(self.model)
-        new_size = None
+        new_sizes = []
         if merge and getattr(self.model, "config", None) is not None:
-            new_size = merged_intermediate_size(self.model, list(self.peft_config.values()), adapter_names)
+            new_sizes = merged_config_sizes(self.model, list(self.peft_config.values()), adapter_names)
         elif not merge:
             # unload() gives back the pre-trained model: undo merges first so that every layer has its old shape.
             for module in self.model.modules():
@@ -257,8 +256,8 @@ class ScaleModel(BaseTuner):
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        if new_size is not None:
-            setattr(model.config, config_field, new_size)
+        for holder, config_field, new_size in new_sizes:  # the model's config or its text config
+            setattr(holder, config_field, new_size)
         if any(config.hidden_expansion for config in merging):
             refuse_standard_checkpoint(model)
         return model

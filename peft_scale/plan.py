@@ -24,6 +24,7 @@ from torch import nn
 
 from .architectures import FFN_LAYOUTS, FULL_WIDTH_LAYOUTS, DecoderLayout, module_name_matches
 from .config import ScaleConfig
+from .ffn_detection import join_split_mlps
 from .quantized import check_layer, weight_shape
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
@@ -206,6 +207,7 @@ class ModelPlan:
             role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
             blocks[key.rpartition(".")[0]][role].append((key, base))
 
+        blocks = join_split_mlps(blocks)
         if not blocks:
             linear_names = sorted({key.rpartition(".")[2] for key, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(
