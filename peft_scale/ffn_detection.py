@@ -74,7 +74,16 @@ def hidden_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(text, "hidden_size", None)
-    return size if isinstance(size, int) else model.get_input_embeddings().weight.shape[1]
+    if isinstance(size, int):
+        return size
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None:
+        raise ValueError(
+            f"SCALE could not find the FFN of {type(model).__name__} by its shape: it has no config.hidden_size and "
+            "no input embedding to read the hidden size from. Name the FFN yourself: ScaleConfig(ffn_expansion=..., "
+            "target_modules=[<input projections>, <output projection>], ffn_output_modules=[<output projection>])."
+        )
+    return embedding.weight.shape[1]
 
 
 @dataclass
@@ -167,7 +176,7 @@ def _check_elementwise(model: nn.Module, candidate: _Candidate, hidden: int) -> 
     handles.append(output.register_forward_pre_hook(record_input))
     was_training = model.training
     model.eval()
-    ids = torch.arange(3, device=weight.device)[None] % model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(3, device=weight.device)[None]  # token ids 0, 1, 2 (for the whole model)
     try:
         # The MLP on hidden states; if it needs more (BLOOM's and MPT's take the residual too), the whole model.
         for run in (lambda: parent(x), lambda: model(ids)):
@@ -288,15 +297,23 @@ def _fused_experts_error(model: nn.Module, fused: list[str], dense: list) -> Non
 
 
 def join_split_mlps(blocks: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
-    """``{parent: {"inputs": [...], "outputs": [...]}}`` with each parent that holds only inputs or only outputs joined
-    to the others under its own parent (BERT's ``layer.N.intermediate.dense`` and ``layer.N.output.dense`` are one
-    MLP of ``layer.N``), as ``find_ffn`` groups them."""
-    joined: dict[str, dict[str, list]] = defaultdict(lambda: {"inputs": [], "outputs": []})
+    """``{parent: {"inputs": [...], "outputs": [...]}}`` with parents that hold only inputs and parents that hold only
+    outputs joined under their common parent when together they make an MLP (BERT's ``layer.N.intermediate.dense`` and
+    ``layer.N.output.dense`` are one MLP of ``layer.N``), as ``find_ffn`` groups them. A part left alone stays as it was
+    (so an MLP matched in part is reported under its own name)."""
+    whole = {parent: block for parent, block in blocks.items() if block["inputs"] and block["outputs"]}
+    partial: dict[str, list[str]] = defaultdict(list)
     for parent, block in blocks.items():
-        key = parent if block["inputs"] and block["outputs"] else parent.rpartition(".")[0]
-        joined[key]["inputs"] += block["inputs"]
-        joined[key]["outputs"] += block["outputs"]
-    return dict(joined)
+        if parent not in whole:
+            partial[parent.rpartition(".")[0]].append(parent)
+    for grandparent, parents in partial.items():
+        inputs = [item for parent in parents for item in blocks[parent]["inputs"]]
+        outputs = [item for parent in parents for item in blocks[parent]["outputs"]]
+        if inputs and outputs:
+            whole[grandparent] = {"inputs": inputs, "outputs": outputs}
+        else:
+            whole.update({parent: blocks[parent] for parent in parents})
+    return whole
 
 
 # ----------------------------------------------------------------------------------------- the merged config
