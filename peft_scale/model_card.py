@@ -87,8 +87,10 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
 
 def ffn_choice(config: ScaleConfig) -> str:
     """Which projections SCALE widens as the FFN, and where that came from (the table, the shape, or the user)."""
+    if config.hidden_expansion:
+        return "every projection (full width)"
     outputs = set(config.ffn_output_modules or [])
-    inputs = sorted(set(config.target_modules or []) - outputs) if not config.hidden_expansion else ["(full width)"]
+    inputs = sorted(set(config.target_modules or []) - outputs)
     source = {"table": "from the family's table", "shape": "found by shape"}.get(config.ffn_found_by, "named by the user")
     return f"{', '.join(inputs)} -> {', '.join(sorted(outputs))} ({source})"
 
