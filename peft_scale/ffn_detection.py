@@ -6,13 +6,16 @@ what lies between them is elementwise. ``find_ffn`` looks for exactly that, per 
 
 1. shape: the linear layers (``nn.Linear``, bitsandbytes' subclasses of it, GPT-2's ``Conv1D``) directly under one
    parent that read ``d`` and write ``p * I`` (``p`` = 1 or 2 packed parts), and exactly one that reads ``I`` and
-   writes ``d``. A mixture-of-experts router (``d -> num_experts``) has no output projection next to it, so it is
-   never taken for an FFN.
+   writes ``d`` (projections alone under their parent, as BERT's ``intermediate.dense`` / ``output.dense``, are
+   grouped one level up). A mixture-of-experts router (``d -> num_experts``) has no output projection next to it,
+   so it is never taken for an FFN; each expert of a ``ModuleList`` and a shared expert are MLPs of their own.
 2. behaviour, checked, not assumed (``_check_elementwise``): the parent is run on a small random input with hooks
    that add a bump to intermediate feature ``j`` of every input projection's output; the output projection's input
    must change in feature ``j`` and in no other. Attention (softmax over positions, heads mixing) fails this check,
    or cannot be called with the hidden states alone; either way it is not an FFN. Every projection must run exactly
-   once per call (a projection read twice would carry the new features twice).
+   once per call (a projection read twice would carry the new features twice). An MLP that needs more than the
+   hidden states (BLOOM's takes the residual) is probed inside a forward pass of the whole model; MLPs of the same
+   structure (every layer's, every expert's) are probed once.
 
 The result is a set of module-name suffixes (the shortest that match the found projections and nothing else), in
 the form ``ScaleConfig`` takes them (``target_modules``, ``ffn_output_modules``, ``ffn_fused_modules``). Detection
@@ -133,8 +136,8 @@ def _structure(model: nn.Module, candidate: _Candidate) -> tuple:
     """What makes two candidates the same MLP in another layer or expert: names without indices, classes, shapes."""
     names = [name for name, _ in candidate.inputs] + candidate.outputs
     return tuple(
-        (re.sub(r"\.\d+(?=\.|$)", ".*", name), type(model.get_submodule(name)).__name__, _shape(model.get_submodule(name)))
-        for name in names
+        (re.sub(r"\.\d+(?=\.|$)", ".*", name), type(module).__name__, _shape(module))
+        for name, module in ((name, model.get_submodule(name)) for name in names)
     )
 
 
@@ -148,7 +151,7 @@ def _check_elementwise(model: nn.Module, candidate: _Candidate, hidden: int) -> 
     weight = next((p for p in parent.parameters() if p.is_floating_point()), None)
     if weight is None or weight.device.type == "meta":
         return "its weights are not in memory (meta device)"
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else torch.float32
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     x = torch.randn(1, 3, hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
     size = candidate.intermediate
     parts = dict(candidate.inputs)

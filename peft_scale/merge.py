@@ -137,7 +137,9 @@ def _output_layers(model: nn.Module, configs: list) -> list[tuple[str, nn.Module
     ]
 
 
-def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> dict[str, tuple[int, int]]:
+def _merged_intermediate_sizes(
+    model: nn.Module, configs: list, adapter_names: Optional[list[str]]
+) -> dict[str, tuple[int, int]]:
     """Output projection name -> (its base intermediate size, its merged one)."""
     from .layer import Linear
 
@@ -146,13 +148,16 @@ def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: O
         if isinstance(module, Linear):
             merging = adapter_names if adapter_names is not None else module.active_adapters
             merging = set(merging) | set(module.merged_adapters)
-            sizes[key] = (module.in_features, module.in_features + sum(module.in_expansion.get(name, 0) for name in merging))
+            added = sum(module.in_expansion.get(name, 0) for name in merging)
+            sizes[key] = (module.in_features, module.in_features + added)
         else:
             sizes[key] = (weight_shape(module)[1],) * 2
     return sizes
 
 
-def merged_config_sizes(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> list[tuple[object, str, int]]:
+def merged_config_sizes(
+    model: nn.Module, configs: list, adapter_names: Optional[list[str]]
+) -> list[tuple[object, str, int]]:
     """The config fields a merge updates, as ``(config, field, new value)``: the fields of each base intermediate size
     (a dense MLP and a mixture-of-experts' experts keep theirs in different fields), found by
     ``peft_scale.ffn_detection.intermediate_size_fields``.

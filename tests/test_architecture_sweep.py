@@ -16,7 +16,7 @@ from tiny_models import built_registry_model, check_family_end_to_end, registry_
 
 torch.set_num_threads(1)
 
-_FUSED = ("fused 3-D parameters", "experts kept as fused 3-D parameters: widened by peft_scale.experts (issue 29, MoE part)")
+_FUSED = ("fused 3-D parameters", "experts kept as fused 3-D parameters: peft_scale.experts widens them (issue 29)")
 _NO_FIELD = ("Cannot merge: no field of", "the config has no intermediate-size field (the FFN is 4 x hidden in code)")
 _NOT_FOUND = ("SCALE could not find the FFN", "no elementwise MLP of linear layers")
 

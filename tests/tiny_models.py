@@ -65,7 +65,7 @@ def perturb_adapter(model, adapter_name: str = "default", seed: int = 0, scale: 
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
-# ------------------------------------------------------------------- every causal-LM family of the installed transformers
+# ----------------------------------------------------------- every causal-LM family of the installed transformers
 
 # Sizes set on every registry family whose default config has the field (1 layer; distinct sizes, so that a merged
 # config field is found by its value and no two FFN sizes are confused).
