@@ -267,6 +267,13 @@ class ScaleConfig(PeftConfig):
         default=None,
         metadata={"help": "Filled in at injection: [input, intermediate] sizes of the widened FFNs, checked on load."},
     )
+    ffn_found_by: Optional[Literal["table", "shape"]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in at injection when no module names were given: the FFN projections came from the "
+            "family's row in FFN_LAYOUTS ('table') or were found by their shape ('shape')."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

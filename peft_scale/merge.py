@@ -2,8 +2,8 @@
 
 - ``widened_copy``: one layer's block matrix as one wider layer (``peft_scale.layer.Linear.merge``).
 - The merge policy, checked by ``ScaleModel`` before anything is folded: what cannot be merged
-  (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized base), the one
-  intermediate size the merged model's config records (``merged_intermediate_size``), and what the merged model
+  (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized base), the
+  intermediate sizes the merged model's config records (``merged_config_sizes``), and what the merged model
   may not do afterwards (``refuse_standard_checkpoint``).
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .architectures import FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, module_name_matches
+from .ffn_detection import intermediate_size_fields
 from .quantized import bnb_kind, has_quantized_layers, quantized_like, weight_rows, weight_shape
 
 
@@ -132,11 +133,14 @@ def _output_layers(model: nn.Module, configs: list) -> list[tuple[str, nn.Module
     return [
         (key, module)
         for key, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Linear)) and module_name_matches(key, names)
+        if isinstance(module, (nn.Linear, Conv1D, Linear)) and module_name_matches(key, names)
     ]
 
 
-def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> dict[str, int]:
+def _merged_intermediate_sizes(
+    model: nn.Module, configs: list, adapter_names: Optional[list[str]]
+) -> dict[str, tuple[int, int]]:
+    """Output projection name -> (its base intermediate size, its merged one)."""
     from .layer import Linear
 
     sizes = {}
@@ -144,50 +148,54 @@ def _merged_intermediate_sizes(model: nn.Module, configs: list, adapter_names: O
         if isinstance(module, Linear):
             merging = adapter_names if adapter_names is not None else module.active_adapters
             merging = set(merging) | set(module.merged_adapters)
-            sizes[key] = module.in_features + sum(module.in_expansion.get(name, 0) for name in merging)
+            added = sum(module.in_expansion.get(name, 0) for name in merging)
+            sizes[key] = (module.in_features, module.in_features + added)
         else:
-            sizes[key] = weight_shape(module)[1]
+            sizes[key] = (weight_shape(module)[1],) * 2
     return sizes
 
 
-def intermediate_size_field(model: nn.Module) -> Optional[str]:
-    """The field of the model's config that holds the FFN intermediate size (``None`` if unknown)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    layout = FFN_LAYOUTS.get(getattr(config, "model_type", None))
-    if layout is not None:
-        return layout.size_field
-    return next((name for name in INTERMEDIATE_SIZE_FIELDS if hasattr(config, name)), None)
+def merged_config_sizes(
+    model: nn.Module, configs: list, adapter_names: Optional[list[str]]
+) -> list[tuple[object, str, int]]:
+    """The config fields a merge updates, as ``(config, field, new value)``: the fields of each base intermediate size
+    (a dense MLP and a mixture-of-experts' experts keep theirs in different fields), found by
+    ``peft_scale.ffn_detection.intermediate_size_fields``.
 
-
-def merged_intermediate_size(model: nn.Module, configs: list, adapter_names: Optional[list[str]]) -> Optional[int]:
-    """The one intermediate size of the merged model's FFNs, for its config (``None``: no FFN output found).
-
-    A standard checkpoint holds one size for all layers, so the merged FFNs must agree.
+    A standard checkpoint holds one size per field, so the merged FFNs of one base size must agree.
 
     Raises:
-        ValueError: the merged FFNs would differ in size, or the config's size field is unknown.
+        ValueError: the merged FFNs of one base size would differ, or no config field holds a base size.
     """
-    sizes = _merged_intermediate_sizes(model, configs, adapter_names)
-    if len(set(sizes.values())) > 1:
-        by_size = defaultdict(list)
-        for key, size in sizes.items():
-            by_size[size].append(key)
-        summary = "; ".join(f"{size}: {len(keys)} layers, e.g. {keys[0]!r}" for size, keys in by_size.items())
-        raise ValueError(
-            "Cannot merge into a standard checkpoint: the merged FFNs would have different intermediate sizes "
-            f"({summary}), and a {type(model.config).__name__} holds one size for all layers. Widen "
-            "every layer (drop layers_to_transform / exclude_modules), or keep the model unmerged and save "
-            "the adapter with save_pretrained."
-        )
-    if sizes and intermediate_size_field(model) is None:
-        raise ValueError(
-            f"Cannot merge: SCALE does not know which field of {type(model.config).__name__} holds the "
-            f"intermediate size (tried {list(INTERMEDIATE_SIZE_FIELDS)}). Add the architecture to "
-            "peft_scale.architectures.FFN_LAYOUTS."
-        )
-    return next(iter(sizes.values()), None)
+    config = model.config
+    layout = FFN_LAYOUTS.get(getattr(config, "model_type", None))
+    by_base = defaultdict(lambda: defaultdict(list))
+    for key, (base, merged) in _merged_intermediate_sizes(model, configs, adapter_names).items():
+        by_base[base][merged].append(key)
+    fields = []
+    for base, merged in by_base.items():
+        if len(merged) > 1:
+            summary = "; ".join(f"{size}: {len(keys)} layers, e.g. {keys[0]!r}" for size, keys in merged.items())
+            raise ValueError(
+                "Cannot merge into a standard checkpoint: the merged FFNs would have different intermediate sizes "
+                f"({summary}), and a {type(config).__name__} holds one size for all layers. Widen "
+                "every layer (drop layers_to_transform / exclude_modules), or keep the model unmerged and save "
+                "the adapter with save_pretrained."
+            )
+        found = intermediate_size_fields(config, base, layout.size_field if layout else None)
+        if not found:
+            raise ValueError(
+                f"Cannot merge: no field of {type(config).__name__} holds the intermediate size {base} (tried "
+                f"{list(INTERMEDIATE_SIZE_FIELDS)}, then the fields named like an FFN size whose value is {base}), so "
+                "the merged checkpoint could not record the wider FFN. Keep the model unmerged and save the adapter "
+                "with save_pretrained, or add the architecture to peft_scale.architectures.FFN_LAYOUTS with its "
+                "size_field."
+            )
+        fields += [(holder, name, next(iter(merged))) for holder, name in found]
+    names = [name for _, name, _ in fields]
+    if len(set(names)) < len(names):
+        raise ValueError(f"Cannot merge: one config field would have to hold two merged sizes ({names}).")
+    return fields
 
 
 # Here rather than in norm.py (whose SplitRMSNorm is the reason) or model.py (which calls it): it is the export

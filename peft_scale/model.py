@@ -21,12 +21,12 @@ from .experts import (
     merged_experts_size,
     refuse_unloadable_checkpoint,
 )
+from .ffn_detection import DetectedFfn, find_ffn
 from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
     check_quantized_merge,
-    intermediate_size_field,
-    merged_intermediate_size,
+    merged_config_sizes,
     refuse_standard_checkpoint,
 )
 from .norm import RMSNorm, split_norm_class
@@ -42,17 +42,6 @@ from .plan import (
 from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
 from .routing import RouteResult, Routing, check_routed_together, outranked_adapters
-
-
-def _unknown_architecture_error(model_type: str, missing: str) -> ValueError:
-    known = ", ".join(sorted(FFN_LAYOUTS))
-    return ValueError(
-        f"SCALE does not know where the FFN of model_type {model_type!r} is, so it cannot choose `{missing}`. "
-        "Name the FFN projections yourself: for an MLP `down(act(gate(x)) * up(x))`, use "
-        "ScaleConfig(ffn_expansion=..., target_modules=['gate', 'up', 'down'], ffn_output_modules=['down']) "
-        "with your model's module names (add ffn_fused_modules={'gate_up': 2} for a fused [gate; up] projection). "
-        f"Architectures with a built-in layout: {known}."
-    )
 
 
 class ScaleModel(BaseTuner):
@@ -109,17 +98,34 @@ class ScaleModel(BaseTuner):
         num_layers = model_config.get("num_hidden_layers")
         if num_layers is not None and peft_config.preserve_layers > num_layers:
             raise ValueError(f"preserve_layers={peft_config.preserve_layers} exceeds the model's {num_layers} layers.")
+        if layout is None and (peft_config.target_modules is None or peft_config.ffn_output_modules is None):
+            layout = self._detected_layout(peft_config, experts_found=bool(expert_targets))
         if peft_config.target_modules is None:
-            if layout is None and not expert_targets:
-                raise _unknown_architecture_error(model_type, "target_modules")
             peft_config.target_modules = set(layout.target_modules if layout else ()) | set(expert_targets)
+            peft_config.ffn_found_by = "table" if model_type in FFN_LAYOUTS else "shape"
         if peft_config.ffn_output_modules is None:
-            if layout is None and not expert_targets:
-                raise _unknown_architecture_error(model_type, "ffn_output_modules")
-            peft_config.ffn_output_modules = [layout.output_module] if layout else []
+            if layout is None:  # every FFN of the model is a fused-experts module (its own whole FFN)
+                peft_config.ffn_output_modules = []
+            else:
+                peft_config.ffn_output_modules = (
+                    [layout.output_module] if isinstance(layout, FfnLayout) else list(layout.output_modules)
+                )
         if peft_config.ffn_fused_modules is None:
             peft_config.ffn_fused_modules = dict(layout.fused_modules) if layout else {}
         return peft_config
+
+    def _detected_layout(self, peft_config: ScaleConfig, experts_found: bool) -> Optional[DetectedFfn]:
+        """The FFN found by its shape (``peft_scale.ffn_detection``), for a family the table does not list; ``None``
+        when the model's only FFNs are fused-experts modules (``experts_found``)."""
+        if peft_config.target_modules is not None:
+            if experts_found:
+                return None
+            raise ValueError(
+                f"SCALE: target_modules={sorted(peft_config.target_modules)} is set but ffn_output_modules is not, and "
+                "this family is not in peft_scale.architectures.FFN_LAYOUTS: name the output projection(s) too, "
+                "e.g. ffn_output_modules=['down_proj'], or leave both unset to find the FFN by its shape."
+            )
+        return find_ffn(self.model, experts_found=experts_found)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
         # The fields SCALE fills in (target modules, base FFN shapes, ...) describe this model. They are filled in on a
@@ -310,24 +316,24 @@ class ScaleModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         merging = self._check_before_merging(adapter_names, safe_merge) if merge else []
-        config_field = intermediate_size_field(self.model)
-        new_size = None
+        new_sizes = []
         if merge and getattr(self.model, "config", None) is not None:
-            new_size = merged_intermediate_size(self.model, list(self.peft_config.values()), adapter_names)
+            new_sizes = merged_config_sizes(self.model, list(self.peft_config.values()), adapter_names)
         experts_size = merged_experts_size(self.model, adapter_names) if merge else None
-        if experts_size is not None and new_size is not None and experts_size[0] == config_field and experts_size[1] != new_size:
-            raise ValueError(
-                f"Cannot merge into a standard checkpoint: the dense MLPs and the experts share the config field "
-                f"{config_field!r} but would have sizes {new_size} and {experts_size[1]}. Keep the model unmerged and "
-                "save the adapter with save_pretrained."
-            )
+        for _, config_field, new_size in new_sizes:
+            if experts_size is not None and experts_size[0] == config_field and experts_size[1] != new_size:
+                raise ValueError(
+                    f"Cannot merge into a standard checkpoint: the dense MLPs and the experts share the config field "
+                    f"{config_field!r} but would have sizes {new_size} and {experts_size[1]}. Keep the model unmerged "
+                    "and save the adapter with save_pretrained."
+                )
         if "_routing" in self.__dict__:
             self._routing.remove()
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
-        if new_size is not None:
-            setattr(model.config, config_field, new_size)
+        for holder, config_field, new_size in new_sizes:  # the model's config or its text config
+            setattr(holder, config_field, new_size)
         if experts_size is not None:
             setattr(model.config, *experts_size)
             refuse_unloadable_checkpoint(model)

@@ -78,10 +78,21 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
         "mode": mode,
         "hidden size": hidden_text,
         "FFN size": ffn_text,
+        "FFN projections": ffn_choice(config),
         "variant": variant,
         "trained W12": w12,
         "init": config.init,
     }
+
+
+def ffn_choice(config: ScaleConfig) -> str:
+    """Which projections SCALE widens as the FFN, and where that came from (the table, the shape, or the user)."""
+    if config.hidden_expansion:
+        return "every projection (full width)"
+    outputs = set(config.ffn_output_modules or [])
+    inputs = sorted(set(config.target_modules or []) - outputs)
+    source = {"table": "from the family's table", "shape": "found by shape"}.get(config.ffn_found_by, "named by the user")
+    return f"{', '.join(inputs)} -> {', '.join(sorted(outputs))} ({source})"
 
 
 def _one_or_list(values: set[int]) -> str:
@@ -235,6 +246,20 @@ def install_model_card_hook() -> None:
 
     create_or_update_model_card._adds_scale_section = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.print_trainable_parameters = _print_with_ffn_choice(PeftModel.print_trainable_parameters)
+
+
+def _print_with_ffn_choice(print_trainable_parameters):
+    """PEFT's line, then for each SCALE adapter in FFN mode the projections it widens and where they came from."""
+
+    @functools.wraps(print_trainable_parameters)
+    def print_with_ffn_choice(self):
+        print_trainable_parameters(self)
+        for name, config in scale_configs(self).items():
+            if not config.hidden_expansion:
+                print(f"SCALE adapter {name!r}: FFN projections {ffn_choice(config)}")
+
+    return print_with_ffn_choice
     PeftModel.push_to_hub = _push_to_hub_with_scale_card(PeftModel.push_to_hub)
 
 

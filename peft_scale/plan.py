@@ -31,6 +31,7 @@ from .architectures import (
 )
 from .config import ScaleConfig
 from .experts import UnsupportedExperts, experts_layout
+from .ffn_detection import join_split_mlps
 from .quantized import check_layer, weight_shape
 
 ATTENTION_ROLES = ("query", "key_value", "attention_output")
@@ -230,6 +231,7 @@ class ModelPlan:
             role = "outputs" if module_name_matches(key, config.ffn_output_modules) else "inputs"
             blocks[key.rpartition(".")[0]][role].append((key, base))
 
+        blocks = join_split_mlps(blocks)
         if not blocks and not experts:
             linear_names = sorted({key.rpartition(".")[2] for key, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ValueError(

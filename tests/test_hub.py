@@ -46,7 +46,7 @@ def test_card_names_the_method_sizes_variant_base_model_and_shows_how_to_load(tm
     assert "## SCALE adapter" in text and PAPER_URL in text
     assert f"- **Base model:** `{BASE_REPO}`" in text
     # tiny_llama: hidden 32, FFN 64; FFN mode adds 8 neurons and trains W12 from layer 0 up
-    assert "| `default` | `.` | FFN | unchanged | 64 + 8 | adapt | FFN, layers 0 and up | svd |" in text
+    assert "| `default` | `.` | FFN | unchanged | 64 + 8 | gate_proj, up_proj -> down_proj (from the family's table) | adapt | FFN, layers 0 and up | svd |" in text
     assert "pip install peft-scale" in text
     assert "import peft_scale" in text
     assert f'base = AutoModelForCausalLM.from_pretrained("{BASE_REPO}")' in text
@@ -62,10 +62,10 @@ def test_card_of_a_full_width_route_adapter_and_a_second_adapter(tmp_path):
     model.save_pretrained(tmp_path / "out")
     text = read_card(tmp_path / "out").text
     assert (
-        "| `default` | `.` | full width | 32 + 16 | 64 + 8 | route (cosine rule, tau = 0.5) | all, layers 1 and up | svd |"
+        "| `default` | `.` | full width | 32 + 16 | 64 + 8 | every projection (full width) | route (cosine rule, tau = 0.5) | all, layers 1 and up | svd |"
         in text
     )
-    assert "| `extra` | `extra` | full width | 32 + 16 | 64 + 4 | preserve | none (W12 = 0 everywhere) | svd |" in text
+    assert "| `extra` | `extra` | full width | 32 + 16 | 64 + 4 | every projection (full width) | preserve | none (W12 = 0 everywhere) | svd |" in text
     assert "merge_and_unload" not in text  # neither can be saved merged
     assert "AutoPeftModelForCausalLM" not in text  # no task_type: PeftModel only
 

@@ -99,9 +99,9 @@ def test_unknown_architecture_says_how_to_name_the_modules():
         def forward(self, x):
             return x + self.w_out(torch.relu(self.w_in(x)))
 
-    with pytest.raises(ValueError, match=r"does not know where the FFN of model_type 'custom' is.*ffn_output_modules"):
+    with pytest.raises(ValueError, match=r"could not find the FFN of Block.*no config.hidden_size.*ffn_output_modules"):
         get_peft_model(Block(), ScaleConfig(ffn_expansion=4))
-    with pytest.raises(ValueError, match="cannot choose `ffn_output_modules`"):
+    with pytest.raises(ValueError, match=r"ffn_output_modules is not.*name the output projection"):
         get_peft_model(Block(), ScaleConfig(ffn_expansion=4, target_modules=["w_in", "w_out"]))
 
 

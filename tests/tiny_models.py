@@ -102,3 +102,92 @@ TINY_MOE_CONFIGS = {
         intermediate_size=48,
     ),
 }
+
+# ----------------------------------------------------------- every causal-LM family of the installed transformers
+
+# Sizes set on every registry family whose default config has the field (1 layer; distinct sizes, so that a merged
+# config field is found by its value and no two FFN sizes are confused).
+REGISTRY_SIZES = dict(
+    hidden_size=32, n_embd=32, d_model=32, intermediate_size=48, n_inner=48, ffn_dim=48, ffn_hidden_size=48,
+    num_hidden_layers=1, n_layer=1, num_layers=1, num_attention_heads=4, n_head=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, n_positions=64, num_local_experts=4, num_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+)
+# Family-specific tweaks (sizes that must divide, features a 1-layer model cannot have).
+REGISTRY_TWEAKS = {
+    "gptj": dict(rotary_dim=4),
+    "gpt_neox": dict(rotary_pct=0.25),
+    "codegen": dict(rotary_dim=4),
+}
+
+
+MAX_TINY_PARAMETERS = 2_000_000
+
+
+def registry_model_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tiny_registry_model(model_type: str, seed: int = 0):
+    """A 1-layer random model of a registry family, sizes from REGISTRY_SIZES where its config has the field."""
+    default = AutoConfig.for_model(model_type)
+    text = default.get_text_config() if hasattr(default, "get_text_config") else default
+    sizes = {k: v for k, v in REGISTRY_SIZES.items() if k in vars(text)}
+    overrides = {**sizes, **REGISTRY_TWEAKS.get(model_type, {})}
+    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text, token, None) is not None:
+            overrides[token] = 1
+    config = AutoConfig.for_model(model_type, **overrides) if text is default else default
+    if text is not default:
+        for key, value in overrides.items():
+            setattr(text, key, value)
+    with torch.device("meta"):  # count first: a family that ignores these sizes can be gigabytes
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_TINY_PARAMETERS:
+        raise ValueError(f"{size:,} parameters at these sizes (its config ignores them)")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def built_registry_model(model_type: str):
+    """``(model, its logits, the input ids)``: a family counts as built when its tiny model runs a forward pass."""
+    ids = random_ids(batch=1, length=6, vocab=VOCAB)
+    model = tiny_registry_model(model_type)
+    with torch.no_grad():
+        return model, model(ids).logits, ids
+
+
+def check_family_end_to_end(model_type: str, peft_config, tmp_path) -> None:
+    """The whole life of an adapter on one registry family, asserted step by step: the base logits at init, one
+    optimizer step changes them, ``disable_adapter`` restores them, save/load round-trips, and ``merge_and_unload``
+    gives a checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads without peft, with the same logits."""
+    from peft import PeftModel, get_peft_model
+
+    model, base, ids = built_registry_model(model_type)
+    peft_model = get_peft_model(model, peft_config)
+    with torch.no_grad():
+        assert (peft_model(ids).logits - base).abs().max() <= 1e-5, "not the base logits at init"
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    peft_model(ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in params), "no adapter parameter got a gradient"
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(ids).logits
+        assert not torch.equal(trained, base), "one optimizer step did not change the logits"
+        with peft_model.disable_adapter():
+            assert (peft_model(ids).logits - base).abs().max() <= 1e-5, "disable_adapter did not restore the base"
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_registry_model(model_type), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - trained).abs().max() <= 1e-5, "save/load changed the logits"
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("scale_" in name or "lora_" in name for name, _ in plain.named_parameters())
+    with torch.no_grad():
+        assert (plain(ids).logits - trained).abs().max() <= 1e-4, "the merged checkpoint's logits differ"
