@@ -247,6 +247,7 @@ def install_model_card_hook() -> None:
     create_or_update_model_card._adds_scale_section = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel.print_trainable_parameters = _print_with_ffn_choice(PeftModel.print_trainable_parameters)
+    PeftModel.push_to_hub = _push_to_hub_with_scale_card(PeftModel.push_to_hub)
 
 
 def _print_with_ffn_choice(print_trainable_parameters):
@@ -260,7 +261,6 @@ def _print_with_ffn_choice(print_trainable_parameters):
                 print(f"SCALE adapter {name!r}: FFN projections {ffn_choice(config)}")
 
     return print_with_ffn_choice
-    PeftModel.push_to_hub = _push_to_hub_with_scale_card(PeftModel.push_to_hub)
 
 
 def _push_to_hub_with_scale_card(push_to_hub):
