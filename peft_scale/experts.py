@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from torch import nn
 from torch.func import functional_call
 
