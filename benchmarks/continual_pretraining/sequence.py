@@ -444,8 +444,6 @@ def _yes(value) -> str:
 
 def write_report(results: dict, output_dir: Path) -> None:
     """results.md and the plots from ``results`` (as written to results.json)."""
-    from benchmarks.plotting import plot_curves
-
     output_dir = Path(output_dir)
     base, goals = results["base"], results["goals"]
     lines = [
@@ -501,6 +499,14 @@ def write_report(results: dict, output_dir: Path) -> None:
     lines += ["Plots: " + ", ".join(f"`{name}`" for name in plot_files()), ""]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.md").write_text("\n".join(lines))
+    write_plots(results, output_dir)
+
+
+def write_plots(results: dict, output_dir: Path) -> None:
+    """Each measure over the stages (base, after Spanish, after French) of every row that ran both stages."""
+    from benchmarks.plotting import plot_curves
+
+    base = results["base"]
     for key, ylabel in PLOTS.items():
         curves = {}
         for name, record in results["runs"].items():

@@ -58,3 +58,40 @@ def test_plot_tradeoff_sweeps_rejects_bad_input(tmp_path, sweeps):
     with pytest.raises(ValueError, match="forgetting, learning, label"):
         plot_tradeoff_sweeps(sweeps, tmp_path / "x.png", title="t", xlabel="x", ylabel="y")
     assert not (tmp_path / "x.png").exists()
+
+
+# -------------------------------------------------------------------------- benchmarks/replot.py
+
+
+@pytest.mark.parametrize(
+    ("folder", "kind"),
+    [
+        ("biography/learned_router_smoothed", "biography"),
+        ("continual_pretraining/h100_60_steps", "continual_pretraining"),
+        ("continual_pretraining/sequence_cpu_40_steps", "continual_pretraining.sequence"),
+    ],
+)
+def test_replot_draws_the_plots_a_results_json_names(tmp_path, folder, kind):
+    """The PNGs are not in git: each benchmark's plots are drawn again from its committed results.json."""
+    import json
+
+    from benchmarks.continual_pretraining import report, sequence
+    from benchmarks.replot import RESULTS, main
+
+    (tmp_path / "results.json").write_bytes((RESULTS / folder / "results.json").read_bytes())
+    assert main([str(tmp_path)]) == {str(tmp_path / "results.json"): kind}
+    named = {
+        "biography": lambda: json.loads((tmp_path / "results.json").read_text())["plots"],
+        "continual_pretraining": report.plot_files,
+        "continual_pretraining.sequence": sequence.plot_files,
+    }[kind]()
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == sorted(named)
+    assert all(path.read_bytes()[:8] == PNG_SIGNATURE for path in tmp_path.glob("*.png"))
+
+
+def test_replot_skips_a_json_of_another_shape(tmp_path):
+    from benchmarks.replot import main
+
+    (tmp_path / "results.json").write_text('{"rows": []}')
+    assert main([str(tmp_path)]) == {str(tmp_path / "results.json"): None}
+    assert not list(tmp_path.glob("*.png"))
