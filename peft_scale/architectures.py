@@ -14,7 +14,7 @@ CONTRIBUTING.md); for a one-off model, pass the same three facts through ``Scale
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,83 @@ FULL_WIDTH_REFUSED: dict[str, str] = {
 
 # Config attributes that hold the intermediate size in families outside the table, tried in this order when a
 # model whose FFN was named by hand is merged.
-INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "dim_ff")
+
+
+@dataclass(frozen=True)
+class DerivedSize:
+    """A family whose config holds not its FFN's intermediate size ``I`` but values its modeling code derives ``I``
+    from: what a merge writes so that the family's own code builds the wider FFN.
+
+    Args:
+        size: the intermediate size the family's code builds from a config.
+        fields: the config values that make the code build intermediate size ``I`` (``(config, I) -> {field:
+            value}``), or ``None`` where no value of these fields gives ``I``.
+        rule: how the code derives ``I``, for the error when ``fields`` gives ``None``.
+    """
+
+    size: Callable[[object], int]
+    fields: Callable[[object, int], Optional[dict]]
+    rule: str
+
+
+def _lfm2_size(config) -> int:
+    """``Lfm2MLP``: ``I`` itself, or with ``block_auto_adjust_ff_dim`` 2/3 of it, times ``block_ffn_dim_multiplier``
+    and rounded up to ``block_multiple_of``."""
+    size = config.intermediate_size
+    if config.block_auto_adjust_ff_dim:
+        size = int(2 * size / 3)
+        if config.block_ffn_dim_multiplier is not None:
+            size = int(config.block_ffn_dim_multiplier * size)
+            size = config.block_multiple_of * ((size + config.block_multiple_of - 1) // config.block_multiple_of)
+    return size
+
+
+# model_type -> DerivedSize, each read from the family's modeling code in transformers 5.25. The merge then checks
+# it: the merged config must build exactly the merged model's shapes (``merge.refuse_unloadable_checkpoint``).
+# BLOOM, MPT and OpenAI GPT are not here: their MLPs are 4 x hidden_size in code, which no config field changes.
+DERIVED_SIZES: dict[str, DerivedSize] = {
+    "lfm2": DerivedSize(
+        size=_lfm2_size,
+        fields=lambda config, size: {"intermediate_size": size, "block_auto_adjust_ff_dim": False},
+        rule="intermediate_size, taken as it is when block_auto_adjust_ff_dim is off",
+    ),
+    # MoshiGatingMLP: fc1 writes ffn_dim features, [gate; up], and fc2 reads ffn_dim // 2.
+    "moshi": DerivedSize(
+        size=lambda config: config.ffn_dim // 2,
+        fields=lambda config, size: {"ffn_dim": 2 * size},
+        rule="ffn_dim = 2 x I (the packed gate and up projection)",
+    ),
+    # GPTNeoXJapaneseMLP: int(hidden_size * intermediate_multiple_size), and the field is an int.
+    "gpt_neox_japanese": DerivedSize(
+        size=lambda config: int(config.hidden_size * config.intermediate_multiple_size),
+        fields=lambda config, size: (
+            {"intermediate_multiple_size": size // config.hidden_size} if size % config.hidden_size == 0 else None
+        ),
+        rule="I = hidden_size x intermediate_multiple_size, an integer: the merged I must be a multiple of "
+        "hidden_size (choose ffn_expansion a multiple of it)",
+    ),
+    # AriaSharedExpertsMLP: intermediate_size x moe_num_shared_experts (the routed experts: intermediate_size, widened
+    # by as many neurons per expert: FFN_EXPANSION_MULTIPLES).
+    "aria_text": DerivedSize(
+        size=lambda config: config.intermediate_size * config.moe_num_shared_experts,
+        fields=lambda config, size: (
+            {"intermediate_size": size // config.moe_num_shared_experts}
+            if size % config.moe_num_shared_experts == 0
+            else None
+        ),
+        rule="the shared experts' MLP is intermediate_size x moe_num_shared_experts wide",
+    ),
+}
+
+
+# MLPs that hold several experts' neurons side by side, and the config field that counts those experts: model_type ->
+# {MLP module name suffix: field}. Every expert gets ``ffn_expansion`` new neurons, so such an MLP gets that many
+# times more: the family's code builds it as (experts' size) x (count), and the merged config can then record it.
+FFN_EXPANSION_MULTIPLES: dict[str, dict[str, str]] = {
+    # AriaSharedExpertsMLP is intermediate_size x moe_num_shared_experts wide; each routed expert intermediate_size.
+    "aria_text": {"mlp.shared_experts": "moe_num_shared_experts"},
+}
 
 
 def module_name_matches(key: str, names) -> bool:

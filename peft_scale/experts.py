@@ -27,14 +27,18 @@ the down bias counted once). The MoE router is not touched, so the expert choice
 What shape cannot tell (which half of a packed projection is the gate, whether gate and up are interleaved, the
 bias names), the experts class declares itself through transformers' ``@use_experts_implementation`` (its
 ``has_gate``, ``is_concatenated``, ``is_transposed``, ``has_bias``, ``has_post_expert_norm`` attributes):
-``experts_layout`` reads those and checks them against the shapes. An experts module that does not declare them,
-or that normalises each expert's output (not a sum over neurons), is refused with its class named.
+``experts_layout`` reads those and checks them against the shapes. A few classes that do not declare them have a
+row in ``UNDECLARED_LAYOUTS`` instead, read from their family's code (Llama 4's experts, Inkling's shared experts,
+JetMoE's whole MoE layer), each checked end to end by ``tests/test_architecture_sweep.py``. Any other experts module
+that declares nothing, or one that normalises each expert's output (not a sum over neurons), is refused with its
+class named.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,17 +58,23 @@ class ExpertsLayout:
     """How one fused-experts module stores its experts.
 
     Args:
-        input_name, output_name: the 3-D input (``gate_up_proj`` / ``up_proj``) and output (``down_proj``) parameters.
-        input_bias, output_bias: their ``(E, p*I)`` / ``(E, D)`` biases, or ``None``.
+        inputs: the 3-D input parameter (``gate_up_proj`` / ``up_proj``), or one per part where the parts are kept
+            apart (Inkling's shared experts: ``gate_proj``, ``up_proj``). Names are relative to the module, dotted
+            where the parameter is a submodule's (JetMoE: ``input_linear.weight``).
+        output_name: the 3-D output parameter (``down_proj``).
+        input_bias, output_bias: the ``(E, p*I)`` input bias, or ``None``; the bias added to the output (``(E, D)``,
+            or JetMoE's ``(D,)`` after the sum over experts), or ``None``.
         num_experts, hidden, intermediate: ``E``, ``D``, ``I``.
-        parts: projections packed in the input parameter (2: gate and up; 1: up only).
+        parts: projections packed in the input (2: gate and up; 1: up only).
         interleaved: the packed parts alternate neuron by neuron (``[g0, u0, g1, u1, ...]``, gpt-oss) instead of
             following each other (``[gate; up]``).
         transposed: ``(E, D, p*I)`` / ``(E, I, D)`` (the forward computes ``x @ W``) instead of ``(E, p*I, D)`` /
             ``(E, D, I)`` (``W x``).
+        replayed: child modules the module calls before its experts (JetMoE's router) whose output the new
+            neurons' pass takes from the base pass: they run, and are recorded (router logits), once.
     """
 
-    input_name: str
+    inputs: tuple[str, ...]
     output_name: str
     input_bias: Optional[str]
     output_bias: Optional[str]
@@ -74,6 +84,7 @@ class ExpertsLayout:
     parts: int
     interleaved: bool
     transposed: bool
+    replayed: tuple[str, ...] = ()
 
     @property
     def input_axis(self) -> int:
@@ -90,9 +101,50 @@ class UnsupportedExperts(ValueError):
     """A module holds 3-D expert parameters SCALE cannot widen (the message says why)."""
 
 
+@dataclass(frozen=True)
+class DeclaredLayout:
+    """What an experts class declares with ``@use_experts_implementation`` (or would: ``UNDECLARED_LAYOUTS``), and
+    where its parameters are when they are not its own ``gate_up_proj`` / ``up_proj`` and ``down_proj``: ``inputs``,
+    ``output_name``, ``output_bias`` (a bias after the sum over experts) and ``replayed`` as in ``ExpertsLayout``."""
+
+    is_transposed: bool
+    has_gate: bool = True
+    is_concatenated: bool = True
+    has_bias: bool = False  # per-expert biases ``<input>_bias`` (E, p*I) and ``down_proj_bias`` (E, D)
+    inputs: Optional[tuple[str, ...]] = None
+    output_name: str = "down_proj"
+    output_bias: Optional[str] = None
+    replayed: tuple[str, ...] = ()
+
+
+# Experts classes of transformers 5.25 that declare no layout, read from their forward (``None``: not an experts
+# module). Each row is checked end to end (init exact, training, save/load, merged checkpoint) by the registry sweep.
+UNDECLARED_LAYOUTS: dict[str, Optional[DeclaredLayout]] = {
+    # bmm(x, gate_up_proj) (E, D, 2I), .chunk(2): gate then up; bmm(up * act(gate), down_proj) (E, I, D). The input
+    # arrives already routed (each expert's copy scaled by its router score) and the outputs are summed by the caller.
+    "Llama4TextExperts": DeclaredLayout(is_transposed=True),
+    # x @ gate_proj^T and x @ up_proj^T (each (E, I, D)), act(gate) * up * gamma, @ down_proj^T (E, D, I), summed over
+    # the shared experts: forward(hidden_states, gammas).
+    "InklingSharedExperts": DeclaredLayout(is_transposed=False, inputs=("gate_proj", "up_proj")),
+    # JetMoeMoE is the whole MoE layer: router, then per expert F.linear(x, input_linear.weight[e]) (E, 2I, D),
+    # .chunk(2): act(gate) * up, F.linear(., output_linear.weight[e]) (E, D, I), times the gate, summed, + bias (D,).
+    "JetMoeMoE": DeclaredLayout(
+        is_transposed=False,
+        inputs=("input_linear.weight",),
+        output_name="output_linear.weight",
+        output_bias="bias",
+        replayed=("router",),
+    ),
+    # One projection of JetMoeMoE (above), or of the attention's JetMoeMoA (query and output projections of
+    # attention experts): not a whole FFN.
+    "JetMoeParallelExperts": None,
+}
+
+
 def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
     """The layout of ``module`` if it is a fused-experts module, ``None`` if it is none (no 3-D parameter, or 3-D
-    parameters in a module that neither declares an experts layout nor is called ``*Expert*``).
+    parameters in a module that neither declares an experts layout, nor has a row in ``UNDECLARED_LAYOUTS``, nor is
+    called ``*Expert*``).
 
     Raises:
         UnsupportedExperts: 3-D parameters whose layout is undeclared, inconsistent with the shapes, or whose experts
@@ -100,10 +152,13 @@ def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
     """
     if isinstance(module, nn.modules.conv._ConvNd):  # a convolution's (out, in, kernel) weight is not an expert
         return None
+    cls = type(module).__name__
+    if cls in UNDECLARED_LAYOUTS:
+        row = UNDECLARED_LAYOUTS[cls]
+        return None if row is None else _read_layout(module, row)
     fused = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
     if not fused:
         return None
-    cls = type(module).__name__
     if not hasattr(module, "is_transposed") or not hasattr(module, "has_gate"):
         if "expert" not in cls.lower():
             return None  # 3-D parameters of another kind (not a module of experts)
@@ -117,36 +172,51 @@ def experts_layout(module: nn.Module) -> Optional[ExpertsLayout]:
             f"{cls} normalises each expert's output, so the new neurons are not a sum next to the old ones and "
             "SCALE cannot add them as a separate expert computation. SCALE does not widen these experts."
         )
-    input_name = "gate_up_proj" if module.has_gate else "up_proj"
-    parts = 2 if module.has_gate else 1
-    if set(fused) != {input_name, "down_proj"}:
+    declared = DeclaredLayout(
+        is_transposed=bool(module.is_transposed),
+        has_gate=bool(module.has_gate),
+        is_concatenated=bool(getattr(module, "is_concatenated", True)),
+        has_bias=bool(getattr(module, "has_bias", False)),
+    )
+    return _read_layout(module, declared)
+
+
+def _read_layout(module: nn.Module, declared: DeclaredLayout) -> ExpertsLayout:
+    """``ExpertsLayout`` of ``module`` from what its class declares, checked against the shapes."""
+    cls = type(module).__name__
+    parts = 2 if declared.has_gate else 1
+    inputs = declared.inputs or ("gate_up_proj" if declared.has_gate else "up_proj",)
+    names = [*inputs, declared.output_name]
+    fused = {name: tuple(p.shape) for name, p in module.named_parameters() if p.dim() == 3}
+    if set(fused) != set(names):
         raise UnsupportedExperts(
-            f"{cls} declares a {'gated' if parts == 2 else 'plain'} experts layout ({input_name!r}, 'down_proj') but "
-            f"holds the 3-D parameters {fused}. SCALE does not widen these experts."
+            f"{cls} declares a {'gated' if parts == 2 else 'plain'} experts layout ({names}) but holds the 3-D "
+            f"parameters {fused}. SCALE does not widen these experts."
         )
-    w_in, w_out = fused[input_name], fused["down_proj"]
-    if module.is_transposed:
-        (e_in, hidden, packed), (e_out, intermediate, hidden_out) = w_in, w_out
+    if declared.is_transposed:
+        (e_in, hidden, packed), (e_out, intermediate, hidden_out) = fused[inputs[0]], fused[declared.output_name]
     else:
-        (e_in, packed, hidden), (e_out, hidden_out, intermediate) = w_in, w_out
-    if e_in != e_out or hidden != hidden_out or packed != parts * intermediate:
+        (e_in, packed, hidden), (e_out, hidden_out, intermediate) = fused[inputs[0]], fused[declared.output_name]
+    apart = len(inputs) > 1  # one parameter per part, each (E, I, D): together they are the packed input
+    same_shapes = len({fused[name] for name in inputs}) == 1 and len(inputs) in (1, parts)
+    if not same_shapes or e_in != e_out or hidden != hidden_out or packed * len(inputs) != parts * intermediate:
         raise UnsupportedExperts(
-            f"{cls}'s shapes {fused} do not fit its declared layout (transposed={module.is_transposed}, {parts} "
+            f"{cls}'s shapes {fused} do not fit its declared layout (transposed={declared.is_transposed}, {parts} "
             "packed parts): expected (E, p*I, D) and (E, D, I), or transposed (E, D, p*I) and (E, I, D). SCALE does "
             "not widen these experts."
         )
-    has_bias = bool(getattr(module, "has_bias", False))
     return ExpertsLayout(
-        input_name=input_name,
-        output_name="down_proj",
-        input_bias=f"{input_name}_bias" if has_bias else None,
-        output_bias="down_proj_bias" if has_bias else None,
+        inputs=inputs,
+        output_name=declared.output_name,
+        input_bias=f"{inputs[0]}_bias" if declared.has_bias else None,
+        output_bias="down_proj_bias" if declared.has_bias else declared.output_bias,
         num_experts=e_in,
         hidden=hidden,
         intermediate=intermediate,
         parts=parts,
-        interleaved=parts > 1 and not getattr(module, "is_concatenated", True),
-        transposed=bool(module.is_transposed),
+        interleaved=parts > 1 and not apart and not declared.is_concatenated,
+        transposed=declared.is_transposed,
+        replayed=declared.replayed,
     )
 
 
@@ -229,6 +299,64 @@ def _pack_parts(pieces: list[torch.Tensor], interleaved: bool) -> torch.Tensor:
     return torch.cat(pieces, dim=0)
 
 
+def _copy_holding(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``module`` (the family's class and attributes, with its own containers; other tensors shared) that
+    holds ``tensors`` as frozen parameters. A dotted name (JetMoE's ``input_linear.weight``) copies the child on the
+    way, so the pre-trained module is left as it was (unmerging swaps it back)."""
+    wide = copy.copy(module)
+    for container in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+        setattr(wide, container, type(getattr(module, container))(getattr(module, container)))
+    by_child: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        child, _, rest = key.partition(".")
+        if rest:
+            by_child[child][rest] = tensor
+        else:
+            setattr(wide, key, nn.Parameter(tensor.contiguous(), requires_grad=False))
+    for child, inner in by_child.items():
+        setattr(wide, child, _copy_holding(module.get_submodule(child), inner))
+    return wide
+
+
+class _Replay(nn.Module):
+    """Stands in for a child module in the new neurons' pass: returns what the child returned in the base pass."""
+
+    def __init__(self, output) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@contextmanager
+def _recording(module: nn.Module, children: tuple[str, ...], outputs: dict):
+    """Record into ``outputs`` what each of ``module``'s ``children`` returns while the context is open."""
+
+    def record(child):
+        return lambda m, args, out: outputs.update({child: out})
+
+    handles = [module.get_submodule(child).register_forward_hook(record(child)) for child in children]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _replaying(module: nn.Module, outputs: dict):
+    """``module``'s children named in ``outputs`` replaced by ``_Replay`` of their recorded outputs (the new neurons'
+    pass takes JetMoE's routing from the base pass: its router runs, and its logits are recorded, once)."""
+    children = {child: module._modules[child] for child in outputs}
+    try:
+        for child, output in outputs.items():
+            module._modules[child] = _Replay(output)
+        yield
+    finally:
+        module._modules.update(children)
+
+
 # ------------------------------------------------------------------------------------------------ layer
 
 
@@ -295,7 +423,7 @@ class Experts(nn.Module, ScaleTunerLayer):
         if expansion <= 0:
             raise ValueError(f"A SCALE experts layer needs a positive expansion, got {expansion}.")
         lay, base = self.layout, self.get_base_layer()
-        reference = getattr(base, lay.input_name)
+        reference = base.get_parameter(lay.inputs[0])
         factory = {"device": reference.device, "dtype": reference.dtype}
         rows = (lay.num_experts, lay.parts * expansion)
         w21_shape = (lay.num_experts, lay.hidden, lay.parts * expansion) if lay.transposed else (*rows, lay.hidden)
@@ -324,7 +452,7 @@ class Experts(nn.Module, ScaleTunerLayer):
         if not self._materialised(w21):
             return
         lay, k = self.layout, self.expansion[adapter_name]
-        weight = getattr(self.get_base_layer(), lay.input_name)
+        weight = self._packed_input(self.get_base_layer())
         for e in range(lay.num_experts):
             rows = weight[e].T if lay.transposed else weight[e]  # (p*I, D)
             new = [INIT_ROWS[init](part, k) for part in _split_parts(rows, lay.parts, lay.interleaved)]
@@ -338,16 +466,19 @@ class Experts(nn.Module, ScaleTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(hidden_states, *args, **kwargs)
-        result = self.base_layer(hidden_states, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(hidden_states, *args, **kwargs)
+        replayed: dict[str, object] = {}  # the base pass's outputs of the layout's replayed children
+        with _recording(self.base_layer, self.layout.replayed, replayed):
+            result = self.base_layer(hidden_states, *args, **kwargs)
         for name in self._active_scale_adapters():
             if name not in self.scale_w12:  # W12 closed: the new neurons cannot reach the output
                 continue
             gate = self._token_gate(name, hidden_states) if self.route_gated.get(name) else None
             if gate is not None and name in self.route_gates.idle:  # no token goes to this adapter in this pass
                 continue
-            new = self._new_neurons(name, hidden_states, *args, **kwargs).to(result.dtype)
+            with _replaying(self.base_layer, replayed):
+                new = self._new_neurons(name, hidden_states, *args, **kwargs).to(result.dtype)
             result = result + (new * gate if gate is not None else new)
         return result
 
@@ -356,11 +487,23 @@ class Experts(nn.Module, ScaleTunerLayer):
         routing: ``sum_k w_k W12_e h(W21_e x + b21_e)``."""
         lay, base = self.layout, self.get_base_layer()
         w21 = self.scale_w21[name]
-        params = {lay.input_name: w21, lay.output_name: self.scale_w12[name]}
+        params = {**self._input_parameters(w21), lay.output_name: self.scale_w12[name]}
         if lay.input_bias is not None:
             params[lay.input_bias] = self.scale_b21[name]
-            params[lay.output_bias] = torch.zeros_like(getattr(base, lay.output_bias), dtype=w21.dtype)  # counted once
+        if lay.output_bias is not None:  # counted once, in the base pass
+            params[lay.output_bias] = torch.zeros_like(base.get_parameter(lay.output_bias), dtype=w21.dtype)
         return functional_call(base, params, (hidden_states.to(w21.dtype), *args), kwargs, strict=False)
+
+    def _input_parameters(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``rows`` packed as ``scale_w21`` is, as the layout's input parameters: one, or one per part kept apart."""
+        lay = self.layout
+        if len(lay.inputs) == 1:
+            return {lay.inputs[0]: rows}
+        return dict(zip(lay.inputs, rows.chunk(lay.parts, dim=lay.input_axis)))
+
+    def _packed_input(self, base: nn.Module) -> torch.Tensor:
+        """The experts' input weight of ``base`` as one packed ``(E, p*I, D)`` (transposed ``(E, D, p*I)``) tensor."""
+        return torch.cat([base.get_parameter(name) for name in self.layout.inputs], dim=self.layout.input_axis)
 
     def _token_gate(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The learned router's ``(batch, seq, 1)`` gate of ``name``, reshaped to the experts' tokens (the MoE block
@@ -395,20 +538,18 @@ class Experts(nn.Module, ScaleTunerLayer):
         expert: ``W21`` (``b21``) after each packed part of the input, ``W12`` (zeros if closed) after the output's
         columns."""
         lay, k = self.layout, self.expansion[name]
-        w_in, w_out = getattr(base, lay.input_name), getattr(base, lay.output_name)
+        w_out = base.get_parameter(lay.output_name)
         w12 = self.scale_w12[name] if name in self.scale_w12 else w_out.new_zeros(self.scale_w12_shape(k))
+        parts = lay.parts if len(lay.inputs) == 1 else 1  # parts kept apart: each gets its part's rows at its end
         tensors = {
-            lay.input_name: _append_neurons(w_in, self.scale_w21[name], lay.input_axis, lay.parts, lay.interleaved),
-            lay.output_name: torch.cat([w_out, w12.to(w_out.dtype)], dim=lay.output_axis),
+            key: _append_neurons(base.get_parameter(key), rows, lay.input_axis, parts, lay.interleaved)
+            for key, rows in self._input_parameters(self.scale_w21[name]).items()
         }
+        tensors[lay.output_name] = torch.cat([w_out, w12.to(w_out.dtype)], dim=lay.output_axis)
         if lay.input_bias is not None:
-            b_in = getattr(base, lay.input_bias)
+            b_in = base.get_parameter(lay.input_bias)
             tensors[lay.input_bias] = _append_neurons(b_in, self.scale_b21[name], 1, lay.parts, lay.interleaved)
-        wide = copy.copy(base)  # the family's class and attributes, with its own containers (the tensors are shared)
-        for container in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
-            setattr(wide, container, type(getattr(base, container))(getattr(base, container)))
-        for key, tensor in tensors.items():
-            setattr(wide, key, nn.Parameter(tensor.contiguous(), requires_grad=False))
+        wide = _copy_holding(base, tensors)
         intermediate = tensors[lay.output_name].shape[lay.output_axis]
         for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):  # the families' own record of I
             if isinstance(getattr(wide, attr, None), int):
@@ -460,37 +601,3 @@ def merged_experts_size(model: nn.Module, adapter_names: Optional[list[str]]) ->
             f"{list(EXPERTS_SIZE_FIELDS)}), so the merged checkpoint would not load."
         )
     return field, next(iter(sizes.values()))
-
-
-def refuse_unloadable_checkpoint(model: nn.Module) -> None:
-    """After a merge that widened experts: if the merged model's config would build other shapes than it holds, its
-    ``save_pretrained`` raises instead of writing a checkpoint that does not load (and a warning says so now).
-
-    This happens where a family derives another module's size from the experts' field: DeepSeek-style shared experts
-    are ``moe_intermediate_size * n_shared_experts`` wide, and a merge that widened the experts but not the shared
-    experts by the same factor leaves them at another size."""
-    with torch.device("meta"):  # shapes only: no memory, nothing drawn
-        skeleton = type(model)._from_config(copy.deepcopy(model.config))
-    built = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-    mismatched = [
-        f"{name}: {tuple(p.shape)} (the config builds {built[name]})"
-        for name, p in model.named_parameters()
-        if name in built and tuple(p.shape) != built[name]
-    ]
-    if not mismatched:
-        return
-    why = (
-        f"the merged {type(model).__name__}'s config builds other shapes than the merged model holds ("
-        f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}): the family derives these sizes from the "
-        "experts' intermediate size, which the merge changed"
-    )
-    warnings.warn(f"SCALE: this merged model cannot be saved as a standard checkpoint: {why}.")
-
-    def save_pretrained(*args, **kwargs):
-        raise ValueError(
-            f"Cannot save this merged SCALE model as a checkpoint: {why}, so the checkpoint would not load. Use it in "
-            "memory, or save the adapter (PeftModel.save_pretrained before merging)."
-        )
-
-    model.save_pretrained = save_pretrained
-    model.push_to_hub = save_pretrained

@@ -7,8 +7,10 @@ what lies between them is elementwise. ``find_ffn`` looks for exactly that, per 
 1. shape: the linear layers (``nn.Linear``, bitsandbytes' subclasses of it, GPT-2's ``Conv1D``) directly under one
    parent that read ``d`` and write ``p * I`` (``p`` = 1 or 2 packed parts), and exactly one that reads ``I`` and
    writes ``d`` (projections alone under their parent, as BERT's ``intermediate.dense`` / ``output.dense``, are
-   grouped one level up). A mixture-of-experts router (``d -> num_experts``) has no output projection next to it,
-   so it is never taken for an FFN; each expert of a ``ModuleList`` and a shared expert are MLPs of their own.
+   grouped one level up, or with the projections of that level: CPM-Ant keeps its inputs in ``ffn.w_in`` and its
+   output in ``ffn``, ``_join_key``). A mixture-of-experts router (``d -> num_experts``) has no output projection
+   next to it, so it is never taken for an FFN; each expert of a ``ModuleList`` and a shared expert are MLPs of their
+   own.
 2. behaviour, checked, not assumed (``_check_elementwise``): the parent is run on a small random input with hooks
    that add a bump to intermediate feature ``j`` of every input projection's output; the output projection's input
    must change in feature ``j`` and in no other. Attention (softmax over positions, heads mixing) fails this check,
@@ -105,11 +107,14 @@ def _shape_candidates(model: nn.Module, hidden: int) -> list[_Candidate]:
     for name, module in model.named_modules():
         if is_linear(module) and _shape(module)[0] != _shape(module)[1]:
             by_parent[name.rpartition(".")[0]].append((name, module))
-    leftovers: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
-    for parent, children in list(by_parent.items()):
+    partial = []
+    for parent, children in by_parent.items():
         shapes = [_shape(m) for _, m in children]
         if not (any(out == hidden for out, _ in shapes) and any(inp == hidden for _, inp in shapes)):
-            leftovers[parent.rpartition(".")[0]].extend(by_parent.pop(parent))
+            partial.append(parent)
+    leftovers: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for parent in partial:
+        leftovers[_join_key(parent, partial)].extend(by_parent.pop(parent))
     candidates = []
     for parent, children in [*by_parent.items(), *leftovers.items()]:
         outputs = [(n, _shape(m)[1]) for n, m in children if _shape(m)[0] == hidden]
@@ -130,6 +135,16 @@ def _shape_candidates(model: nn.Module, hidden: int) -> list[_Candidate]:
             candidate.reason = f"ambiguous: several output projections {intermediate} -> {hidden}"
         candidates.append(candidate)
     return candidates
+
+
+def _join_key(parent: str, partial: list[str]) -> str:
+    """Where the projections of ``parent``, which holds only part of an MLP, are grouped with the rest: one level up
+    (BERT's ``layer.N.intermediate`` and ``layer.N.output`` under ``layer.N``), or at ``parent`` itself when the
+    projections of a module below it come up to join its own (CPM-Ant's ``ffn.w_in.w_0`` / ``w_1`` next to
+    ``ffn.w_out``)."""
+    if any(other.rpartition(".")[0] == parent for other in partial):
+        return parent
+    return parent.rpartition(".")[0]
 
 
 def _structure(model: nn.Module, candidate: _Candidate) -> tuple:
@@ -306,19 +321,19 @@ def _fused_experts_error(model: nn.Module, fused: list[str], dense: list) -> Non
 
 def join_split_mlps(blocks: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
     """``{parent: {"inputs": [...], "outputs": [...]}}`` with parents that hold only inputs and parents that hold only
-    outputs joined under their common parent when together they make an MLP (BERT's ``layer.N.intermediate.dense`` and
-    ``layer.N.output.dense`` are one MLP of ``layer.N``), as ``find_ffn`` groups them. A part left alone stays as it was
-    (so an MLP matched in part is reported under its own name)."""
+    outputs joined where together they make an MLP (BERT's ``layer.N.intermediate.dense`` and
+    ``layer.N.output.dense`` are one MLP of ``layer.N``), as ``find_ffn`` groups them (``_join_key``). A part left
+    alone stays as it was (so an MLP matched in part is reported under its own name)."""
     whole = {parent: block for parent, block in blocks.items() if block["inputs"] and block["outputs"]}
+    partial_parents = [parent for parent in blocks if parent not in whole]
     partial: dict[str, list[str]] = defaultdict(list)
-    for parent, block in blocks.items():
-        if parent not in whole:
-            partial[parent.rpartition(".")[0]].append(parent)
-    for grandparent, parents in partial.items():
+    for parent in partial_parents:
+        partial[_join_key(parent, partial_parents)].append(parent)
+    for key, parents in partial.items():
         inputs = [item for parent in parents for item in blocks[parent]["inputs"]]
         outputs = [item for parent in parents for item in blocks[parent]["outputs"]]
         if inputs and outputs:
-            whole[grandparent] = {"inputs": inputs, "outputs": outputs}
+            whole[key] = {"inputs": inputs, "outputs": outputs}
         else:
             whole.update({parent: blocks[parent] for parent in parents})
     return whole

@@ -16,17 +16,17 @@ from tiny_models import built_registry_model, check_family_end_to_end, registry_
 
 torch.set_num_threads(1)
 
-_UNDECLARED = ("SCALE cannot widen the experts", "fused 3-D experts whose class declares no layout (gate/up order unknown)")
 _NO_FIELD = ("Cannot merge: no field of", "the config has no intermediate-size field (the FFN is 4 x hidden in code)")
-_NOT_FOUND = ("SCALE could not find the FFN", "no elementwise MLP of linear layers")
 
 # The one list of families that still fail, with the start of the SCALE error they raise and why.
 SCALE_FAILURES = {
-    **{name: _UNDECLARED for name in ("inkling_text", "jetmoe", "llama4", "llama4_text")},
-    **{name: _NO_FIELD for name in ("aria_text", "bloom", "gpt_neox_japanese", "lfm2", "moshi", "mpt", "openai-gpt")},
+    **{name: _NO_FIELD for name in ("bloom", "mpt", "openai-gpt")},
+    "gpt_neox_japanese": (
+        "Cannot merge: GPTNeoXJapaneseConfig derives the intermediate size",
+        "I = hidden_size x an integer field: 8 new neurons give no integer (ffn_expansion=32 merges)",
+    ),
     "bitnet": ("SCALE could not find the FFN", "a norm (ffn_sub_norm) between the projections: not elementwise"),
-    "cpmant": _NOT_FOUND,
-    "dory": _NOT_FOUND,
+    "dory": ("SCALE could not find the FFN", "a norm (ffn_sub_norm) and per-neuron scales between the projections"),
     "mamba": ("SCALE could not find the FFN", "no FFN: a state-space model"),
     "falcon_mamba": ("SCALE could not find the FFN", "no FFN: a state-space model"),
 }

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import BLOCK_PEFT, run_in_fresh_process
 from peft import PeftModel, get_peft_model
-from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_model
+from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_model, tiny_registry_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.integrations import use_experts_implementation
 
-from peft_scale import ScaleConfig, ScaleLayer
+from peft_scale import RouterConfig, ScaleConfig, ScaleLayer
 from peft_scale.experts import Experts, UnsupportedExperts, experts_layout, find_fused_experts, fused_expert_targets
 
 FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss"]
@@ -169,7 +170,8 @@ def test_several_adapters_add_their_own_neurons():
 def test_the_learned_router_gates_the_new_neurons_per_token():
     base = tiny_model("qwen2_moe")
     reference = copy.deepcopy(base)
-    config = ScaleConfig(ffn_expansion=EXPANSION, variant="route", route_rule="learned", preserve_layers=0, router_hidden=0)
+    per_token = RouterConfig(hidden=0, smoothing=0.0, gate="hard", preservation_copy=False)  # a linear probe
+    config = ScaleConfig(ffn_expansion=EXPANSION, preserve_layers=0, router=per_token)
     model = get_peft_model(base, config)
     layer = model.base_model.model.model.layers[0].mlp.experts
     assert layer.route_gated == {"default": True} and "default" in layer.scale_router  # the router lives here
@@ -239,6 +241,81 @@ def test_module_list_experts_are_widened_as_dense_mlps():
         assert torch.equal(logits(model, ids), logits(reference, ids))
     merged = model.merge_and_unload()
     assert (logits(merged, ids) - ours).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------ classes that declare no layout
+
+# registry family -> {experts module: (inputs, E, I, transposed)}, from UNDECLARED_LAYOUTS (registry sizes: D = 32)
+UNDECLARED = {
+    "llama4_text": {"model.layers.0.feed_forward.experts": (("gate_up_proj",), 4, 48, True)},
+    "inkling_text": {
+        "model.layers.0.mlp.experts": (("gate_up_proj",), 4, 24, False),  # declared by its class
+        "model.layers.0.mlp.shared_experts": (("gate_proj", "up_proj"), 2, 24, False),  # gate and up kept apart
+    },
+    "jetmoe": {"model.layers.0.mlp": (("input_linear.weight",), 4, 48, False)},  # the whole MoE layer
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNDECLARED))
+def test_undeclared_experts_are_read_from_their_row(model_type):
+    found, refused = find_fused_experts(tiny_registry_model(model_type))
+    assert not refused
+    got = {name: (lay.inputs, lay.num_experts, lay.intermediate, lay.transposed) for name, lay in found.items()}
+    assert got == UNDECLARED[model_type]  # JetMoE's attention experts (self_attention.experts) are not FFNs
+
+
+def test_experts_with_gate_and_up_apart_merge_part_by_part():
+    """Inkling's shared experts keep gate_proj and up_proj as two parameters: the new rows are one packed W21 whose
+    halves go to each, and the merged model is Inkling's own class at the wider size."""
+    ids = random_ids(batch=1, length=6)
+    model = get_peft_model(tiny_registry_model("inkling_text"), ScaleConfig(ffn_expansion=EXPANSION))
+    shared = model.base_model.model.model.layers[0].mlp.shared_experts
+    assert shared.scale_w21["default"].shape == (2, 2 * EXPANSION, 32)
+    perturb_adapter(model)
+    unmerged = logits(model, ids)
+    merged = model.merge_and_unload()
+    shared = merged.model.layers[0].mlp.shared_experts
+    assert type(shared).__name__ == "InklingSharedExperts"
+    assert shared.gate_proj.shape == shared.up_proj.shape == (2, 24 + EXPANSION, 32)
+    assert merged.config.moe_intermediate_size == 24 + EXPANSION
+    assert (logits(merged, ids) - unmerged).abs().max() <= 1e-5
+
+
+def test_jetmoe_routes_once_and_records_its_router_logits_once():
+    """JetMoE's experts module is its whole MoE layer, router included: the new neurons' pass takes the base pass's
+    routing (``replayed``), so the router logits (and the auxiliary loss made from them) are the base model's."""
+    base = tiny_registry_model("jetmoe")
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, ScaleConfig(ffn_expansion=EXPANSION))
+    perturb_adapter(model)
+    ids = random_ids(batch=1, length=6)
+    with torch.no_grad():
+        ours = model(ids, labels=ids, output_router_logits=True)
+        theirs = reference(ids, labels=ids, output_router_logits=True)
+    assert len(ours.router_logits) == len(theirs.router_logits)
+    assert all(torch.equal(a, b) for a, b in zip(ours.router_logits, theirs.router_logits))
+    assert torch.equal(ours.aux_loss, theirs.aux_loss) and (ours.logits - theirs.logits).abs().max() > 1e-3
+    layer = model.base_model.model.model.layers[0].mlp
+    assert type(layer.get_base_layer().router).__name__ == "JetMoeTopKGating"  # put back after the pass
+
+
+def test_shared_experts_side_by_side_get_new_neurons_per_expert(tmp_path):
+    """Aria's shared-experts MLP holds its 2 shared experts side by side (intermediate_size x 2 wide): it gets
+    ffn_expansion neurons per expert, 2 x 8, so that the merged config (intermediate_size = I + 8) builds every
+    widened shape: the routed experts' I + 8 and the shared MLP's 2 (I + 8)."""
+    ids = random_ids(batch=1, length=6)
+    model = get_peft_model(tiny_registry_model("aria_text"), ScaleConfig(ffn_expansion=EXPANSION))
+    moe = model.base_model.model.model.layers[0].mlp
+    assert moe.experts.expansion["default"] == EXPANSION
+    assert moe.shared_experts.down_proj.in_expansion["default"] == 2 * EXPANSION
+    perturb_adapter(model)
+    unmerged = logits(model, ids)
+    merged = model.merge_and_unload()
+    assert merged.config.intermediate_size == 48 + EXPANSION
+    assert merged.model.layers[0].mlp.shared_experts.gate_proj.out_features == 2 * (48 + EXPANSION)
+    merged.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(loaded, ids) - unmerged).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------- refusals

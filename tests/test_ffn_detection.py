@@ -64,6 +64,14 @@ def test_an_activation_that_mixes_features_is_not_an_ffn():
         find_ffn(model)
 
 
+def test_projections_split_over_two_levels_are_one_mlp():
+    """CPM-Ant keeps its input projections one level below its output projection (``ffn.w_in.w_0`` / ``w_1`` next to
+    ``ffn.w_out``): they are grouped where the output projection is, and checked there as one MLP."""
+    found = find_ffn(tiny_registry_model("cpmant"))
+    assert found.input_modules == ("w_0", "w_1") and found.output_modules == ("w_out",)
+    assert found.mlps == ("cpmant.encoder.layers.0.ffn.ffn",)
+
+
 def test_shape_detected_family_end_to_end_with_its_config_field(tmp_path):
     """GPT-J is not in the table: fc_in/fc_out are found, and the merge writes n_inner (its INTERMEDIATE_SIZE_FIELDS
     entry), so the merged checkpoint loads without peft."""
