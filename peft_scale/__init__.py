@@ -6,7 +6,7 @@
 """
 
 from .architectures import FFN_LAYOUTS, FfnLayout
-from .config import ScaleConfig
+from .config import RouterConfig, ScaleConfig
 from .confusion import routing_confusion
 from .forgetting import ForgettingCallback, ForgettingReport, forgetting
 from .layer import ScaleLayer
@@ -15,19 +15,21 @@ from .model import ScaleModel
 from .model_card import install_model_card_hook
 from .optim import create_scale_optimizer, scale_optimizer_param_groups
 from .registration import register_scale
-from .router_fitting import RouterFitCallback, RouterReport, fit_router
+from .router_fitting import BaseModelSamples, RouterFitCallback, RouterReport, fit_router
 
 register_scale()
 install_model_card_hook()  # save_pretrained's README.md names the method and shows how to load it
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "BaseModelSamples",
     "FFN_LAYOUTS",
     "FfnLayout",
     "ForgettingCallback",
     "ForgettingReport",
     "MERCallback",
+    "RouterConfig",
     "RouterFitCallback",
     "RouterReport",
     "ScaleConfig",

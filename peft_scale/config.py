@@ -14,7 +14,141 @@ INIT_METHODS = ("svd", "normal")
 VARIANTS = ("preserve", "adapt", "route")
 ADAPT_MODULES = ("all", "attention", "ffn")
 ROUTE_RULES = ("learned", "cosine")
-ROUTER_GATES = ("hard", "soft")  # router_gate: how much of the expansion a routed token gets
+ROUTER_GATES = ("hard", "soft")  # RouterConfig.gate: how much of the expansion a routed token gets
+CALIBRATIONS = ("cross_fitted", "held_out", "fitted")  # RouterConfig.calibrate_on
+# RouterConfig(max_old_error=None): by the router's old side. Text of what must be kept bounds the forgetting itself;
+# the base model's own samples are a rougher stand-in for it (its held-out share says less about the text to keep),
+# and a tight bound on them sends much new text to the base model for little gain (docs: the router's evidence).
+DEFAULT_MAX_OLD_ERROR = {"old data": 0.005, "base model samples": 0.05}
+
+@dataclass
+class RouterConfig:
+    """The learned router of SCALE-Route: present (``ScaleConfig(router=RouterConfig())``) means learned routing.
+
+    A small MLP reads the stream entering layer ``preserve_layers`` (the base model's own hidden state there: nothing
+    below that layer changes it) and scores each token ``p`` in ``[0, 1]``; ``peft_scale.fit_router`` trains it, before
+    the adapter trains, to tell the new data's tokens from the old side's, and sets the threshold ``tau`` so that at
+    most ``max_old_error`` of the old side's tokens reach the expansion. A token below the threshold gets nothing of
+    the expansion (every ``W12`` and the LM head's new block are multiplied by its gate ``g = 0``): it computes the
+    base model's function, in training, evaluation and generation. The defaults are the settings that met the
+    project's goals (docs: the router's evidence page); each field says what it does.
+
+    Args:
+        hidden: the router's hidden width (``d -> hidden -> 1`` over the RMS-normalised stream); 0 makes it a linear
+            probe, which tells languages apart but not which entity a token is about.
+        smoothing: ``a`` in ``[0, 1)``: the router decides on an exponential moving average of its logit over the
+            preceding tokens of the same sequence, ``s_0 = l_0, s_t = a s_{t-1} + (1 - a) l_t``, token ``t`` to the
+            expansion iff ``sigmoid(s_t) >= tau``. Causal, so training, evaluation and cached generation decide
+            alike; padding marked by the ``attention_mask`` does not enter it. 0 decides on each token's own logit.
+        gate: how much of the expansion a token above the threshold gets. ``"soft"``: ``g = (p - tau) / (1 - tau)``,
+            as a mixture of experts weighs its experts: an old token routed by mistake mostly scores just above the
+            threshold and gets little. ``"hard"``: ``g = 1``.
+        preservation_copy: in inference (no gradient recorded), carry the base model's own stream beside the adapted
+            one above ``preserve_layers`` (``peft_scale.preservation_copy``), so that a token routed to the base model
+            gets exactly the base model's logits inside a mixed sequence too (its attention reads the base model's
+            keys and values of the earlier tokens). Costs up to one more run of the layers above ``preserve_layers``,
+            and nothing while no token of the sequence has gone to the expansion. Training is the same either way.
+        calibrate_on: where ``fit_router`` measures ``max_old_error``. ``"cross_fitted"``: on every old sequence,
+            each scored by one of five routers fitted on the other four fifths (a steady bound for old text the router
+            has not seen, read off five times as many tokens as a held-out fifth). ``"held_out"``: on a fifth of the
+            old sequences the router was not fitted on. ``"fitted"``: on all the old data, scored by the kept router
+            (the old data *is* what must be kept: a set of facts, a regression set).
+        max_old_error: the share of old tokens allowed to reach the expansion, which sets the threshold. ``None``:
+            ``DEFAULT_MAX_OLD_ERROR``, by what the old side is (text of what must be kept, or the base model's own
+            samples, a rougher stand-in for it whose errors cost less). ``fit_router(max_old_error=...)`` overrides it
+            for one fit; the value used is in the adapter's ``router_report``.
+        seed: the seed of ``fit_router``'s split of the sequences, the router's initialisation and the sampling of the
+            old side: the same config and data give the same router.
+        outranks: filled in by ``fit_router``: the other learned-route adapters whose domains this router was fitted
+            against (``other_domains``, by their names). Routed together, a token both claim goes to this adapter.
+        smoothing_fall, smoothing_start: kept for adapters saved by peft-scale 0.1.0, which load and route as they
+            did; a new config refuses them (both measured no gain on the continual pre-training benchmark).
+            ``smoothing_fall``: the average's coefficient while a token's logit is below it (``None``: ``smoothing``
+            both ways). ``smoothing_start="old"``: the average starts from the old side's median logit.
+    """
+
+    hidden: int = field(default=64, metadata={"help": "Router MLP hidden width (0: a linear probe)."})
+    smoothing: float = field(
+        default=0.8,
+        metadata={"help": "EMA coefficient a in [0, 1) of the router's logit along the sequence (0: per token)."},
+    )
+    gate: Literal["hard", "soft"] = field(
+        default="soft",
+        metadata={"help": "'soft': g = (p - tau) / (1 - tau) above the threshold; 'hard': g = 1."},
+    )
+    preservation_copy: bool = field(
+        default=True,
+        metadata={"help": "Inference: carry the base model's stream so base-routed tokens are exact in mixed text."},
+    )
+    calibrate_on: Literal["cross_fitted", "held_out", "fitted"] = field(
+        default="cross_fitted",
+        metadata={"help": "Where fit_router measures max_old_error: 'cross_fitted', 'held_out' or 'fitted'."},
+    )
+    max_old_error: Optional[float] = field(
+        default=None,
+        metadata={"help": "Share of old tokens allowed to reach the expansion (None: by what the old side is)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of fit_router's split, initialisation and sampling."})
+    outranks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Filled in by fit_router: adapters whose domains this router was fitted against."},
+    )
+    smoothing_fall: Optional[float] = field(
+        default=None, metadata={"help": "Kept for adapters saved by 0.1.0 (refused on a new config)."}
+    )
+    smoothing_start: Literal["token", "old"] = field(
+        default="token", metadata={"help": "Kept for adapters saved by 0.1.0 (refused on a new config)."}
+    )
+
+    def __post_init__(self):
+        hidden = self.hidden
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 0:
+            raise ValueError(f"RouterConfig(hidden={hidden!r}): a non-negative integer (0: a linear probe).")
+        smoothing = self.smoothing
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+            raise ValueError(
+                f"RouterConfig(smoothing={smoothing!r}): the moving average's coefficient a must be a number in "
+                "[0, 1) (s_t = a s_(t-1) + (1 - a) l_t; 0 decides per token)."
+            )
+        self.smoothing = float(smoothing)
+        if self.gate not in ROUTER_GATES:
+            raise ValueError(
+                f"RouterConfig(gate={self.gate!r}): choose 'soft' (a routed token gets (p - tau) / (1 - tau) of the "
+                "expansion) or 'hard' (all of it)."
+            )
+        if not isinstance(self.preservation_copy, bool):
+            raise ValueError(f"RouterConfig(preservation_copy={self.preservation_copy!r}): pass True or False.")
+        if self.calibrate_on not in CALIBRATIONS:
+            raise ValueError(
+                f"RouterConfig(calibrate_on={self.calibrate_on!r}): choose 'cross_fitted' (the bound measured on every "
+                "old sequence, out of fold), 'held_out' (on a held-out fifth) or 'fitted' (on the old data given)."
+            )
+        error = self.max_old_error
+        if error is not None and (isinstance(error, bool) or not isinstance(error, (int, float)) or not 0 < error < 0.5):
+            raise ValueError(
+                f"RouterConfig(max_old_error={error!r}): a share between 0 and 0.5 (e.g. 0.005), or None (by what the "
+                f"old side is: {DEFAULT_MAX_OLD_ERROR})."
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"RouterConfig(seed={self.seed!r}): an integer.")
+        if isinstance(self.outranks, str) or not all(isinstance(name, str) for name in self.outranks):
+            raise ValueError(f"RouterConfig(outranks={self.outranks!r}): a list of adapter names.")
+        self.outranks = list(self.outranks)
+        fall = self.smoothing_fall
+        if fall is not None:
+            if isinstance(fall, bool) or not isinstance(fall, (int, float)) or not 0 <= fall < 1:
+                raise ValueError(f"RouterConfig(smoothing_fall={fall!r}): a number in [0, 1), or None.")
+            if not self.smoothing:
+                raise ValueError(f"RouterConfig(smoothing_fall={fall}) needs smoothing > 0.")
+            self.smoothing_fall = float(fall)
+        if self.smoothing_start not in ("token", "old"):
+            raise ValueError(f"RouterConfig(smoothing_start={self.smoothing_start!r}): 'token' or 'old'.")
+        if self.smoothing_start == "old" and not self.smoothing:
+            raise ValueError("RouterConfig(smoothing_start='old') needs smoothing > 0.")
+
+    def uses_legacy_options(self) -> bool:
+        """Whether an option kept only for adapters saved by 0.1.0 is set."""
+        return self.smoothing_fall is not None or self.smoothing_start != "token"
 
 
 @dataclass
@@ -30,74 +164,28 @@ class ScaleConfig(PeftConfig):
     never modified.
 
     Args:
-        ffn_expansion: number of new intermediate neurons added to every targeted MLP.
+        ffn_expansion: number of new intermediate neurons added to every targeted MLP (to every expert of a
+            mixture of experts; an MLP that holds several shared experts side by side, as Aria's, gets that many
+            times more: ``architectures.FFN_EXPANSION_MULTIPLES``).
         hidden_expansion: ``d_up``, new features of the residual stream (full-width SCALE; llama, mistral, qwen2,
             qwen3, gemma, gemma2, gemma3_text, granite, olmo2, starcoder2: ``FULL_WIDTH_LAYOUTS``; phi3 and stablelm
             are refused). Must be a whole number of attention heads, and of heads per key-value head under
             grouped-query attention (SmolLM2-135M: multiples of 64 x 3 = 192).
-        variant: which ``W12`` blocks (new -> original features) exist and train. ``"adapt"`` (default): those of
-            the layers from ``preserve_layers`` up, in ``adapt_modules``. ``"preserve"``: none (full width only):
+        variant: which ``W12`` blocks (new -> original features) exist and train. ``"adapt"`` (default, or
+            ``"route"`` when ``router`` is given): those of the layers from ``preserve_layers`` up, in ``adapt_modules``. ``"preserve"``: none (full width only):
             the original features are the base model's forever, and new knowledge reaches the logits only through
             the LM head's new block. ``"route"``: the body of ``"adapt"``, switched per token by ``route_rule``
             between the expansion and the base model.
-        route_rule: how ``"route"`` decides, per token. ``"learned"`` (default): a small router, fitted once with
-            ``peft_scale.fit_router`` on the stream entering layer ``preserve_layers`` (the base model's own hidden
-            state there), tells new-domain tokens from old ones; a token routed to the base model gets nothing of
-            the expansion (every ``W12`` and the LM head's new block are multiplied by 0 for it), in training,
-            evaluation and generation. FFN mode and full width. ``"cosine"``: the paper's rule (full width only):
-            a preservation head (the base model's own logits, from a copy of the original features that only
-            frozen weights touch) and the adaptation head, and a token takes the preservation logits when their
-            cosine is at least ``route_threshold``.
-        router_hidden: the learned router's hidden width (an MLP ``d -> router_hidden -> 1`` over the RMS-normalised
-            stream); 0 makes it a linear probe. A linear probe tells languages apart but not which entity a token is
-            about (measured: ``benchmarks/results/biography/findings.md``).
-        router_smoothing: ``a`` in ``[0, 1)``, learned rule only: the router decides on an exponential moving average
-            of its logit over the preceding tokens of the same sequence instead of on the token's own logit. Over the
-            logits ``l_0, l_1, ...`` of one sequence's tokens::
-
-                s_0 = l_0,    s_t = a s_{t-1} + (1 - a) l_t,    token t -> the expansion  <=>  sigmoid(s_t) >= threshold
-
-            Causal (token ``t`` reads tokens ``<= t`` only), so training, evaluation and cached generation decide
-            alike (the average's state is carried from one decoding call to the next, with the cache); padding
-            marked by the ``attention_mask`` does not enter it (the average starts at each row's first real token).
-            ``fit_router`` calibrates the threshold and reports on the smoothed scores. 0 (default): every token
-            decides on its own logit. Measured (``benchmarks/results/continual_pretraining/cpu_40_steps/
-            learned_router_findings.md``): ``a = 0.8`` at the same 1% error on old text sent 7x (old data as the old
-            side) / 3x (base model samples) fewer new-language tokens to the base model.
-        router_smoothing_start: where that average starts, with ``router_smoothing > 0``. ``"token"`` (default):
-            ``s_0 = l_0``, the first token decides on its own logit (and the next few mostly on it). ``"old"``: from
-            the logit of typical old text, ``s_-1 = c``, ``s_0 = a c + (1 - a) l_0``, with ``c`` the median of the
-            router's logits on the old side's tokens (set by ``fit_router``): a sequence counts as old text until
-            its tokens say otherwise (the pull fades as ``a^t``). A wrong "expansion" on old text costs forgetting,
-            a wrong "base model" on new text only a little learning, and the first tokens, with the least context,
-            are where the router errs most. Measured (``learned_router_findings.md``, fifth pass): with old data as
-            the old side, 10.9% of the first 8 old-language tokens of each evaluation block reached the expansion
-            from ``"token"``, none from ``"old"``, at the cost of the first ~4 new-language tokens of a sequence.
-        router_smoothing_fall: with ``router_smoothing = a > 0``, the average's coefficient ``f`` in ``[0, 1)`` while a
-            token's logit is below it: ``s_t = a_t s_{t-1} + (1 - a_t) l_t`` with ``a_t = f`` if ``l_t < s_{t-1}``
-            else ``a`` (with the ``"old"`` start, ``s_{-1} = c`` counts as the previous value). ``None`` (default):
-            ``a`` both ways. A smaller ``f`` falls towards the base model faster than it rises towards the
-            expansion: after a switch from new-domain text back to old text inside one sequence, the old text
-            leaves the expansion sooner (a wrong "expansion" on old text is the costly error). Measured on the
-            routers alone (``cpu_40_steps/router_asymmetric.py``, ``a = 0.8``): ``f = 0.4`` sent 96% of Spanish
-            tokens to the expansion (``a`` both ways: 97-98%, per token: 88-92%) and, after Spanish -> English,
-            7% of the English to it (``a`` both ways: 11%, per token: 6-8%); not yet measured in training.
-        router_preservation_copy: learned rule only, inference only (no gradient recorded): carry the base model's
-            own stream beside the adapted one above ``preserve_layers`` (``peft_scale.preservation_copy``), so that a
-            token routed to the base model gets exactly the base model's logits inside a mixed sequence too: its
-            attention then reads the base model's keys and values of the earlier tokens, not the ones the expansion
-            changed. Without it (default) only a sequence whose tokens all go to the base model is exact; after a
-            switch from new-domain text to old text the old tokens drift (measured: about 0.05 nats per token).
-            Costs up to one more run of the layers above ``preserve_layers`` (the batch is stacked with its copy),
-            and nothing while no token of the sequence has gone to the expansion.
-        router_gate: learned rule only: how much of the expansion a token the router sends there gets. ``"hard"``
-            (default): all of it, ``g = 1`` (and ``g = 0`` below the threshold). ``"soft"``: in proportion to how far
-            the router's score ``p`` clears its threshold ``tau``, ``g = (p - tau) / (1 - tau)`` (0 below it), as an
-            MoE weighs its experts by their router's probability; in training and inference alike (the gradient a
-            token gives the expansion is scaled by ``g`` too). An old token the router sends to the expansion by
-            mistake mostly scores just above the threshold, a new one near 1 (SmolLM2, Spanish against English:
-            mean ``g`` 0.50 on the misrouted English tokens, 0.99 on the Spanish ones), so the mistakes cost less
-            forgetting at almost the same learning.
+        route_rule: how ``"route"`` decides, per token. ``"learned"`` (default): a router fitted once with
+            ``peft_scale.fit_router`` tells new-domain tokens from old ones on the stream entering layer
+            ``preserve_layers`` (the base model's own hidden state there); a token routed to the base model gets
+            nothing of the expansion, in training, evaluation and generation. FFN mode and full width. Its settings
+            are ``router``. ``"cosine"``: the paper's rule (full width only): a preservation head (the base model's
+            own logits, from a copy of the original features that only frozen weights touch) and the adaptation
+            head, and a token takes the preservation logits when their cosine is at least ``route_threshold``.
+        router: the learned router's settings (``RouterConfig``; a dict is read as one). Given, it makes the adapter
+            a learned-route one (``variant="route"``); ``None`` with ``variant="route"`` and the learned rule:
+            ``RouterConfig()``, the defaults.
         preserve_layers: ``L_fp``: the bottom layers whose ``W12`` stay frozen at zero (adapt, route). With the
             learned route, the router reads the stream entering this layer, and in FFN mode only the MLPs from this
             layer up are widened (the ones below could never reach the output).
@@ -153,8 +241,9 @@ class ScaleConfig(PeftConfig):
         default=0,
         metadata={"help": "New residual-stream features (full-width SCALE); whole heads in the base group ratio."},
     )
-    variant: Literal["preserve", "adapt", "route"] = field(
-        default="adapt", metadata={"help": "Which W12 blocks train: 'preserve', 'adapt' (default) or 'route'."}
+    variant: Optional[Literal["preserve", "adapt", "route"]] = field(
+        default=None,
+        metadata={"help": "Which W12 blocks train: 'preserve', 'adapt' (the default; 'route' when router is given) or 'route'."},
     )
     preserve_layers: int = field(
         default=0, metadata={"help": "Bottom layers whose W12 stay frozen at zero (adapt, route)."}
@@ -166,44 +255,9 @@ class ScaleConfig(PeftConfig):
         default="learned",
         metadata={"help": "Route: 'learned' (a router fitted with peft_scale.fit_router) or 'cosine' (the paper's)."},
     )
-    router_hidden: int = field(
-        default=64, metadata={"help": "Learned route: hidden width of the router MLP (0: a linear probe)."}
-    )
-    router_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "Learned route: EMA coefficient a in [0, 1) of the router's logit over the preceding tokens of the "
-            "sequence (s_t = a s_{t-1} + (1-a) l_t); 0: each token decides on its own logit."
-        },
-    )
-    router_smoothing_fall: Optional[float] = field(
+    router: Optional[Union[RouterConfig, dict]] = field(
         default=None,
-        metadata={
-            "help": "Learned route with router_smoothing > 0: the average's coefficient while a token's logit is below "
-            "it (falling towards the base model), in [0, 1); None: router_smoothing both ways."
-        },
-    )
-    router_smoothing_start: Literal["token", "old"] = field(
-        default="token",
-        metadata={
-            "help": "Learned route with router_smoothing > 0: 'token' (s_0 = l_0) or 'old' (the average starts from the "
-            "median logit of the old side's tokens, s_-1 = c: a sequence counts as old text until its tokens say "
-            "otherwise)."
-        },
-    )
-    router_preservation_copy: bool = field(
-        default=False,
-        metadata={
-            "help": "Learned route, inference: carry the base model's stream beside the adapted one above "
-            "preserve_layers, so tokens routed to the base model get its exact logits in mixed sequences too."
-        },
-    )
-    router_gate: str = field(
-        default="hard",
-        metadata={
-            "help": "Learned route: 'hard' (a routed token gets all of the expansion) or 'soft' (in proportion to how "
-            "far the router's score clears its threshold: (p - tau) / (1 - tau))."
-        },
+        metadata={"help": "Learned route: the router's settings (RouterConfig); given, the adapter routes (variant 'route')."},
     )
     route_threshold: float = field(
         default=0.5, metadata={"help": "Route: a token takes the preservation head when cos(z_pres, z_adapt) >= tau."}
@@ -286,7 +340,7 @@ class ScaleConfig(PeftConfig):
             self.layers_to_transform = [self.layers_to_transform]
         if isinstance(self.ffn_output_modules, str):
             self.ffn_output_modules = [self.ffn_output_modules]
-        for name in ("ffn_expansion", "hidden_expansion", "preserve_layers", "router_hidden"):
+        for name in ("ffn_expansion", "hidden_expansion", "preserve_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ScaleConfig({name}={value!r}): must be a non-negative integer.")
@@ -295,6 +349,8 @@ class ScaleConfig(PeftConfig):
                 "ScaleConfig needs something to widen: ffn_expansion > 0 (new FFN neurons per MLP, e.g. "
                 "ScaleConfig(ffn_expansion=64)) and/or hidden_expansion > 0 (new residual-stream features)."
             )
+        if self.variant is None:  # a router makes it a routed adapter; else SCALE-Adapt
+            self.variant = "route" if self.router is not None else "adapt"
         if self.variant not in VARIANTS:
             raise ValueError(f"ScaleConfig(variant={self.variant!r}): choose one of {list(VARIANTS)}.")
         if self.adapt_modules not in ADAPT_MODULES:
@@ -322,65 +378,20 @@ class ScaleConfig(PeftConfig):
             raise ValueError(
                 "ScaleConfig(adapt_modules='attention') needs hidden_expansion > 0: FFN mode widens no attention."
             )
-        smoothing = self.router_smoothing
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        if self.router is not None and not isinstance(self.router, RouterConfig):
             raise ValueError(
-                f"ScaleConfig(router_smoothing={smoothing!r}): the moving average's coefficient a must be a number in "
-                "[0, 1) (s_t = a s_(t-1) + (1 - a) l_t; e.g. 0.8, measured best; 0 decides per token)."
+                f"ScaleConfig(router={self.router!r}): pass a peft_scale.RouterConfig (or a dict of its fields)."
             )
-        self.router_smoothing = float(smoothing)
-        if smoothing and not (self.variant == "route" and self.route_rule == "learned"):
+        if self.router is not None and not (self.variant == "route" and self.route_rule == "learned"):
             raise ValueError(
-                f"ScaleConfig(router_smoothing={smoothing}) smooths the learned router's score, but this config has "
-                f"variant={self.variant!r}, route_rule={self.route_rule!r}: use it with variant='route', "
-                "route_rule='learned' (the default rule of 'route'), or leave router_smoothing=0."
+                f"ScaleConfig(router=RouterConfig(...)) sets a learned router, but this config has "
+                f"variant={self.variant!r}, route_rule={self.route_rule!r}: leave variant unset (a router makes it "
+                "'route'), or drop router."
             )
-        fall = self.router_smoothing_fall
-        if fall is not None:
-            if isinstance(fall, bool) or not isinstance(fall, (int, float)) or not 0 <= fall < 1:
-                raise ValueError(
-                    f"ScaleConfig(router_smoothing_fall={fall!r}): the average's coefficient while it falls must be a "
-                    "number in [0, 1) (e.g. 0.4: it falls towards the base model faster than it rises), or None "
-                    "(router_smoothing both ways)."
-                )
-            if not self.router_smoothing:
-                raise ValueError(
-                    f"ScaleConfig(router_smoothing_fall={fall}) sets how fast the router's moving average falls, but "
-                    "router_smoothing is 0 (no average): set router_smoothing, e.g. 0.8, or leave router_smoothing_fall."
-                )
-            self.router_smoothing_fall = float(fall)
-        if self.router_smoothing_start not in ("token", "old"):
-            raise ValueError(
-                f"ScaleConfig(router_smoothing_start={self.router_smoothing_start!r}): choose 'token' (the average "
-                "starts at the first token's own logit) or 'old' (from the old side's median logit, set by fit_router)."
-            )
-        if self.router_smoothing_start == "old" and not self.router_smoothing:
-            raise ValueError(
-                "ScaleConfig(router_smoothing_start='old') sets where the router's moving average starts, but "
-                "router_smoothing is 0 (no average): set router_smoothing, e.g. 0.8, or leave router_smoothing_start."
-            )
-        if not isinstance(self.router_preservation_copy, bool):
-            raise ValueError(
-                f"ScaleConfig(router_preservation_copy={self.router_preservation_copy!r}): pass True or False."
-            )
-        if self.router_preservation_copy and not (self.variant == "route" and self.route_rule == "learned"):
-            raise ValueError(
-                "ScaleConfig(router_preservation_copy=True) carries the base model's stream for the tokens a learned "
-                f"router sends to the base model, but this config has variant={self.variant!r}, "
-                f"route_rule={self.route_rule!r}: use it with variant='route', route_rule='learned' (the cosine rule "
-                "always carries its own copy), or leave router_preservation_copy=False."
-            )
-        if self.router_gate not in ROUTER_GATES:
-            raise ValueError(
-                f"ScaleConfig(router_gate={self.router_gate!r}): choose 'hard' (a token the router sends to the "
-                "expansion gets all of it) or 'soft' (in proportion to how far its score clears the threshold)."
-            )
-        if self.router_gate == "soft" and not (self.variant == "route" and self.route_rule == "learned"):
-            raise ValueError(
-                "ScaleConfig(router_gate='soft') weighs the expansion by the learned router's score, but this config "
-                f"has variant={self.variant!r}, route_rule={self.route_rule!r}: use it with variant='route', "
-                "route_rule='learned', or leave router_gate='hard'."
-            )
+        if self.variant == "route" and self.route_rule == "learned" and self.router is None:
+            self.router = RouterConfig()
         if not isinstance(self.init_weights, bool):
             raise ValueError(
                 f"ScaleConfig(init_weights={self.init_weights!r}): pass True (W12 starts at zero: exact preservation) "
@@ -410,13 +421,60 @@ class ScaleConfig(PeftConfig):
 
 _dataclass_init = ScaleConfig.__init__
 
+# peft-scale 0.1.0 kept the learned router's settings as flat ScaleConfig fields (now RouterConfig's), with these
+# defaults: a saved 0.1.0 adapter that lacks one of them (saved before it existed) used this value.
+LEGACY_ROUTER_FIELDS = {
+    "router_hidden": ("hidden", 64),
+    "router_smoothing": ("smoothing", 0.0),
+    "router_smoothing_fall": ("smoothing_fall", None),
+    "router_smoothing_start": ("smoothing_start", "token"),
+    "router_preservation_copy": ("preservation_copy", False),
+    "router_gate": ("gate", "hard"),
+}
+
+
+def _legacy_router(kwargs: dict) -> Optional[RouterConfig]:
+    """The ``RouterConfig`` of a learned-route adapter saved by peft-scale 0.1.0 (its flat ``router_*`` fields, taken
+    out of ``kwargs``), with 0.1.0's values where a field is missing, so that it loads and routes exactly as it did.
+    The calibration it was fitted with and the adapters it outranks were in its ``router_report``."""
+    flat = {key: kwargs.pop(key) for key in list(kwargs) if key in LEGACY_ROUTER_FIELDS}
+    learned = kwargs.get("variant") == "route" and kwargs.get("route_rule", "cosine") == "learned"
+    if not learned or "router" in kwargs:
+        return kwargs.pop("router", None)
+    report = kwargs.get("router_report") or {}
+    return RouterConfig(
+        **{field_name: flat.get(key, default) for key, (field_name, default) in LEGACY_ROUTER_FIELDS.items()},
+        calibrate_on=report.get("calibrate_on", "held_out"),
+        max_old_error=0.01,  # 0.1.0's fit_router default
+        outranks=list(report.get("outranks", [])),
+    )
+
 
 def _init_with_saved_defaults(self, *args, **kwargs):
     # A config read back from adapter_config.json carries `peft_type` (a user never passes it). SCALE-Route adapters
     # saved before the learned router existed have no `route_rule` and used the cosine rule: they keep it, so that
     # they load and behave exactly as they did. A new ScaleConfig(variant="route") gets the learned rule.
-    if "peft_type" in kwargs and kwargs.get("variant") == "route" and "route_rule" not in kwargs:
-        kwargs["route_rule"] = "cosine"
+    if "peft_type" in kwargs:
+        if kwargs.get("variant") == "route" and "route_rule" not in kwargs:
+            kwargs["route_rule"] = "cosine"
+        kwargs["router"] = _legacy_router(kwargs)
+    else:
+        moved = [key for key in kwargs if key in LEGACY_ROUTER_FIELDS]
+        if moved:
+            fields = ", ".join(f"{LEGACY_ROUTER_FIELDS[key][0]}={kwargs[key]!r}" for key in moved)
+            raise TypeError(
+                f"ScaleConfig({moved[0]}=...): the learned router's settings moved into RouterConfig in peft-scale "
+                f"0.2: pass ScaleConfig(..., router=peft_scale.RouterConfig({fields}))."
+            )
+        router = kwargs.get("router")
+        if isinstance(router, dict):
+            router = kwargs["router"] = RouterConfig(**router)
+        if isinstance(router, RouterConfig) and router.uses_legacy_options():
+            raise ValueError(
+                "RouterConfig(smoothing_fall=..., smoothing_start='old') are kept only so that adapters saved by "
+                "peft-scale 0.1.0 load and route as they did; a new adapter cannot set them (neither measured a gain "
+                "on the continual pre-training benchmark). Leave them at their defaults."
+            )
     _dataclass_init(self, *args, **kwargs)
 
 

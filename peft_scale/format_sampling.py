@@ -1,4 +1,5 @@
-"""The base model's own samples in the new data's format: the old side of ``fit_router(sample_format="new_data")``.
+"""The base model's own samples in the new data's format: the old side of
+``fit_router(model, new_data, BaseModelSamples(in_new_data_format=True))``.
 
 When what is new is a set of *facts* in a format the base model already handles (questions about new people, new
 products in a known catalogue), the base model's free samples are the wrong old side: a model tuned to answer
@@ -21,7 +22,7 @@ old task to the expansion. These samples keep the new data's format and let the 
      person's question with the model's answer; with the last run free, 20%, at 4x fewer draws for as many.
    The base model writes the entity it knows and then what it knows about it, e.g.
    ``<s> What is the birth city of Otto Ingram ? Answer : Omaha </s>`` for a person it was trained on.
-3. Two kinds of draws are dropped: exact repeats (they add nothing; draws are cheap, so ``num_samples`` draws give
+3. Two kinds of draws are dropped: exact repeats (they add nothing; draws are cheap, so ``count`` draws give
    fewer distinct samples), and draws that repeat a new sequence up to its last content run: the base model then
    wrote back the new data's own content (a new person's name), which is new, not old.
 
@@ -190,9 +191,9 @@ def sample_in_format(
     formats = format_tokens(new_sequences, format_share)
     if all(int(token) in formats for ids in new_sequences for token in ids):
         raise ValueError(
-            f"fit_router(sample_format='new_data'): every token of the new data occurs in at least "
+            f"fit_router(BaseModelSamples(in_new_data_format=True)): every token of the new data occurs in at least "
             f"format_share={format_share} of its sequences, so there is no content for the base model to fill in. "
-            "Lower format_share, or use sample_format='free' or old_data."
+            "Lower format_share, or draw free samples (in_new_data_format=False), or give old_data."
         )
     starts = slot_starts(new_sequences, formats)
     max_run = longest_last_run(new_sequences, formats)
@@ -234,8 +235,9 @@ def sample_in_format(
             kept.append(torch.tensor(key))
     if len(kept) < 3:
         raise ValueError(
-            f"fit_router(sample_format='new_data'): {len(kept)} of {num_samples} draws were kept (the others repeat an "
-            "earlier draw, or a new sequence up to its last content run). Draw more (num_samples), lower format_share "
+            f"fit_router(BaseModelSamples(in_new_data_format=True)): {len(kept)} of {num_samples} draws were kept (the "
+            "others repeat an earlier draw, or a new sequence up to its last content run). Draw more "
+            "(BaseModelSamples(count=...)), lower format_share "
             "(more content to fill in), or give old_data."
         )
     return kept

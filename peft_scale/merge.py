@@ -1,14 +1,16 @@
-"""Folding SCALE blocks into plain, wider ``Linear`` / ``Conv1D`` layers, and the policy of a whole-model merge.
+"""The policy of a whole-model merge, checked by ``ScaleModel`` before anything is folded.
 
-- ``widened_copy``: one layer's block matrix as one wider layer (``peft_scale.layer.Linear.merge``).
-- The merge policy, checked by ``ScaleModel`` before anything is folded: what cannot be merged
-  (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized base), the
-  intermediate sizes the merged model's config records (``merged_config_sizes``), and what the merged model
-  may not do afterwards (``refuse_standard_checkpoint``).
+What cannot be merged (``check_mergeable``: a routed adapter; ``check_quantized_merge``: full width into a quantized
+base), the intermediate sizes the merged model's config records (``merged_config_sizes``), and what the merged model
+may not do afterwards (``refuse_standard_checkpoint``, ``refuse_unloadable_checkpoint``). Each layer class folds its
+own blocks (its ``_merged_module``): ``layer.widened_copy`` (one layer's block matrix as one wider ``Linear`` /
+``Conv1D``), ``norm.SplitRMSNorm``, ``experts.Experts``.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import defaultdict
 from typing import Optional
 
@@ -16,80 +18,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, module_name_matches
+from .architectures import DERIVED_SIZES, FFN_LAYOUTS, INTERMEDIATE_SIZE_FIELDS, module_name_matches
 from .ffn_detection import intermediate_size_fields
-from .quantized import bnb_kind, has_quantized_layers, quantized_like, weight_rows, weight_shape
-
-
-def _new_like(base: nn.Module, rows: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
-    """A module of the base's own class (``FalconLinear`` stays ``FalconLinear``; a bitsandbytes layer is
-    requantised with its settings) holding ``rows``."""
-    if bnb_kind(base) is not None:
-        return quantized_like(base, rows, bias)
-    out_features, in_features = rows.shape
-    requires_grad = base.weight.requires_grad
-    if isinstance(base, Conv1D):
-        new = Conv1D(out_features, in_features)
-        new.weight = nn.Parameter(rows.T.contiguous(), requires_grad=requires_grad)
-    else:
-        new = type(base)(in_features, out_features, bias=bias is not None, device="meta")
-        new.weight = nn.Parameter(rows.contiguous(), requires_grad=requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias.contiguous(), requires_grad=requires_grad)
-    return new
-
-
-@torch.no_grad()
-def widened_copy(
-    base: nn.Module,
-    in_expansion: int,
-    w12: Optional[torch.Tensor],
-    w21: Optional[torch.Tensor],
-    b21: Optional[torch.Tensor],
-    w22: Optional[torch.Tensor],
-    out_parts: int = 1,
-) -> nn.Module:
-    """Return a copy of ``base`` widened to the single matrix ``[[W, W12], [W21, W22]]`` (absent blocks are zero).
-
-    The base may already be a widened copy (an earlier adapter merged into it): its extra input columns and
-    output rows belong to that adapter, so this adapter's ``W21`` reads none of those columns and its ``W12``
-    writes none of those rows (zeros there), exactly as in the unmerged forward, where adapters do not see
-    each other's features. With ``out_parts``
-    packed projections, each part gets its own new rows right after it, as in ``peft_scale.layer.Linear.forward``.
-
-    A bitsandbytes base is dequantised, widened and requantised (``peft_scale.quantized.quantized_like``).
-    """
-    weight = weight_rows(base)  # (out, in), dequantised for a quantized base
-    dtype, device = weight.dtype, weight.device
-    out_features, in_features = weight.shape
-    part_out = out_features // out_parts
-    new_in = in_features + in_expansion
-    part_new = (w21.shape[0] // out_parts) if w21 is not None else 0
-    rows = torch.zeros(out_parts * (part_out + part_new), new_in, dtype=dtype, device=device)
-    bias = None
-    if base.bias is not None:
-        bias = torch.zeros(rows.shape[0], dtype=dtype, device=device)
-    for p in range(out_parts):
-        start = p * (part_out + part_new)
-        old = slice(p * part_out, (p + 1) * part_out)
-        rows[start : start + part_out, :in_features] = weight[old]
-        if w12 is not None:
-            # W12 feeds the original outputs only; rows an earlier merged adapter added get none of it.
-            w12_part = w12.shape[0] // out_parts
-            rows[start : start + w12_part, in_features:] = w12[p * w12_part : (p + 1) * w12_part].to(dtype)
-        if bias is not None:
-            bias[start : start + part_out] = base.bias[old]
-        if w21 is not None:
-            new = slice(p * part_new, (p + 1) * part_new)
-            rows[start + part_out : start + part_out + part_new, : w21.shape[1]] = w21[new].to(dtype)
-            if w22 is not None:
-                rows[start + part_out : start + part_out + part_new, in_features:] = w22[new].to(dtype)
-            if b21 is not None:
-                bias[start + part_out : start + part_out + part_new] = b21[new].to(dtype)
-    return _new_like(base, rows, bias)
-
-
-# ------------------------------------------------------------------------------------------- merge policy
+from .layer import Linear
+from .quantized import bnb_kind, has_quantized_layers, weight_shape
 
 
 def check_quantized_merge(configs: list, model: nn.Module) -> None:
@@ -127,8 +59,6 @@ def check_mergeable(merging: list) -> None:
 
 def _output_layers(model: nn.Module, configs: list) -> list[tuple[str, nn.Module]]:
     """Every FFN output projection of the model, widened or not (names from all adapters' configs)."""
-    from .layer import Linear  # here, not at the top: layer.py imports this module for widened_copy
-
     names = {name for config in configs for name in (config.ffn_output_modules or [])}
     return [
         (key, module)
@@ -141,8 +71,6 @@ def _merged_intermediate_sizes(
     model: nn.Module, configs: list, adapter_names: Optional[list[str]]
 ) -> dict[str, tuple[int, int]]:
     """Output projection name -> (its base intermediate size, its merged one)."""
-    from .layer import Linear
-
     sizes = {}
     for key, module in _output_layers(model, configs):
         if isinstance(module, Linear):
@@ -160,7 +88,8 @@ def merged_config_sizes(
 ) -> list[tuple[object, str, int]]:
     """The config fields a merge updates, as ``(config, field, new value)``: the fields of each base intermediate size
     (a dense MLP and a mixture-of-experts' experts keep theirs in different fields), found by
-    ``peft_scale.ffn_detection.intermediate_size_fields``.
+    ``peft_scale.ffn_detection.intermediate_size_fields``, or, for a family whose code derives the size from other
+    fields (``architectures.DERIVED_SIZES``: LFM2, Moshi, GPT-NeoX-Japanese, Aria), the values of those fields.
 
     A standard checkpoint holds one size per field, so the merged FFNs of one base size must agree.
 
@@ -182,6 +111,18 @@ def merged_config_sizes(
                 "every layer (drop layers_to_transform / exclude_modules), or keep the model unmerged and save "
                 "the adapter with save_pretrained."
             )
+        derived = DERIVED_SIZES.get(getattr(config, "model_type", None))
+        if layout is None and derived is not None and derived.size(config) == base:
+            values = derived.fields(config, next(iter(merged)))
+            if values is None:
+                raise ValueError(
+                    f"Cannot merge: {type(config).__name__} derives the intermediate size from other fields "
+                    f"({derived.rule}), and no value of them gives the merged size {next(iter(merged))}, so the "
+                    "merged checkpoint could not record the wider FFN. Keep the model unmerged and save the adapter "
+                    "with save_pretrained."
+                )
+            fields += [(config, name, value) for name, value in values.items()]
+            continue
         found = intermediate_size_fields(config, base, layout.size_field if layout else None)
         if not found:
             raise ValueError(
@@ -211,6 +152,46 @@ def refuse_standard_checkpoint(model: nn.Module) -> None:
             "the original and the new features separately (SplitRMSNorm, SplitLayerNorm), which the architecture's "
             "config cannot express, so the checkpoint would not load. Use it in memory for fast inference, and save "
             "the adapter instead: PeftModel.save_pretrained before merging."
+        )
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = save_pretrained
+
+
+def refuse_unloadable_checkpoint(model: nn.Module) -> None:
+    """After a merge that wrote the config's FFN sizes: if the merged model's config would build other shapes than it
+    holds, its ``save_pretrained`` raises instead of writing a checkpoint that does not load (and a warning says so
+    now).
+
+    This happens where a family derives another module's size from the field the merge wrote: DeepSeek-style shared
+    experts are ``moe_intermediate_size * n_shared_experts`` wide, and a merge that widened the experts but not the
+    shared experts by the same factor leaves them at another size. Run after every merge that wrote a config field,
+    it also checks the fields written by the rules of ``architectures.DERIVED_SIZES``."""
+    with torch.device("meta"):  # shapes only: no memory, nothing drawn
+        skeleton = type(model)._from_config(copy.deepcopy(model.config))
+    built = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
+    held = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if bnb_kind(module) is not None:  # packed 4-bit storage: the matrix's (out, in) is what the config builds
+            held[f"{name}.weight"] = weight_shape(module)
+    mismatched = [
+        f"{name}: {shape} (the config builds {built[name]})"
+        for name, shape in held.items()
+        if name in built and shape != built[name]
+    ]
+    if not mismatched:
+        return
+    why = (
+        f"the merged {type(model).__name__}'s config builds other shapes than the merged model holds ("
+        f"{'; '.join(mismatched[:3])}{' ...' if len(mismatched) > 3 else ''}): the family derives these sizes from the "
+        "config fields the merge wrote"
+    )
+    warnings.warn(f"SCALE: this merged model cannot be saved as a standard checkpoint: {why}.")
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            f"Cannot save this merged SCALE model as a checkpoint: {why}, so the checkpoint would not load. Use it in "
+            "memory, or save the adapter (PeftModel.save_pretrained before merging)."
         )
 
     model.save_pretrained = save_pretrained

@@ -19,7 +19,6 @@ from .experts import (
     find_fused_experts,
     fused_expert_targets,
     merged_experts_size,
-    refuse_unloadable_checkpoint,
 )
 from .ffn_detection import DetectedFfn, find_ffn
 from .layer import Linear, ScaleTunerLayer
@@ -28,6 +27,7 @@ from .merge import (
     check_quantized_merge,
     merged_config_sizes,
     refuse_standard_checkpoint,
+    refuse_unloadable_checkpoint,
 )
 from .norm import RMSNorm, split_norm_class
 from .plan import (
@@ -278,7 +278,7 @@ class ScaleModel(BaseTuner):
         for config in self.peft_config.values():
             outranked = outranked_adapters(config)
             if adapter_name in outranked:
-                config.router_report["outranks"] = [name for name in outranked if name != adapter_name]
+                config.router.outranks = [name for name in outranked if name != adapter_name]
 
     # ------------------------------------------------------------------------------------------- merging
 
@@ -336,6 +336,7 @@ class ScaleModel(BaseTuner):
             setattr(holder, config_field, new_size)
         if experts_size is not None:
             setattr(model.config, *experts_size)
+        if experts_size is not None or new_sizes:  # the merged config must build the merged shapes, or not be saved
             refuse_unloadable_checkpoint(model)
         if any(config.hidden_expansion for config in merging):
             refuse_standard_checkpoint(model)

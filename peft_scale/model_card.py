@@ -69,9 +69,9 @@ def describe_adapter(config: ScaleConfig) -> dict[str, str]:
                 variant += "; threshold set on every old sequence, scored by routers that did not see it"
         else:
             variant += "; not fitted yet: call peft_scale.fit_router"
-        if config.router_gate == "soft":
+        if config.router.gate == "soft":
             variant += "; soft gate: the expansion weighed by how far the router's score clears its threshold"
-        if config.router_preservation_copy:
+        if config.router.preservation_copy:
             variant += "; preservation copy in inference: base-routed tokens exact in mixed sequences too"
         variant += ")"
     return {

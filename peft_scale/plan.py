@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 from .architectures import (
+    FFN_EXPANSION_MULTIPLES,
     FFN_LAYOUTS,
     FULL_WIDTH_LAYOUTS,
     FULL_WIDTH_REFUSED,
@@ -135,6 +136,7 @@ class ModelPlan:
     widths: Widths
     decoder: Optional[DecoderLayout]  # full width only: the family's decoder layout
     num_layers: Optional[int]
+    ffn_multiples: tuple[tuple[str, int], ...] = ()  # (MLP suffix, experts it holds): ``ffn_multiples``
 
     @property
     def route_mode(self) -> str:
@@ -177,12 +179,16 @@ class ModelPlan:
                 role, out_expansion=widths.hidden, preservation_copy=copy, routing=routing, route_gated=self.learned
             )
 
+        # an MLP holding several experts side by side gets ffn_expansion per expert (FFN_EXPANSION_MULTIPLES)
+        ffn = widths.ffn * next(
+            (count for suffix, count in self.ffn_multiples if module_name_matches(key.rpartition(".")[0], [suffix])), 1
+        )
         in_expansion, out_expansion = {
             "query": (widths.hidden, widths.query),
             "key_value": (widths.hidden, widths.key_value),
             "attention_output": (widths.query, widths.hidden),
-            "ffn_input": (widths.hidden, widths.ffn),
-            "ffn_output": (widths.ffn, widths.hidden),
+            "ffn_input": (widths.hidden, ffn),
+            "ffn_output": (ffn, widths.hidden),
         }[role]
         kind_open = config.adapt_modules == "all" or role in (
             ATTENTION_ROLES if config.adapt_modules == "attention" else FFN_ROLES
@@ -301,7 +307,7 @@ def plan_model(config: ScaleConfig, model_config) -> ModelPlan:
         plan_learned_route(config, num_layers)
     widths = expansion_widths(config, model_config)  # raises if the width does not fit the head layout
     decoder = FULL_WIDTH_LAYOUTS.get(getattr(model_config, "model_type", None)) if config.hidden_expansion else None
-    return ModelPlan(config, widths, decoder, num_layers)
+    return ModelPlan(config, widths, decoder, num_layers, ffn_multiples(model_config))
 
 
 def plan_module(config: ScaleConfig, model_config, key: str, num_layers: Optional[int]) -> ModulePlan:
@@ -309,7 +315,14 @@ def plan_module(config: ScaleConfig, model_config, key: str, num_layers: Optiona
     per-module form). Unlike ``plan_model`` it changes nothing in ``config``."""
     decoder = FULL_WIDTH_LAYOUTS.get(getattr(model_config, "model_type", None)) if config.hidden_expansion else None
     widths = expansion_widths(config, model_config) if config.hidden_expansion else Widths(0, config.ffn_expansion, 0, 0)
-    return ModelPlan(config, widths, decoder, num_layers).module(key)
+    return ModelPlan(config, widths, decoder, num_layers, ffn_multiples(model_config)).module(key)
+
+
+def ffn_multiples(model_config) -> tuple[tuple[str, int], ...]:
+    """``(MLP suffix, number of experts)`` of the MLPs of this family that hold several experts' neurons side by side
+    (``architectures.FFN_EXPANSION_MULTIPLES``): each of those experts gets ``ffn_expansion`` new neurons."""
+    fields = FFN_EXPANSION_MULTIPLES.get(getattr(model_config, "model_type", None), {})
+    return tuple((suffix, getattr(model_config, field)) for suffix, field in fields.items())
 
 
 def plan_learned_route(config: ScaleConfig, num_layers: Optional[int]) -> None:

@@ -1,5 +1,5 @@
 """The learned rule's preservation copy: the base model's stream, carried beside the adapted one, so that a token
-routed to the base model gets the base model's logits inside a mixed sequence too (``router_preservation_copy``).
+routed to the base model gets the base model's logits inside a mixed sequence too (``RouterConfig.preservation_copy``).
 
 The learned router's gate (``peft_scale.routing``) makes a token routed to the base model (``g = 0``) compute its
 widened modules as the base model does, but its attention still reads the keys and values of the earlier tokens,
@@ -62,9 +62,9 @@ def _stacked(value, batch: int):
         return type(value)(_stacked(item, batch) for item in value)
     if type(value).__name__ == "BlockMask":
         raise RuntimeError(
-            "SCALE: router_preservation_copy stacks the batch with the base model's copy, and a flex-attention "
+            "SCALE: RouterConfig.preservation_copy stacks the batch with the base model's copy, and a flex-attention "
             "BlockMask cannot be stacked. Load the model with attn_implementation='sdpa' or 'eager', or set "
-            "router_preservation_copy=False."
+            "RouterConfig(preservation_copy=False)."
         )
     return value
 
@@ -77,10 +77,10 @@ def _check_cache(cache, index: int) -> None:
         type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers[index:]
     ):
         raise RuntimeError(
-            f"SCALE: router_preservation_copy stacks the batch with the base model's copy from decoder layer {index} "
+            f"SCALE: RouterConfig.preservation_copy stacks the batch with the base model's copy from decoder layer {index} "
             f"up, which needs the cache to grow to twice the rows there; a {type(cache).__name__} cannot. Use the "
             "default DynamicCache (generate() without cache_implementation), or no cache, or set "
-            "router_preservation_copy=False."
+            "RouterConfig(preservation_copy=False)."
         )
 
 
@@ -150,9 +150,9 @@ class PreservationCopy:
         a cache that holds it (twice the rows above layer ``index``)."""
         if cache is not None and getattr(cache, CACHE_STATE, None) == "carried":
             raise RuntimeError(
-                "SCALE: this call continues a cache filled with the preservation copy (router_preservation_copy=True: "
+                "SCALE: this call continues a cache filled with the preservation copy (RouterConfig(preservation_copy=True): "
                 f"twice the rows from decoder layer {self.index} up), but this call does not carry the copy (adapters "
-                "disabled, router_preservation_copy switched off, or gradients recorded). Continue the cache with the "
+                "disabled, RouterConfig.preservation_copy switched off, or gradients recorded). Continue the cache with the "
                 "same settings under torch.no_grad(), or start a new cache."
             )
 
@@ -165,7 +165,7 @@ class PreservationCopy:
         state = getattr(cache, CACHE_STATE, None) if cache is not None else None
         if past and state is None:
             raise RuntimeError(
-                "SCALE: router_preservation_copy=True, and this call continues a cache that this model did not fill "
+                "SCALE: RouterConfig(preservation_copy=True), and this call continues a cache that this model did not fill "
                 "with the copy's bookkeeping (filled without the copy, with gradients recorded, or by another model): "
                 "whether its rows above decoder layer preserve_layers are the base model's is unknown. Fill the cache "
                 "with this model under torch.no_grad() from an empty cache (as generate() does), or pass the whole "

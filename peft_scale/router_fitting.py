@@ -2,56 +2,37 @@
 
 The router (``peft_scale.routing.TokenRouter``) reads the stream entering layer ``L = preserve_layers``, which is
 the base model's own hidden state (nothing below ``L`` can change it). So it is fitted once, before the adapter
-trains, on frozen features, and it never drifts while the adapter trains:
+trains, on frozen features, and it never drifts while the adapter trains. ``fit_router``'s steps, each a function
+below; every setting is the adapter's ``RouterConfig``:
 
-1. Features: every token of the new-domain data and of the old side, through the base model (adapter disabled)
-   up to layer ``L`` only (the forward pass stops there).
-2. The old side is the user's old data, or, with ``old_data=None``, the base model's own samples
-   (self-synthesised rehearsal: what the base model produces is by definition what it already does).
-   When the new data are windows cut from running text (they do not start with the samples' first prompt token,
-   e.g. ``<s>``), each sample is cut the same way: a random number of its first tokens (up to a quarter) is
-   dropped and the rest is read as a sequence of its own. Otherwise the router learns "starts with ``<s>``"
-   instead of "is old text" (measured on SmolLM2: 10.4% of real English blocks went to the expansion with uncut
-   samples, whose held-out report looked fine).
-3. Sequences (not tokens: neighbouring tokens are alike) are split into a fitting, a calibration and a held-out
-   part. A router is trained on the fitting part with a class-balanced logistic loss.
-4. The threshold is biased towards the base model: a wrong "expansion" on old text costs forgetting, a wrong
-   "base model" on new text only a little learning. With ``calibrate_on="held_out"`` (the default: the old data
-   is a sample of what must be kept, e.g. a language) it is the lowest threshold (at least 0.5) at which at most
-   ``max_old_error`` of the calibration part's old tokens reach the expansion: a bound for old text the router
-   has never seen. With ``calibrate_on="cross_fitted"`` the same bound is measured on every old sequence instead of
-   the calibration part: ``CROSS_FIT_FOLDS`` more routers, each fitted on four fifths of the sequences, score the
-   fifth they did not see. The bound's tail is then read off five times as many old tokens (on SmolLM2 the
-   calibration part's 1% tail was 16 tokens, and the threshold moved with the machine and the seed).
-   With ``router_smoothing_start="old"`` the smoothed average starts from the median of the
-   router's logits on the old side's tokens (``TokenRouter.start``), set here for the trial and the kept router.
-5. The report gives, on the held-out part, the share of old tokens routed to the base model and of new tokens
-   routed to the expansion.
-6. The router that is kept is then refitted on every sequence of both sides (the same training), so that none of
-   the user's new data is left to a router that never saw it: the adapter trains on all of ``new_data``, and a
-   router fitted on 60% of it sent the other 40% to the base model far more often (biographies: 37.5% of the
-   unfitted questions' first-answer positions reached the expansion, against 61.7% of the fitted ones).
-   With ``calibrate_on="fitted"`` (the old data is the whole of what must be kept: a set of facts, a regression
-   set) the threshold is set on this final router's scores of all the old data instead, so that at most
-   ``max_old_error`` of exactly those tokens reach the expansion; the held-out report then says what old text
-   outside that set would get. The report's ``fitted_*`` shares are the final router's on all the data.
-7. With one routed adapter per domain, the other adapters' fitted routers that read the same layer (those that can
-   be routed together with this one) score this side's held-out new tokens: the share each claims (score at or
-   above its own threshold) is the report's ``claimed_by_other_adapters``, and above ``CLAIMED_WARNING`` a warning
-   says which router to refit. Under the joint rule a token one of them claims can go to it instead of this
-   adapter; an earlier router that never saw this domain typically claims much of it (``routing_confusion`` then
-   shows the same on the whole model).
-8. ``other_domains`` (the text of the other routed adapters' domains) are negatives in the training, pooled with the
-   old side, but not part of the calibration: the threshold bounds only what must be kept (forgetting). A token of
-   another routed domain that this router also claims is resolved by the joint rule when both adapters are active
-   (the outranking router, item 9, or else the more confident one takes it): an error there costs transfer between
-   two new domains, not forgetting.
-   The report's ``other_to_expansion`` is the share of each such domain's held-out tokens this router claims.
-9. A domain of ``other_domains`` named like another learned-route adapter of the model is that adapter's: this
-   router *outranks* it (``outranks``, recorded in the config; ``routing.outranking``): routed together, a token
-   both claim goes to this adapter, since only this router learned the difference. So the earlier adapter's
-   router is not refitted: its decisions on its own domain stay as they were, except on the tokens this router
-   claims (its ``other_to_expansion``), and no warning says to refit it.
+1. The old side (``_old_side``): the user's old data, or the base model's own samples (``BaseModelSamples``;
+   ``old_data=None``): what the base model produces is by definition what it already does. When the new data are
+   windows cut from running text (they do not start with the samples' first prompt token, e.g. ``<s>``), each
+   sample is cut the same way (``cut_like_new_data``), or the router learns "starts with ``<s>``" instead of "is old
+   text". With samples, the report says how they differ from the new data beyond language (``sample_differences``).
+2. The features (``_features``): every token of both sides through the base model (adapter disabled) up to layer
+   ``L`` only (the forward pass stops there).
+3. The routers (``_fit_trial_and_kept``): sequences (not tokens: neighbouring tokens are alike) are split into a
+   fitting, a calibration and a held-out part; a trial router is trained on the fitting part with a class-balanced
+   logistic loss. The router that is kept is refitted on every sequence of both sides, so that none of the new data
+   is left to a router that never saw it (the adapter trains on all of it).
+4. The threshold (``_threshold``), biased towards the base model: a wrong "expansion" on old text costs
+   forgetting, a wrong "base model" on new text only a little learning. It is the lowest threshold (at least 0.5)
+   at which at most ``max_old_error`` of the old tokens reach the expansion, those tokens scored as
+   ``RouterConfig.calibrate_on`` says: ``"cross_fitted"``, every old sequence scored by one of ``CROSS_FIT_FOLDS``
+   routers fitted on the other folds (a bound for old text the router has not seen, read off all the old tokens);
+   ``"held_out"``, the trial router on the calibration part; ``"fitted"``, the kept router on all the old data
+   (the old data *is* what must be kept: a set of facts, a regression set).
+5. The report: on the held-out part, the share of old tokens routed to the base model and of new tokens routed to
+   the expansion; the ``fitted_*`` shares are the kept router's on all the data.
+6. With one routed adapter per domain, the other adapters' fitted routers that read the same layer score this
+   side's held-out new tokens: the share each claims is the report's ``claimed_by_other_adapters``, and above
+   ``CLAIMED_WARNING`` a warning says which router to refit.
+7. ``other_domains`` (the text of the other routed adapters' domains) are negatives in the training, pooled with the
+   old side, but not part of the calibration: the threshold bounds only what must be kept (forgetting). A domain
+   named like another learned-route adapter of the model is that adapter's: this router *outranks* it
+   (``RouterConfig.outranks``; ``routing.outranking``): routed together, a token both claim goes to this adapter,
+   since only this router learned the difference, and the earlier adapter's router need not be refitted.
 """
 
 from __future__ import annotations
@@ -67,6 +48,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .config import DEFAULT_MAX_OLD_ERROR
 from .format_sampling import format_split, sample_in_format
 from .routing import rms_normalise, smooth_logits, smoothing_start
 
@@ -77,9 +59,7 @@ FIRST_TOKENS = 8  # the report also gives the accuracy on each sequence's first 
 # above this share of an adapter's held-out new tokens claimed by another adapter's router, fit_router warns: routed
 # together, one token in twenty could go to the wrong domain's adapter (the threshold itself lets 1% of old in)
 CLAIMED_WARNING = 0.05
-CALIBRATIONS = ("held_out", "cross_fitted", "fitted")  # fit_router's calibrate_on
-SAMPLE_FORMATS = ("free", "new_data")  # fit_router's sample_format (old_data=None)
-CROSS_FIT_FOLDS = 5  # calibrate_on="cross_fitted": routers fitted, each on four fifths of the sequences
+CROSS_FIT_FOLDS = 5  # RouterConfig(calibrate_on="cross_fitted"): routers fitted, each on four fifths of the sequences
 
 
 @dataclass
@@ -89,8 +69,8 @@ class RouterReport:
     Attributes:
         adapter_name: the adapter whose router was fitted.
         layer: the decoder layer whose input the router reads (``preserve_layers``).
-        old_source: ``"old data"``, ``"base model samples"`` or (``sample_format="new_data"``) ``"base model samples in
-            the new data's format"``.
+        old_source: ``"old data"``, ``"base model samples"`` or ``"base model samples in the new data's format"``
+            (``BaseModelSamples(in_new_data_format=True)``).
         old_to_base: share of held-out old tokens routed to the base model.
         new_to_expansion: share of held-out new tokens routed to the expansion.
         threshold: the score at or above which a token goes to the expansion.
@@ -102,37 +82,33 @@ class RouterReport:
         fitted_old_to_base, fitted_new_to_expansion: the kept router (refitted on every sequence) on all the data:
             the share of ``new_data`` the adapter will train on at the expansion, and of the given old data kept
             on the base model.
-        calibrate_on: ``"held_out"``, ``"cross_fitted"`` or ``"fitted"``: where the threshold was set.
+        calibrate_on: ``"held_out"``, ``"cross_fitted"`` or ``"fitted"``: where the threshold was set
+            (``RouterConfig.calibrate_on``).
+        max_old_error: the share of those old tokens allowed to reach the expansion, which set the threshold.
         tokens: ``{"old": n, "new": n}``: tokens of each side the router saw (all parts).
         held_out_tokens: ``{"old": n, "new": n}`` in the held-out part.
         claimed_by_other_adapters: ``{adapter: share}`` for every other learned-route adapter of the model whose
             router is fitted and reads the same layer (so can be routed together with this one): the share of the
             held-out new tokens that its router claims (score at or above its own threshold), as it stood when this
             router was fitted. Routed together, such a token goes to whichever claiming router scores highest
-            (unless one outranks the other: ``outranks``), so it can miss this adapter; above ``CLAIMED_WARNING``
+            (unless one outranks the other: ``RouterConfig.outranks``), so it can miss this adapter; above ``CLAIMED_WARNING``
             ``fit_router`` warns. Empty when there is no such adapter. (The reverse, this router claiming another
             domain's tokens, is ``1 - old_to_base`` with that domain's text in ``old_data``.)
         other_to_expansion: ``{domain: share}`` for every domain given in ``other_domains``: the share of its held-out
             tokens that this router claims (score at or above the threshold, which was not calibrated on them).
             Routed together with that domain's adapter, this router takes such a token when it outranks that
-            adapter's (``outranks``), else the more confident one does; with this adapter active alone, it goes to
+            adapter's (``RouterConfig.outranks``), else the more confident one does; with this adapter active alone, it goes to
             this adapter. Empty without ``other_domains``.
         other_held_out_tokens: ``{domain: n}``: held-out tokens of each of ``other_domains``.
-        outranks: the other learned-route adapters that ``other_domains`` names (sorted): routed together, this
-            router takes a token it claims from them (``routing.outranking``), unless one was fitted against this
-            adapter's domain too. Their ``claimed_by_other_adapters`` shares then cannot take a token from this
-            adapter (only the ones this router does not claim, which would otherwise go to the base model).
-        smoothing: the adapter's ``router_smoothing``: with ``a > 0`` every share above and the threshold are those
-            of the smoothed decisions (the moving average over each sequence's tokens, as the model routes).
-        smoothing_start: the adapter's ``router_smoothing_start`` (``"token"`` or ``"old"``), where that average
-            starts.
-        smoothing_fall: the adapter's ``router_smoothing_fall`` (``None``: ``smoothing`` both ways).
         calibration_tokens: the old tokens the threshold was set on (the calibration part's; with
             ``calibrate_on="cross_fitted"`` or ``"fitted"`` every old token); ``max_old_error`` of them may reach
-            the expansion. 0 in a report made before it existed.
-        format_split: with ``sample_format="new_data"``: ``format_share`` and the split it made
+            the expansion.
+        format_split: with ``BaseModelSamples(in_new_data_format=True)``: ``format_share`` and the split it made
             (``format_sampling.format_split``: the format tokens, the share of new sequences the rarest of them is
             in, the share the most frequent content token is in) and the draws made and kept; else empty.
+        sample_differences: with the base model's free samples as the old side, how they differ from the new data
+            beyond language (``sample_differences``: lengths, shared vocabulary, the samples' own frequent tokens);
+            else empty. Every share above is measured on the samples, not on the text to keep.
     """
 
     adapter_name: str
@@ -148,17 +124,15 @@ class RouterReport:
     fitted_old_to_base: float
     fitted_new_to_expansion: float
     calibrate_on: str
+    max_old_error: float
     tokens: dict
     held_out_tokens: dict
+    calibration_tokens: int
     claimed_by_other_adapters: dict = field(default_factory=dict)
     other_to_expansion: dict = field(default_factory=dict)
     other_held_out_tokens: dict = field(default_factory=dict)
-    smoothing: float = 0.0
-    smoothing_start: str = "token"
-    outranks: list = field(default_factory=list)
-    smoothing_fall: Optional[float] = None
-    calibration_tokens: int = 0
     format_split: dict = field(default_factory=dict)
+    sample_differences: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         claimed = ""
@@ -183,8 +157,7 @@ class RouterReport:
             )
         if self.claimed_by_other_adapters:
             shares = ", ".join(
-                f"{name!r} {share:.2%}" + (" (outranked: a token both claim goes to this adapter)" * (name in self.outranks))
-                for name, share in self.claimed_by_other_adapters.items()
+                f"{name!r} {share:.2%}" for name, share in self.claimed_by_other_adapters.items()
             )
             claimed += f"\n  held-out new tokens claimed by other adapters' routers: {shares}"
         if self.old_source.startswith("base model samples"):
@@ -194,14 +167,18 @@ class RouterReport:
                 "\n  the old shares are measured on the base model's own samples, not on the old task's text: "
                 "check what must be kept on text of it"
             )
-        smoothed = f"; score smoothed over preceding tokens, a = {self.smoothing}" if self.smoothing else ""
-        if self.smoothing and self.smoothing_fall is not None:
-            smoothed += f", falling with {self.smoothing_fall}"
-        if self.smoothing and self.smoothing_start == "old":
-            smoothed += ", from the old side's median logit"
+        if self.sample_differences:
+            differ = self.sample_differences
+            only = ", ".join(f"{token!r} {share:.1%}" for token, share in differ["sample_only"]) or "none"
+            claimed += (
+                f"\n  the samples against the new data: median length {differ['median_length']['samples']} against "
+                f"{differ['median_length']['new']} tokens; {differ['shared_vocabulary']:.1%} of the new tokens occur in "
+                f"them; their most frequent tokens absent from the new data: {only}. Where the text to keep shares the "
+                "new data's genre, give a few thousand tokens of it as old_data: the samples are the base model's genre"
+            )
         return (
             f"SCALE router of adapter {self.adapter_name!r} (reads the input of layer {self.layer}; old side: "
-            f"{self.old_source}; threshold {self.threshold:.3f}{smoothed})\n"
+            f"{self.old_source}; threshold {self.threshold:.3f}, max_old_error {self.max_old_error})\n"
             f"  held-out old tokens routed to the base model: {self.old_to_base:.2%} of {self.held_out_tokens['old']:,}\n"
             f"  held-out new tokens routed to the expansion:  {self.new_to_expansion:.2%} of "
             f"{self.held_out_tokens['new']:,}\n"
@@ -209,7 +186,7 @@ class RouterReport:
             f"{self.first_tokens_new_to_expansion:.2%} (new)\n"
             f"  the kept router (refitted on all sequences) on all of them: {self.fitted_old_to_base:.2%} of old "
             f"tokens to the base model, {self.fitted_new_to_expansion:.2%} of new tokens to the expansion "
-            f"(threshold set on the {self.calibration_tokens:,} {self.calibrate_on.replace('_', '-')} old tokens)"
+            f"(threshold set on {self.calibration_tokens:,} {self.calibrate_on.replace('_', '-')} old tokens)"
             + claimed
         )
 
@@ -263,6 +240,9 @@ def token_sequences(
             raise ValueError(f"{caller}: {what} has columns {data.column_names}, no 'input_ids'. Tokenize it first.")
         rows = list(data.with_format("torch"))
     elif isinstance(data, (list, tuple)):
+        if data and all(isinstance(row, str) for row in data):
+            also = ", or pass the model's tokenizer (tokenizer=...)" if caller in ("fit_router", "forgetting") else ""
+            raise ValueError(f"{caller}: {what} is a list of strings; tokenize it first{also}.")
         # an item is a dict with input_ids or a sequence of token ids (a str or a number is neither)
         if not all(
             (isinstance(row, dict) and "input_ids" in row)
@@ -398,8 +378,8 @@ def default_prompts(model: nn.Module) -> torch.Tensor:
     if bos is None:
         raise ValueError(
             "fit_router(old_data=None) samples the old side from the base model, starting each sample from the "
-            "beginning-of-text token, but this model has no bos_token_id. Pass sample_prompts (a LongTensor of "
-            "shape (n, p) of prompt token ids) or old_data."
+            "beginning-of-text token, but this model has no bos_token_id. Pass old_data=BaseModelSamples(prompts=...) "
+            "(a LongTensor of shape (n, p) of prompt token ids), or old data."
         )
     return torch.tensor([[bos]])
 
@@ -414,8 +394,8 @@ def _split_sequences(count: int, generator: torch.Generator) -> tuple[list[int],
     return order[n_cal + n_test :], order[:n_cal], order[n_cal : n_cal + n_test]
 
 
-def _train_router(router, new: torch.Tensor, old: torch.Tensor, steps: int, lr: float, weight_decay: float, seed: int):
-    """Class-balanced logistic regression of ``router``'s score on fitting features (full batch, Adam)."""
+def _train_router(router, new: torch.Tensor, old: torch.Tensor, seed: int):
+    """Class-balanced logistic regression of ``router``'s score on fitting features (full batch, Adam: ``ROUTER_*``)."""
     generator = torch.Generator().manual_seed(seed)
     pooled = torch.cat([new, old])
     normalised = rms_normalise(pooled)
@@ -431,110 +411,134 @@ def _train_router(router, new: torch.Tensor, old: torch.Tensor, steps: int, lr: 
     trained = [params[name] for name in ("w_in", "b_in", "w_out", "b_out")]
     for tensor in trained:
         tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=lr)
+    optimizer = torch.optim.Adam(trained, lr=ROUTER_LR)
     labels = torch.cat([torch.ones(len(new)), torch.zeros(len(old))])
     # each side weighs as much as the other, whatever their token counts
     weights = torch.cat([torch.full((len(new),), 0.5 / len(new)), torch.full((len(old),), 0.5 / len(old))])
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in range(ROUTER_STEPS):
             optimizer.zero_grad(set_to_none=True)
             logits = router.logits(pooled, params)
             loss = (F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weights).sum()
-            loss = loss + weight_decay * params["w_in"].pow(2).sum()
+            loss = loss + ROUTER_WEIGHT_DECAY * params["w_in"].pow(2).sum()
             loss.backward()
             optimizer.step()
     return {name: tensor.detach() for name, tensor in params.items()}
 
 
+@dataclass(frozen=True)
+class BaseModelSamples:
+    """The router's old side drawn from the base model itself (self-synthesised rehearsal: what the base model
+    produces is by definition what it already does): ``fit_router(model, new_data, BaseModelSamples(...))``;
+    ``old_data=None`` is ``BaseModelSamples()``.
+
+    Args:
+        count: samples to draw (with ``in_new_data_format``: draws, of which repeats and copies of a new sequence's
+            content are dropped).
+        length: tokens per sample, prompt included (cut like the new data when it is windows of running text).
+        prompts: a ``LongTensor`` ``(n, p)`` of prompt token ids, cycled over the samples; default the
+            beginning-of-text token.
+        in_new_data_format: draw each sample as a copy of a new sequence (cycled) whose format tokens are kept and
+            whose content the base model fills in (``peft_scale.format_sampling``): for new facts in a format the
+            model already handles (a question-answer template); not for a new language or domain, whose content is
+            the new part. ``length`` and ``prompts`` do not apply.
+        format_share: with ``in_new_data_format``, a token in at least this share of the new sequences is a format
+            token (copied), the others content (filled in). Set it below the share of the template's words and
+            above that of the most frequent name or value (the report's ``format_split`` shows both).
+        batch_size: samples drawn per ``generate`` call (larger is faster where memory allows).
+    """
+
+    count: int = 64
+    length: int = 128
+    prompts: Optional[torch.Tensor] = None
+    in_new_data_format: bool = False
+    format_share: float = 0.05
+    batch_size: int = 8
+
+    def __post_init__(self):
+        for name in ("count", "length", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BaseModelSamples({name}={value!r}): a positive integer.")
+        if self.prompts is not None:
+            prompts = torch.as_tensor(self.prompts)
+            if prompts.dim() != 2 or prompts.dtype.is_floating_point or not prompts.numel():
+                raise ValueError(
+                    f"BaseModelSamples(prompts=...): a LongTensor of prompt token ids of shape (n, prompt_length), "
+                    f"got shape {tuple(prompts.shape)} of {prompts.dtype}."
+                )
+            if self.in_new_data_format:
+                raise ValueError(
+                    "BaseModelSamples(in_new_data_format=True, prompts=...): each draw copies a new sequence's format, "
+                    "so prompts do not apply; drop them, or draw free samples (in_new_data_format=False)."
+                )
+            object.__setattr__(self, "prompts", prompts.long())
+        if not 0 < self.format_share <= 1:
+            raise ValueError(
+                f"BaseModelSamples(format_share={self.format_share}): a share of the new sequences in (0, 1], e.g. 0.05."
+            )
+
+
+FEATURE_BATCH = 8  # sequences per forward pass of the base model up to the router's layer
+# the router's own training (full batch, Adam): fixed, it fits in well under the steps on every benchmark
+ROUTER_STEPS, ROUTER_LR, ROUTER_WEIGHT_DECAY = 300, 1e-2, 1e-4
+
+
 def fit_router(
     model: nn.Module,
     new_data: TokenData,
-    old_data: Optional[TokenData] = None,
+    old_data: Union[TokenData, BaseModelSamples, None] = None,
     *,
+    tokenizer=None,
     other_domains: Optional[dict] = None,
     adapter_name: Optional[str] = None,
-    num_samples: int = 64,
-    sample_length: int = 128,
-    sample_prompts: Optional[torch.Tensor] = None,
-    sample_format: str = "free",
-    format_share: float = 0.05,
-    max_old_error: float = 0.01,
-    calibrate_on: str = "held_out",
-    steps: int = 300,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 8,
-    seed: int = 0,
+    max_old_error: Optional[float] = None,
     progress: bool = True,
 ) -> RouterReport:
     """Fit the learned router of a SCALE-Route adapter to tell ``new_data``'s tokens from the old side's.
 
+    The steps (module docstring): the old side; the features (the base model's stream entering layer
+    ``preserve_layers``); the routers (a trial one on a fitting part, the kept one on everything); the threshold
+    (at most ``max_old_error`` of the old side's tokens reach the expansion, measured as ``RouterConfig.calibrate_on``
+    says); the report on held-out sequences. The adapter's ``RouterConfig`` (``config.router``) gives every setting.
+
     Args:
-        model: a ``PeftModel`` (or ``ScaleModel``) with a ``ScaleConfig(variant="route", route_rule="learned")``
-            adapter.
-        new_data: token ids of the text the adapter will learn: a ``LongTensor`` ``(n, seq)``, a list of 1-D token
-            id sequences, a ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), or a list
-            of dicts (``token_sequences``).
-        old_data: token ids of what the model must keep doing, in the same forms; ``None`` samples the old side
-            from the base model itself (``num_samples`` sequences of ``sample_length`` tokens, each started from
-            ``sample_prompts``, default the beginning-of-text token; cut into windows when ``new_data`` is windows
-            of running text, see ``cut_like_new_data``), or with ``sample_format="new_data"`` in the new data's format.
-        other_domains: ``{name: token ids}`` (each in the same forms as ``new_data``; the name is how the report
-            calls it, e.g. the other adapter's name): the text of the other routed adapters' domains, for one
-            routed adapter per domain. Its tokens are negatives when the router trains (pooled with the old side:
-            each token weighs the same, and the two together as much as ``new_data``), but the threshold is
-            calibrated on the old side only, so ``max_old_error`` bounds forgetting only. Between routed domains an
-            error costs transfer, not forgetting, and the joint rule resolves a token two active routers claim (the
-            outranking or else the more confident one takes it); in ``old_data`` instead, another domain close to
-            this one raises the threshold and sends much of this domain's own text to the base model (issue 12: Spanish and French,
-            74.8% and 71.0% of their own tokens reached their adapters). The risk: with this adapter active alone,
-            the other domains' tokens it claims (the report's ``other_to_expansion``) go to it. Split like the rest
-            (fit, calibrate, held out; at least 3 sequences each). Name a domain after its learned-route adapter
-            (``{"es": spanish}``) and this router outranks that adapter's (a token both claim goes to this one,
-            the report's ``outranks``), so that adapter's router, which never saw this domain, need not be refitted.
+        model: a ``PeftModel`` (or ``ScaleModel``) with a learned-route adapter (``ScaleConfig(router=RouterConfig())``
+            or ``variant="route"``).
+        new_data: the text the adapter will learn: a ``LongTensor`` ``(n, seq)`` of token ids, a list of 1-D token id
+            sequences, a ``datasets.Dataset`` with ``input_ids`` (and optionally ``attention_mask``), a list of dicts
+            with ``input_ids``, or, with ``tokenizer``, a list of strings (``token_sequences``).
+        old_data: what the model must keep doing, in the same forms; or ``BaseModelSamples(...)``, the base model's
+            own samples; ``None`` is ``BaseModelSamples()``. Text of what must be kept is the better old side whenever
+            it shares the new data's genre: the base model's free samples are its own genre (a chat model's are
+            chat), so text that differs from them in genre as well as language can look new to the router. A few
+            thousand tokens of it are enough.
+        tokenizer: the model's tokenizer, to read ``new_data``, ``old_data`` and ``other_domains`` given as strings
+            (each string one sequence, with the tokenizer's special tokens).
+        other_domains: ``{name: data}``, the text of other new domains (of other routed adapters), in the forms of
+            ``new_data``: negatives in the router's training, pooled with the old side, but not calibrated on (the
+            threshold bounds only what must be kept). Name a domain after its learned-route adapter (``{"es":
+            spanish}``) and this router outranks that adapter's (``RouterConfig.outranks``: a token both claim goes to
+            this one), so that adapter's router, which never saw this domain, need not be refitted.
         adapter_name: the adapter whose router to fit (default: the active learned-route adapter).
-        sample_format: how the old side is sampled when ``old_data`` is ``None``. ``"free"`` (default): the base
-            model continues ``sample_prompts``. ``"new_data"`` (``peft_scale.format_sampling``): ``num_samples``
-            draws, each a copy of a new sequence (cycled) whose format tokens are kept and whose content the base
-            model fills in (the last content run, the answer, as long as the model makes it); repeats and draws
-            that write back a new sequence's content are dropped. For new facts in a format the model already
-            handles (measured on the biographies: the old task's answer positions reaching the expansion fell from
-            42% to 2-4%, and routed SCALE kept 0.97-0.98 of the old task with no old data); not for a new language
-            or domain, whose content is the new part. ``sample_length`` and ``sample_prompts`` do not apply.
-        format_share: with ``sample_format="new_data"``, a token in at least this share of the new sequences is a
-            format token (copied); the others are content (filled in by the base model). Set it below the share of
-            the template's words and above that of the most frequent name or value: on the biographies (6
-            templates: each word in >= 16.7%, names in <= 6%) 0.1 kept three frequent names out of the format,
-            which 0.05 copied into draws, and with them new people labelled old.
-        max_old_error: the share of old tokens allowed to reach the expansion; sets the threshold.
-        calibrate_on: where that share is measured. ``"held_out"`` (default): on old sequences the router was not
-            fitted on (the calibration part, a fifth of them), a bound for unseen old text (the old data is a
-            sample of what to keep: a language, a domain). ``"cross_fitted"``: the same bound, measured on every
-            old sequence, each scored by one of ``CROSS_FIT_FOLDS`` routers fitted on the other four fifths (five
-            more router fits: about 100 s for 64 + 64 SmolLM2 blocks of 128 tokens on a 2-core CPU): a steadier
-            threshold where ``max_old_error`` is small (the bound is then a tail of few tokens). ``"fitted"``: on
-            all the given old data, scored by the kept router (the old data *is* what must be kept: a set of facts,
-            a regression set); lower thresholds, more new data learned, and the
-            held-out report says what unseen old text would get.
-        steps, lr, weight_decay: the router's training (full batch, Adam).
-        batch_size: sequences per forward pass of the base model (features and sampling); larger samples faster
-            (on a 2-core CPU, 32 sampled SmolLM2-135M 2.6x faster than 8).
-        seed: the seed of the sampling, the split and the router's initialisation.
+        max_old_error: the share of old tokens allowed to reach the expansion, for this fit; default the adapter's
+            ``RouterConfig.max_old_error``, else ``DEFAULT_MAX_OLD_ERROR`` for the old side given. The value used is in
+            the report and the adapter's ``router_report``.
         progress: show a progress bar while sampling.
 
     Returns:
-        A ``RouterReport``: held-out accuracy on each side, the chosen threshold, the share of the held-out new
-        tokens that each other fitted router claims (``claimed_by_other_adapters``) and the share of each other
-        domain's held-out tokens this router claims (``other_to_expansion``). The router is stored in the
-        adapter (saved, loaded and deleted with it) and stays frozen while the adapter trains.
+        A ``RouterReport``: held-out accuracy on each side, the threshold, the share of the held-out new tokens each
+        other fitted router claims, of each other domain's held-out tokens this router claims, and, with the base
+        model's samples as the old side, how they differ from the new data. The router is stored in the adapter
+        (saved, loaded and deleted with it) and stays frozen while the adapter trains.
 
     Warns:
-        UserWarning: another adapter's fitted router claims more than ``CLAIMED_WARNING`` (5%) of the held-out new
-            tokens; the warning names it and the fix (refit it with this data in its old side).
+        UserWarning: another adapter's fitted router claims more than ``CLAIMED_WARNING`` of the held-out new tokens
+            (the warning names it and the fix); the threshold landed above every score (nothing reaches the expansion).
 
     Raises:
-        ValueError: no learned-route adapter, empty or malformed data, too few sequences to hold some out,
-            ``other_domains`` empty or with a name that is not a non-empty string.
+        ValueError: no learned-route adapter, empty or malformed data, too few sequences to hold some out, strings
+            without a tokenizer, ``other_domains`` empty or with a name that is not a non-empty string.
         TypeError: data of an unsupported type, ``other_domains`` not a dict.
     """
     from .model import ScaleModel
@@ -546,167 +550,191 @@ def fit_router(
         )
     adapter_name = _learned_route_adapter(scale_model, adapter_name)
     config = scale_model.peft_config[adapter_name]
-    if not 0 < max_old_error < 0.5:
-        raise ValueError(f"fit_router(max_old_error={max_old_error}): a share between 0 and 0.5, e.g. 0.01.")
-    if sample_format not in SAMPLE_FORMATS:
-        raise ValueError(
-            f"fit_router(sample_format={sample_format!r}): 'free' (the base model continues sample_prompts) or "
-            "'new_data' (the base model fills in the content of copies of the new data's sequences)."
-        )
-    if sample_format == "new_data":
-        if old_data is not None:
-            raise ValueError(
-                "fit_router(sample_format='new_data') samples the old side from the base model, but old_data was "
-                "given too; pass one of them (old_data=None to sample)."
-            )
-        if sample_prompts is not None:
-            raise ValueError(
-                "fit_router(sample_format='new_data'): sample_prompts do not apply (each draw copies a new sequence's "
-                "format); drop them, or use sample_format='free'."
-            )
-        if not 0 < format_share <= 1:
-            raise ValueError(f"fit_router(format_share={format_share}): a share of the new sequences in (0, 1], e.g. 0.05.")
-    if calibrate_on not in CALIBRATIONS:
-        raise ValueError(
-            f"fit_router(calibrate_on={calibrate_on!r}): 'held_out' (the threshold bounds the old tokens reaching the "
-            "expansion on old text the router has not seen, measured on the calibration part), 'cross_fitted' (the "
-            f"same bound, measured on every old sequence by {CROSS_FIT_FOLDS} routers that did not see it) or "
-            "'fitted' (on the old data given)."
-        )
+    settings = config.router
+    if max_old_error is not None and not 0 < max_old_error < 0.5:
+        raise ValueError(f"fit_router(max_old_error={max_old_error}): a share between 0 and 0.5, e.g. 0.005.")
     base = scale_model.model
     vocab_size = getattr(base.config, "vocab_size", None)
-    new_sequences = token_sequences(new_data, "new_data", vocab_size)
-    other_sequences = _other_domain_sequences(other_domains, vocab_size)
+    new_sequences = token_sequences(new_data, "new_data", vocab_size, tokenizer=tokenizer)
+    other_sequences = _other_domain_sequences(other_domains, vocab_size, tokenizer)
     router = scale_model.scale_router[adapter_name]
     layer = scale_model.router_layer(adapter_name)
-    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
-    if old_data is None and sample_format == "free" and positions is not None and sample_length > positions:
-        raise ValueError(
-            f"fit_router: sample_length={sample_length} is longer than the model's {positions} positions; choose "
-            f"sample_length <= {positions}."
-        )
 
     was_training = base.training
     base.eval()
     try:
         with _adapters_disabled(scale_model):
-            split = {}  # the format split and the draws (sample_format="new_data"), for the report
-            if sample_format == "new_data":  # (old_data is None: checked above)
-                old_sequences = sample_in_format(
-                    base, new_sequences, num_samples, format_share, batch_size, seed, progress
-                )
-                old_source = "base model samples in the new data's format"
-                split = {"format_share": format_share, **format_split(new_sequences, format_share),
-                         "draws": num_samples, "kept": len(old_sequences)}
-            elif old_data is None:
-                prompts = default_prompts(base) if sample_prompts is None else torch.as_tensor(sample_prompts).long()
-                if prompts.dim() != 2:
-                    raise ValueError("fit_router: sample_prompts must be a LongTensor of shape (n, prompt_length).")
-                old_sequences = sample_base_model(base, prompts, num_samples, sample_length, batch_size, seed, progress)
-                old_sequences = cut_like_new_data(old_sequences, new_sequences, prompts, seed)
-                old_source = "base model samples"
-            else:
-                old_sequences = token_sequences(old_data, "old_data", vocab_size)
-                old_source = "old data"
-            sides, others = {}, {}
-            named = [("the new side", sides, "new", new_sequences), ("the old side", sides, "old", old_sequences)]
-            named += [(f"other_domains[{name!r}]", others, name, seqs) for name, seqs in other_sequences.items()]
-            if calibrate_on == "cross_fitted" and len(old_sequences) < CROSS_FIT_FOLDS:
-                raise ValueError(
-                    f"fit_router(calibrate_on='cross_fitted'): the old side has {len(old_sequences)} sequence(s); "
-                    f"each of the {CROSS_FIT_FOLDS} folds needs one at least. Give more, or shorter, old sequences, or "
-                    "use calibrate_on='held_out'."
-                )
-            for what, into, key, sequences in named:
-                if len(sequences) < 3:
-                    raise ValueError(
-                        f"fit_router: {what} has {len(sequences)} sequence(s); at least 3 are needed (one each to "
-                        "fit, calibrate and hold out). Give more, or shorter, sequences."
-                    )
-                into[key] = layer_inputs(base, layer, router.features, sequences, batch_size)
+            old_sequences, old_source, split = _old_side(
+                base, old_data, new_sequences, vocab_size, tokenizer, settings.seed, progress
+            )
+            named = {"new": new_sequences, "old": old_sequences}
+            sides = {key: _features(base, layer, router, f"the {key} side", seqs) for key, seqs in named.items()}
+            others = {
+                name: _features(base, layer, router, f"other_domains[{name!r}]", seqs)
+                for name, seqs in other_sequences.items()
+            }
     finally:
         base.train(was_training)
+    if max_old_error is None:
+        max_old_error = settings.max_old_error or DEFAULT_MAX_OLD_ERROR[old_source.split(" in ")[0]]
+    if settings.calibrate_on == "cross_fitted" and len(old_sequences) < CROSS_FIT_FOLDS:
+        raise ValueError(
+            f"fit_router (RouterConfig.calibrate_on='cross_fitted'): the old side has {len(old_sequences)} sequence(s); "
+            f"each of the {CROSS_FIT_FOLDS} folds needs one at least. Give more, or shorter, old sequences, or use "
+            "RouterConfig(calibrate_on='held_out')."
+        )
 
-    generator = torch.Generator().manual_seed(seed)
-    splits = {side: _split_sequences(len(feats), generator) for side, feats in sides.items()}
-    parts = {side: [[sides[side][i] for i in idx] for idx in split] for side, split in splits.items()}  # sequences
+    generator = torch.Generator().manual_seed(settings.seed)
+    parts = {side: _parts(feats, generator) for side, feats in sides.items()}  # fitting, calibration, held out
     # (split after the two sides: without other domains, the same split as before they existed)
-    other_parts = {
-        name: [[feats[i] for i in idx] for idx in _split_sequences(len(feats), generator)]
-        for name, feats in others.items()
-    }
-    # the router trains per token; its scores are then those the gate computes (smoothed along each sequence when
-    # router_smoothing > 0), for the calibration, the threshold and every share of the report
-    # the negatives: the old side and the other domains, pooled (the threshold below reads the old side only)
-    negatives = parts["old"][0] + [f for part in other_parts.values() for f in part[0]]
-    trial = _train_router(router, torch.cat(parts["new"][0]), torch.cat(negatives), steps, lr, weight_decay, seed)
-    all_negatives = torch.cat(sides["old"] + [f for feats in others.values() for f in feats])
-    kept = _train_router(router, torch.cat(sides["new"]), all_negatives, steps, lr, weight_decay, seed)
-    # where a smoothed average starts with router_smoothing_start="old": the logit of typical old text, the median of
-    # each router's logits on the old side it was fitted on (robust to the few old tokens it scores high; stored
-    # whatever the option, so that it can be switched on without refitting)
-    with torch.no_grad():
-        trial["start"] = _old_median(router, parts["old"][0], trial)
-        kept["start"] = _old_median(router, sides["old"], kept)
-    smoothing = config.router_smoothing
-    start_on = smoothing and config.router_smoothing_start == "old"
+    other_parts = {name: _parts(feats, generator) for name, feats in others.items()}
+    trial, kept = _fit_trial_and_kept(router, parts, sides, other_parts, others, settings.seed)
+
+    def per_sequence_scores(sequences, params):  # the scores the gate computes (smoothed, as the model routes)
+        start = params["start"] if settings.smoothing and settings.smoothing_start == "old" else None
+        return sequence_scores(router, sequences, settings.smoothing, params, start, settings.smoothing_fall)
 
     def scores(sequences, params, first_tokens=None):
         return torch.cat([score[:first_tokens] for score in per_sequence_scores(sequences, params)])
 
-    def per_sequence_scores(sequences, params):
-        return sequence_scores(
-            router, sequences, smoothing, params, params["start"] if start_on else None, config.router_smoothing_fall
-        )
-
-    if calibrate_on == "cross_fitted":  # every old sequence, scored out of fold, instead of the calibration part
-        calibration_old = _out_of_fold_scores(router, sides, others, per_sequence_scores, steps, lr, weight_decay, seed)
+    if settings.calibrate_on == "cross_fitted":  # every old sequence, scored out of fold, instead of the calibration part
+        calibration_old = _out_of_fold_scores(router, sides, others, per_sequence_scores, settings.seed)
     else:
         calibration_old = scores(parts["old"][1], trial)
     calibration_new = scores(parts["new"][1], trial)
     fitted_old, fitted_new = scores(sides["old"], kept), scores(sides["new"], kept)
-    bounded = fitted_old if calibrate_on == "fitted" else calibration_old  # the old scores max_old_error bounds
+    bounded = fitted_old if settings.calibrate_on == "fitted" else calibration_old  # what max_old_error bounds
     threshold = _threshold(bounded, max_old_error)
-    kept["threshold"] = torch.tensor([threshold])
-    kept["fitted"] = torch.ones(1)
-    with torch.no_grad():
-        for name, buffer in router.named_buffers():
-            buffer.copy_(kept[name].to(buffer.device))
+    _store_router(router, kept, threshold)
+
     held_out = {side: per_sequence_scores(parts[side][2], trial) for side in ("old", "new")}  # scored once
     test_old, test_new = (torch.cat(held_out[side]) for side in ("old", "new"))
     first_old, first_new = (torch.cat([score[:FIRST_TOKENS] for score in held_out[side]]) for side in ("old", "new"))
+
+    def share(values, to_expansion=True):
+        return float(((values >= threshold) if to_expansion else (values < threshold)).float().mean())
+
+    settings.outranks = sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name})
     report = RouterReport(
         adapter_name=adapter_name,
         layer=config.preserve_layers,
         old_source=old_source,
-        old_to_base=float((test_old < threshold).float().mean()),
-        new_to_expansion=float((test_new >= threshold).float().mean()),
+        old_to_base=share(test_old, False),
+        new_to_expansion=share(test_new),
         threshold=threshold,
-        first_tokens_old_to_base=float((first_old < threshold).float().mean()),
-        first_tokens_new_to_expansion=float((first_new >= threshold).float().mean()),
-        calibration_old_to_base=float((calibration_old < threshold).float().mean()),
-        calibration_new_to_expansion=float((calibration_new >= threshold).float().mean()),
-        fitted_old_to_base=float((fitted_old < threshold).float().mean()),
-        fitted_new_to_expansion=float((fitted_new >= threshold).float().mean()),
-        calibrate_on=calibrate_on,
+        first_tokens_old_to_base=share(first_old, False),
+        first_tokens_new_to_expansion=share(first_new),
+        calibration_old_to_base=share(calibration_old, False),
+        calibration_new_to_expansion=share(calibration_new),
+        fitted_old_to_base=share(fitted_old, False),
+        fitted_new_to_expansion=share(fitted_new),
+        calibrate_on=settings.calibrate_on,
+        max_old_error=max_old_error,
         tokens={side: sum(len(f) for f in feats) for side, feats in sides.items()},
         held_out_tokens={"old": len(test_old), "new": len(test_new)},
-        claimed_by_other_adapters=_claimed_by_other_adapters(scale_model, adapter_name, layer, parts["new"][2]),
-        other_to_expansion={
-            name: float((scores(part[2], trial) >= threshold).float().mean()) for name, part in other_parts.items()
-        },
-        other_held_out_tokens={name: sum(len(f) for f in part[2]) for name, part in other_parts.items()},
-        smoothing=smoothing,
-        smoothing_start=config.router_smoothing_start,
-        outranks=sorted(set(other_sequences) & set(_learned_route_adapters(scale_model)) - {adapter_name}),
-        smoothing_fall=config.router_smoothing_fall,
         calibration_tokens=len(bounded),
+        claimed_by_other_adapters=_claimed_by_other_adapters(scale_model, adapter_name, layer, parts["new"][2]),
+        other_to_expansion={name: share(scores(part[2], trial)) for name, part in other_parts.items()},
+        other_held_out_tokens={name: sum(len(f) for f in part[2]) for name, part in other_parts.items()},
         format_split=split,
+        sample_differences=(
+            sample_differences(new_sequences, old_sequences, tokenizer) if old_source == "base model samples" else {}
+        ),
     )
     _record_report(config, report)
-    _warn_if_claimed(report)
-    _warn_if_closed(report, max_old_error)
+    _warn_if_claimed(report, settings.outranks)
+    _warn_if_closed(report)
     return report
+
+
+def _old_side(base, old_data, new_sequences, vocab_size, tokenizer, seed: int, progress: bool):
+    """Step 1: the old side's sequences, where they come from, and (samples in the new data's format) the split of
+    format and content tokens with the draws made and kept."""
+    if old_data is None:
+        old_data = BaseModelSamples()
+    if not isinstance(old_data, BaseModelSamples):
+        return token_sequences(old_data, "old_data", vocab_size, tokenizer=tokenizer), "old data", {}
+    samples = old_data
+    if samples.in_new_data_format:
+        sequences = sample_in_format(
+            base, new_sequences, samples.count, samples.format_share, samples.batch_size, seed, progress
+        )
+        split = {"format_share": samples.format_share, **format_split(new_sequences, samples.format_share),
+                 "draws": samples.count, "kept": len(sequences)}  # fmt: skip
+        return sequences, "base model samples in the new data's format", split
+    positions = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
+    if positions is not None and samples.length > positions:
+        raise ValueError(
+            f"fit_router: BaseModelSamples(length={samples.length}) is longer than the model's {positions} positions; "
+            f"choose length <= {positions}."
+        )
+    prompts = default_prompts(base) if samples.prompts is None else samples.prompts
+    sequences = sample_base_model(base, prompts, samples.count, samples.length, samples.batch_size, seed, progress)
+    return cut_like_new_data(sequences, new_sequences, prompts, seed), "base model samples", {}
+
+
+def _features(base, layer, router, what: str, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Step 2: the base model's stream entering the router's layer, per sequence (at least 3: one each to fit,
+    calibrate and hold out)."""
+    if len(sequences) < 3:
+        raise ValueError(
+            f"fit_router: {what} has {len(sequences)} sequence(s); at least 3 are needed (one each to fit, "
+            "calibrate and hold out). Give more, or shorter, sequences."
+        )
+    return layer_inputs(base, layer, router.features, sequences, FEATURE_BATCH)
+
+
+def _parts(features: list, generator: torch.Generator) -> list[list]:
+    """The fitting, calibration and held-out parts of one side's sequences (``SPLIT``)."""
+    return [[features[i] for i in indices] for indices in _split_sequences(len(features), generator)]
+
+
+def _fit_trial_and_kept(router, parts: dict, sides: dict, other_parts: dict, others: dict, seed: int):
+    """Step 3: the trial router (fitted on the fitting parts; the report and the held-out calibration read it) and
+    the kept one (refitted on every sequence: none of the new data is left to a router that never saw it). The
+    negatives are the old side and the other domains, pooled. Each with the median of its logits on the old side it
+    was fitted on (``TokenRouter.start``, read by 0.1.0 adapters' ``smoothing_start="old"``)."""
+    negatives = parts["old"][0] + [f for part in other_parts.values() for f in part[0]]
+    trial = _train_router(router, torch.cat(parts["new"][0]), torch.cat(negatives), seed)
+    all_negatives = torch.cat(sides["old"] + [f for feats in others.values() for f in feats])
+    kept = _train_router(router, torch.cat(sides["new"]), all_negatives, seed)
+    trial["start"] = _old_median(router, parts["old"][0], trial)
+    kept["start"] = _old_median(router, sides["old"], kept)
+    return trial, kept
+
+
+@torch.no_grad()
+def _store_router(router, params: dict, threshold: float) -> None:
+    """Step 4: the kept router's parameters and threshold into the adapter's router buffers (marked fitted)."""
+    params["threshold"] = torch.tensor([threshold])
+    params["fitted"] = torch.ones(1)
+    for name, buffer in router.named_buffers():
+        buffer.copy_(params[name].to(buffer.device))
+
+
+def sample_differences(new: list[torch.Tensor], samples: list[torch.Tensor], tokenizer=None, top: int = 5) -> dict:
+    """How the base model's samples differ from the new data, for the report (they stand in for the text to keep).
+
+    ``median_length``: tokens per sequence on each side. ``shared_vocabulary``: the share of the new data's tokens
+    whose id also occurs in the samples. ``sample_only``: the ``top`` most frequent tokens of the samples that never
+    occur in the new data, with their share of the samples' tokens (decoded with ``tokenizer`` when given): a chat
+    model's chat markers, say, which tell the router "samples" by genre rather than by language."""
+    new_ids, sample_ids = torch.cat(new), torch.cat(samples)
+    in_samples = torch.isin(new_ids, sample_ids.unique())
+    counts = torch.bincount(sample_ids, minlength=int(new_ids.max()) + 1)
+    counts[new_ids.unique()] = 0
+    order = counts.sort(descending=True, stable=True).indices[:top]  # (ties: the smaller id first)
+    only = [(int(i), float(counts[i]) / len(sample_ids)) for i in order if counts[i] > 0]
+
+    def name(token: int):
+        return tokenizer.decode([token]) if tokenizer is not None else token
+
+    return {
+        "median_length": {"new": int(torch.tensor([len(s) for s in new]).median()),
+                          "samples": int(torch.tensor([len(s) for s in samples]).median())},
+        "shared_vocabulary": round(float(in_samples.float().mean()), 4),
+        "sample_only": [[name(token), round(share, 4)] for token, share in only],
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -716,7 +744,7 @@ def _old_median(router, old: list[torch.Tensor], params) -> torch.Tensor:
 
 
 def _out_of_fold_scores(
-    router, sides: dict, others: dict, score_sequences, steps: int, lr: float, weight_decay: float, seed: int
+    router, sides: dict, others: dict, score_sequences, seed: int
 ) -> torch.Tensor:
     """``calibrate_on="cross_fitted"``: every old sequence scored by a router that did not see it. The sequences of
     each side (and of each other domain) are dealt into ``CROSS_FIT_FOLDS`` folds; fold k's old sequences are scored
@@ -736,14 +764,14 @@ def _out_of_fold_scores(
     for fold in range(CROSS_FIT_FOLDS):
         negatives = outside("old", fold) + [f for name in others for f in outside(name, fold)]
         new = torch.cat(outside("new", fold))
-        params = _train_router(router, new, torch.cat(negatives), steps, lr, weight_decay, seed)
+        params = _train_router(router, new, torch.cat(negatives), seed)
         params["start"] = _old_median(router, outside("old", fold), params)
         inside = [feats for feats, k in zip(sides["old"], folds["old"].tolist()) if k == fold]
         scores += score_sequences(inside, params)
     return torch.cat(scores)
 
 
-def _other_domain_sequences(other_domains, vocab_size: Optional[int]) -> dict[str, list[torch.Tensor]]:
+def _other_domain_sequences(other_domains, vocab_size: Optional[int], tokenizer=None) -> dict[str, list[torch.Tensor]]:
     """``other_domains`` checked: name -> its sequences (``token_sequences``); ``{}`` for ``None``."""
     if other_domains is None:
         return {}
@@ -761,7 +789,10 @@ def _other_domain_sequences(other_domains, vocab_size: Optional[int]) -> dict[st
                 f"fit_router: other_domains has the key {name!r}; its keys name the domains in the report, as "
                 f"non-empty strings ({example})."
             )
-    return {name: token_sequences(data, f"other_domains[{name!r}]", vocab_size) for name, data in other_domains.items()}
+    return {
+        name: token_sequences(data, f"other_domains[{name!r}]", vocab_size, tokenizer=tokenizer)
+        for name, data in other_domains.items()
+    }
 
 
 @torch.no_grad()
@@ -792,25 +823,26 @@ def _claimed_by_other_adapters(scale_model, adapter_name: str, layer: nn.Module,
     """Adapter -> the share of the tokens of ``sequences`` (features of the stream entering ``layer``) that its
     fitted router claims, for every learned-route adapter but ``adapter_name`` whose router reads ``layer``: the
     decision the gate hook takes (``TokenRouter.forward``, on the scores smoothed by that adapter's own
-    ``router_smoothing``), on the features already computed."""
+    ``RouterConfig.smoothing``), on the features already computed."""
     shares = {}
     for name, router in scale_model.scale_router.items():
         if name == adapter_name or not router.is_fitted or scale_model.router_layer(name) is not layer:
             continue
         config = scale_model.peft_config[name]
-        start = smoothing_start(name, config, router) if config.router_smoothing else None
+        settings = config.router
+        start = smoothing_start(name, config, router) if settings.smoothing else None
         scores = torch.cat(
-            sequence_scores(router, sequences, config.router_smoothing, start=start, fall=config.router_smoothing_fall)
+            sequence_scores(router, sequences, settings.smoothing, start=start, fall=settings.smoothing_fall)
         )
         shares[name] = float((scores >= router.threshold[0]).float().mean())
     return shares
 
 
-def _warn_if_claimed(report: RouterReport) -> None:
+def _warn_if_claimed(report: RouterReport, outranks: list[str]) -> None:
     """One warning per other adapter whose router claims more than ``CLAIMED_WARNING`` of the held-out new tokens."""
     adapter = report.adapter_name
     for name, share in report.claimed_by_other_adapters.items():
-        if share <= CLAIMED_WARNING or name in report.outranks:  # outranked: it cannot take a token this one claims
+        if share <= CLAIMED_WARNING or name in outranks:  # outranked: it cannot take a token this one claims
             continue
         warnings.warn(
             f"fit_router: the router of adapter {name!r} claims {share:.1%} of the held-out new tokens of adapter "
@@ -824,12 +856,12 @@ def _warn_if_claimed(report: RouterReport) -> None:
         )
 
 
-def _warn_if_closed(report: RouterReport, max_old_error: float) -> None:
+def _warn_if_closed(report: RouterReport) -> None:
     """A warning when the threshold is above 1: no score reaches it, so the adapter never computes its expansion."""
     if report.threshold <= 1.0:
         return
     warnings.warn(
-        f"fit_router: more than max_old_error={max_old_error} of the old calibration tokens score 1.0 (the router "
+        f"fit_router: more than max_old_error={report.max_old_error} of the old calibration tokens score 1.0 (the router "
         f"is certain they are new), so the threshold is {report.threshold!r}, above every score: no token reaches "
         f"the expansion of adapter {report.adapter_name!r}, which then learns nothing. The old side looks like the new "
         "data: give old data that differs from it (old_data), more or longer new data, or a larger max_old_error.",
@@ -853,10 +885,8 @@ def _record_report(config, report: RouterReport) -> None:
         "new_to_expansion": round(report.new_to_expansion, 4),
         "old_source": report.old_source,
         "threshold": report.threshold,
-        "smoothing": report.smoothing,  # (reports saved before it existed have no such key: 0)
-        "smoothing_start": report.smoothing_start,  # (nor this one: "token")
-        "smoothing_fall": report.smoothing_fall,  # (nor this one: None)
         "calibrate_on": report.calibrate_on,
+        "max_old_error": report.max_old_error,  # (with calibrate_on, the router's seed and the data: a refit's inputs)
         "fitted_new_to_expansion": round(report.fitted_new_to_expansion, 4),
         # (reports saved before it existed have no such key)
         "claimed_by_other_adapters": {
@@ -864,8 +894,6 @@ def _record_report(config, report: RouterReport) -> None:
         },
         # (nor this one; empty when the router was fitted without other_domains)
         "other_to_expansion": {name: round(share, 4) for name, share in report.other_to_expansion.items()},
-        # (nor this one: none outranked, the joint rule reads it, routing.outranked_adapters)
-        "outranks": list(report.outranks),
     }
 
 

@@ -6,7 +6,7 @@ Two rules decide, token by token, whether a token gets the widened model's compu
   ``L = preserve_layers``. Nothing below ``L`` can change that stream (no ``W12`` exists there, and in FFN mode
   nothing is widened there), so it is the base model's own hidden state, and the router can be fitted once,
   before training, on frozen features (``peft_scale.router_fitting.fit_router``). Its decision is a *gate*
-  ``g`` per token (0 or 1; with ``router_gate="soft"`` in ``[0, 1]``, ``gate_values``) that multiplies every
+  ``g`` per token (0 or 1; with ``RouterConfig(gate="soft")`` in ``[0, 1]``, ``gate_values``) that multiplies every
   contribution of the expansion to the original features::
 
         y = W x + b + g * W12 x_up                 (every widened module with a W12 block)
@@ -14,10 +14,10 @@ Two rules decide, token by token, whether a token gets the widened model's compu
 
   A token with ``g = 0`` gets nothing of the expansion and gives it no gradient; a sequence whose tokens all have
   ``g = 0`` is computed exactly as the base model computes it. (A token with ``g = 0`` in a mixed sequence still
-  attends to earlier tokens whose states the expansion changed, unless ``router_preservation_copy`` carries the base
+  attends to earlier tokens whose states the expansion changed, unless ``RouterConfig.preservation_copy`` carries the base
   model's stream beside the adapted one: ``peft_scale.preservation_copy``.) The gate is computed in the same forward pass,
   at layer ``L``, before any gated module runs, so training, evaluation and ``generate()`` (with or without the
-  KV cache: the router is per token) all see the same decisions. With ``router_smoothing = a > 0`` the decision
+  KV cache: the router is per token) all see the same decisions. With ``RouterConfig.smoothing = a > 0`` the decision
   is on the moving average ``s_t = a s_{t-1} + (1 - a) l_t`` of the router's logits along the sequence
   (``smooth_logits``); its state is carried from one cached call to the next with the cache object
   (``Routing.smoothed``), so cached generation still decides as the whole sequence does, or refuses.
@@ -84,7 +84,7 @@ class RouteResult:
             Granite's ``logits_scaling``) applies to the routed output only, which, elementwise, is the same as
             routing the transformed logits.
         scores: learned rule only: the router's probability that the token is new-domain text (the sigmoid of the
-            smoothed logit with ``router_smoothing > 0``; with several routed adapters: the highest of their
+            smoothed logit with ``RouterConfig.smoothing > 0``; with several routed adapters: the highest of their
             routers' scores).
         adapters: learned rule only: the routed adapters that decided, in the order ``choice`` counts them.
         choice: learned rule only: ``(batch, seq)`` long, the index in ``adapters`` of the adapter each token went to,
@@ -126,14 +126,14 @@ class TokenRouter(nn.Module):
     """The learned rule: is this token new-domain text (-> the expansion) or not (-> the base model)?
 
         f = (rms_normalise(h) - mu) / sigma                 (h: the original stream entering layer L)
-        p = sigmoid(w_out . gelu(W_in f + b_in) + b_out)    (router_hidden > 0; a linear probe when 0)
+        p = sigmoid(w_out . gelu(W_in f + b_in) + b_out)    (RouterConfig.hidden > 0; a linear probe when 0)
         to the expansion  <=>  p >= threshold
 
     Every number is a buffer, not a parameter: the router is fitted by ``fit_router`` and then frozen (no optimizer
     sees it, PEFT's adapter switching never makes it trainable), and it is saved, loaded and deleted with its
     adapter. ``fitted`` is 0 until ``fit_router`` has run; a forward pass through an unfitted router is an error.
     ``start`` is the median logit of the old side's tokens, where a smoothed average starts with
-    ``router_smoothing_start="old"`` (NaN in a router fitted before it existed).
+    ``RouterConfig.smoothing_start="old"`` (0.1.0 adapters) (NaN in a router fitted before it existed).
 
     Args:
         features: ``d``, the width of the original stream.
@@ -247,8 +247,9 @@ def choose_adapters(
 
 def outranked_adapters(config) -> list[str]:
     """The adapters whose domains this adapter's router was fitted against as ``other_domains`` (by their names),
-    as ``fit_router`` recorded them (``router_report["outranks"]``; none for a router fitted before it existed)."""
-    return list((getattr(config, "router_report", None) or {}).get("outranks", []))
+    as ``fit_router`` recorded them (``RouterConfig.outranks``)."""
+    router = getattr(config, "router", None)
+    return list(router.outranks) if router is not None else []
 
 
 def outranking(names: list[str], configs: dict) -> Optional[torch.Tensor]:
@@ -266,7 +267,7 @@ def gate_values(to_expansion: torch.Tensor, score: torch.Tensor, threshold: torc
     """The gate of one adapter, ``(batch, seq, 1)`` in ``dtype``, from its router's decisions and scores::
 
         hard:  g = 1                          where the token goes to the adapter's expansion
-        soft:  g = (p - tau) / (1 - tau)      there (``ScaleConfig.router_gate="soft"``)
+        soft:  g = (p - tau) / (1 - tau)      there (``RouterConfig.gate="soft"``)
         both:  g = 0                          elsewhere (the token computes the base model's function)
 
     ``to_expansion``: ``(batch, seq)`` bool; ``score``: ``p``, the (smoothed) router score, same shape;
@@ -280,14 +281,14 @@ def gate_values(to_expansion: torch.Tensor, score: torch.Tensor, threshold: torc
 
 def smoothing_start(adapter_name: str, config, router: TokenRouter) -> Optional[torch.Tensor]:
     """The value adapter ``adapter_name``'s smoothed average starts from: ``router.start`` with
-    ``router_smoothing_start="old"``, else ``None`` (the first token's own logit)."""
-    if config.router_smoothing_start != "old":
+    ``RouterConfig.smoothing_start="old"`` (0.1.0 adapters), else ``None`` (the first token's own logit)."""
+    if config.router.smoothing_start != "old":
         return None
     if math.isnan(float(router.start[0])):
         raise RuntimeError(
-            f"SCALE adapter {adapter_name!r} has router_smoothing_start='old', but its router was fitted before the "
+            f"SCALE adapter {adapter_name!r} has RouterConfig.smoothing_start='old', but its router was fitted before the "
             "start value existed (its `start` is unknown): call peft_scale.fit_router(model, new_data, ..., "
-            f"adapter_name={adapter_name!r}) again, or set router_smoothing_start='token'."
+            f"adapter_name={adapter_name!r}) again, or set its config.router.smoothing_start='token'."
         )
     return router.start
 
@@ -301,12 +302,12 @@ def smooth_logits(
     start: Optional[torch.Tensor] = None,
     fall: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exponential moving average of a router's logits along the sequence (``ScaleConfig.router_smoothing``)::
+    """The exponential moving average of a router's logits along the sequence (``RouterConfig.smoothing``)::
 
         s_0 = l_0,    s_t = a s_{t-1} + (1 - a) l_t        (a = smoothing; over one row's real tokens)
 
-    or, with a ``start`` value ``c`` (a 0-d or ``(1,)`` tensor: ``router_smoothing_start="old"``), ``s_-1 = c``:
-    ``s_0 = a c + (1 - a) l_0``. With ``fall = f`` (``router_smoothing_fall``) the coefficient depends on the
+    or, with a ``start`` value ``c`` (a 0-d or ``(1,)`` tensor: ``RouterConfig.smoothing_start="old"`` (0.1.0 adapters)), ``s_-1 = c``:
+    ``s_0 = a c + (1 - a) l_0``. With ``fall = f`` (``RouterConfig.smoothing_fall``) the coefficient depends on the
     direction: ``a_t = f`` where ``l_t < s_{t-1}`` (falling towards the base model), else ``a``.
 
     ``logits``: ``(batch, seq)``. ``mask``: ``(batch, seq)`` bool, ``False`` at padding: a pad token leaves the
@@ -420,7 +421,7 @@ class _GateHook:
         self.routing = routing
         self.layer = layer  # the decoder layer this hook is on: its input is what the routers read
         self.index = index  # its index in the decoder (``preserve_layers``): the cache's layer to read lengths from
-        # router_preservation_copy: the base model's stream carried beside the adapted one from this layer up
+        # RouterConfig.preservation_copy: the base model's stream carried beside the adapted one from this layer up
         self.copy = PreservationCopy(layers, index)
         # adapter -> the gated module that holds its router; it says whether the adapter computes at all
         self.holders: dict[str, nn.Module] = {}
@@ -460,14 +461,14 @@ class _GateHook:
         (``Routing.attention_mask``), over the cached tokens and these, or over these alone."""
         if hidden.dim() != 3:
             raise RuntimeError(
-                f"SCALE: a smoothed learned router (router_smoothing > 0) averages over the sequence, but decoder layer "
+                f"SCALE: a smoothed learned router (RouterConfig.smoothing > 0) averages over the sequence, but decoder layer "
                 f"{self.index} received hidden states of shape {tuple(hidden.shape)}, not (batch, seq, features)."
             )
         batch, length = hidden.shape[:2]
         cache = _layer_cache(args, kwargs)
         if cache is not None and not hasattr(cache, "get_seq_length"):
             raise RuntimeError(
-                f"SCALE: a smoothed learned router (router_smoothing > 0) carries its moving average with the cache, "
+                f"SCALE: a smoothed learned router (RouterConfig.smoothing > 0) carries its moving average with the cache, "
                 f"but decoder layer {self.index} received a {type(cache).__name__}, not a transformers Cache. Pass a "
                 "transformers Cache (e.g. DynamicCache), or no cache."
             )
@@ -476,11 +477,11 @@ class _GateHook:
         if mask is not None:
             if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in (length, past + length):
                 raise RuntimeError(
-                    f"SCALE: a smoothed learned router (router_smoothing > 0) reads the padding from the model's 2-D "
+                    f"SCALE: a smoothed learned router (RouterConfig.smoothing > 0) reads the padding from the model's 2-D "
                     f"attention_mask (batch, tokens so far), but got one of shape {tuple(mask.shape)} for {batch} "
                     f"row(s) of {length} new token(s) after {past} cached: the moving average cannot tell real tokens "
                     "from padding. Pass attention_mask of shape (batch, cached + new tokens) (1 at real tokens), or none "
-                    "for unpadded rows (a 4-D mask of packed sequences is not supported: use router_smoothing=0)."
+                    "for unpadded rows (a 4-D mask of packed sequences is not supported: use RouterConfig(smoothing=0))."
                 )
             mask = mask[:, mask.shape[1] - length :].to(device=hidden.device, dtype=torch.bool)
         return cache, past, mask
@@ -489,7 +490,7 @@ class _GateHook:
         """The preservation copy (``peft_scale.preservation_copy``) where an adapter of this pass asks for it and no
         gradient is recorded: the layer's new ``(args, kwargs)``, or ``None``."""
         cache = _layer_cache(args, kwargs)
-        if torch.is_grad_enabled() or not any(configs[name].router_preservation_copy for name in names):
+        if torch.is_grad_enabled() or not any(configs[name].router.preservation_copy for name in names):
             self.copy.refuse_carried(cache)
             return None
         past = int(cache.get_seq_length(self.index)) if cache is not None else 0
@@ -522,8 +523,8 @@ class _GateHook:
         hidden = args[0] if args else kwargs["hidden_states"]
         gates = self.routing.gates.gates
         configs = self.routing.configs()
-        smoothing = {name: configs[name].router_smoothing for name in names}
-        soft = {name: configs[name].router_gate == "soft" for name in names}
+        smoothing = {name: configs[name].router.smoothing for name in names}
+        soft = {name: configs[name].router.gate == "soft" for name in names}
         sequence = self._sequence(args, kwargs, hidden) if any(smoothing.values()) else None
 
         def decide(name, router):  # (claim, score) per token: on the token's own logit, or on the smoothed one
@@ -532,7 +533,7 @@ class _GateHook:
             start = smoothing_start(name, configs[name], router)
             own = router.logits(hidden[..., : router.features])
             logits = self.routing.smoothed(
-                name, own, smoothing[name], *sequence, start=start, fall=configs[name].router_smoothing_fall
+                name, own, smoothing[name], *sequence, start=start, fall=configs[name].router.smoothing_fall
             )
             score = torch.sigmoid(logits)
             return score >= router.threshold[0], score
@@ -680,7 +681,7 @@ class Routing:
         self._gate_hooks: dict[str, _GateHook] = {}  # adapter -> the gate hook of the layer its router reads
         self._layer_hooks: dict[str, tuple[_GateHook, object]] = {}  # decoder layer name -> (gate hook, handle)
         self._head_router: Optional[LMHeadRouter] = None
-        # smoothed learned routers (``router_smoothing > 0``): the 2-D attention_mask of the model call in flight
+        # smoothed learned routers (``RouterConfig.smoothing > 0``): the 2-D attention_mask of the model call in flight
         # (captured by hooks on the whole model), and each adapter's moving average as the last cached call left it
         self.attention_mask: Optional[torch.Tensor] = None
         self._mask_handles: list = []
@@ -727,12 +728,12 @@ class Routing:
             if problem:
                 raise RuntimeError(
                     f"SCALE adapter {adapter_name!r} decides on its router's logit averaged over the preceding tokens "
-                    f"(router_smoothing={smoothing}), and this call continues a cache that holds {past} token(s) at "
+                    f"(RouterConfig.smoothing={smoothing}), and this call continues a cache that holds {past} token(s) at "
                     f"decoder layer {self._gate_hooks[adapter_name].index}, but {problem}: the average of those tokens "
                     "is unknown, so the new tokens cannot be routed as the whole sequence would route them. Fill the "
                     "cache with this model in one run of calls in order (as generate() does, from an empty cache), or "
                     "pass the whole sequence without a cache (past_key_values/cache=None); assisted decoding rolls "
-                    "the cache back and is not supported with router_smoothing > 0."
+                    "the cache back and is not supported with RouterConfig.smoothing > 0."
                 )
             last, started = state.last, state.started
         smoothed, last, started = smooth_logits(logits, smoothing, mask, last, started, start, fall)
@@ -805,7 +806,7 @@ class Routing:
             )
         if adapter_name not in holder.scale_router:
             device = next(holder.get_base_layer().parameters()).device  # (an experts module has no .weight)
-            holder.scale_router[adapter_name] = TokenRouter(features, config.router_hidden, device=device)
+            holder.scale_router[adapter_name] = TokenRouter(features, config.router.hidden, device=device)
         if layer_name not in self._layer_hooks:  # one hook per layer: the routers reading it decide together
             layers = model.get_submodule(layer_name.rsplit(".", 1)[0])
             hook = _GateHook(self, model.get_submodule(layer_name), layer, layers)
@@ -813,7 +814,7 @@ class Routing:
             self._layer_hooks[layer_name] = (hook, handle)
         hook = self._layer_hooks[layer_name][0]
         hook.holders[adapter_name] = holder
-        self._watch_model(model)  # (for router_smoothing, which may be set on the config later)
+        self._watch_model(model)  # (for RouterConfig.smoothing, which may be set on the config later)
         if config.hidden_expansion == 0:
             hook.ffn_only.add(adapter_name)
         self._handles[adapter_name] = []

@@ -36,6 +36,46 @@ def test_a_config_saved_by_version_0_1_still_loads():
     assert "init_weights" not in saved and config.init_weights is True  # fields added later take their default
 
 
+ROUTED_V010 = Path(__file__).parent / "data" / "routed_v0.1.0"
+
+
+@pytest.mark.parametrize("name", ["defaults", "options"])
+def test_a_learned_route_adapter_saved_by_0_1_0_loads_and_routes_exactly_as_before(name):
+    """Adapters written by peft-scale 0.1.0 (``tests/data/routed_v0.1.0/make.py``): the 0.1.0 router defaults, and
+    every router option away from its default (smoothing falling faster, started from the old side, a soft gate, the
+    preservation copy). Their flat ``router_*`` fields become a ``RouterConfig`` with 0.1.0's values, and the logits
+    are 0.1.0's, bit for bit up to float noise."""
+    import sys
+
+    import torch
+    from peft import PeftModel
+
+    sys.path.insert(0, str(ROUTED_V010))
+    from make import ADAPTERS  # noqa: E402  (the settings the adapters were saved with)
+    from tiny_models import tiny_model
+
+    from peft_scale import RouterConfig
+
+    expected = torch.load(ROUTED_V010 / name / "expected.pt")
+    base = tiny_model("llama", num_hidden_layers=4)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=expected["input_ids"]).logits, expected["base_logits"]), "base rebuilt"
+    model = PeftModel.from_pretrained(base, ROUTED_V010 / name).eval()
+    flat = {key.removeprefix("router_"): value for key, value in ADAPTERS[name].items()}
+    assert model.peft_config["default"].router == RouterConfig(
+        **{"smoothing": 0.0, "gate": "hard", "preservation_copy": False, **flat},
+        calibrate_on="held_out", max_old_error=0.01,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=expected["input_ids"]).logits, expected["logits"], rtol=0, atol=1e-6)
+    # a 0.1.0 config saved before a router field existed takes 0.1.0's value for it, not the new default
+    saved = json.loads((ROUTED_V010 / name / "adapter_config.json").read_text())
+    for key in ("router_gate", "router_preservation_copy"):  # (the two added last)
+        saved.pop(key, None)
+    config = PeftConfig.from_peft_type(**saved)
+    assert (config.router.gate, config.router.preservation_copy) == ("hard", False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -1,4 +1,4 @@
-"""``fit_router(sample_format="new_data")``: the base model's samples in the new data's format (format_sampling.py).
+"""``fit_router(..., BaseModelSamples(in_new_data_format=True))``: the base model's samples in the new data's format (format_sampling.py).
 
 Templated new data on a tiny Llama: ``<s> 10 name name 11 12 value 13``, a value of one or two tokens, with the
 template tokens 1, 10, 11, 12 and 13 in every sequence (format) and the name and value tokens each in few (content).
@@ -14,7 +14,7 @@ import torch
 from peft import get_peft_model
 from tiny_models import tiny_model
 
-from peft_scale import ScaleConfig, fit_router
+from peft_scale import BaseModelSamples, RouterConfig, ScaleConfig, fit_router
 from peft_scale.format_sampling import _TemplateWalk, format_tokens, longest_last_run, sample_in_format, slot_starts
 
 FORMAT = {1, 10, 11, 12, 13}
@@ -105,19 +105,20 @@ def test_data_without_content_or_with_nothing_left_is_a_clear_error(base):
         sample_in_format(base, same, 20, 0.05, 8, seed=0, progress=False)
     # the only content is the last run, so every draw repeats a new sequence up to it: all dropped
     one_slot = [torch.tensor([1, 10, 11, 64 + i % 2]) for i in range(10)]
-    with pytest.raises(ValueError, match="0 of 20 draws were kept.*num_samples"):
+    with pytest.raises(ValueError, match=r"0 of 20 draws were kept.*BaseModelSamples\(count=...\)"):
         sample_in_format(base, one_slot, 20, 1.0, 8, seed=0, progress=False)
 
 
 def routed(base):
-    config = ScaleConfig(ffn_expansion=16, variant="route", preserve_layers=2)
+    config = ScaleConfig(ffn_expansion=16, preserve_layers=2, router=RouterConfig())
     return get_peft_model(copy.deepcopy(base), config)
 
 
 def test_fit_router_samples_the_old_side_in_the_new_data_format(base):
     model = routed(base)
     new = [{"input_ids": ids.tolist()} for ids in templated(60)]  # of two lengths: a list of dicts
-    report = fit_router(model, new, None, sample_format="new_data", format_share=0.2, num_samples=120, progress=False)
+    samples = BaseModelSamples(in_new_data_format=True, format_share=0.2, count=120)
+    report = fit_router(model, new, samples, progress=False)
     assert report.old_source == "base model samples in the new data's format"
     assert 3 * 8 <= report.tokens["old"] <= 120 * 9 and report.tokens["new"] == 30 * 8 + 30 * 9
     assert "measured on the base model's own samples, not on the old task's text" in str(report)
@@ -132,18 +133,8 @@ def test_fit_router_samples_the_old_side_in_the_new_data_format(base):
     assert model.peft_config["default"].router_report["old_source"] == report.old_source
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(sample_format="prose"), "sample_format='prose'.*'free'.*'new_data'"),
-        (dict(sample_format="new_data", old_data=True), "old_data was given too"),
-        (dict(sample_format="new_data", sample_prompts=torch.ones(1, 1, dtype=torch.long)), "sample_prompts do not apply"),
-        (dict(sample_format="new_data", format_share=0.0), r"format_share=0.0.*\(0, 1\]"),
-    ],
-)
-def test_bad_sampling_options_are_clear_errors(base, kwargs, message):
-    model = routed(base)
-    new = [{"input_ids": ids.tolist()} for ids in templated(20)]
-    old = list(new) if kwargs.pop("old_data", None) else None
-    with pytest.raises(ValueError, match=message):
-        fit_router(model, new, old, progress=False, **kwargs)
+def test_bad_sampling_options_are_clear_errors():
+    with pytest.raises(ValueError, match="prompts do not apply"):
+        BaseModelSamples(in_new_data_format=True, prompts=torch.ones(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"format_share=0.0\): a share of the new sequences in \(0, 1\]"):
+        BaseModelSamples(in_new_data_format=True, format_share=0.0)

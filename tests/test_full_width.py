@@ -1,8 +1,8 @@
 """Full-width SCALE: residual stream, attention heads, embedding, split norms; Preserve, Adapt and Route; every family
 of ``FULL_WIDTH_LAYOUTS`` (the Llama family on 4 layers, the others on 2) and the refused ones.
 
-Its helpers (``full_width``, ``decoder_outputs``, ``train``) also serve ``test_plan.py`` and ``test_merge.py``, where
-the full-width tests of the plan and of merging are."""
+The full-width tests of the plan and of merging are in ``test_plan.py`` and ``test_merge.py``; the helpers they share
+with this file (``full_width``, ``decoder_outputs``, ``train_on_random_tokens``) are in ``conftest.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from conftest import HIDDEN, LAYERS, decoder_outputs, full_width, train_on_random_tokens
 from peft import PeftModel, get_peft_model
 from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_model
 
@@ -20,43 +21,6 @@ from peft_scale.routing import route
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 VARIANTS = ["preserve", "adapt", "route"]
-HIDDEN = 32  # tiny models: hidden 32, 4 heads of 8 over 2 key-value heads -> hidden_expansion in multiples of 16
-LAYERS = 4
-
-
-def full_width(model_type="llama", variant="route", preserve_layers=2, seed=0, **config):
-    base = tiny_model(model_type, seed=seed, num_hidden_layers=LAYERS)
-    reference = copy.deepcopy(base)
-    cfg = ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant=variant, preserve_layers=preserve_layers, route_rule="cosine", **config)
-    return reference, get_peft_model(base, cfg)
-
-
-def decoder_outputs(model, ids) -> list[torch.Tensor]:
-    """The output of every decoder layer (the residual stream after it), via forward hooks."""
-    layers = model.get_decoder().layers
-    outputs = []
-    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in layers]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
-
-
-def train(model, steps=50, lr=1e-2, seed=0):
-    """AdamW on random tokens, as the issue asks: enough to move every open block far."""
-    model.train()
-    ids = random_ids(batch=4, length=16, vocab=VOCAB, seed=seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_equal_base_at_init(model_type, variant):
@@ -70,7 +34,7 @@ def test_logits_equal_base_at_init(model_type, variant):
 @pytest.mark.parametrize("variant", ["preserve", "route"])
 def test_persistent_preservation_after_training(variant):
     reference, model = full_width("llama", variant, preserve_layers=2)
-    train(model)
+    train_on_random_tokens(model)
     ids = random_ids(vocab=VOCAB, seed=7)
     base_states = decoder_outputs(reference, ids)
     states = decoder_outputs(model, ids)
@@ -93,7 +57,7 @@ def test_persistent_preservation_after_training(variant):
 
 def test_adapt_preserves_the_layers_below_preserve_layers_only():
     reference, model = full_width("llama", "adapt", preserve_layers=2)
-    train(model)
+    train_on_random_tokens(model)
     ids = random_ids(vocab=VOCAB, seed=7)
     base, widened = decoder_outputs(reference, ids), decoder_outputs(model, ids)
     drift = [(w[..., :HIDDEN] - b).abs().max().item() for w, b in zip(widened, base)]
@@ -139,7 +103,7 @@ def test_route_in_training_gives_a_new_adapter_no_gradient_as_its_warning_says()
 def test_route_at_the_extremes_of_preserve_layers(preserve_layers):
     """L_fp = 0 copies from the embedding on; L_fp = L is the Preserve body with two heads."""
     reference, model = full_width("llama", "route", preserve_layers=preserve_layers)
-    train(model, steps=20)
+    train_on_random_tokens(model, steps=20)
     ids = random_ids(vocab=VOCAB, seed=3)
     with torch.no_grad():
         model(ids)
@@ -149,7 +113,7 @@ def test_route_at_the_extremes_of_preserve_layers(preserve_layers):
 
 def test_threshold_minus_one_routes_every_token_to_the_base_model_and_above_one_none():
     reference, model = full_width("llama", "route")
-    train(model, steps=20)
+    train_on_random_tokens(model, steps=20)
     ids = random_ids(vocab=VOCAB, seed=3)
     with torch.no_grad():
         base = reference(ids).logits
@@ -288,7 +252,7 @@ def test_other_families_preserve_the_base_after_training(model_type, tmp_path):
     ids = random_ids(batch=4, length=16, vocab=VOCAB, seed=0)  # what `train` trains on
     with torch.no_grad():
         loss_before = model(input_ids=ids, labels=ids).loss
-    train(model, steps=8)
+    train_on_random_tokens(model, steps=8)
     with torch.no_grad():
         assert model(input_ids=ids, labels=ids).loss < loss_before
 
@@ -327,7 +291,7 @@ def test_other_families_preserve_the_base_after_training(model_type, tmp_path):
 @pytest.mark.parametrize("model_type", OTHER_FAMILIES)
 def test_other_families_adapt_keeps_the_layers_below_preserve_layers(model_type):
     reference, model = family_model(model_type, "adapt")
-    train(model, steps=5)
+    train_on_random_tokens(model, steps=5)
     ids = random_ids(vocab=VOCAB, seed=7)
     widened, base = decoder_outputs(model, ids), decoder_outputs(reference, ids)
     assert torch.equal(widened[0][..., :HIDDEN], base[0])  # layer 0: no W12

@@ -16,18 +16,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_in_fresh_process
-from datasets import Dataset
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from test_real_model import SENTENCE
-from test_training_integration import (
+from conftest import (
+    SENTENCE,
     adapter_params,
     assert_bit_identical,
     base_weights,
+    run_in_fresh_process,
     step_losses,
     training_args,
     word_tokenizer,
 )
+from datasets import Dataset
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tiny_models import perturb_adapter, random_ids, tiny_model
 from transformers import Trainer
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BLOCK_PEFT, run_in_fresh_process
+from conftest import BLOCK_PEFT, full_width, run_in_fresh_process, train_on_random_tokens
 from peft import get_peft_model
-from test_full_width import full_width, train
-from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama
+from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_registry_model
+from transformers import AutoModelForCausalLM
 
-from peft_scale import ScaleConfig, ScaleLayer
+from peft_scale import ScaleConfig, ScaleLayer, architectures
 from peft_scale.layer import ScaleTunerLayer
 from peft_scale.norm import SplitRMSNorm
 
@@ -73,13 +73,60 @@ with torch.no_grad():
     assert int(size) == 72 and float(diff) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "model_type, expansion, written",
+    [
+        # LFM2 builds 256 features from intermediate_size=48 (2/3 of it, rounded up to 256): 264 only with the
+        # adjustment off.
+        ("lfm2", 8, {"intermediate_size": 264, "block_auto_adjust_ff_dim": False}),
+        ("moshi", 8, {"ffn_dim": 2 * (24 + 8)}),  # fc1 writes [gate; up]: twice the intermediate size
+        ("gpt_neox_japanese", 32, {"intermediate_multiple_size": 5}),  # 128 + 32 = 32 x 5
+    ],
+)
+def test_a_family_that_derives_its_size_merges_into_the_fields_its_code_reads(model_type, expansion, written, tmp_path):
+    """``architectures.DERIVED_SIZES``: the merge writes the fields the family's code derives the FFN width from, and
+    the merged checkpoint loads with plain transformers."""
+    ids = random_ids(batch=1, length=6)
+    model = get_peft_model(tiny_registry_model(model_type), ScaleConfig(ffn_expansion=expansion))
+    perturb_adapter(model, "default", seed=0)
+    with torch.no_grad():
+        adapted = model(ids).logits
+    merged = model.merge_and_unload()
+    assert {name: getattr(merged.config, name) for name in written} == written
+    merged.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (loaded(ids).logits - adapted).abs().max() <= 1e-5
+
+
+def test_a_merged_size_the_derived_fields_cannot_hold_is_refused_before_merging():
+    model = get_peft_model(tiny_registry_model("gpt_neox_japanese"), ScaleConfig(ffn_expansion=8))
+    with pytest.raises(ValueError, match=r"hidden_size x intermediate_multiple_size.*no value of them gives .* 136"):
+        model.merge_and_unload()
+    assert isinstance(model.base_model.model.gpt_neox_japanese.layers[0].mlp.dense_4h_to_h, ScaleLayer)
+
+
+def test_a_merged_config_that_builds_other_shapes_cannot_be_saved(monkeypatch, tmp_path):
+    """The merge checks what it wrote: a config that would build other shapes (here a wrong rule) warns, and the
+    merged model refuses to save a checkpoint that would not load."""
+    wrong = architectures.DerivedSize(
+        size=architectures.DERIVED_SIZES["moshi"].size, fields=lambda config, size: {"ffn_dim": size}, rule="wrong"
+    )
+    monkeypatch.setitem(architectures.DERIVED_SIZES, "moshi", wrong)
+    model = get_peft_model(tiny_registry_model("moshi"), ScaleConfig(ffn_expansion=8))
+    with pytest.warns(UserWarning, match=r"cannot be saved as a standard checkpoint.*fc1.weight: \(64, 32\)"):
+        merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match="Cannot save this merged SCALE model as a checkpoint"):
+        merged.save_pretrained(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------- full width
 
 
 @pytest.mark.parametrize("variant", ["preserve", "adapt"])
 def test_merge_folds_into_wider_linears_with_the_same_logits(variant):
     _, model = full_width("llama", variant)
-    train(model, steps=5)
+    train_on_random_tokens(model, steps=5)
     ids = random_ids(vocab=VOCAB)
     with torch.no_grad():
         expected = model(ids).logits

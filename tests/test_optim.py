@@ -54,7 +54,7 @@ def test_block_of_a_parameter_name(name, block):
 
 def test_ffn_mode_groups_w12_and_w21_with_their_rates():
     model = ffn_model()
-    groups = scale_optimizer_param_groups(model, LR, w12_lr_ratio=16.0, w21_lr_ratio=0.5, weight_decay=0.1)
+    groups = scale_optimizer_param_groups(model, LR, w12_lr_ratio=16.0, lr_ratios={"w21": 0.5}, weight_decay=0.1)
     by_group = names_by_group(model, groups)
     assert set(by_group) == {("w12", 16 * LR, 0.1), ("w21", 0.5 * LR, 0.1)}
     # tiny_llama: 2 layers; down_proj holds W12, gate_proj and up_proj hold W21 (no bias: no b21)
@@ -79,10 +79,10 @@ def test_every_trainable_parameter_is_in_exactly_one_group_and_frozen_ones_in_no
 def test_full_width_blocks_and_ratios():
     model = full_width_model()
     groups = scale_optimizer_param_groups(
-        model, LR, w12_lr_ratio=4.0, w21_lr_ratio=2.0, lr_ratios={"head": 8.0, "w21": 3.0}, weight_decay=0.01
+        model, LR, w12_lr_ratio=2.0, lr_ratios={"head": 8.0, "w21": 3.0, "w12": 4.0}, weight_decay=0.01
     )
     rates = {(g["block"], g["weight_decay"]): g["lr"] for g in groups}
-    # lr_ratios wins over w21_lr_ratio; blocks without a ratio get lr itself; 1-D gains get no weight decay
+    # lr_ratios wins over w12_lr_ratio; blocks without a ratio get lr itself; 1-D gains get no weight decay
     assert rates == {
         ("w12", 0.01): 4 * LR,
         ("w21", 0.01): 3 * LR,
@@ -98,9 +98,14 @@ def test_full_width_blocks_and_ratios():
         assert all((p.ndim >= 2) == (group["weight_decay"] == 0.01) for p in group["params"])
 
 
-def test_default_is_one_rate_for_every_block():
+def test_by_default_w12_trains_at_four_times_the_rate_and_every_other_block_at_it():
     model = full_width_model()
-    assert {g["lr"] for g in scale_optimizer_param_groups(model, LR)} == {LR}
+    rates = {g["block"]: g["lr"] for g in scale_optimizer_param_groups(model, LR)}
+    assert rates.pop("w12") == 4 * LR and set(rates.values()) == {LR}
+    assert {g["block"]: g["lr"] for g in create_scale_optimizer(ffn_model(), lr=LR).param_groups} == {
+        "w12": 4 * LR, "w21": LR,
+    }
+    assert isinstance(create_scale_optimizer(ffn_model(), lr=LR), torch.optim.AdamW)
 
 
 def test_other_trainable_parameters_and_biases():

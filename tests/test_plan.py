@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
+from conftest import HIDDEN, LAYERS, decoder_outputs, full_width
 from peft import get_peft_model
-from test_full_width import HIDDEN, LAYERS, decoder_outputs, full_width
 from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_model
 
 from peft_scale import ScaleConfig, ScaleLayer

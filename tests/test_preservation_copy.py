@@ -1,4 +1,4 @@
-"""The learned rule's preservation copy (``router_preservation_copy``): tokens routed to the base model get the base
+"""The learned rule's preservation copy (``RouterConfig.preservation_copy``): tokens routed to the base model get the base
 model's logits inside mixed sequences too, and tokens routed to the expansion get what they get without it.
 
 The setting of ``test_routing``: a tiny 4-layer Llama that speaks the old domain (ids 4-63), the new domain ids
@@ -17,11 +17,11 @@ from test_routing import MODES, NEW, OLD, domain_ids, fitted, old_speaker, old_t
 from tiny_models import perturb_adapter
 from transformers import DynamicCache, StaticCache
 
-from peft_scale import ScaleConfig
+from peft_scale import RouterConfig, ScaleConfig
 
 
 def copying(model, on: bool = True):
-    model.peft_config["default"].router_preservation_copy = on
+    model.peft_config["default"].router.preservation_copy = on
     return model
 
 
@@ -224,27 +224,19 @@ def test_the_flag_is_saved_and_loaded(routed_pair, old_speaker, tmp_path):
             expected = model(input_ids=ids).logits
     finally:
         copying(model, False)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["router_preservation_copy"] is True
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["router"]["preservation_copy"] is True
     loaded = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path).eval()
-    assert loaded.peft_config["default"].router_preservation_copy is True
+    assert loaded.peft_config["default"].router.preservation_copy is True
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
-@pytest.mark.parametrize(
-    "config, message",
-    [
-        (dict(ffn_expansion=8, variant="route", router_preservation_copy=1), r"router_preservation_copy=1\): pass True"),
-        (dict(ffn_expansion=8, variant="adapt", router_preservation_copy=True), "use it with variant='route'"),
-        (
-            dict(hidden_expansion=16, variant="route", route_rule="cosine", router_preservation_copy=True),
-            "the cosine rule always carries its own copy",
-        ),
-    ],
-)
-def test_config_errors(config, message):
-    with pytest.raises(ValueError, match=message):
-        ScaleConfig(**config)
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"RouterConfig\(preservation_copy=1\): pass True or False"):
+        RouterConfig(preservation_copy=1)
+    with pytest.raises(ValueError, match="sets a learned router, but this config has variant='route', "
+                       "route_rule='cosine'"):  # the cosine rule always carries its own copy
+        ScaleConfig(hidden_expansion=16, variant="route", route_rule="cosine", router=RouterConfig())
 
 
 def test_hidden_states_of_the_layers_that_carry_the_copy_hold_both_halves(routed_pair):

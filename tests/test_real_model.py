@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from bundled import wiki_summaries
+from conftest import SENTENCE
 from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.slow
 
 EXPANSION = 64
 LAYERS, HIDDEN, FFN = 30, 576, 1536
-SENTENCE = "The capital of France is Paris, a city known for the Eiffel Tower and its museums."
 
 
 @pytest.fixture(scope="module")

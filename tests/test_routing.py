@@ -20,7 +20,7 @@ from tiny_models import perturb_adapter, tiny_model
 from transformers import Trainer, TrainingArguments
 
 import peft_scale
-from peft_scale import RouterFitCallback, ScaleConfig, fit_router
+from peft_scale import BaseModelSamples, RouterConfig, RouterFitCallback, ScaleConfig, fit_router
 from peft_scale.router_fitting import cut_like_new_data
 
 LAYERS, PRESERVE = 4, 2
@@ -51,11 +51,35 @@ def old_speaker():
     return model.eval().requires_grad_(False)
 
 
+# The router settings most tests here isolate one mechanism with (peft-scale 0.1.0's defaults): each token decides
+# on its own logit and gets the whole expansion, no preservation copy, the threshold read off the calibration part
+# at 1%. The defaults (RouterConfig()) are tested as such in "9. the defaults".
+PER_TOKEN = dict(smoothing=0.0, gate="hard", preservation_copy=False, calibrate_on="held_out", max_old_error=0.01)
+LEGACY = ("smoothing_fall", "smoothing_start")  # options kept only for adapters saved by 0.1.0
+
+
+def route_config(mode="ffn", **overrides) -> ScaleConfig:
+    """A learned-route config of ``mode``. ``router_<field>=value`` overrides set ``RouterConfig(<field>=value)``
+    over ``PER_TOKEN``; a ``LEGACY`` one is set as a loaded 0.1.0 adapter has it."""
+    settings = {key.removeprefix("router_"): overrides.pop(key) for key in list(overrides)
+                if key.startswith("router_") and key != "router_report"}  # fmt: skip
+    legacy = {key: settings.pop(key) for key in LEGACY if key in settings}
+    config = ScaleConfig(**{**MODES[mode], "preserve_layers": PRESERVE, **overrides},
+                         router=RouterConfig(**{**PER_TOKEN, **settings}))  # fmt: skip
+    for key, value in legacy.items():
+        setattr(config.router, key, value)
+    return config
+
+
 def routed(base, mode="ffn", **overrides):
-    """(untouched copy of ``base``, routed SCALE model of ``mode``) ."""
-    reference = copy.deepcopy(base)
-    config = ScaleConfig(**MODES[mode], variant="route", preserve_layers=PRESERVE, **overrides)
-    return reference, get_peft_model(copy.deepcopy(base), config)
+    """(untouched copy of ``base``, routed SCALE model of ``mode``: ``route_config``)."""
+    return copy.deepcopy(base), get_peft_model(copy.deepcopy(base), route_config(mode, **overrides))
+
+
+def calibrate_on(model, where: str, adapter_name: str = "default"):
+    """Set the adapter's ``RouterConfig.calibrate_on``; returns the model."""
+    model.peft_config[adapter_name].router.calibrate_on = where
+    return model
 
 
 def fitted(base, mode="ffn", **overrides):
@@ -137,7 +161,7 @@ def test_fit_router_without_old_data_samples_the_base_model(old_speaker):
     _, model = routed(old_speaker)
     # 128 samples: the new data are windows (they never start with <s>), so each sample loses 1 to 6 of its 24
     # first tokens, and a window's first tokens have little context to be told apart by (64 samples: 98.1% new)
-    report = fit_router(model, domain_ids(NEW, seed=1), None, num_samples=128, sample_length=24, progress=False)
+    report = fit_router(model, domain_ids(NEW, seed=1), BaseModelSamples(count=128, length=24), progress=False)
     assert report.old_source == "base model samples"
     assert report.format_split == {} and "format (" not in str(report)  # sample_format="new_data" only
     assert 128 * 18 <= report.tokens["old"] <= 128 * 23
@@ -184,23 +208,23 @@ def test_calibrating_on_the_fitted_old_data_keeps_exactly_that_data(old_speaker)
     _, model = routed(old_speaker)
     new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)
     held_out = fit_router(model, new, old, progress=False)
-    fitted_rule = fit_router(model, new, old, calibrate_on="fitted", progress=False)
+    fitted_rule = fit_router(calibrate_on(model, "fitted"), new, old, progress=False)
     assert fitted_rule.calibrate_on == "fitted" and model.peft_config["default"].router_report["calibrate_on"] == "fitted"
     assert fitted_rule.threshold < held_out.threshold
     assert routed_share(model, old) <= 0.01 + 2e-3  # at most max_old_error of the given old tokens
     assert fitted_rule.fitted_new_to_expansion > held_out.fitted_new_to_expansion
     with pytest.raises(ValueError, match="calibrate_on='all'.*'held_out'"):
-        fit_router(model, new, old, calibrate_on="all")
+        RouterConfig(calibrate_on="all")
 
 
 def test_cross_fitted_calibration_reads_the_bound_off_every_old_sequence(old_speaker):
     _, model = routed(old_speaker)
     new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)
     held_out = fit_router(model, new, old, progress=False)
-    cross = fit_router(model, new, old, calibrate_on="cross_fitted", progress=False)
+    cross = fit_router(calibrate_on(model, "cross_fitted"), new, old, progress=False)
     assert cross.calibrate_on == "cross_fitted"
     assert model.peft_config["default"].router_report["calibrate_on"] == "cross_fitted"
-    fitted = fit_router(model, new, old, calibrate_on="fitted", progress=False)
+    fitted = fit_router(calibrate_on(model, "fitted"), new, old, progress=False)
     # the tail is read off every old token (each scored by a router that did not see its sequence), not a fifth
     assert cross.calibration_tokens == cross.tokens["old"] == fitted.calibration_tokens
     assert held_out.calibration_tokens < cross.tokens["old"] / 4
@@ -208,14 +232,14 @@ def test_cross_fitted_calibration_reads_the_bound_off_every_old_sequence(old_spe
     # out of fold the old tokens score higher than in the sample the kept router was fitted on (overlapping
     # domains: ids 34-63 in both), so the bound sits above the one set on the fitted data
     assert cross.threshold > fitted.threshold
-    assert f"threshold set on the {cross.tokens['old']:,} cross-fitted old tokens" in str(cross)
+    assert f"threshold set on {cross.tokens['old']:,} cross-fitted old tokens" in str(cross)
     # the same data and seed: the same threshold, and the kept router is the one the other calibrations keep
-    assert fit_router(model, new, old, calibrate_on="cross_fitted", progress=False).threshold == cross.threshold
+    assert fit_router(calibrate_on(model, "cross_fitted"), new, old, progress=False).threshold == cross.threshold
     assert cross.fitted_new_to_expansion >= 0 and cross.held_out_tokens == held_out.held_out_tokens
     with pytest.raises(ValueError, match="old side has 4 sequence.*each of the 5 folds.*calibrate_on='held_out'"):
-        fit_router(model, new, old[:4], calibrate_on="cross_fitted", progress=False)
+        fit_router(model, new, old[:4], progress=False)
     with pytest.raises(ValueError, match="'cross_fitted'"):
-        fit_router(model, new, old, calibrate_on="crossfit")
+        RouterConfig(calibrate_on="crossfit")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -257,10 +281,10 @@ def test_a_soft_gate_weighs_the_expansion_by_how_far_the_score_clears_the_thresh
 
 
 def test_soft_gate_config_errors():
-    with pytest.raises(ValueError, match="router_gate='sigmoid'.*'hard'.*'soft'"):
-        ScaleConfig(ffn_expansion=8, variant="route", preserve_layers=1, router_gate="sigmoid")
-    with pytest.raises(ValueError, match="router_gate='soft'.*variant='adapt'.*leave router_gate='hard'"):
-        ScaleConfig(ffn_expansion=8, variant="adapt", preserve_layers=1, router_gate="soft")
+    with pytest.raises(ValueError, match="gate='sigmoid'.*'soft'.*'hard'"):
+        RouterConfig(gate="sigmoid")
+    with pytest.raises(ValueError, match="router=RouterConfig.*variant='adapt'.*drop router"):
+        ScaleConfig(ffn_expansion=8, variant="adapt", preserve_layers=1, router=RouterConfig(gate="soft"))
 
 
 def test_fit_router_accepts_datasets_and_lists_of_dicts(old_speaker):
@@ -335,15 +359,19 @@ def test_fit_router_bad_data(old_speaker, new, old, error, message):
 
 def test_fit_router_bad_calls(old_speaker):
     _, model = routed(old_speaker)
-    with pytest.raises(ValueError, match="sample_length=100 is longer than the model's 64 positions"):
-        fit_router(model, domain_ids(NEW), None, sample_length=100, progress=False)
+    with pytest.raises(ValueError, match=r"BaseModelSamples\(length=100\) is longer than the model's 64 positions"):
+        fit_router(model, domain_ids(NEW), BaseModelSamples(length=100), progress=False)
     with pytest.raises(ValueError, match="max_old_error=0.7"):
         fit_router(model, domain_ids(NEW), domain_ids(OLD), max_old_error=0.7)
     no_bos = copy.deepcopy(model)
     no_bos.base_model.model.config.bos_token_id = None
     no_bos.base_model.model.generation_config.bos_token_id = None
-    with pytest.raises(ValueError, match="has no bos_token_id. Pass sample_prompts"):
-        fit_router(no_bos, domain_ids(NEW), None, sample_length=16, progress=False)
+    with pytest.raises(ValueError, match=r"has no bos_token_id. Pass old_data=BaseModelSamples\(prompts=...\)"):
+        fit_router(no_bos, domain_ids(NEW), BaseModelSamples(length=16), progress=False)
+    with pytest.raises(ValueError, match=r"new_data is a list of strings; tokenize it first, or pass the model's tokenizer \(tokenizer=...\)"):
+        fit_router(model, ["un texte", "deux", "trois"], domain_ids(OLD), progress=False)
+    with pytest.raises(TypeError, match="num_samples"):  # moved into BaseModelSamples(count=...)
+        fit_router(model, domain_ids(NEW), None, num_samples=8)
     plain = get_peft_model(copy.deepcopy(old_speaker), ScaleConfig(ffn_expansion=8))
     with pytest.raises(ValueError, match="has no learned-route SCALE adapter"):
         fit_router(plain, domain_ids(NEW), domain_ids(OLD))
@@ -365,7 +393,8 @@ def test_an_unfitted_router_is_an_error_that_says_to_fit_it(old_speaker):
         (dict(ffn_expansion=8, variant="route", route_rule="nearest"), r"route_rule='nearest'\): choose one of"),
         (dict(ffn_expansion=8, variant="route", route_in_training=True), "an option of the cosine rule"),
         (dict(ffn_expansion=8, variant="route", route_rule="cosine"), r"route_rule='cosine'\) needs hidden_expansion"),
-        (dict(ffn_expansion=8, variant="route", router_hidden=-1), r"router_hidden=-1\): must be a non-negative"),
+        (dict(ffn_expansion=8, router=RouterConfig(hidden=4), route_rule="cosine", hidden_expansion=16),
+         r"sets a learned router, but this config has variant='route', route_rule='cosine'"),
     ],
 )
 def test_config_errors(config, message):
@@ -577,7 +606,7 @@ def test_saved_cosine_route_config_without_route_rule_loads_as_cosine(tmp_path):
     config = ScaleConfig(hidden_expansion=16, ffn_expansion=8, variant="route", route_rule="cosine")
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    del saved["route_rule"], saved["router_hidden"], saved["router_report"]  # an adapter saved before the router
+    del saved["route_rule"], saved["router"], saved["router_report"]  # an adapter saved before the router
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     from peft import PeftConfig
 
@@ -710,7 +739,7 @@ def smoothed(old_speaker):
 def test_no_smoothing_decides_on_each_tokens_own_logit(old_speaker):
     _, default, default_report = fitted(old_speaker)
     _, explicit, explicit_report = fitted(old_speaker, router_smoothing=0.0)
-    assert default.peft_config["default"].router_smoothing == 0.0 and default_report.smoothing == 0.0
+    assert default.peft_config["default"].router.smoothing == 0.0
     assert (default_report.threshold, default_report.old_to_base, default_report.new_to_expansion) == (
         explicit_report.threshold, explicit_report.old_to_base, explicit_report.new_to_expansion,
     )
@@ -839,38 +868,37 @@ def test_router_smoothing_is_saved_and_loaded(smoothed, old_speaker, tmp_path):
     mask = model.base_model.last_routing.to_preservation
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["router_smoothing"] == SMOOTHING and saved["router_report"]["smoothing"] == SMOOTHING
+    assert saved["router"]["smoothing"] == SMOOTHING
     loaded = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
-    assert loaded.peft_config["default"].router_smoothing == SMOOTHING
+    assert loaded.peft_config["default"].router.smoothing == SMOOTHING
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
     assert torch.equal(loaded.base_model.last_routing.to_preservation, mask)
-    # a config saved before the option existed loads as 0 (each token decides on its own logit)
-    del saved["router_smoothing"]
-    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    # a 0.1.0 config saved before the option existed loads as 0 (each token decides on its own logit)
+    flat = {key: value for key, value in saved.items() if key != "router"}
+    flat.update(route_rule="learned", router_hidden=saved["router"]["hidden"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(flat))
     from peft import PeftConfig
 
-    assert PeftConfig.from_pretrained(tmp_path).router_smoothing == 0.0
+    assert PeftConfig.from_pretrained(tmp_path).router.smoothing == 0.0
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("settings", "message"),
     [
-        (dict(router_smoothing=1.0), r"router_smoothing=1.0\): the moving average's coefficient a must be a number in \[0, 1\)"),
-        (dict(router_smoothing=-0.1), r"router_smoothing=-0.1\): .* in \[0, 1\)"),
-        (dict(router_smoothing="0.8"), r"router_smoothing='0.8'\): .* in \[0, 1\)"),
-        (dict(router_smoothing=0.8, route_rule="cosine", hidden_expansion=16),
-         r"router_smoothing=0.8\) smooths the learned router's score, but this config has variant='route', "
-         r"route_rule='cosine'"),
+        (dict(smoothing=1.0), r"smoothing=1.0\): the moving average's coefficient a must be a number in \[0, 1\)"),
+        (dict(smoothing=-0.1), r"smoothing=-0.1\): .* in \[0, 1\)"),
+        (dict(smoothing="0.8"), r"smoothing='0.8'\): .* in \[0, 1\)"),
+        (dict(hidden=-1), r"hidden=-1\): a non-negative integer"),
+        (dict(preservation_copy=1), r"preservation_copy=1\): pass True or False"),
+        (dict(max_old_error=0.5), r"max_old_error=0.5\): a share between 0 and 0.5"),
+        (dict(seed=1.5), r"seed=1.5\): an integer"),
+        (dict(outranks="fr"), r"outranks='fr'\): a list of adapter names"),
     ],
 )
-def test_router_smoothing_config_errors(config, message):
-    config = {"ffn_expansion": 8, "variant": "route", **config}
-    with pytest.raises(ValueError, match=message):
-        ScaleConfig(**config)
-    with pytest.raises(ValueError, match=r"router_smoothing=0.5\) smooths the learned router's score, but this config "
-                       r"has variant='adapt'"):
-        ScaleConfig(ffn_expansion=8, router_smoothing=0.5)
+def test_router_config_errors(settings, message):
+    with pytest.raises(ValueError, match=r"RouterConfig\(" + message):
+        RouterConfig(**settings)
 
 
 def test_fit_router_calibrates_and_reports_the_smoothed_decisions(old_speaker):
@@ -880,14 +908,13 @@ def test_fit_router_calibrates_and_reports_the_smoothed_decisions(old_speaker):
     per_token = fit_router(plain, new, old, progress=False)
     _, model = routed(old_speaker, router_smoothing=SMOOTHING)
     report = fit_router(model, new, old, progress=False)
-    assert report.smoothing == SMOOTHING and "smoothed over preceding tokens, a = 0.8" in str(report)
     assert report.threshold != per_token.threshold
     assert report.calibration_old_to_base >= 0.99
     # the report's shares are the model's smoothed decisions on the data
     assert routed_share(model, new) == pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
     assert 1 - routed_share(model, old) == pytest.approx(report.fitted_old_to_base, abs=2e-3)
     # and they differ from what the same kept router, deciding per token, would do
-    model.peft_config["default"].router_smoothing = 0.0
+    model.peft_config["default"].router.smoothing = 0.0
     assert routed_share(model, new) != pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
 
 
@@ -946,14 +973,13 @@ def test_the_average_starts_from_the_old_sides_median_logit(smoothed_from_old):
     decisions = ~model.base_model.last_routing.to_preservation
     assert (own[:, 0] >= float(router.threshold)).sum() >= 2 and not decisions[:, 0].any()
     assert decisions[:, -4:].all()
-    assert report.smoothing_start == "old" and "from the old side's median logit" in str(report)
-    assert model.peft_config["default"].router_report["smoothing_start"] == "old"
+    assert model.peft_config["default"].router.smoothing_start == "old"
 
 
 def test_a_token_start_router_stores_the_start_but_does_not_use_it(smoothed):
     _, model, report = smoothed
     router = model.base_model.scale_router["default"]
-    assert torch.isfinite(router.start).all() and report.smoothing_start == "token"
+    assert torch.isfinite(router.start).all() and model.peft_config["default"].router.smoothing_start == "token"
     ids = old_then_new()
     logits = router_logits(model, ids)
     expected = torch.sigmoid(reference_ema(logits, SMOOTHING))
@@ -987,7 +1013,7 @@ def test_the_start_is_saved_and_an_adapter_saved_before_it_loads(smoothed_from_o
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["router_smoothing_start"] == "old"
+    assert saved["router"]["smoothing_start"] == "old"
     loaded = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
     assert torch.equal(loaded.base_model.scale_router["default"].start, model.base_model.scale_router["default"].start)
     with torch.no_grad():
@@ -999,35 +1025,41 @@ def test_the_start_is_saved_and_an_adapter_saved_before_it_loads(smoothed_from_o
     old_weights = {key: value for key, value in weights.items() if not key.endswith("scale_router.start")}
     assert len(old_weights) == len(weights) - 1
     save_file(old_weights, tmp_path / "adapter_model.safetensors")
-    del saved["router_smoothing_start"]
+    saved["router"]["smoothing_start"] = "token"
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         old = PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)
     assert not [w for w in caught if "missing" in str(w.message).lower()]  # (PEFT's "missing adapter keys")
-    assert old.peft_config["default"].router_smoothing_start == "token"
+    assert old.peft_config["default"].router.smoothing_start == "token"
     assert torch.isnan(old.base_model.scale_router["default"].start).all()
     with torch.no_grad():
         old(input_ids=ids)  # from its first token, as it was saved
-    old.peft_config["default"].router_smoothing_start = "old"
-    with pytest.raises(RuntimeError, match=r"router_smoothing_start='old', but its router was fitted before the start "
+    old.peft_config["default"].router.smoothing_start = "old"
+    with pytest.raises(RuntimeError, match=r"RouterConfig.smoothing_start='old', but its router was fitted before the start "
                        r"value existed .* call peft_scale.fit_router\(model, new_data, ..., adapter_name='default'\) again"):
         with torch.no_grad():
             old(input_ids=ids)
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("settings", "message"),
     [
-        (dict(router_smoothing=0.8, router_smoothing_start="first"),
-         r"router_smoothing_start='first'\): choose 'token' .* or 'old'"),
-        (dict(router_smoothing_start="old"), r"router_smoothing_start='old'\) sets where the router's moving average "
-                                            r"starts, but router_smoothing is 0"),
+        (dict(smoothing=0.8, smoothing_start="first"), r"smoothing_start='first'\): 'token' or 'old'"),
+        (dict(smoothing=0.0, smoothing_start="old"), r"smoothing_start='old'\) needs smoothing > 0"),
+        (dict(smoothing=0.0, smoothing_fall=0.4), r"smoothing_fall=0.4\) needs smoothing > 0"),
+        (dict(smoothing=0.8, smoothing_fall=1.0), r"smoothing_fall=1.0\): a number in \[0, 1\)"),
+        (dict(smoothing=0.8, smoothing_fall="0.4"), r"smoothing_fall='0.4'\): a number in \[0, 1\)"),
+        (dict(smoothing=0.8, smoothing_fall=True), r"smoothing_fall=True\): a number in \[0, 1\)"),
     ],
 )
-def test_router_smoothing_start_config_errors(config, message):
-    with pytest.raises(ValueError, match=message):
-        ScaleConfig(ffn_expansion=8, variant="route", **config)
+def test_the_options_kept_for_0_1_0_adapters_are_checked_and_refused_on_a_new_config(settings, message):
+    with pytest.raises(ValueError, match=r"RouterConfig\(" + message):
+        RouterConfig(**settings)
+    for legacy in (dict(smoothing_fall=0.4), dict(smoothing_start="old")):
+        with pytest.raises(ValueError, match="kept only so that adapters saved by peft-scale 0.1.0 load"):
+            ScaleConfig(ffn_expansion=8, router=RouterConfig(**legacy))
+    assert RouterConfig(smoothing_fall=0).smoothing_fall == 0.0
 
 
 # -------------------------------------------------- 8. an average that falls faster than it rises (router_smoothing_fall)
@@ -1097,8 +1129,7 @@ def test_a_falling_router_decides_on_the_asymmetric_average(smoothed_falling):
     # it bites where the rows switch from new to old: the average falls sooner than a = 0.8 both ways would
     plain = torch.sigmoid(reference_ema(logits, SMOOTHING))
     assert (expected[2:, 12:] < plain[2:, 12:] - 1e-3).any() and (expected[2:, 12:] <= plain[2:, 12:] + 1e-9).all()
-    assert report.smoothing_fall == FALL and "falling with 0.4" in str(report)
-    assert model.peft_config["default"].router_report["smoothing_fall"] == FALL
+    assert model.peft_config["default"].router.smoothing_fall == FALL
     # the report's shares are the model's decisions (fit_router calibrates on the same average)
     assert routed_share(model, domain_ids(NEW, seed=1)) == pytest.approx(report.fitted_new_to_expansion, abs=2e-3)
 
@@ -1124,25 +1155,141 @@ def test_generate_with_a_falling_router_with_cache_equals_without(smoothed_falli
         expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["router_smoothing_fall"] == FALL
+    assert saved["router"]["smoothing_fall"] == FALL
     with torch.no_grad():
         assert torch.equal(PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path)(input_ids=ids).logits, expected)
-    del saved["router_smoothing_fall"]
-    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
-    assert PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path).peft_config["default"].router_smoothing_fall is None
+    flat = {key: value for key, value in saved.items() if key != "router"}  # as 0.1.0 saved it, before the field
+    flat.update(route_rule="learned", router_smoothing=SMOOTHING)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(flat))
+    assert PeftModel.from_pretrained(copy.deepcopy(old_speaker), tmp_path).peft_config["default"].router.smoothing_fall is None
 
 
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        (dict(router_smoothing_fall=0.4), r"router_smoothing_fall=0.4\) sets how fast the router's moving average "
-                                          r"falls, but router_smoothing is 0"),
-        (dict(router_smoothing=0.8, router_smoothing_fall=1.0), r"router_smoothing_fall=1.0\): .* in \[0, 1\)"),
-        (dict(router_smoothing=0.8, router_smoothing_fall="0.4"), r"router_smoothing_fall='0.4'\): .* in \[0, 1\)"),
-        (dict(router_smoothing=0.8, router_smoothing_fall=True), r"router_smoothing_fall=True\): .* in \[0, 1\)"),
-    ],
-)
-def test_router_smoothing_fall_config_errors(config, message):
-    with pytest.raises(ValueError, match=message):
-        ScaleConfig(ffn_expansion=8, variant="route", **config)
-    assert ScaleConfig(ffn_expansion=8, variant="route", router_smoothing=0.8, router_smoothing_fall=0).router_smoothing_fall == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- 9. the defaults
+
+
+def test_a_router_config_makes_a_routed_adapter_with_the_settings_that_met_the_goals():
+    config = ScaleConfig(ffn_expansion=8, preserve_layers=1, router=RouterConfig())
+    assert (config.variant, config.route_rule) == ("route", "learned")
+    assert config.router == RouterConfig(
+        hidden=64, smoothing=0.8, gate="soft", preservation_copy=True, calibrate_on="cross_fitted", max_old_error=None
+    )
+    assert ScaleConfig(ffn_expansion=8, variant="route").router == RouterConfig()  # the learned rule's defaults
+    assert ScaleConfig(ffn_expansion=8).variant == "adapt" and ScaleConfig(ffn_expansion=8).router is None
+    as_dict = ScaleConfig(ffn_expansion=8, router={"gate": "hard"})  # a dict is read as a RouterConfig
+    assert as_dict.router == RouterConfig(gate="hard")
+    with pytest.raises(TypeError, match=r"router_smoothing=...\): the learned router's settings moved into "
+                       r"RouterConfig .* router=peft_scale.RouterConfig\(smoothing=0.8\)"):
+        ScaleConfig(ffn_expansion=8, variant="route", router_smoothing=0.8)
+    with pytest.raises(ValueError, match="pass a peft_scale.RouterConfig"):
+        ScaleConfig(ffn_expansion=8, router="soft")
+
+
+def test_fit_router_has_at_most_eight_parameters():
+    import inspect
+
+    assert list(inspect.signature(fit_router).parameters) == [
+        "model", "new_data", "old_data", "tokenizer", "other_domains", "adapter_name", "max_old_error", "progress"
+    ]
+
+
+def test_max_old_error_defaults_by_the_old_side_and_is_recorded(old_speaker):
+    from peft_scale.config import DEFAULT_MAX_OLD_ERROR
+
+    _, model = routed(old_speaker, router_max_old_error=None)
+    report = fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False)
+    assert report.max_old_error == DEFAULT_MAX_OLD_ERROR["old data"] == 0.005
+    assert model.peft_config["default"].router_report["max_old_error"] == 0.005
+    assert "max_old_error 0.005" in str(report)
+    sampled = fit_router(model, domain_ids(NEW, seed=1), BaseModelSamples(count=24, length=24), progress=False)
+    assert sampled.max_old_error == DEFAULT_MAX_OLD_ERROR["base model samples"] == 0.05
+    samples = BaseModelSamples(count=24, length=24)
+    assert fit_router(model, domain_ids(NEW, seed=1), samples, max_old_error=0.2, progress=False).max_old_error == 0.2
+    model.peft_config["default"].router.max_old_error = 0.1  # the config's value wins over the default
+    assert fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False).max_old_error == 0.1
+
+
+def test_the_router_seed_makes_a_refit_reproducible(old_speaker):
+    _, model = routed(old_speaker)
+    new, old = domain_ids((34, 94), seed=1), domain_ids(OLD, seed=2)
+    first = fit_router(model, new, old, progress=False)
+    state = {k: v.clone() for k, v in model.base_model.scale_router["default"].state_dict().items()}
+    again = fit_router(model, new, old, progress=False)
+    assert again == first
+    assert all(torch.equal(v, state[k]) for k, v in model.base_model.scale_router["default"].state_dict().items())
+    model.peft_config["default"].router.seed = 1
+    assert fit_router(model, new, old, progress=False).threshold != first.threshold or not torch.equal(
+        model.base_model.scale_router["default"].w_in, state["w_in"]
+    )
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one token per character, ids 64 + (ord % 64) (the new domain's ids)."""
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [64 + ord(c) % 64 for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_fit_router_reads_strings_with_the_tokenizer(old_speaker):
+    _, model = routed(old_speaker)
+    texts = ["".join(chr(48 + (i * 7 + j) % 60) for j in range(40)) for i in range(12)]
+    tokenizer = CharTokenizer()
+    from_text = fit_router(model, texts, domain_ids(OLD, seed=2), tokenizer=tokenizer, progress=False)
+    from_ids = fit_router(model, [tokenizer(t)["input_ids"] for t in texts], domain_ids(OLD, seed=2), progress=False)
+    assert from_text == from_ids and from_text.tokens["new"] == 12 * 41
+
+
+def test_with_samples_the_report_says_how_they_differ_from_the_new_data(old_speaker):
+    from peft_scale.router_fitting import sample_differences
+
+    new = [torch.tensor([5, 6, 7, 8]), torch.tensor([5, 6, 9])]
+    samples = [torch.tensor([5, 50, 50, 51, 50, 1]), torch.tensor([6, 50, 52, 1, 1, 7])]
+    assert sample_differences(new, samples) == {
+        "median_length": {"new": 3, "samples": 6},
+        "shared_vocabulary": round(5 / 7, 4),  # 5, 6, 7, 5, 6 of the 7 new tokens occur in the samples
+        "sample_only": [[50, 0.3333], [1, 0.25], [51, 0.0833], [52, 0.0833]],
+    }
+    assert sample_differences(new, samples, CharTokenizer(), top=1)["sample_only"] == [["2", 0.3333]]
+    _, model = routed(old_speaker)
+    report = fit_router(model, domain_ids(NEW, seed=1), BaseModelSamples(count=24, length=24), progress=False)
+    assert report.sample_differences["median_length"]["samples"] > 0
+    assert "give a few thousand tokens of it as old_data" in str(report)
+    assert fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD), progress=False).sample_differences == {}
+
+
+def test_base_model_samples_errors():
+    with pytest.raises(ValueError, match=r"BaseModelSamples\(count=0\): a positive integer"):
+        BaseModelSamples(count=0)
+    with pytest.raises(ValueError, match=r"prompts=...\): a LongTensor of prompt token ids of shape"):
+        BaseModelSamples(prompts=torch.ones(3))
+    with pytest.raises(ValueError, match="prompts do not apply"):
+        BaseModelSamples(in_new_data_format=True, prompts=torch.ones(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"format_share=0\): a share"):
+        BaseModelSamples(format_share=0)
+
+
+def test_the_defaults_route_a_trained_adapter_with_old_text_exact(old_speaker):
+    """RouterConfig() end to end: fitted, trained, and old text computes the base model's logits (the
+    preservation copy makes old tokens exact after new ones in the same sequence too)."""
+    reference = copy.deepcopy(old_speaker)
+    model = get_peft_model(
+        copy.deepcopy(old_speaker), ScaleConfig(ffn_expansion=16, preserve_layers=PRESERVE, router=RouterConfig())
+    )
+    report = fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False)
+    assert report.calibrate_on == "cross_fitted" and report.old_to_base == 1.0
+    perturb_adapter(model, scale=0.5)
+    model.eval()
+    old = domain_ids(OLD, 2, 24, seed=30)
+    mixed = torch.cat([domain_ids(NEW, 2, 8, seed=31), old], 1)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=old).logits, reference(input_ids=old).logits, atol=1e-5)
+        out = model(input_ids=mixed).logits
+        to_base = model.base_model.last_routing.to_preservation
+        base = reference(input_ids=mixed).logits
+    # the average leaves the expansion a few old tokens after the switch; from there on, old tokens are exact
+    assert not to_base[:, 2:8].any() and to_base[:, -8:].all()
+    assert torch.allclose(out[to_base], base[to_base], atol=1e-5)

@@ -9,11 +9,20 @@ import os
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from conftest import (
+    adapter_params,
+    assert_bit_identical,
+    base_weights,
+    random_ids,
+    step_losses,
+    tiny_llama,
+    training_args,
+    word_tokenizer,
+)
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from peft_scale import ScaleConfig, ScaleLayer
 
@@ -23,28 +32,6 @@ ADAPTER_SUFFIXES = ("scale_w21", "scale_w12")
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def adapter_params(model) -> dict[str, torch.Tensor]:
-    """The trainable SCALE tensors of a PeftModel, detached copies, keyed by parameter name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "scale_" in n}
-
-
-def base_weights(model) -> dict[str, torch.Tensor]:
-    """The pre-trained weights of a (wrapped) model under the plain model's names (``.base_layer`` removed)."""
-    plain = model.get_base_model() if isinstance(model, PeftModel) else model
-    return {
-        name.replace(".base_layer", ""): tensor.detach().clone()
-        for name, tensor in plain.state_dict().items()
-        if "scale_" not in name
-    }
-
-
-def assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    assert before.keys() == after.keys()
-    for name, tensor in before.items():
-        assert after[name].dtype == tensor.dtype, name
-        assert torch.equal(after[name], tensor), f"base weight {name} changed"
 
 
 def checkpoint_adapter(folder) -> dict[str, torch.Tensor]:
@@ -66,34 +53,11 @@ def lm_dataset(n: int = 16, length: int = 12, seed: int = 1) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def training_args(output_dir, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
-
-
 def wrapped_llama(seed: int = 0, init_seed: int = 0):
     """A tiny Llama wrapped with SCALE; ``init_seed`` draws the new rows W21."""
     base = tiny_llama(seed)
     torch.manual_seed(init_seed)
     return get_peft_model(base, ScaleConfig(ffn_expansion=EXPANSION))
-
-
-def step_losses(log_history) -> dict[int, float]:
-    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
 
 
 class FirstStepSnapshot(TrainerCallback):
@@ -219,22 +183,6 @@ def test_trainer_load_best_model_at_end_and_checkpoint_reload(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- 3. TRL SFTTrainer
-
-
-def word_tokenizer():
-    """A 128-token word-level tokenizer (4 special tokens, then ``w0`` ... ``w123``), built offline.
-
-    The special ids match tiny_llama's config: pad 0, bos 1, eos 2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(124)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def test_trl_sft_trainer_trains_scale_adapter(tmp_path):

@@ -118,6 +118,9 @@ REGISTRY_TWEAKS = {
     "gptj": dict(rotary_dim=4),
     "gpt_neox": dict(rotary_pct=0.25),
     "codegen": dict(rotary_dim=4),
+    # a composite config, set field by field: its per-layer list keeps the default depth (48) and fails validation
+    # when the config is saved; llama4_text builds its own from num_hidden_layers
+    "llama4": dict(layer_types=["chunked_attention"]),
 }
 
 

@@ -18,10 +18,10 @@ from peft import get_peft_model
 from test_routing import LAYERS, MODES, PRESERVE
 from test_several_routed_adapters import BASE, ES, FR, domain_ids, speaker  # noqa: F401  (speaker: the fixture)
 
-from conftest import REPO
+from conftest import readme_block
 
 import peft_scale
-from peft_scale import ScaleConfig
+from peft_scale import RouterConfig, ScaleConfig
 
 HEADING = "### One routed adapter per domain"
 
@@ -32,19 +32,8 @@ SIZES = {
 }
 
 
-def readme_block() -> str:
-    """The python code block under HEADING in README.md, as printed."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert text.count(HEADING + "\n") == 1, f"README.md: heading {HEADING!r} missing or not unique"
-    section = text[text.index(HEADING + "\n") :]
-    start = section.index("```python\n") + len("```python\n")
-    block = section[start : section.index("\n```", start) + 1]
-    assert "## " not in section[: start].replace(HEADING, ""), "the block is not in the section it should be"
-    return block
-
-
 def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkeypatch):
-    block = readme_block()
+    block = readme_block(HEADING)
     code = block
     for readme_size, tiny_size in SIZES.items():
         assert readme_size in code, f"README block no longer says {readme_size}: update SIZES"
@@ -59,6 +48,7 @@ def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkey
         peft_scale=peft_scale,
         get_peft_model=get_peft_model,
         ScaleConfig=ScaleConfig,
+        RouterConfig=RouterConfig,
     )
     monkeypatch.chdir(tmp_path)  # model.save_pretrained("out") -> tmp_path / "out"
     # es's router, fitted before French existed, claims French, but fr's outranks it: no warning, no refit
@@ -75,8 +65,8 @@ def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkey
         assert routers[name].is_fitted, f"{name}'s router is not fitted"
         config = scale_model.peft_config[name]
         assert config.variant == "route" and config.preserve_layers == PRESERVE
-    assert scale_model.peft_config["fr"].router_report["outranks"] == ["es"]
-    assert scale_model.peft_config["es"].router_report["outranks"] == []
+    assert scale_model.peft_config["fr"].router.outranks == ["es"]
+    assert scale_model.peft_config["es"].router.outranks == []
     assert scale_model.peft_config["fr"].router_report["claimed_by_other_adapters"]["es"] >= 0.9  # es never saw French
 
     # most of each domain's tokens go to its own adapter, the base domain's to the base model
