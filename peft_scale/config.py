@@ -61,10 +61,11 @@ class RouterConfig:
             old side: the same config and data give the same router.
         outranks: filled in by ``fit_router``: the other learned-route adapters whose domains this router was fitted
             against (``other_domains``, by their names). Routed together, a token both claim goes to this adapter.
-        smoothing_fall, smoothing_start: kept for adapters saved by peft-scale 0.1.0, which load and route as they
-            did; a new config refuses them (both measured no gain on the continual pre-training benchmark).
-            ``smoothing_fall``: the average's coefficient while a token's logit is below it (``None``: ``smoothing``
-            both ways). ``smoothing_start="old"``: the average starts from the old side's median logit.
+        smoothing_fall: the average's coefficient while a token's logit is below it (``None``: ``smoothing`` both
+            ways). Kept for adapters saved by peft-scale 0.1.0, which load and route as they did; a new config
+            refuses it (why: docs/router.md, "Changed in 0.2").
+        smoothing_start: ``"old"``: the average starts from the old side's median logit. Kept, and refused on a new
+            config, as ``smoothing_fall``.
     """
 
     hidden: int = field(default=64, metadata={"help": "Router MLP hidden width (0: a linear probe)."})

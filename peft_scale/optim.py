@@ -21,11 +21,10 @@ block moves by about ``lr`` per step (less where the gradient's sign is not cons
 its gradient*. What that step means depends on the block's scale:
 
 - ``W12`` starts at zero. After ``t`` steps its entries are at most about ``sum of lr over the steps`` (all of it only
-  if the gradient's sign never changes). The base ``down_proj`` weights of SmolLM2-135M have an entry standard
-  deviation of about 0.19; measured (2-core CPU, fp32, 40 steps of 4 x 128 French tokens, peak lr 1e-3, 10% warm-up
-  then cosine), ``W12`` ended at an RMS entry of 0.0059, 3% of the base columns' scale, while ``W21`` had moved by
-  6% of its norm. The new neurons' output ``W12 h`` is bounded by that: it is the block that limits how far the
-  expansion can move the model per step.
+  if the gradient's sign never changes), which at the usual rates and run lengths is small against the entries of
+  the base projection it sits next to, while ``W21``, which starts at its working scale, moves by a small share of
+  its norm. The new neurons' output ``W12 h`` is bounded by that: it is the block that limits how far the
+  expansion can move the model per step (measured: docs/evidence/learning-per-step.md).
 - The function-space step of ``W12`` is ``lr * |h|`` (``h``, the new neurons' activations, is what multiplies it),
   so with Adam the activation scale of the new neurons acts as a multiplier of ``W12``'s learning rate.
 - ``W21``'s gradient is proportional to ``W12`` (``dL/dW21 = (W12^T dL/dy * act') x^T``): zero at step 0, tiny
@@ -43,7 +42,7 @@ the larger steps about as it pays for a larger global rate. Behind a learned rou
 computes the base model's function and no longer pays, so the larger steps are mostly learning: the routed
 settings that met the project's goals train ``W12`` at 4x the rate, the default here. Rate guidance, in one
 sentence: a routed adapter trains at ``lr=3e-3`` with these defaults; an unrouted one forgets less at
-``w12_lr_ratio=1`` and ``lr=1e-3``. (Measurements: docs, the learning-per-step and router evidence pages.)
+``w12_lr_ratio=1`` and ``lr=1e-3``. (Measurements: docs/evidence/learning-per-step.md and docs/evidence/continual-pretraining-router.md.)
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def quantized_like(base: nn.Module, rows: torch.Tensor, bias: Optional[torch.Ten
     This is how a merge writes the widened matrix back into a quantized model (dequantise, merge, requantise, as
     PEFT merges LoRA into a bitsandbytes layer). Requantising is not exact: 4-bit blocks run over the flattened
     rows, so a row that gains columns shifts every later block, and 8-bit scales are per row; the merged layer
-    differs from the unmerged one by the quantization error of the new matrix (measured in the README)."""
+    differs from the unmerged one by the quantization error of the new matrix (measured: docs/quantized.md)."""
     import bitsandbytes as bnb
 
     warnings.warn(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,15 +74,126 @@ def run_in_fresh_process(code: str, timeout: int = 300) -> str:
 BLOCK_PEFT = "import sys\nsys.modules['peft'] = None\nsys.modules['peft_scale'] = None\n"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```python block under ``heading`` (a whole line of README.md, unique), as printed; it must lie in
-    that heading's section."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    assert text.count(heading + "\n") == 1, f"README.md: heading {heading!r} missing or not unique"
+def readme_block(heading: str, page: str = "README.md") -> str:
+    """The first ```python block under ``heading`` (a whole line of ``page``, unique; README.md by default, or a
+    page such as ``docs/several-domains.md``), as printed; it must lie in that heading's section."""
+    text = (REPO / page).read_text(encoding="utf-8")
+    assert text.count(heading + "\n") == 1, f"{page}: heading {heading!r} missing or not unique"
     section = text[text.index(heading + "\n") :]
     start = section.index("```python\n") + len("```python\n")
-    assert "\n## " not in section[:start].replace(heading, ""), f"no python block in the section {heading!r}"
+    assert "\n## " not in section[:start].replace(heading, ""), f"{page}: no python block in the section {heading!r}"
     return section[start : section.index("\n```", start) + 1]
+
+
+@dataclass(frozen=True)
+class DocBlock:
+    """A fenced code block of a Markdown file: its language (``""`` when none), code, the 1-based line of its opening
+    fence, the heading above it, and its test marker: the HTML comment on the line before the fence,
+    ``<!-- test: ... -->``, without the comment's brackets (``""`` when there is none)."""
+
+    page: str
+    line: int
+    language: str
+    code: str
+    heading: str
+    marker: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line} ({self.heading})"
+
+
+def doc_blocks(page: str) -> list[DocBlock]:
+    """Every fenced code block of ``page`` (a path relative to the repository), in order. An unclosed fence fails."""
+    lines = (REPO / page).read_text(encoding="utf-8").splitlines()
+    blocks, heading, index = [], "", 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("#"):
+            heading = line
+        if line.startswith("```"):
+            end = next((i for i in range(index + 1, len(lines)) if lines[i].startswith("```")), None)
+            assert end is not None, f"{page}:{index + 1}: unclosed code fence"
+            previous = lines[index - 1].strip() if index else ""
+            marker = previous[len("<!-- test:") : -len("-->")].strip() if previous.startswith("<!-- test:") else ""
+            code = "\n".join(lines[index + 1 : end]) + "\n"
+            blocks.append(DocBlock(page, index + 1, line[3:].strip(), code, heading, marker))
+            index = end
+        index += 1
+    return blocks
+
+
+# ------------------------------------------------------ the code blocks of README.md and docs/ (test_*_blocks.py)
+
+# What a block's marker may say (the HTML comment on the line before its fence):
+#   (none)                     a python block: run by the page's block test, on tiny models
+#   run by tests/<file>.py     a python block run by that test, which names the block's heading
+#   same as README.md          a python block printed verbatim in README.md, where it is tested
+#   skip: <reason>             a python block that cannot run in a test (a download, a GPU), and why
+# Blocks in bash run nothing here: the files, modules, extras and flags they name are checked to exist. Blocks in
+# text and bibtex are not code.
+NOT_CODE = {"text", "bibtex"}
+
+
+def check_block_marker(block: DocBlock) -> str:
+    """What is done with ``block`` ("run", "elsewhere", "same", "skip", "shell" or "not code"), after checking its
+    marker: a test named by "run by" exists and names the block's heading; a "same as README.md" block is in it."""
+    assert block.language in {"python", "bash", *NOT_CODE}, f"{block.where}: fence language {block.language!r}"
+    if block.language in NOT_CODE:
+        return "not code"
+    if block.language == "bash":
+        assert not block.marker, f"{block.where}: bash blocks are checked, not run: no marker"
+        return "shell"
+    if not block.marker:
+        return "run"
+    if block.marker.startswith("run by "):
+        test = REPO / block.marker[len("run by ") :]
+        assert test.is_file(), f"{block.where}: {test} does not exist"
+        title = block.heading.lstrip("#").strip()
+        assert title in test.read_text(), f"{block.where}: {test.name} does not name the heading {title!r}"
+        return "elsewhere"
+    if block.marker == "same as README.md":
+        assert block.code in (REPO / "README.md").read_text(), f"{block.where}: not the same as README.md's block"
+        return "same"
+    if block.marker.startswith("skip: ") and len(block.marker) > len("skip: "):
+        return "skip"
+    raise AssertionError(f"{block.where}: unknown test marker {block.marker!r}")
+
+
+def check_shell_block(block: DocBlock) -> None:
+    """The repository files (``examples/x.py``, ``.ci/run``, configs), ``python -m`` modules, pip extras and script
+    flags that a shell block names exist: a renamed script, extra or flag fails here."""
+    import re
+    import shlex
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    section = pyproject[pyproject.index("[project.optional-dependencies]") :].split("\n[", 1)[0]
+    extras = set(re.findall(r"^([\w-]+) = \[", section, flags=re.M))
+    assert extras, "pyproject.toml: no optional dependencies found"
+    for command in block.code.replace("\\\n", " ").splitlines():
+        command = command.split(" #", 1)[0].strip()
+        if not command or command.startswith("#"):
+            continue
+        words = shlex.split(command)
+        script = None
+        for index, word in enumerate(words):
+            for extra in re.findall(r"(?:^\.|^peft-scale)\[([\w,-]+)\]$", word):
+                assert set(extra.split(",")) <= extras, f"{block.where}: no extra {extra!r} in pyproject.toml"
+            if word.endswith((".py", ".yaml", ".json", ".sh")) or word.startswith((".ci/", "examples/", "benchmarks/")):
+                assert (REPO / word).exists(), f"{block.where}: {word} does not exist"
+                if word.endswith(".py"):
+                    script = REPO / word
+            if word == "-m" and index + 1 < len(words) and words[index + 1].startswith("benchmarks"):
+                module = REPO / words[index + 1].replace(".", "/")
+                assert module.with_suffix(".py").is_file() or (module / "__main__.py").is_file(), (
+                    f"{block.where}: no module {words[index + 1]}"
+                )
+                script = module.with_suffix(".py") if module.with_suffix(".py").is_file() else module / "__main__.py"
+            if word.startswith("--") and script is not None and script.is_relative_to(REPO / "examples"):
+                # an example's flags live in the script or in the helpers every example shares
+                sources = [script, REPO / "examples" / "causal_lm.py", REPO / "examples" / "text_blocks.py"]
+                flag = word.split("=", 1)[0]
+                assert any(f'"{flag}"' in path.read_text() for path in sources), f"{block.where}: {script.name} has no {flag}"
 
 
 # ------------------------------------------------------------------------------- full width (test_full_width.py)

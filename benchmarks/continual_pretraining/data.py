@@ -2,7 +2,7 @@
 old-language training text that the replay variants mix in and the learned router reads as its old side.
 
 Documents are split into held-out and training sets by one seeded shuffle, tokenized, joined by a blank line and
-packed into blocks of ``seq_len`` tokens, exactly as the README's demo does (``split_texts`` and ``packed_blocks``
+packed into blocks of ``seq_len`` tokens, exactly as the demo does (``split_texts`` and ``packed_blocks``
 from ``examples/text_blocks.py``, which the demo uses too, are reused, not copied). Every method of a run sees the same blocks
 in the same order.
 """

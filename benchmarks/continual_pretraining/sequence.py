@@ -20,7 +20,7 @@ blocks are exactly the ones ``run.py``'s Spanish runs train on). Rows (``ROWS``)
   (``fit_router``) on the first ``ROUTER_BLOCKS`` Spanish training blocks against as many English training blocks
   (as ``run.py``'s ``scale_ffn_routed``), then trained. Stage 2: adapter ``fr`` added, its router fitted on French
   against the English and the Spanish blocks; ``es``'s router refitted with the French blocks added to its old side
-  (fitted against English alone, it never saw French; the README's "One routed adapter per domain"), then ``fr``
+  (fitted against English alone, it never saw French; docs/several-domains.md), then ``fr``
   trained alone (``es``'s blocks do not train); evaluated with both active
   (``model.base_model.set_adapter(["es", "fr"])``). ``peft_scale.routing_confusion`` on held-out blocks of the
   three languages is recorded before and after the refit.

@@ -1,6 +1,6 @@
-"""The README's "One routed adapter per domain" code block, run as written on a tiny model.
+"""The code block of docs/several-domains.md (one routed adapter per domain), run as written on a tiny model.
 
-The block is taken from README.md (the first ```python fence after the heading) and executed with ``exec``: ``base``
+The block is taken from the page (the first ```python fence after its title) and executed with ``exec``: ``base``
 is ``test_several_routed_adapters``' tiny Llama that knows the three synthetic domains' tokens, and
 ``english_ids`` / ``spanish_ids`` / ``french_ids`` are text of those domains (the base domain, ``es``, ``fr``). Only
 the sizes are changed, by the string replacements below (asserted to apply); every other character runs as printed,
@@ -23,9 +23,10 @@ from conftest import readme_block
 import peft_scale
 from peft_scale import RouterConfig, ScaleConfig
 
-HEADING = "### One routed adapter per domain"
+PAGE = "docs/several-domains.md"
+HEADING = "# Several domains: one routed adapter each"
 
-# The README's sizes are a real model's (SmolLM2: 30 layers); the tiny model has LAYERS layers and an FFN of 64.
+# The page's sizes are a real model's (SmolLM2: 30 layers); the tiny model has LAYERS layers and an FFN of 64.
 SIZES = {
     "ffn_expansion=256": f"ffn_expansion={MODES['ffn']['ffn_expansion']}",  # 16 new neurons per MLP
     "preserve_layers=10": f"preserve_layers={PRESERVE}",  # of LAYERS = 4 (the routers read layer 2)
@@ -33,10 +34,10 @@ SIZES = {
 
 
 def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkeypatch):
-    block = readme_block(HEADING)
+    block = readme_block(HEADING, PAGE)
     code = block
     for readme_size, tiny_size in SIZES.items():
-        assert readme_size in code, f"README block no longer says {readme_size}: update SIZES"
+        assert readme_size in code, f"{PAGE}'s block no longer says {readme_size}: update SIZES"
         code = code.replace(readme_size, tiny_size)
     assert LAYERS > PRESERVE
     namespace = dict(
@@ -54,7 +55,7 @@ def test_readme_several_adapters_block_runs_as_written(speaker, tmp_path, monkey
     # es's router, fitted before French existed, claims French, but fr's outranks it: no warning, no refit
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fit_router")
-        exec(compile(code, "README.md: One routed adapter per domain", "exec"), namespace)
+        exec(compile(code, "docs/several-domains.md", "exec"), namespace)
 
     model = namespace["model"]
     scale_model = model.base_model
