@@ -69,6 +69,19 @@ def _stacked(value, batch: int):
     return value
 
 
+# keyword arguments of decoder layers whose rows are ``batch x heads`` (BLOOM's and Falcon's ALiBi bias,
+# ``(batch * heads, 1, seq)``, batch-major): stacked per batch row, all heads of a row together
+BATCH_TIMES_HEADS_KWARGS = ("alibi",)
+
+
+def _stacked_batch_major(value, batch: int):
+    """A ``(batch * k, ...)`` tensor, batch-major, with its ``batch`` row groups stacked twice."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] % batch == 0:
+        grouped = value.reshape(batch, -1, *value.shape[1:])
+        return torch.cat([grouped, grouped]).reshape(-1, *value.shape[1:])
+    return _stacked(value, batch)
+
+
 def _check_cache(cache, index: int) -> None:
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -198,13 +211,14 @@ class PreservationCopy:
         """A decoder layer's other arguments with their ``B`` rows stacked (``_stacked``), each object once per
         pass: the layers receive the same position embeddings and mask objects, one after the other."""
 
-        def stacked(value):
+        def stacked(value, key=None):
             known = self._stacked_arguments.get(id(value))
             if known is None or known[0] is not value:
-                known = self._stacked_arguments[id(value)] = (value, _stacked(value, self.batch))
+                stack = _stacked_batch_major if key in BATCH_TIMES_HEADS_KWARGS else _stacked
+                known = self._stacked_arguments[id(value)] = (value, stack(value, self.batch))
             return known[1]
 
-        return tuple(stacked(arg) for arg in args), {key: stacked(value) for key, value in kwargs.items()}
+        return tuple(stacked(arg) for arg in args), {key: stacked(value, key) for key, value in kwargs.items()}
 
     def _stack_kwargs(self, module, args, kwargs):
         """Pre-hook of a layer above ``index``: its ``B``-row arguments, stacked like the hidden states."""
@@ -218,7 +232,8 @@ class PreservationCopy:
         if self.batch is None:
             return None
         batch, self.batch, self._stacked_arguments = self.batch, None, {}
-        hidden = output[0] if isinstance(output, tuple) else output
+        sequence = isinstance(output, (tuple, list))  # (OpenAI GPT's block returns a list)
+        hidden = output[0] if sequence else output
         chosen = torch.where(self._to_base.unsqueeze(-1), hidden[batch:], hidden[:batch])
         for name in self._names:
             self._gates[name] = self._gates[name][:batch]
@@ -226,4 +241,4 @@ class PreservationCopy:
         if cache is not None:
             for layer in cache.layers[self.index :]:
                 _follow_both_halves(layer)
-        return (chosen, *output[1:]) if isinstance(output, tuple) else chosen
+        return type(output)([chosen, *output[1:]]) if sequence else chosen

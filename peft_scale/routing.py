@@ -200,11 +200,15 @@ class RouteGates:
         leading shape must be the gates' for the decision to be this pass's)."""
         return [
             name for name in active
-            if name not in self.idle or self.gates.get(name) is None or self.gates[name].shape[:-1] != like.shape[:-1]
+            if name not in self.idle or self.gates.get(name) is None or not _same_tokens(self.gates[name], like)
         ]  # fmt: skip
 
     def get(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        """The ``(batch, seq, 1)`` gate of ``adapter_name`` for a module input ``like``: of shape ``(batch, seq, in)``,
+        or with the tokens flattened in order, ``(batch * seq, in)`` (an MoE block's shared expert, OPT's MLP)."""
         gate = self.gates.get(adapter_name)
+        if gate is not None and gate.shape[:-1] != like.shape[:-1] and _same_tokens(gate, like):
+            return gate.reshape(*like.shape[:-1], 1)
         if gate is None or gate.shape[:-1] != like.shape[:-1]:
             raise RuntimeError(
                 f"SCALE: no routing decision of adapter {adapter_name!r} for this input of shape {tuple(like.shape)}: "
@@ -212,6 +216,14 @@ class RouteGates:
                 "through. Call the whole model, not a single layer."
             )
         return gate
+
+
+def _same_tokens(gate: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether a module input ``like`` holds the gate's tokens: the same leading shape, or the same tokens
+    flattened in order (``(batch * seq, in)``: the leading shape of the gate's, then one dimension)."""
+    if gate.shape[:-1] == like.shape[:-1]:
+        return True
+    return like.dim() == 2 and like.shape[0] == gate[..., 0].numel()
 
 
 NO_GATES = RouteGates()  # what a module not built by a ScaleModel reads (it is never gated)
