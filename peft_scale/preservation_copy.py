@@ -109,8 +109,8 @@ def _check_cache(cache, index: int) -> None:
         kinds = sorted({type(layer).__name__ for layer in layers[index:] if type(layer) not in supported}) if layers else []
         raise RuntimeError(
             f"SCALE: RouterConfig.preservation_copy stacks the batch with the base model's copy from decoder layer {index} "
-            f"up, which needs the cache to grow to twice the rows there; a {type(cache).__name__}"
-            f"{f' with {kinds} layers' if kinds else ''} cannot. Use the default DynamicCache (generate() without "
+            f"up, which needs the cache to grow to twice the rows there; a {type(cache).__name__} cannot"
+            f"{f' (its {kinds} layers)' if kinds else ''}. Use the default DynamicCache (generate() without "
             "cache_implementation), or no cache (use_cache=False), or set RouterConfig(preservation_copy=False)."
         )
 

@@ -312,5 +312,5 @@ def test_a_familys_own_cache_layers_carry_the_copy_for_one_pass_only():
         with pytest.raises(RuntimeError, match="serves one pass only.*use_cache=False.*preservation_copy=False"):
             routed(input_ids=old[:2, :1], cache=cache)
         cache = routed(input_ids=old[:2, :4], use_cache=True).cache  # every token to the base: no copy yet
-        with pytest.raises(RuntimeError, match="with \\['DeepseekV4HCACache'\\] layers cannot"):
+        with pytest.raises(RuntimeError, match="a DynamicCache cannot \\(its \\['DeepseekV4HCACache'\\] layers\\)"):
             routed(input_ids=new[:2, :4], cache=cache)
