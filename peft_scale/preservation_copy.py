@@ -32,9 +32,12 @@ cache's rows from layer ``L`` up are duplicated: they are the base model's, exac
 The cache (a ``DynamicCache`` of ``DynamicLayer`` s, or of a hybrid model's linear-attention layers, whose conv and
 recurrent states are per row too; others are refused) holds ``2B`` rows in the layers from ``L``
 up once the copy is carried; those layers' row operations (beam search's ``reorder_cache``, contrastive search's
-``batch_select_indices`` / ``batch_repeat_interleave``) are wrapped to apply to both halves alike. Tensors of
-``B`` rows that the decoder layers receive by keyword (position embeddings, a 4-D attention mask, position ids)
-are stacked the same way for the layers from ``L`` up. With ``output_hidden_states=True`` those layers' outputs
+``batch_select_indices`` / ``batch_repeat_interleave``) are wrapped to apply to both halves alike. A
+``DynamicCache`` whose layers from ``L`` up are a family's own dynamic layers (DeepSeek V4's compressed attention:
+state SCALE cannot double or reorder) takes the ``2B`` rows in the pass that fills it from empty, and continuing it
+is refused. Tensors of ``B`` rows that the decoder layers receive by keyword (position embeddings, a 4-D attention
+mask, position ids; an ALiBi bias of ``B x heads`` rows, per batch row) are stacked the same way for the layers
+from ``L`` up. With ``output_hidden_states=True`` those layers' outputs
 hold ``2B`` rows (the adapted ones, then the copy's), except the last, which is the selected one. (Not measured
 under ``torch.compile``: there the copy is carried in every pass, without the skip's data-dependent read.)
 """
@@ -106,7 +109,7 @@ def _supported(cache, index: int) -> bool:
 def _check_cache(cache, index: int) -> None:
     layers, supported = getattr(cache, "layers", None), _cache_layer_types()
     if not _supported(cache, index):
-        kinds = sorted({type(layer).__name__ for layer in layers[index:] if type(layer) not in supported}) if layers else []
+        kinds = sorted({type(layer).__name__ for layer in (layers or [])[index:] if type(layer) not in supported})
         raise RuntimeError(
             f"SCALE: RouterConfig.preservation_copy stacks the batch with the base model's copy from decoder layer {index} "
             f"up, which needs the cache to grow to twice the rows there; a {type(cache).__name__} cannot"
@@ -131,7 +134,8 @@ def _state_slots(layer):
     states, where initialised): ``states[index]`` is the tensor."""
     slots = []
     for kind in ("conv", "recurrent"):
-        states, initialised = getattr(layer, f"{kind}_states", None), getattr(layer, f"is_{kind}_states_initialized", {})
+        states = getattr(layer, f"{kind}_states", None)
+        initialised = getattr(layer, f"is_{kind}_states_initialized", {})
         if isinstance(states, dict):
             slots += [(states, i) for i, tensor in states.items() if initialised.get(i) and tensor is not None]
     return slots
@@ -247,8 +251,8 @@ class PreservationCopy:
             )
         if past and state == "single_pass":
             raise RuntimeError(
-                "SCALE: RouterConfig(preservation_copy=True), and this call continues a cache whose layers from decoder "
-                f"layer {self.index} up ({sorted({type(layer).__name__ for layer in cache.layers[self.index:]})}) hold "
+                "SCALE: RouterConfig(preservation_copy=True), and this call continues a cache whose layers from "
+                f"decoder layer {self.index} up ({sorted({type(layer).__name__ for layer in cache.layers[self.index:]})}) hold "
                 "the copy's rows but cannot be doubled, duplicated or reordered by SCALE: it serves one pass only. "
                 "Generate without a cache (use_cache=False), or set RouterConfig(preservation_copy=False)."
             )
