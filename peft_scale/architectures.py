@@ -148,6 +148,26 @@ FULL_WIDTH_LAYOUTS: dict[str, DecoderLayout] = {
 }
 
 # Families SCALE cannot widen in full, and why (the error says it; FFN mode works on them).
+# Families the learned router (RouterConfig) cannot route, with the reason: what it needs is a decoder layer whose
+# input is the base model's stream, one row per (batch, token), as the model's input holds them.
+LEARNED_ROUTE_REFUSED: dict[str, str] = {
+    "hrm_text": (
+        "HRM runs its decoder layers several times per forward pass (H_cycles x L_cycles recurrent cycles), so "
+        "from the second cycle on every layer's input is the output of widened layers: no layer's input is the base "
+        "model's stream for the router to read"
+    ),
+    "xlnet": (
+        "XLNet's layers take the sequence first, (seq, batch, features), and two streams (content and query), while "
+        "the router's decisions, their smoothing along the sequence and the preservation copy's stacked rows are "
+        "per (batch, seq)"
+    ),
+    "cpmant": (
+        "CPM-Ant prepends prompt_length prompt positions of its own to every input inside the model, so its "
+        "decoder layers see more positions than the input has tokens, and the router's decisions (and their "
+        "smoothing) would not line up with the tokens"
+    ),
+}
+
 FULL_WIDTH_REFUSED: dict[str, str] = {
     "phi3": (
         "Phi-3's attention splits its fused qkv_proj at offsets computed from the config's head counts "

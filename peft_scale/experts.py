@@ -506,10 +506,14 @@ class Experts(nn.Module, ScaleTunerLayer):
         return torch.cat([base.get_parameter(name) for name in self.layout.inputs], dim=self.layout.input_axis)
 
     def _token_gate(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The learned router's ``(batch, seq, 1)`` gate of ``name``, reshaped to the experts' tokens (the MoE block
-        flattens ``(batch, seq)``, in order)."""
+        """The learned router's ``(batch, seq, 1)`` gate of ``name``, reshaped to the experts' tokens: the MoE block
+        flattens ``(batch, seq)``, in order, and may repeat them once per expert (Llama 4 gives every expert
+        every token, ``(experts * batch * seq, in)``), which repeats the gate alike."""
         gate = self.route_gates.gates.get(name)
-        if gate is None or gate[..., 0].numel() != like[..., 0].numel():
+        tokens, experts_tokens = (gate[..., 0].numel() if gate is not None else 0), like[..., 0].numel()
+        if gate is not None and tokens and experts_tokens != tokens and experts_tokens % tokens == 0:
+            return gate.reshape(-1, 1).repeat(experts_tokens // tokens, 1).reshape(*like.shape[:-1], 1)
+        if gate is None or tokens != experts_tokens:
             raise RuntimeError(
                 f"SCALE: no routing decision of adapter {name!r} for these {like[..., 0].numel()} expert tokens: the "
                 "router runs at the entry of decoder layer `preserve_layers`, which this forward pass did not go "

@@ -20,7 +20,7 @@ from .experts import (
     fused_expert_targets,
     merged_experts_size,
 )
-from .ffn_detection import DetectedFfn, find_ffn
+from .ffn_detection import DetectedFfn, find_ffn, hidden_size
 from .layer import Linear, ScaleTunerLayer
 from .merge import (
     check_mergeable,
@@ -166,7 +166,7 @@ class ScaleModel(BaseTuner):
         self._plans[adapter_name] = replace(plan, config=config)  # read by _create_and_replace, module by module
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
         if config.variant == "route":
-            self._routing.install(model, adapter_name, config, model.config.hidden_size, plan.decoder)
+            self._routing.install(model, adapter_name, config, hidden_size(model), plan.decoder)
 
     @property
     def _plans(self) -> dict[str, ModelPlan]:

@@ -27,6 +27,7 @@ from .architectures import (
     FFN_LAYOUTS,
     FULL_WIDTH_LAYOUTS,
     FULL_WIDTH_REFUSED,
+    LEARNED_ROUTE_REFUSED,
     DecoderLayout,
     module_name_matches,
 )
@@ -304,6 +305,7 @@ def plan_model(config: ScaleConfig, model_config) -> ModelPlan:
     """
     num_layers = getattr(model_config, "num_hidden_layers", None)
     if config.variant == "route" and config.route_rule == "learned":
+        check_learned_route_family(getattr(model_config, "model_type", None))
         plan_learned_route(config, num_layers)
     widths = expansion_widths(config, model_config)  # raises if the width does not fit the head layout
     decoder = FULL_WIDTH_LAYOUTS.get(getattr(model_config, "model_type", None)) if config.hidden_expansion else None
@@ -352,6 +354,20 @@ def plan_learned_route(config: ScaleConfig, num_layers: Optional[int]) -> None:
 
 def full_width_targets(model_type: str) -> set[str]:
     return set(FFN_LAYOUTS[model_type].target_modules + FULL_WIDTH_LAYOUTS[model_type].target_modules)
+
+
+def check_learned_route_family(model_type: Optional[str]) -> None:
+    """Refuse, with the reason, a family the learned router cannot route (``LEARNED_ROUTE_REFUSED``).
+
+    Raises:
+        ValueError: it cannot; the message says why and what works instead.
+    """
+    if model_type in LEARNED_ROUTE_REFUSED:
+        raise ValueError(
+            f"SCALE's learned router (ScaleConfig(router=RouterConfig(...))) cannot route model_type {model_type!r}: "
+            f"{LEARNED_ROUTE_REFUSED[model_type]}. Use FFN mode without a router (ScaleConfig(ffn_expansion=...), "
+            "no router=), which widens this family's MLPs for every token."
+        )
 
 
 def check_full_width_family(model_type: Optional[str]) -> None:

@@ -50,7 +50,7 @@ from transformers.utils import logging
 
 from .config import DEFAULT_MAX_OLD_ERROR
 from .format_sampling import format_split, sample_in_format
-from .routing import rms_normalise, smooth_logits, smoothing_start
+from .routing import rms_normalise, router_stream, smooth_logits, smoothing_start
 
 logger = logging.get_logger(__name__)
 
@@ -294,7 +294,7 @@ def layer_inputs(model: nn.Module, layer: nn.Module, features: int, sequences, b
 
     def capture(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden[..., :features].float())
+        captured.append(router_stream(hidden, features).float())
         raise _Captured
 
     device = next(model.parameters()).device

@@ -122,6 +122,14 @@ def rms_normalise(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def router_stream(hidden: torch.Tensor, features: int) -> torch.Tensor:
+    """What a learned router reads of a decoder layer's input: its first ``features`` (the original stream),
+    ``(batch, seq, d)``. A family that carries several parallel copies of the stream, ``(batch, seq, n, d)``
+    (DeepSeek V4's hyper-connections), gives their mean (at layer 0 the ``n`` copies are the embedding's)."""
+    hidden = hidden[..., :features]
+    return hidden.mean(dim=tuple(range(2, hidden.dim() - 1))) if hidden.dim() > 3 else hidden
+
+
 class TokenRouter(nn.Module):
     """The learned rule: is this token new-domain text (-> the expansion) or not (-> the base model)?
 
@@ -200,11 +208,15 @@ class RouteGates:
         leading shape must be the gates' for the decision to be this pass's)."""
         return [
             name for name in active
-            if name not in self.idle or self.gates.get(name) is None or self.gates[name].shape[:-1] != like.shape[:-1]
+            if name not in self.idle or self.gates.get(name) is None or not _same_tokens(self.gates[name], like)
         ]  # fmt: skip
 
     def get(self, adapter_name: str, like: torch.Tensor) -> torch.Tensor:
+        """The ``(batch, seq, 1)`` gate of ``adapter_name`` for a module input ``like``: of shape ``(batch, seq, in)``,
+        or with the tokens flattened in order, ``(batch * seq, in)`` (an MoE block's shared expert, OPT's MLP)."""
         gate = self.gates.get(adapter_name)
+        if gate is not None and gate.shape[:-1] != like.shape[:-1] and _same_tokens(gate, like):
+            return gate.reshape(*like.shape[:-1], 1)
         if gate is None or gate.shape[:-1] != like.shape[:-1]:
             raise RuntimeError(
                 f"SCALE: no routing decision of adapter {adapter_name!r} for this input of shape {tuple(like.shape)}: "
@@ -214,6 +226,14 @@ class RouteGates:
         return gate
 
 
+def _same_tokens(gate: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether a module input ``like`` holds the gate's tokens: the same leading shape, or the same tokens
+    flattened in order (``(batch * seq, in)``: the leading shape of the gate's, then one dimension)."""
+    if gate.shape[:-1] == like.shape[:-1]:
+        return True
+    return like.dim() == 2 and like.shape[0] == gate[..., 0].numel()
+
+
 NO_GATES = RouteGates()  # what a module not built by a ScaleModel reads (it is never gated)
 
 
@@ -221,6 +241,24 @@ def decoder_layer_name(module_name: str, layer: int) -> Optional[str]:
     """``model.layers.10.mlp.down_proj`` -> ``model.layers.10`` for ``layer=10`` (``None`` for another layer)."""
     match = re.match(rf"^(.*?\.{layer})\.", module_name + ".")
     return match.group(1) if match else None
+
+
+def router_site(model: nn.Module, consumers, layer: int) -> tuple[Optional[str], Optional[nn.Module]]:
+    """``(name of decoder layer layer, the first gated module at or above it)`` where layer ``layer`` itself holds
+    no gated module (a hybrid model's mamba or attention-only layer): the decoder layers are the ``nn.ModuleList``
+    the gated modules' names index first. ``(None, None)`` where no gated module is at or above it."""
+    found = []
+    for name, module in consumers:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+                found.append((int(part), ".".join(parts[:i]), module))
+                break
+    above = [site for site in found if site[0] >= layer]
+    if not above:
+        return None, None
+    index, layers, holder = min(above, key=lambda site: site[0])
+    return f"{layers}.{layer}", holder
 
 
 def choose_adapters(
@@ -459,7 +497,7 @@ class _GateHook:
         """What a smoothed router needs besides the logits: ``(cache, tokens already in it at this layer, padding
         mask of this call's tokens or None)``. The mask is the 2-D ``attention_mask`` the model was called with
         (``Routing.attention_mask``), over the cached tokens and these, or over these alone."""
-        if hidden.dim() != 3:
+        if hidden.dim() < 3:
             raise RuntimeError(
                 f"SCALE: a smoothed learned router (RouterConfig.smoothing > 0) averages over the sequence, but decoder layer "
                 f"{self.index} received hidden states of shape {tuple(hidden.shape)}, not (batch, seq, features)."
@@ -529,9 +567,9 @@ class _GateHook:
 
         def decide(name, router):  # (claim, score) per token: on the token's own logit, or on the smoothed one
             if not smoothing[name]:
-                return router(hidden[..., : router.features])
+                return router(router_stream(hidden, router.features))
             start = smoothing_start(name, configs[name], router)
-            own = router.logits(hidden[..., : router.features])
+            own = router.logits(router_stream(hidden, router.features))
             logits = self.routing.smoothed(
                 name, own, smoothing[name], *sequence, start=start, fall=configs[name].router.smoothing_fall
             )
@@ -799,10 +837,13 @@ class Routing:
             ((found, module) for name, module in consumers if (found := decoder_layer_name(name, layer)) is not None),
             (None, None),
         )
+        if layer_name is None:  # layer L widens nothing (a hybrid's mamba layer): the first gated module above holds it
+            layer_name, holder = router_site(model, consumers, layer)
         if layer_name is None:
             raise ValueError(
                 f"SCALE: the learned router of adapter {adapter_name!r} reads the stream entering decoder layer "
-                f"{layer} (preserve_layers), but no widened module was found in that layer."
+                f"{layer} (preserve_layers), but no widened module was found in that layer or above it: set "
+                "preserve_layers below the last layer with an FFN."
             )
         if adapter_name not in holder.scale_router:
             device = next(holder.get_base_layer().parameters()).device  # (an experts module has no .weight)

@@ -400,3 +400,12 @@ def test_init_weights_false_moves_the_experts_output_from_the_start():
         expected = base(input_ids=ids).logits
         model = get_peft_model(copy.deepcopy(base), ScaleConfig(ffn_expansion=8, init_weights=False))
         assert (model(input_ids=ids).logits - expected).abs().max() > 1e-3
+
+
+def test_experts_given_every_token_once_per_expert_are_gated_per_token():
+    """Llama 4's experts receive ``(experts * tokens, d)`` (every token once per expert): the learned router's
+    gate is repeated alike, so a token routed to the base model gets the base model's logits."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    base, routed, old, new = routed_registry_model("llama4_text")
+    assert_base_routed_tokens_exact(base, routed, switching_rows(old, new))

@@ -251,3 +251,12 @@ with torch.no_grad():
     assert out.split() == ["True", "True"]
 
 
+
+
+def test_the_learned_router_of_a_composite_config_reads_the_text_models_width():
+    """Fuyu's config has no ``hidden_size`` of its own (its text config has): the router is as wide as the stream."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    base, routed, old, new = routed_registry_model("fuyu")
+    assert routed.base_model.scale_router["default"].features == base.config.get_text_config().hidden_size
+    assert_base_routed_tokens_exact(base, routed, switching_rows(old, new))

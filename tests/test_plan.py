@@ -12,7 +12,8 @@ from conftest import HIDDEN, LAYERS, decoder_outputs, full_width
 from peft import get_peft_model
 from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_model
 
-from peft_scale import ScaleConfig, ScaleLayer
+from peft_scale import RouterConfig, ScaleConfig, ScaleLayer
+from peft_scale.architectures import LEARNED_ROUTE_REFUSED
 from peft_scale.layer import ScaleTunerLayer
 from peft_scale.norm import ScaleNorm
 from peft_scale.plan import plan_model, plan_module
@@ -168,3 +169,13 @@ def test_packed_projections_are_planned_with_their_parts():
     plan = model.base_model._plans["default"]
     assert plan.module("model.layers.0.mlp.gate_up_proj").out_parts == 2
     assert plan.module("model.layers.0.mlp.down_proj").out_parts == 1
+
+
+@pytest.mark.parametrize("model_type", sorted(LEARNED_ROUTE_REFUSED))
+def test_families_the_learned_router_cannot_route_are_refused_by_get_peft_model(model_type):
+    from tiny_models import tiny_registry_model
+
+    model = tiny_registry_model(model_type)
+    with pytest.raises(ValueError, match=f"cannot route model_type '{model_type}'.*no router="):
+        get_peft_model(model, ScaleConfig(ffn_expansion=8, router=RouterConfig()))
+    get_peft_model(tiny_registry_model(model_type), ScaleConfig(ffn_expansion=8))  # FFN mode works

@@ -252,3 +252,65 @@ def test_hidden_states_of_the_layers_that_carry_the_copy_hold_both_halves(routed
     # embeddings, layers 0-2 (from layer 2 up: the adapted rows, then the copy's), the final norm's (selected)
     assert [h.shape[0] for h in out.hidden_states] == [4, 4, 4, 8, 4]
     assert torch.equal(out.hidden_states[3][:4], plain.hidden_states[3])
+
+
+# ------------------------------------------------------------------------------ families with their own layer inputs
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "openai-gpt"])
+def test_the_copy_on_alibi_rows_and_list_outputs(model_type):
+    """BLOOM's ALiBi bias has ``batch x heads`` rows (stacked per batch row, its heads together); OpenAI GPT's block
+    returns a list. Base-routed tokens of mixed sequences get the base model's logits there too."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    base, routed, old, new = routed_registry_model(model_type)
+    assert_base_routed_tokens_exact(base, routed, switching_rows(old, new))
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """LFM3 (tiny): its decoder layer's cache is a linear-attention layer (conv states per row)."""
+    from tiny_models import routed_registry_model
+
+    return routed_registry_model("lfm3", smoothing=0.0)
+
+
+def test_a_linear_attention_cache_continued_across_a_switch_equals_the_whole_sequence(hybrid):
+    """Old text first (the copy not carried), then new text (the cache's conv states are duplicated), then old;
+    cache row operations keep both halves of the states."""
+    from tiny_models import assert_base_routed_tokens_exact
+
+    base, routed, old, new = hybrid
+    ids = torch.cat([old[:2, :4], new[2:4, :4], old[4:6, :4]], 1)
+    whole = assert_base_routed_tokens_exact(base, routed, ids)
+    with torch.no_grad():
+        cache = DynamicCache(config=routed.config)
+        pieces = [routed(input_ids=part, cache=cache, use_cache=True).logits for part in ids.split([4, 4, 2, 1, 1], 1)]
+        assert type(cache.layers[0]).__name__ == "LinearAttentionLayer"
+        assert cache.layers[0].conv_states[0].shape[0] == 4  # the copy's rows beside the adapted ones
+        assert (torch.cat(pieces, 1) - whole).abs().max() <= 1e-5
+        cache.batch_select_indices(torch.tensor([1, 0]))
+        cache.batch_repeat_interleave(2)  # rows 1, 1, 0, 0
+        step = old[6:10, :1]
+        continued = routed(input_ids=step, cache=cache).logits[:, -1]
+        rows = ids[[1, 1, 0, 0]]
+        expected = routed(input_ids=torch.cat([rows, step], 1)).logits[:, -1]
+    assert (continued - expected).abs().max() <= 1e-5
+
+
+def test_a_familys_own_cache_layers_carry_the_copy_for_one_pass_only():
+    """DeepSeek V4's cache layers (compressed attention) cannot be doubled or reordered by SCALE: a pass that fills
+    an empty one carries the copy (its base-routed tokens exact); continuing it is refused, and a cache that first
+    got only base-routed tokens is refused when the copy would have to start."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    base, routed, old, new = routed_registry_model("deepseek_v4")
+    ids = switching_rows(old, new)
+    assert_base_routed_tokens_exact(base, routed, ids)  # (the model's own cache: use_cache defaults to True)
+    with torch.no_grad():
+        cache = routed(input_ids=ids, use_cache=True).cache
+        with pytest.raises(RuntimeError, match="serves one pass only.*use_cache=False.*preservation_copy=False"):
+            routed(input_ids=old[:2, :1], cache=cache)
+        cache = routed(input_ids=old[:2, :4], use_cache=True).cache  # every token to the base: no copy yet
+        with pytest.raises(RuntimeError, match="a DynamicCache cannot \\(its \\['DeepseekV4HCACache'\\] layers\\)"):
+            routed(input_ids=new[:2, :4], cache=cache)

@@ -1293,3 +1293,62 @@ def test_the_defaults_route_a_trained_adapter_with_old_text_exact(old_speaker):
     # the average leaves the expansion a few old tokens after the switch; from there on, old tokens are exact
     assert not to_base[:, 2:8].any() and to_base[:, -8:].all()
     assert torch.allclose(out[to_base], base[to_base], atol=1e-5)
+
+
+# ------------------------------------------------------------------- families whose layers the router reads apart
+
+
+def test_a_gate_reaches_a_module_that_flattens_the_tokens():
+    """``RouteGates.get`` for an input ``(batch * seq, in)``: the gate's tokens in order; any other count is no
+    decision of this pass."""
+    from peft_scale.routing import RouteGates
+
+    gates = RouteGates()
+    gates.gates["a"] = torch.arange(6.0).reshape(2, 3, 1)
+    assert torch.equal(gates.get("a", torch.zeros(6, 4)), torch.arange(6.0).reshape(6, 1))
+    assert torch.equal(gates.get("a", torch.zeros(2, 3, 4)), gates.gates["a"])
+    gates.idle = frozenset({"a"})
+    assert gates.busy(["a"], torch.zeros(6, 4)) == [] and gates.busy(["a"], torch.zeros(5, 4)) == ["a"]
+    with pytest.raises(RuntimeError, match="no routing decision of adapter 'a' for this input of shape"):
+        gates.get("a", torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("model_type", ["opt", "qwen2_moe"])
+def test_mlps_that_flatten_the_tokens_are_routed_per_token(model_type):
+    """OPT's MLP and Qwen2-MoE's shared expert run on ``(batch * seq, d)``: routed per token, with the copy."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    base, routed, old, new = routed_registry_model(model_type)
+    assert_base_routed_tokens_exact(base, routed, switching_rows(old, new))
+
+
+def test_the_router_reads_its_layer_where_that_layer_widens_nothing(tmp_path):
+    """Nemotron-H's layer 0 is a Mamba mixer (no FFN): the router still reads the stream entering it, and lives in
+    the first gated module above; it routes, and is saved and loaded with its adapter."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows, tiny_registry_model
+
+    base, routed, old, new = routed_registry_model("nemotron_h")
+    assert routed.base_model.router_layer("default") is routed.base_model.model.model.layers[0]
+    holders = [name for name, module in routed.named_modules() if "default" in getattr(module, "scale_router", {})]
+    holders = [name for name in holders if ".layers." in name]  # (the PEFT model's own mapping aside)
+    assert len(holders) == 1 and ".layers.0." not in holders[0]
+    ids = switching_rows(old, new)
+    logits = assert_base_routed_tokens_exact(base, routed, ids)
+    routed.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_registry_model("nemotron_h"), tmp_path).eval()
+    with torch.no_grad():
+        assert (loaded(input_ids=ids).logits - logits).abs().max() <= 1e-5
+
+
+def test_a_stream_of_parallel_copies_is_read_as_their_mean():
+    """DeepSeek V4 carries ``hc_mult`` copies of the stream, ``(batch, seq, n, d)``: the router reads their mean
+    (``router_stream``), in fitting and in the forward pass alike, and routes per token."""
+    from tiny_models import assert_base_routed_tokens_exact, routed_registry_model, switching_rows
+
+    from peft_scale.routing import router_stream
+
+    streams = torch.randn(2, 3, 4, 5)
+    assert torch.equal(router_stream(streams, 5), streams.mean(2))
+    assert torch.equal(router_stream(streams[:, :, 0], 3), streams[:, :, 0, :3])
+    base, routed, old, new = routed_registry_model("deepseek_v4")
+    assert_base_routed_tokens_exact(base, routed, switching_rows(old, new))

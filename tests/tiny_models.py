@@ -194,3 +194,46 @@ def check_family_end_to_end(model_type: str, peft_config, tmp_path) -> None:
     assert not any("scale_" in name or "lora_" in name for name, _ in plain.named_parameters())
     with torch.no_grad():
         assert (plain(ids).logits - trained).abs().max() <= 1e-4, "the merged checkpoint's logits differ"
+
+
+# ------------------------------------------------------------------ the learned router on a registry family (tiny)
+
+
+def routed_registry_model(model_type: str, router_steps: int = 60, **router):
+    """``(base, routed, old, new)``: a tiny registry family (``tiny_registry_model``) and a copy routed by
+    ``ScaleConfig(ffn_expansion=8, router=RouterConfig(**router))``, fitted on two token ranges (``old``: ids
+    4-63, ``new``: ids 64-127, 32 rows of 12) with ``router_steps`` training steps (a fifth of ``fit_router``'s: these
+    routers tell embeddings apart well within them), its expansion moved by seeded noise; both in eval mode."""
+    from unittest import mock
+
+    from peft import get_peft_model
+
+    import peft_scale
+    import peft_scale.router_fitting
+
+    generator = torch.Generator().manual_seed(0)
+    old, new = (torch.randint(low, high, (32, 12), generator=generator) for low, high in ((4, VOCAB // 2), (VOCAB // 2, VOCAB)))
+    config = peft_scale.ScaleConfig(ffn_expansion=8, router=peft_scale.RouterConfig(**router))
+    routed = get_peft_model(tiny_registry_model(model_type), config)
+    with mock.patch.object(peft_scale.router_fitting, "ROUTER_STEPS", router_steps):
+        peft_scale.fit_router(routed, new, old, progress=False)
+    perturb_adapter(routed, scale=0.5)
+    return tiny_registry_model(model_type), routed.eval(), old, new
+
+
+def switching_rows(old: torch.Tensor, new: torch.Tensor, length: int = 6) -> torch.Tensor:
+    """Two rows that switch domain halfway: new then old (where the preservation copy matters), old then new."""
+    return torch.cat([torch.cat([new[:1, :length], old[:1, :length]], 1), torch.cat([old[1:2, :length], new[1:2, :length]], 1)])
+
+
+def assert_base_routed_tokens_exact(base, routed, ids: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:
+    """The tokens of ``ids`` that ``routed``'s router sends to the base model get ``base``'s logits (within
+    ``atol``), and the others do not; both kinds occur. Returns the routed logits."""
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+        got = routed(input_ids=ids).logits
+    to_base = routed.base_model.last_routing.to_preservation
+    assert to_base.shape == ids.shape and to_base.any() and (~to_base).any(), to_base
+    assert (got - expected)[to_base].abs().max() <= atol, "tokens routed to the base model drifted"
+    assert (got - expected)[~to_base].abs().max() > 1e-4, "the expansion changed nothing"
+    return got
