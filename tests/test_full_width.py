@@ -17,7 +17,7 @@ from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_model
 from peft_scale import ScaleConfig
 from peft_scale.architectures import FULL_WIDTH_LAYOUTS, FULL_WIDTH_REFUSED
 from peft_scale.norm import ScaleNorm, SplitRMSNorm
-from peft_scale.routing import route
+from peft_scale.cosine_routing import route
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 VARIANTS = ["preserve", "adapt", "route"]

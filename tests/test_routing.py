@@ -750,7 +750,7 @@ def test_no_smoothing_decides_on_each_tokens_own_logit(old_speaker):
     assert torch.equal(result.scores, torch.sigmoid(logits))  # the token's own score, bit for bit
     assert torch.equal(~result.to_preservation, torch.sigmoid(logits) >= router.threshold[0])
     cached = default.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert cached.shape == (1, 27) and default.base_model._routing._smoothing == {}  # no state is kept
+    assert cached.shape == (1, 27) and default.base_model._routing.averages._smoothing == {}  # no state is kept
 
 
 def test_a_smoothed_decision_is_the_moving_average_of_the_logits(smoothed):
@@ -1085,7 +1085,7 @@ def reference_falling(logits: torch.Tensor, a: float, fall: float, start=None) -
 
 
 def test_smooth_logits_falls_with_its_own_coefficient():
-    from peft_scale.routing import smooth_logits
+    from peft_scale.smoothing import smooth_logits
 
     logits = torch.tensor([[0.0, 10.0, 0.0, 10.0], [10.0, 0.0, 0.0, 0.0]])
     # a = 0.5 both ways: 0, 5, 2.5, 6.25; falling with 0: every drop is followed at once

@@ -24,7 +24,7 @@ from tiny_models import perturb_adapter, tiny_model
 import peft_scale
 from peft_scale import ScaleConfig, fit_router, routing_confusion
 from peft_scale.model_card import SECTION_END, SECTION_START
-from peft_scale.routing import choose_adapters, outranking
+from peft_scale.adapter_choice import choose_adapters, outranking
 
 BASE, ES, FR = OLD, (64, 96), (96, 128)
 
