@@ -259,8 +259,8 @@ class Linear(nn.Module, ScaleTunerLayer):
     original ones in the same order.
 
     With one active adapter on a plain frozen ``nn.Linear`` (the common case), the whole block matrix runs as one
-    autograd node with a hand-written backward (``peft_scale.widened_linear.WidenedLinear``: the same products, and
-    about 12% fewer operations in a full-width training step); every other case takes the general path of
+    autograd node with a hand-written backward (``peft_scale.widened_linear.WidenedLinear``: the same products, with
+    fewer operations in the backward pass than autograd records op by op); every other case takes the general path of
     ``forward``, op by op.
 
     On a bitsandbytes 4-bit or 8-bit base (``peft_scale.quantized``), ``W x + b`` is the quantized layer itself,
