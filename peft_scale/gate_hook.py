@@ -14,9 +14,9 @@ the model's one ``RouteGates`` (``peft_scale.route_decisions``), with the pass's
 Applied: by every module that reads ``RouteGates`` (shared by reference), which multiplies each contribution of the
 expansion to the original features by its adapter's gate::
 
-    y   = W x + b + g * W12 x_up           layer.Linear.forward (and layer.Linear._widened_linear, one autograd node)
-    out = norm(x) + g * P rms(x_up) g_up   norm.RMSNorm.forward (the final norm: the LM head's new block)
-    y   = experts(x) + sum_a g_a experts_a(x)    experts.Experts.forward (experts.Experts._token_gate)
+    y   = W x + b + g W12 x_up              layer.Linear.forward (or layer.Linear._widened_linear: one autograd node)
+    out = norm(x) + g P rms(x_up) g_up      norm.RMSNorm.forward (the final norm: the LM head's new block)
+    y   = experts(x) + sum_a g_a experts_a(x)   experts.Experts.forward (the gate per token: Experts._token_gate)
 
 A token with ``g = 0`` gets nothing of the expansion and gives it no gradient; a sequence whose tokens all have
 ``g = 0`` is computed exactly as the base model computes it. In an inference pass that sends no token to an FFN-mode

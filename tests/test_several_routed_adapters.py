@@ -1,4 +1,4 @@
-"""One learned-route adapter per domain, several active together (``peft_scale.routing``: the joint rule).
+"""One learned-route adapter per domain, several active together (``peft_scale.adapter_choice``: the joint rule).
 
 Three separable synthetic domains on a tiny 4-layer Llama (``conftest.py``'s model and helpers): the *base* domain
 (token ids 4-63), a first new domain ``es`` (ids 64-95) and a second ``fr`` (ids 96-127). The base model is trained
