@@ -20,7 +20,7 @@ the hook, the gate products), within the run-to-run noise (~5%) of a CPU.
 
 Inference is timed twice, with the router's threshold set so that its decisions are known: ``new text`` (threshold 0:
 every token to the expansion, the most work) and ``old text`` (threshold above 1: every token to the base model). An
-inference pass that sends no token to an FFN-mode adapter skips its products (``peft_scale.routing``: the widened
+inference pass that sends no token to an FFN-mode adapter skips its products (``peft_scale.gate_hook``: the widened
 MLPs compute as their base layers); ``old text, no skip`` times the same pass with the skip turned off
 (``Routing.skip_idle = False``), the cost before it. A pass with some tokens for the expansion computes it for all of
 them (their contribution is multiplied by the gate's zeros): skipping per token would need a gather of the routed

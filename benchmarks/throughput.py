@@ -37,8 +37,8 @@ floor over FLOP ratio to the floor: 1.0 means the row runs exactly as fast as it
 
 SCALE-Route at evaluation (``route_eval``): evaluation forward (``eval()``, routing on) of full-width SCALE-Adapt
 and SCALE-Route at the same sizes and ``preserve_layers``, and of ``base_upper``, the base model cut to its layers
-from ``preserve_layers`` up (the frozen original-slice work the preservation copy repeats, with the LM head of the
-preservation logits). ``scale_route/(scale_adapt+base_upper)`` is the price of routing over that work.
+from ``preserve_layers`` up (the frozen original-slice work the cosine rule's frozen slice repeats, with the LM head
+of the preservation logits). ``scale_route/(scale_adapt+base_upper)`` is the price of routing over that work.
 
 Memory of a training step. On CUDA: ``torch.cuda.max_memory_allocated`` over one step, after
 ``reset_peak_memory_stats`` (``peak_mib``). On CPU there is no allocator statistic that can be reset, and the
@@ -529,7 +529,7 @@ def inference_rows(base, dtype, device, prefill_ids, prompt_ids, sizes, decode_t
 
 def base_upper(base, from_layer: int):
     """The base model with only its decoder layers ``from_layer..`` (plus embedding and LM head): the frozen
-    original-slice work that SCALE-Route's preservation copy adds above ``preserve_layers`` at evaluation."""
+    original-slice work that SCALE-Route's frozen slice (cosine rule) adds above ``preserve_layers`` at evaluation."""
     model = copy.deepcopy(base)
     model.model.layers = torch.nn.ModuleList(list(model.model.layers)[from_layer:])
     model.config.num_hidden_layers = len(model.model.layers)
@@ -540,7 +540,7 @@ def base_upper(base, from_layer: int):
 
 def route_eval_rows(base, dtype, device, prefill_ids, sizes, warmup, repeats, log, compile_model=False) -> dict:
     """Evaluation forward (``eval()``: SCALE-Route routes) of full-width adapt and route at the same sizes, and of
-    the frozen work the preservation copy repeats."""
+    the frozen work the frozen slice repeats."""
     precision = precision_context(device, dtype)
     wide = dict(hidden_expansion=sizes["hidden_expansion"], ffn_expansion=sizes["ffn_expansion"],
                 preserve_layers=sizes["preserve_layers"])
@@ -591,7 +591,7 @@ def arithmetic_ratios(train: dict) -> dict:
 
 
 def route_eval_ratio(rows: dict) -> dict:
-    """SCALE-Route's evaluation forward over SCALE-Adapt's plus the frozen work its preservation copy repeats."""
+    """SCALE-Route's evaluation forward over SCALE-Adapt's plus the frozen work its frozen slice repeats."""
     bound = rows["scale_adapt"]["median_s"] + rows["base_upper"]["median_s"]
     return {"scale_route/(scale_adapt+base_upper)": rows["scale_route"]["median_s"] / bound}
 

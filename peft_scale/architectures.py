@@ -79,9 +79,9 @@ class DecoderLayout:
             OLMo 2) on its output before the residual addition: every one is split, the original slice keeping the
             base norm (RMSNorm, Gemma's ``1 + w`` RMSNorm or LayerNorm: ``peft_scale.norm``).
         final_norm: the norm in front of the LM head (split, and carries the LM head's new block ``P``).
-        layers: the list of decoder layers (SCALE-Route adds the preservation copy at the input of one).
-        input_norm: the first module of a decoder layer to read its input (SCALE-Route checks it to know whether
-            the layer carries a preservation copy): a norm, or a projection where the layer has no input norm.
+        layers: the list of decoder layers (the cosine rule prepends its frozen slice at the input of one).
+        input_norm: the first module of a decoder layer to read its input (the cosine rule checks it to know
+            whether the layer carries the frozen slice): a norm, or a projection where the layer has no input norm.
         query_norm, key_norm: norms over the whole query / key projection (OLMo 2's ``q_norm``, ``k_norm``; not
             the per-head norms of Qwen 3 and Gemma 3, which act on ``head_dim`` and apply to new heads unchanged).
             Split like the others, by the new query / key-value features.

@@ -2,7 +2,7 @@
 
 Beam search reorders a cache's rows (``reorder_cache(beam_idx)``), contrastive search selects and repeats them
 (``batch_select_indices(indices)``, ``batch_repeat_interleave(repeats)``). State that SCALE keeps per row beside a
-cache (a smoothed router's average, ``peft_scale.routing``; the preservation copy's second half of the rows,
+cache (a smoothed router's average, ``peft_scale.gate_hook.SequenceAverages``; the preservation copy's second half of the rows,
 ``peft_scale.preservation_copy``) must follow the same rows: both express each operation as the rows it keeps.
 """
 

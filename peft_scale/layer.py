@@ -13,7 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .quantized import adapter_dtype, bnb_kind, check_layer, quantized_like, weight_rows, weight_shape
-from .routing import NO_GATES, mode_applies
+from .cosine_routing import mode_applies
+from .route_decisions import NO_GATES
 from .widened_linear import widened_linear
 
 
@@ -76,7 +77,7 @@ class ScaleTunerLayer(BaseTunerLayer):
 
     It holds the tuner state they all set up (``_init_tuner_state``), which of the active adapters this module holds
     (``_active_scale_adapters``: the keys of its per-adapter ``_widths_attr`` dict), whether the stream carries a
-    preservation copy, the split of the widened stream ``[x_pres; x; x_up_a; x_up_b; ...]`` with its width check
+    frozen slice (cosine rule), the split of the widened stream ``[x_pres; x; x_up_a; x_up_b; ...]`` with its width check
     (``_check_stream``, ``_split_stream``), and the guard for parameters still on the meta device.
     """
 
@@ -106,10 +107,10 @@ class ScaleTunerLayer(BaseTunerLayer):
             return False
         return mode_applies(modes[active[0]], self.training)
 
-    def carries_preservation_copy(self) -> bool:
-        """Whether the input holds a preservation copy ``[x_pres; x; x_up]`` (SCALE-Route, cosine rule, routed
-        layers)."""
-        return self._mode_applies(getattr(self, "preservation_copy", {}))
+    def carries_frozen_slice(self) -> bool:
+        """Whether the input holds the cosine rule's frozen slice ``[x_pres; x; x_up]`` (SCALE-Route, cosine rule,
+        routed layers: ``peft_scale.cosine_routing``)."""
+        return self._mode_applies(getattr(self, "frozen_slice", {}))
 
     def _check_stream(self, x: torch.Tensor, original: int, copy: bool, new: dict[str, int]) -> list[int]:
         """The widths of ``[x_pres; x; x_up_a; ...]`` (``new``: adapter -> width of its ``x_up``), checked against
@@ -122,7 +123,7 @@ class ScaleTunerLayer(BaseTunerLayer):
         if x.shape[-1] != sum(widths):
             raise RuntimeError(
                 f"SCALE {self._kind} expected {sum(widths)} input features ({original} original"
-                f"{' + a preservation copy' if copy else ''} + {new} new) but got {x.shape[-1]}: the layers of one "
+                f"{' + a frozen slice' if copy else ''} + {new} new) but got {x.shape[-1]}: the layers of one "
                 "block disagree on which adapters are active. Switch adapters on the whole model "
                 "(model.set_adapter), not on single layers."
             )
@@ -251,24 +252,25 @@ class Linear(nn.Module, ScaleTunerLayer):
 
     SCALE-Route with the learned rule gates ``W12`` per token (``route_gated[adapter]``): ``y = W x + b + g W12 x_up``
     with ``g`` the router's gate for the token (0/1, or in ``[0, 1]`` with ``RouterConfig(gate="soft")``;
-    ``peft_scale.routing``). A token routed to the base model (``g = 0``) gets exactly the base layer's output and
+    ``peft_scale.gate_hook``). A token routed to the base model (``g = 0``) gets exactly the base layer's output and
     gives ``W12`` (and, through it, the expansion) no gradient.
 
     With several active adapters, the input is ``[x; x_up_a; x_up_b; ...]`` and the new outputs follow the
     original ones in the same order.
 
     With one active adapter on a plain frozen ``nn.Linear`` (the common case), the whole block matrix runs as one
-    autograd node with a hand-written backward (``peft_scale.widened_linear.WidenedLinear``: the same products, and
-    about 12% fewer operations in a full-width training step); every other case takes the general path of
+    autograd node with a hand-written backward (``peft_scale.widened_linear.WidenedLinear``: the same products, with
+    fewer operations in the backward pass than autograd records op by op); every other case takes the general path of
     ``forward``, op by op.
 
     On a bitsandbytes 4-bit or 8-bit base (``peft_scale.quantized``), ``W x + b`` is the quantized layer itself,
     called as it is (the general path), so the original output is exactly the quantized model's; the sizes come
     from the layer's features, ``W21`` is initialised from the dequantised ``W``, and the new blocks are fp32.
 
-    SCALE-Route carries a *preservation copy* ``x_pres`` of the original features in front of the stream,
-    ``[x_pres; x; x_up]``, in the layers where its adaptation path may differ from the base model. Only the
-    frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``. ``preservation_copy[adapter]``
+    SCALE-Route with the cosine rule carries a *frozen slice* ``x_pres``, a copy of the original features, in front
+    of the stream, ``[x_pres; x; x_up]``, in the layers where its adaptation path may differ from the base model
+    (``peft_scale.cosine_routing``). Only the frozen base layer touches it: the output is ``[W x_pres + b; y; y_up]``.
+    ``frozen_slice[adapter]``
     says when the layer expects it: ``"off"``, ``"eval"`` (when not training: routing at evaluation and
     generation) or ``"always"``. An output made of ``out_parts`` packed projections (Phi-3's ``[gate; up]``)
     gets its new rows after each part, ``[gate; gate_up_a; up; up_up_a]``, so the model's own ``chunk`` still
@@ -291,9 +293,9 @@ class Linear(nn.Module, ScaleTunerLayer):
         ValueError: the base output does not split into ``out_parts`` equal parts.
     """
 
-    # scale_router: the learned router of a route adapter, held by the first module it gates (peft_scale.routing)
+    # scale_router: the learned router of a route adapter, held by the first module it gates (peft_scale.token_router)
     adapter_layer_names = ("scale_w12", "scale_w21", "scale_b21", "scale_w22", "scale_router")
-    other_param_names = ("in_expansion", "out_expansion", "preservation_copy", "route_gated")
+    other_param_names = ("in_expansion", "out_expansion", "frozen_slice", "route_gated")
     _widths_attr = "out_expansion"
 
     def __init__(
@@ -305,7 +307,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         init: str = "svd",
         out_parts: int = 1,
         open_w12: bool = True,
-        preservation_copy: str = "off",
+        frozen_slice: str = "off",
         route_gated: bool = False,
         init_weights: bool = True,
         inference_mode: bool = False,
@@ -325,7 +327,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         self.scale_b21 = nn.ParameterDict()
         self.scale_w22 = nn.ParameterDict()
         self.scale_router = nn.ModuleDict()
-        self.preservation_copy: dict[str, str] = {}
+        self.frozen_slice: dict[str, str] = {}
         self.route_gated: dict[str, bool] = {}
         self.in_expansion: dict[str, int] = {}
         self.out_expansion: dict[str, int] = {}
@@ -335,7 +337,7 @@ class Linear(nn.Module, ScaleTunerLayer):
             in_expansion,
             init,
             open_w12=open_w12,
-            preservation_copy=preservation_copy,
+            frozen_slice=frozen_slice,
             route_gated=route_gated,
             init_weights=init_weights,
             inference_mode=inference_mode,
@@ -348,7 +350,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         in_expansion: int,
         init: str,
         open_w12: bool = True,
-        preservation_copy: str = "off",
+        frozen_slice: str = "off",
         route_gated: bool = False,
         init_weights: bool = True,
         inference_mode: bool = False,
@@ -371,7 +373,7 @@ class Linear(nn.Module, ScaleTunerLayer):
             )
         self.out_expansion[adapter_name] = out_expansion
         self.in_expansion[adapter_name] = in_expansion
-        self.preservation_copy[adapter_name] = preservation_copy
+        self.frozen_slice[adapter_name] = frozen_slice
         self.route_gated[adapter_name] = bool(route_gated and in_expansion and open_w12)
         self.reset_scale_parameters(adapter_name, init, init_weights)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -419,7 +421,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
-        copy = self.carries_preservation_copy()
+        copy = self.carries_frozen_slice()
         widths = self._check_stream(x, self.in_features, copy, {name: self.in_expansion[name] for name in active})
         # (batch, seq, 1) gate (0/1, or [0, 1] with a soft gate) per adapter whose W12 the learned router gates
         gates = {name: self.route_gates.get(name, x) for name in active if self.route_gated.get(name)}
@@ -430,7 +432,7 @@ class Linear(nn.Module, ScaleTunerLayer):
         # act as one product [W21 W22] [x; x_up] (see _new_rows).
         x_and_up = x[..., self.in_features :] if copy else x
         x_pres, x, x_ups = self._split_stream(x, widths, copy)
-        # the preservation copy sees the frozen base layer only: exactly the base model's computation
+        # the frozen slice sees the frozen base layer only: exactly the base model's computation
         preserved = self.base_layer(x_pres, *args, **kwargs) if x_pres is not None else None
         # 2. the blocks
         result = self.base_layer(x, *args, **kwargs)  # (..., out): W x + b

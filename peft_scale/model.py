@@ -41,7 +41,10 @@ from .plan import (
 )
 from .plan import config_model_type  # noqa: F401  (was defined here; kept importable)
 from .quantized import check_model_quantization
-from .routing import RouteResult, Routing, check_routed_together, outranked_adapters
+from .adapter_choice import check_routed_together, outranked_adapters
+from .cosine_routing import fused_lm_head
+from .route_decisions import RouteResult
+from .routing import Routing
 
 
 class ScaleModel(BaseTuner):
@@ -190,7 +193,7 @@ class ScaleModel(BaseTuner):
         elif plan.role in NORM_ROLES:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
             cls = split_norm_class(base)  # RMSNorm-style or LayerNorm
-            args = {"expansion": plan.out_expansion, "preservation_copy": plan.preservation_copy}
+            args = {"expansion": plan.out_expansion, "frozen_slice": plan.frozen_slice}
             if plan.role == "final_norm":
                 args["routing"] = plan.routing
                 args["route_gated"] = plan.route_gated
@@ -200,7 +203,7 @@ class ScaleModel(BaseTuner):
                 "in_expansion": plan.in_expansion,
                 "init": peft_config.init,
                 "open_w12": plan.open_w12,
-                "preservation_copy": plan.preservation_copy,
+                "frozen_slice": plan.frozen_slice,
                 "route_gated": plan.route_gated,
             }
         if isinstance(target, cls):
@@ -233,7 +236,7 @@ class ScaleModel(BaseTuner):
         if not kwargs.get("fused_lm_head") or "_routing" not in self.__dict__:
             yield
             return
-        with self._routing.fused_lm_head(self.model):
+        with fused_lm_head(self.model):
             yield
 
     def _active_configs(self) -> list[ScaleConfig]:
@@ -245,14 +248,14 @@ class ScaleModel(BaseTuner):
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         """PEFT's ``set_adapter``, with one check first: several active adapters that include a learned-route adapter
         must all be learned-route adapters with one ``preserve_layers``, which are then routed together, per token
-        (``peft_scale.routing.check_routed_together``; the model is left as it was when they are not)."""
+        (``peft_scale.adapter_choice.check_routed_together``; the model is left as it was when they are not)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         check_routed_together({name: self.peft_config[name] for name in names if name in self.peft_config})
         super().set_adapter(adapter_name, inference_mode=inference_mode)
 
     @property
     def scale_router(self) -> dict:
-        """Adapter name -> ``TokenRouter`` of each learned-route adapter (``peft_scale.routing``)."""
+        """Adapter name -> ``TokenRouter`` of each learned-route adapter (``peft_scale.token_router``)."""
         routing = self.__dict__.get("_routing")
         return routing.routers() if routing is not None else {}
 

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 
 from .config import ScaleConfig
-from .routing import outranked_adapters
+from .adapter_choice import outranked_adapters
 
 PAPER_URL = "https://arxiv.org/abs/2511.03270"
 PAPER_TITLE = "SCALE: Upscaled Continual Learning of Large Language Models"

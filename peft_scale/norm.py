@@ -71,9 +71,9 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
     or in ``[0, 1]`` with a soft gate): ``out = norm(x) + g P rms(x_up) g_up``, so a token routed to the base model
     gets the base model's logits.
 
-    With a preservation copy (SCALE-Route, cosine rule) the input is ``[x_pres; x; x_up]`` and the output gains
+    With the frozen slice (SCALE-Route, cosine rule) the input is ``[x_pres; x; x_up]`` and the output gains
     ``norm(x_pres)`` in front. When ``routing`` applies, the final norm returns ``[norm(x_pres); out]`` (twice
-    the base width) and the LM-head hooks of ``peft_scale.routing`` turn that into the two heads' logits.
+    the base width) and the LM-head hooks of ``peft_scale.cosine_routing`` turn that into the two heads' logits.
 
     Args:
         base_layer: the model's RMSNorm (weight ``d``, epsilon).
@@ -84,7 +84,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
     """
 
     adapter_layer_names = ("scale_gain", "scale_head")
-    other_param_names = ("expansion", "preservation_copy", "routing", "route_gated")
+    other_param_names = ("expansion", "frozen_slice", "routing", "route_gated")
     _kind = "norm"
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, expansion: int, final: bool = False, **kwargs):
@@ -96,7 +96,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         self.scale_gain = nn.ParameterDict()
         self.scale_head = nn.ParameterDict()
         self.expansion: dict[str, int] = {}
-        self.preservation_copy: dict[str, str] = {}
+        self.frozen_slice: dict[str, str] = {}
         self.routing: dict[str, str] = {}
         self.route_gated: dict[str, bool] = {}
         self.update_layer(adapter_name, expansion, **kwargs)
@@ -105,7 +105,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         self,
         adapter_name: str,
         expansion: int,
-        preservation_copy: str = "off",
+        frozen_slice: str = "off",
         routing: str = "off",
         route_gated: bool = False,
         init_weights: bool = True,
@@ -118,7 +118,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
                 torch.empty(self.features, expansion, device=weight.device, dtype=weight.dtype)
             )
         self.expansion[adapter_name] = expansion
-        self.preservation_copy[adapter_name] = preservation_copy
+        self.frozen_slice[adapter_name] = frozen_slice
         self.routing[adapter_name] = routing
         self.route_gated[adapter_name] = bool(route_gated and self.final)
         self.reset_scale_parameters(adapter_name, init_weights)
@@ -153,7 +153,7 @@ class RMSNorm(nn.Module, ScaleTunerLayer):
         active = self._active_scale_adapters()
         if self.disable_adapters or not active or self.merged:
             return self.base_layer(x, *args, **kwargs)  # merged: a SplitRMSNorm over the adapters merged
-        copy = self.carries_preservation_copy()
+        copy = self.carries_frozen_slice()
         widths = self._check_stream(x, self.features, copy, {name: self.expansion[name] for name in active})
         x_pres, x, x_ups = self._split_stream(x, widths, copy)
         preserved = self.base_layer(x_pres) if copy else None
@@ -190,7 +190,7 @@ class LayerNorm(RMSNorm):
     Its own statistics rather than the original slice's: with the original slice's, the new features' scale would
     follow the original features', and the new slice could not be normalised in itself. ``g_up`` starts at the
     mean of the base weight, ``b_up`` at zero (the new features start centred). Everything else (the final norm's
-    ``P``, routing, the preservation copy) is ``RMSNorm``'s.
+    ``P``, routing, the frozen slice) is ``RMSNorm``'s.
     """
 
     adapter_layer_names = ("scale_gain", "scale_bias", "scale_head")

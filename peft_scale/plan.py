@@ -7,8 +7,8 @@ The variants are a policy on one thing, the ``W12`` blocks (new -> original feat
 - SCALE-Preserve: no ``W12`` anywhere; the original features are the base model's forever.
 - SCALE-Adapt: ``W12`` in the layers from ``preserve_layers`` up, in ``adapt_modules``.
 - SCALE-Route: Adapt's body, switched per token. Learned rule: every ``W12`` and the LM head's new block are
-  gated by the router's decision. Cosine rule: the layers from ``preserve_layers`` up also carry a preservation
-  copy of the original features (at evaluation, or always with ``route_in_training``), so the final norm can
+  gated by the router's decision. Cosine rule: the layers from ``preserve_layers`` up also carry a frozen
+  slice, a copy of the original features (at evaluation, or always with ``route_in_training``), so the final norm can
   hand the LM head both the base model's hidden state and the adapted one.
 """
 
@@ -50,7 +50,7 @@ class ModulePlan:
     in_expansion: int = 0
     out_expansion: int = 0
     open_w12: bool = False
-    preservation_copy: str = "off"  # does the input carry [x_pres; ...]: off | eval | always
+    frozen_slice: str = "off"  # cosine rule: does the input carry the frozen slice [x_pres; ...]: off | eval | always
     routing: str = "off"  # final norm only: emit both heads' inputs (cosine rule)
     route_gated: bool = False  # learned rule: the router's gate multiplies this module's W12 (or the head's P)
     out_parts: int = 1  # packed projections in the output (Phi-3's gate_up_proj: 2); linear roles only
@@ -141,7 +141,7 @@ class ModelPlan:
 
     @property
     def route_mode(self) -> str:
-        """When the cosine rule's preservation copy and two heads apply: ``"always"`` or ``"eval"``."""
+        """When the cosine rule's frozen slice and two heads apply: ``"always"`` or ``"eval"``."""
         return "always" if self.config.route_in_training else "eval"
 
     @property
@@ -169,15 +169,15 @@ class ModelPlan:
         copy = self.route_mode if self.cosine and upper else "off"
 
         if role in ("embedding", "norm"):
-            return ModulePlan(role, out_expansion=widths.hidden, preservation_copy=copy)
+            return ModulePlan(role, out_expansion=widths.hidden, frozen_slice=copy)
         if role in ("query_norm", "key_norm"):  # over a whole projection's output: split by its new features
             width = widths.query if role == "query_norm" else widths.key_value
-            return ModulePlan(role, out_expansion=width, preservation_copy=copy)
+            return ModulePlan(role, out_expansion=width, frozen_slice=copy)
         if role == "final_norm":
             copy = self.route_mode if self.cosine and self.routed_layers else "off"
             routing = self.route_mode if self.cosine else "off"
             return ModulePlan(
-                role, out_expansion=widths.hidden, preservation_copy=copy, routing=routing, route_gated=self.learned
+                role, out_expansion=widths.hidden, frozen_slice=copy, routing=routing, route_gated=self.learned
             )
 
         # an MLP holding several experts side by side gets ffn_expansion per expert (FFN_EXPANSION_MULTIPLES)
@@ -200,7 +200,7 @@ class ModelPlan:
             in_expansion,
             out_expansion,
             open_w12=open_w12,
-            preservation_copy=copy,
+            frozen_slice=copy,
             route_gated=self.learned and open_w12,
             out_parts=fused_parts(config, key),
         )

@@ -1,11 +1,10 @@
 """The learned rule's preservation copy: the base model's stream, carried beside the adapted one, so that a token
 routed to the base model gets the base model's logits inside a mixed sequence too (``RouterConfig.preservation_copy``).
 
-The learned router's gate (``peft_scale.routing``) makes a token routed to the base model (``g = 0``) compute its
+The learned router's gate (``peft_scale.gate_hook``) makes a token routed to the base model (``g = 0``) compute its
 widened modules as the base model does, but its attention still reads the keys and values of the earlier tokens,
 and the expansion changed those of the tokens it got. So where a sequence switches from new-domain text to old,
-the old tokens after the switch drift (measured on Spanish then English, SmolLM2-135M: about 0.05 nats per token
-routed to the base model, ``learned_router_findings.md``, eighth pass). The copy removes that term. At the entry
+the old tokens after the switch drift. The copy removes that term. At the entry
 of layer ``L = preserve_layers``, where the stream is still exactly the base model's, the batch is stacked with
 itself along the batch dimension::
 
@@ -191,7 +190,7 @@ def _follow_both_halves(layer) -> None:
 
 class PreservationCopy:
     """The preservation copy of the learned routers that read decoder layer ``index`` (one per such layer, owned by
-    its gate hook, ``peft_scale.routing._GateHook``).
+    its gate hook, ``peft_scale.gate_hook.GateHook``).
 
     The gate hook calls ``begin`` after the routers decided; the hooks installed on first use (pre-hooks of the
     layers above ``index``: ``_stack_kwargs``; a forward hook of the last layer: ``_select``) do the rest.

@@ -1,6 +1,6 @@
 """Fitting the learned router of a SCALE-Route adapter: ``fit_router`` and ``RouterFitCallback``.
 
-The router (``peft_scale.routing.TokenRouter``) reads the stream entering layer ``L = preserve_layers``, which is
+The router (``peft_scale.token_router.TokenRouter``) reads the stream entering layer ``L = preserve_layers``, which is
 the base model's own hidden state (nothing below ``L`` can change it). So it is fitted once, before the adapter
 trains, on frozen features, and it never drifts while the adapter trains. ``fit_router``'s steps, each a function
 below; every setting is the adapter's ``RouterConfig``:
@@ -31,7 +31,7 @@ below; every setting is the adapter's ``RouterConfig``:
 7. ``other_domains`` (the text of the other routed adapters' domains) are negatives in the training, pooled with the
    old side, but not part of the calibration: the threshold bounds only what must be kept (forgetting). A domain
    named like another learned-route adapter of the model is that adapter's: this router *outranks* it
-   (``RouterConfig.outranks``; ``routing.outranking``): routed together, a token both claim goes to this adapter,
+   (``RouterConfig.outranks``; ``adapter_choice.outranking``): routed together, a token both claim goes to this adapter,
    since only this router learned the difference, and the earlier adapter's router need not be refitted.
 """
 
@@ -50,7 +50,8 @@ from transformers.utils import logging
 
 from .config import DEFAULT_MAX_OLD_ERROR
 from .format_sampling import format_split, sample_in_format
-from .routing import rms_normalise, router_stream, smooth_logits, smoothing_start
+from .smoothing import smooth_logits, smoothing_start
+from .token_router import rms_normalise, router_stream
 
 logger = logging.get_logger(__name__)
 
@@ -806,7 +807,7 @@ def sequence_scores(
 ) -> list[torch.Tensor]:
     """The score the gate hook computes for every token of each sequence (features ``(len, d)`` of the stream
     entering the router's layer): ``sigmoid`` of the router's logit, smoothed along the sequence first
-    (``routing.smooth_logits``, from ``start`` when given) when ``smoothing > 0``. ``params``: as in
+    (``smoothing.smooth_logits``, from ``start`` when given) when ``smoothing > 0``. ``params``: as in
     ``TokenRouter.logits``."""
     device = (params or router._buffers)["w_in"].device
     lengths = [len(features) for features in sequences]

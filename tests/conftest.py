@@ -21,10 +21,10 @@ torch.set_num_threads(1)
 
 import peft_scale  # noqa: E402,F401  (registers SCALE)
 from peft import PeftModel, get_peft_model  # noqa: E402
-from tiny_models import VOCAB, random_ids, tiny_llama, tiny_model  # noqa: E402,F401  (re-exported for the tests)
+from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_llama, tiny_model  # noqa: E402,F401  (re-exported for the tests)
 from transformers import TrainingArguments  # noqa: E402
 
-from peft_scale import ScaleConfig  # noqa: E402
+from peft_scale import RouterConfig, ScaleConfig, fit_router  # noqa: E402
 
 SENTENCE = "The capital of France is Paris, a city known for the Eiffel Tower and its museums."  # for SmolLM2
 
@@ -297,3 +297,178 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+# ------------------------------------ the learned router (test_routing.py, test_gate_hook.py, test_router_fitting.py, ...)
+# Two separable synthetic domains on a tiny LAYERS-layer Llama: the *old* domain is token ids 4-63 (the base model is
+# first trained to speak it, so that its own samples are old-domain text), the *new* domain ids 64-127. The router
+# reads the stream entering layer PRESERVE.
+
+PRESERVE = 2  # the learned router reads the stream entering layer 2 (of LAYERS)
+OLD, NEW = (4, 64), (64, 128)
+MODES = {
+    "ffn": dict(ffn_expansion=16),
+    "full_width": dict(hidden_expansion=16, ffn_expansion=8),
+}
+
+
+def domain_ids(domain, n: int = 64, length: int = 48, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(*domain, (n, length), generator=generator)
+
+
+@pytest.fixture(scope="module")
+def old_speaker():
+    """A tiny Llama trained (60 Adam steps) on old-domain text: what it generates is old-domain text."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=LAYERS).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        ids = torch.cat([torch.ones(16, 1, dtype=torch.long), domain_ids(OLD, 16, 23, seed=100 + step)], 1)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+# The router settings most tests here isolate one mechanism with (peft-scale 0.1.0's defaults): each token decides
+# on its own logit and gets the whole expansion, no preservation copy, the threshold read off the calibration part
+# at 1%. The defaults (RouterConfig()) are tested as such in test_config.py and test_routing.py.
+PER_TOKEN = dict(smoothing=0.0, gate="hard", preservation_copy=False, calibrate_on="held_out", max_old_error=0.01)
+LEGACY = ("smoothing_fall", "smoothing_start")  # options kept only for adapters saved by 0.1.0
+
+
+def route_config(mode="ffn", **overrides) -> ScaleConfig:
+    """A learned-route config of ``mode``. ``router_<field>=value`` overrides set ``RouterConfig(<field>=value)``
+    over ``PER_TOKEN``; a ``LEGACY`` one is set as a loaded 0.1.0 adapter has it."""
+    settings = {key.removeprefix("router_"): overrides.pop(key) for key in list(overrides)
+                if key.startswith("router_") and key != "router_report"}  # fmt: skip
+    legacy = {key: settings.pop(key) for key in LEGACY if key in settings}
+    config = ScaleConfig(**{**MODES[mode], "preserve_layers": PRESERVE, **overrides},
+                         router=RouterConfig(**{**PER_TOKEN, **settings}))  # fmt: skip
+    for key, value in legacy.items():
+        setattr(config.router, key, value)
+    return config
+
+
+def routed(base, mode="ffn", **overrides):
+    """(untouched copy of ``base``, routed SCALE model of ``mode``: ``route_config``)."""
+    return copy.deepcopy(base), get_peft_model(copy.deepcopy(base), route_config(mode, **overrides))
+
+
+def calibrate_on(model, where: str, adapter_name: str = "default"):
+    """Set the adapter's ``RouterConfig.calibrate_on``; returns the model."""
+    model.peft_config[adapter_name].router.calibrate_on = where
+    return model
+
+
+def fitted(base, mode="ffn", **overrides):
+    reference, model = routed(base, mode, **overrides)
+    report = fit_router(model, domain_ids(NEW, seed=1), domain_ids(OLD, seed=2), progress=False)
+    return reference, model, report
+
+
+def scale_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if ".scale_" in name}
+
+
+def routed_share(model, ids) -> float:
+    with torch.no_grad():
+        model(input_ids=ids)
+    return float((~model.base_model.last_routing.to_preservation).float().mean())
+
+
+SMOOTHING = 0.8
+
+
+def reference_ema(logits: torch.Tensor, a: float, start=None) -> torch.Tensor:
+    """``s_0 = l_0, s_t = a s_{t-1} + (1 - a) l_t`` along the last dimension, written out (float64); with a
+    ``start`` value ``c``, ``s_-1 = c``."""
+    out = torch.empty(logits.shape, dtype=torch.float64)
+    for row in range(logits.shape[0]):
+        state = None if start is None else float(start)
+        for t in range(logits.shape[1]):
+            own = float(logits[row, t])
+            state = own if state is None else a * state + (1 - a) * own
+            out[row, t] = state
+    return out
+
+
+def router_logits(model, ids, adapter="default", **kwargs) -> torch.Tensor:
+    """The router's own logit per token ``(batch, seq)``, on the stream entering its layer in this forward pass."""
+    captured = []
+    layer = model.base_model.router_layer(adapter)
+    handle = layer.register_forward_pre_hook(lambda module, args, kw: captured.append(kw.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+    finally:
+        handle.remove()
+    router = model.base_model.scale_router[adapter]
+    return router.logits(captured[0][..., : router.features])
+
+
+def old_then_new(n=2, length=12, seed=20) -> torch.Tensor:
+    """Rows that switch domain halfway (old, then new, and one new, then old): where smoothing changes decisions."""
+    old, new = domain_ids(OLD, n, length, seed=seed), domain_ids(NEW, n, length, seed=seed + 1)
+    return torch.cat([torch.cat([old, new], 1), torch.cat([new, old], 1)])
+
+
+@pytest.fixture(scope="module")
+def smoothed(old_speaker):
+    """(untouched base, model routed with router_smoothing=0.8, perturbed; its fit report)."""
+    reference, model, report = fitted(old_speaker, router_smoothing=SMOOTHING)
+    perturb_adapter(model, scale=0.5)
+    return reference, model.eval(), report
+
+
+@pytest.fixture(scope="module")
+def smoothed_from_old(old_speaker):
+    """(untouched base, model routed with router_smoothing=0.8 from the old side's median logit, perturbed; report)."""
+    reference, model, report = fitted(old_speaker, router_smoothing=SMOOTHING, router_smoothing_start="old")
+    perturb_adapter(model, scale=0.5)
+    return reference, model.eval(), report
+
+
+FALL = 0.4
+
+
+def reference_falling(logits: torch.Tensor, a: float, fall: float, start=None) -> torch.Tensor:
+    """``s_t = a_t s_{t-1} + (1 - a_t) l_t``, ``a_t = fall`` where ``l_t < s_{t-1}`` else ``a``, written out (float64);
+    ``s_0 = l_0``, or with a ``start`` value ``c`` the step from ``s_-1 = c``."""
+    out = torch.empty(logits.shape, dtype=torch.float64)
+    for row in range(logits.shape[0]):
+        state = None if start is None else float(start)
+        for t in range(logits.shape[1]):
+            own = float(logits[row, t])
+            if state is None:
+                state = own
+            else:
+                coefficient = fall if own < state else a
+                state = coefficient * state + (1 - coefficient) * own
+            out[row, t] = state
+    return out
+
+
+# several learned-route adapters (test_several_routed_adapters.py, examples/test_readme_several_adapters.py): three
+# separable domains, the base one and two new ones
+BASE, ES, FR = OLD, (64, 96), (96, 128)
+
+
+@pytest.fixture(scope="module")
+def speaker():
+    """A tiny Llama trained (60 Adam steps) on text of the three domains, each sequence from one."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=LAYERS).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    domains = ((BASE, 8), (ES, 4), (FR, 4))  # (domain, sequences per batch)
+    for step in range(60):
+        rows = [domain_ids(domain, n, 23, seed=100 + step + 1000 * i) for i, (domain, n) in enumerate(domains)]
+        ids = torch.cat([torch.ones(16, 1, dtype=torch.long), torch.cat(rows)], 1)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+

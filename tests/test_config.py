@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from peft import PeftConfig
 
-from peft_scale import ScaleConfig
+from peft_scale import RouterConfig, ScaleConfig
 
 
 def test_config_round_trips_through_json(tmp_path):
@@ -99,3 +99,83 @@ def test_bad_config_values_are_named(kwargs, message):
 def test_trl_fields_exist():
     config = ScaleConfig(ffn_expansion=4)
     assert config.modules_to_save is None and config.trainable_token_indices is None
+
+
+# ------------------------------------------------------------------------- RouterConfig (moved from test_routing.py)
+
+
+def test_soft_gate_config_errors():
+    with pytest.raises(ValueError, match="gate='sigmoid'.*'soft'.*'hard'"):
+        RouterConfig(gate="sigmoid")
+    with pytest.raises(ValueError, match="router=RouterConfig.*variant='adapt'.*drop router"):
+        ScaleConfig(ffn_expansion=8, variant="adapt", preserve_layers=1, router=RouterConfig(gate="soft"))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(ffn_expansion=8, variant="route", route_rule="nearest"), r"route_rule='nearest'\): choose one of"),
+        (dict(ffn_expansion=8, variant="route", route_in_training=True), "an option of the cosine rule"),
+        (dict(ffn_expansion=8, variant="route", route_rule="cosine"), r"route_rule='cosine'\) needs hidden_expansion"),
+        (dict(ffn_expansion=8, router=RouterConfig(hidden=4), route_rule="cosine", hidden_expansion=16),
+         r"sets a learned router, but this config has variant='route', route_rule='cosine'"),
+    ],
+)
+def test_config_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleConfig(**config)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(smoothing=1.0), r"smoothing=1.0\): the moving average's coefficient a must be a number in \[0, 1\)"),
+        (dict(smoothing=-0.1), r"smoothing=-0.1\): .* in \[0, 1\)"),
+        (dict(smoothing="0.8"), r"smoothing='0.8'\): .* in \[0, 1\)"),
+        (dict(hidden=-1), r"hidden=-1\): a non-negative integer"),
+        (dict(preservation_copy=1), r"preservation_copy=1\): pass True or False"),
+        (dict(max_old_error=0.5), r"max_old_error=0.5\): a share between 0 and 0.5"),
+        (dict(seed=1.5), r"seed=1.5\): an integer"),
+        (dict(outranks="fr"), r"outranks='fr'\): a list of adapter names"),
+    ],
+)
+def test_router_config_errors(settings, message):
+    with pytest.raises(ValueError, match=r"RouterConfig\(" + message):
+        RouterConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(smoothing=0.8, smoothing_start="first"), r"smoothing_start='first'\): 'token' or 'old'"),
+        (dict(smoothing=0.0, smoothing_start="old"), r"smoothing_start='old'\) needs smoothing > 0"),
+        (dict(smoothing=0.0, smoothing_fall=0.4), r"smoothing_fall=0.4\) needs smoothing > 0"),
+        (dict(smoothing=0.8, smoothing_fall=1.0), r"smoothing_fall=1.0\): a number in \[0, 1\)"),
+        (dict(smoothing=0.8, smoothing_fall="0.4"), r"smoothing_fall='0.4'\): a number in \[0, 1\)"),
+        (dict(smoothing=0.8, smoothing_fall=True), r"smoothing_fall=True\): a number in \[0, 1\)"),
+    ],
+)
+def test_the_options_kept_for_0_1_0_adapters_are_checked_and_refused_on_a_new_config(settings, message):
+    with pytest.raises(ValueError, match=r"RouterConfig\(" + message):
+        RouterConfig(**settings)
+    for legacy in (dict(smoothing_fall=0.4), dict(smoothing_start="old")):
+        with pytest.raises(ValueError, match="kept only so that adapters saved by peft-scale 0.1.0 load"):
+            ScaleConfig(ffn_expansion=8, router=RouterConfig(**legacy))
+    assert RouterConfig(smoothing_fall=0).smoothing_fall == 0.0
+
+
+def test_a_router_config_makes_a_routed_adapter_with_the_settings_that_met_the_goals():
+    config = ScaleConfig(ffn_expansion=8, preserve_layers=1, router=RouterConfig())
+    assert (config.variant, config.route_rule) == ("route", "learned")
+    assert config.router == RouterConfig(
+        hidden=64, smoothing=0.8, gate="soft", preservation_copy=True, calibrate_on="cross_fitted", max_old_error=None
+    )
+    assert ScaleConfig(ffn_expansion=8, variant="route").router == RouterConfig()  # the learned rule's defaults
+    assert ScaleConfig(ffn_expansion=8).variant == "adapt" and ScaleConfig(ffn_expansion=8).router is None
+    as_dict = ScaleConfig(ffn_expansion=8, router={"gate": "hard"})  # a dict is read as a RouterConfig
+    assert as_dict.router == RouterConfig(gate="hard")
+    with pytest.raises(TypeError, match=r"router_smoothing=...\): the learned router's settings moved into "
+                       r"RouterConfig .* router=peft_scale.RouterConfig\(smoothing=0.8\)"):
+        ScaleConfig(ffn_expansion=8, variant="route", router_smoothing=0.8)
+    with pytest.raises(ValueError, match="pass a peft_scale.RouterConfig"):
+        ScaleConfig(ffn_expansion=8, router="soft")

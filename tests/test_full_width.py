@@ -17,7 +17,6 @@ from tiny_models import VOCAB, perturb_adapter, random_ids, tiny_model
 from peft_scale import ScaleConfig
 from peft_scale.architectures import FULL_WIDTH_LAYOUTS, FULL_WIDTH_REFUSED
 from peft_scale.norm import ScaleNorm, SplitRMSNorm
-from peft_scale.routing import route
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 VARIANTS = ["preserve", "adapt", "route"]
@@ -38,7 +37,7 @@ def test_persistent_preservation_after_training(variant):
     ids = random_ids(vocab=VOCAB, seed=7)
     base_states = decoder_outputs(reference, ids)
     states = decoder_outputs(model, ids)
-    # the original slice (for route: the preservation copy, first in the stream) of every layer is the base model's
+    # the original slice (for route: the cosine rule's frozen slice, first in the stream) of every layer is the base model's
     assert len(states) == LAYERS
     for widened, original in zip(states, base_states):
         assert (widened[..., :HIDDEN] - original).abs().max() <= 1e-5
@@ -128,17 +127,6 @@ def test_threshold_minus_one_routes_every_token_to_the_base_model_and_above_one_
         assert torch.equal(nothing, routing.adaptation_logits)
 
 
-def test_the_cosine_rule_on_a_hand_checked_case():
-    preservation = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]])
-    adaptation = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-3.0, -4.0]]])
-    # cosines: 1, 0, 1/sqrt(2) = 0.707, -1
-    routed, to_preservation = route(preservation, adaptation, threshold=0.5)
-    assert to_preservation.tolist() == [[True, False, True, False]]
-    assert torch.equal(routed, torch.stack([preservation[0, 0], adaptation[0, 1], preservation[0, 2], adaptation[0, 3]])[None])
-    _, exactly_at = route(preservation, adaptation, threshold=1.0)
-    assert exactly_at.tolist() == [[True, False, False, False]]  # >= tau goes to preservation
-
-
 def test_full_width_on_an_architecture_without_a_decoder_layout():
     with pytest.raises(ValueError, match=r"knows the decoder layout of \['gemma', .*'llama', .*\], not of .*'gpt2'"):
         get_peft_model(tiny_model("gpt2"), ScaleConfig(hidden_expansion=16))
@@ -178,7 +166,7 @@ def test_the_saved_adapter_holds_only_the_new_blocks(tmp_path):
 # What each adds (FULL_WIDTH_LAYOUTS' comments): Gemma's scaled embedding and `1 + w` norms, Gemma 2/3's norms on the
 # sublayers' outputs and softcapping, Granite's multipliers (all four away from 1 in the tiny config), OLMo 2's norms
 # after the sublayers and q/k norms over the whole projection, StarCoder 2's LayerNorms with biases. Two layers,
-# preserve_layers=1: layer 0 keeps W12 closed, layer 1 opens it (adapt/route) and carries route's preservation copy.
+# preserve_layers=1: layer 0 keeps W12 closed, layer 1 opens it (adapt/route) and carries route's frozen slice.
 
 OTHER_FAMILIES = ["gemma", "gemma2", "gemma3_text", "granite", "olmo2", "starcoder2"]
 FAMILY_VARIANTS = {

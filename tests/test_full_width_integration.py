@@ -4,7 +4,7 @@ and the real SmolLM2-135M.
 
 Tiny models: 4 decoder layers (hidden 32, 4 heads over 2 key-value heads, head_dim 8, so ``hidden_expansion`` comes
 in multiples of 16), ``preserve_layers=2``, so the bottom half keeps ``W12`` closed and, for SCALE-Route, the top
-half carries the preservation copy ``[x_pres; x; x_up]`` in eval mode."""
+half carries the frozen slice ``[x_pres; x; x_up]`` in eval mode."""
 
 from __future__ import annotations
 
@@ -358,7 +358,7 @@ def test_trainer_trains_route_on_the_adaptation_head_and_keeps_the_preservation_
         assert not torch.equal(after[name], tensor), f"{name} did not train"
     assert_bit_identical(base_before, base_weights(model))
 
-    # In eval mode: the checkpoint reproduces the trained model; the preservation head and the preservation copy in
+    # In eval mode: the checkpoint reproduces the trained model; the preservation head and the frozen slice in
     # every layer are still the base model's.
     model.eval()
     ids = random_ids(seed=7)
@@ -470,7 +470,7 @@ def test_trl_sft_trainer_trains_a_full_width_adapter(tmp_path, variant):
         assert (result.preservation_logits - base_logits).abs().max() <= 1e-5
     else:
         assert (logits - base_logits).abs().max() > 1e-2
-    # Every layer's original slice (route: the preservation copy, and the final norm's norm(x_pres)) is the base's.
+    # Every layer's original slice (route: the frozen slice, and the final norm's norm(x_pres)) is the base's.
     original_slices_equal_base(model, reference, ids, atol=1e-5, final_norm=variant == "route")
 
 
@@ -522,7 +522,7 @@ def test_generate_with_routing_and_the_kv_cache():
     base_tokens = greedy(reference, ids, use_cache=True)
     assert torch.equal(greedy(reference, ids, use_cache=False), base_tokens)
 
-    # tau = 0.5: the cache (which holds the preservation copy's keys and values too) changes nothing.
+    # tau = 0.5: the cache (which holds the frozen slice's keys and values too) changes nothing.
     with_cache = greedy(model, ids, use_cache=True)
     assert torch.equal(greedy(model, ids, use_cache=False), with_cache)
     assert not torch.equal(with_cache, base_tokens)  # the adapter changes the greedy continuation
@@ -655,7 +655,7 @@ def test_smollm2_full_width_keeps_the_base_model(smollm2, smol_ids, smol_base, v
             out.logits,
             torch.where(result.to_preservation[..., None], result.preservation_logits, result.adaptation_logits),
         )
-        # every hidden state's first 576 features: the original slice below layer 20, the preservation copy above
+        # every hidden state's first 576 features: the original slice below layer 20, the frozen slice above
         for index, (state, base_state) in enumerate(zip(out.hidden_states, base_states)):
             assert (state[..., :SMOL_HIDDEN] - base_state).abs().max().item() <= 1e-5, index
         assert out.hidden_states[SMOL_PRESERVE + 1].shape[-1] == 2 * SMOL_HIDDEN + 192

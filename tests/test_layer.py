@@ -232,21 +232,21 @@ def test_a_closed_w12_is_absent_so_the_original_output_never_changes():
 
 
 @pytest.mark.parametrize("mode", ["always", "eval"])
-def test_preservation_copy_sees_only_the_frozen_base(mode):
+def test_the_frozen_slice_sees_only_the_frozen_base(mode):
     base = linear(6, 10, bias=True)
     layer = ScaleLayer(base, "a", out_expansion=3, in_expansion=2)
     with torch.no_grad():
         layer.scale_w12["a"].normal_()
-    layer.preservation_copy["a"] = mode
+    layer.frozen_slice["a"] = mode
     layer.eval()
     x_pres, x, x_up = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 2)
     y = layer(torch.cat([x_pres, x, x_up], -1))
     assert y.shape == (4, 10 + 10 + 3)
     assert torch.equal(y[:, :10], base(x_pres))
-    layer.preservation_copy["a"] = "off"
+    layer.frozen_slice["a"] = "off"
     torch.testing.assert_close(y[:, 10:], layer(torch.cat([x, x_up], -1)))
-    if mode == "eval":  # in training the copy is not carried
-        layer.preservation_copy["a"] = mode
+    if mode == "eval":  # in training the slice is not carried
+        layer.frozen_slice["a"] = mode
         layer.train()
         assert layer(torch.cat([x, x_up], -1)).shape == (4, 13)
 

@@ -68,11 +68,11 @@ def test_a_stream_of_the_wrong_width_names_the_cause():
         norm(torch.randn(2, 10))
 
 
-def test_the_preservation_copy_is_normalised_by_the_base_norm_at_evaluation_only():
+def test_the_frozen_slice_is_normalised_by_the_base_norm_at_evaluation_only():
     base = llama_norm()
-    norm = RMSNorm(base, "a", expansion=4, preservation_copy="eval")
+    norm = RMSNorm(base, "a", expansion=4, frozen_slice="eval")
     x_pres, x = torch.randn(2, 8), torch.randn(2, 12)
-    assert norm(x).shape == (2, 12)  # training: no copy
+    assert norm(x).shape == (2, 12)  # training: no slice
     norm.eval()
     out = norm(torch.cat([x_pres, x], dim=-1))
     assert torch.equal(out[..., :8], base(x_pres)) and torch.equal(out[..., 8:], norm.train()(x))

@@ -12,21 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "peft_scale"
 
 # A module whose tests are still elsewhere, with where they are: a named exception, to be emptied.
-NO_TEST_FILE_YET = {
-    # the router API is being rewritten; its tests will follow it into tests/test_router_fitting.py
-    "router_fitting": "tested in test_routing.py and test_several_routed_adapters.py",
-}
+NO_TEST_FILE_YET: dict[str, str] = {}
 
 
 # Test files that still import another test file's helpers, with the files they import: to be emptied.
-IMPORTS_OF_TEST_FILES = {
-    # the router tests' helpers (test_routing.py) move with the router API's rewrite
-    "test_preservation_copy.py": {"test_routing"},
-    "test_several_routed_adapters.py": {"test_routing"},
-    "examples/test_readme_several_adapters.py": {"test_routing", "test_several_routed_adapters"},
-    "examples/test_readme_routed.py": {"test_routing"},
-    "test_routing.py": {"test_training_integration"},  # word_tokenizer, in conftest.py now
-}
+IMPORTS_OF_TEST_FILES: dict[str, set[str]] = {}
 
 
 def package_modules() -> list[str]:

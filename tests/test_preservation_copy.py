@@ -1,7 +1,7 @@
 """The learned rule's preservation copy (``RouterConfig.preservation_copy``): tokens routed to the base model get the base
 model's logits inside mixed sequences too, and tokens routed to the expansion get what they get without it.
 
-The setting of ``test_routing``: a tiny 4-layer Llama that speaks the old domain (ids 4-63), the new domain ids
+The setting of ``conftest.py``'s learned-router helpers: a tiny 4-layer Llama that speaks the old domain (ids 4-63), the new domain ids
 64-127, the router reading the stream entering layer 2, the expansion moved by seeded noise (a stand-in for
 training) so that it changes every token it reaches.
 """
@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
+from conftest import MODES, NEW, OLD, domain_ids, fitted, old_then_new
 from peft import PeftModel
-from test_routing import MODES, NEW, OLD, domain_ids, fitted, old_speaker, old_then_new  # noqa: F401 (a fixture)
 from tiny_models import perturb_adapter
 from transformers import DynamicCache, StaticCache
 

@@ -1,6 +1,6 @@
-"""One learned-route adapter per domain, several active together (``peft_scale.routing``: the joint rule).
+"""One learned-route adapter per domain, several active together (``peft_scale.adapter_choice``: the joint rule).
 
-Three separable synthetic domains on a tiny 4-layer Llama (``test_routing``'s model and helpers): the *base* domain
+Three separable synthetic domains on a tiny 4-layer Llama (``conftest.py``'s model and helpers): the *base* domain
 (token ids 4-63), a first new domain ``es`` (ids 64-95) and a second ``fr`` (ids 96-127). The base model is trained
 on all three first, so that, like a pre-trained model that has seen both languages' tokens, its stream tells them
 apart; then ``es`` is fitted and trained, then ``fr`` (its router fitted against the base domain and ``es``'s text).
@@ -15,35 +15,17 @@ import warnings
 import huggingface_hub
 import pytest
 import torch
-from conftest import run_in_fresh_process
+from conftest import (
+    BASE, ES, FR, MODES, PRESERVE, domain_ids, reference_ema, route_config, router_logits, run_in_fresh_process,
+)  # fmt: skip
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
-from test_routing import LAYERS, MODES, OLD, PRESERVE, domain_ids, route_config
-from tiny_models import perturb_adapter, tiny_model
+from tiny_models import perturb_adapter
 
 import peft_scale
 from peft_scale import ScaleConfig, fit_router, routing_confusion
+from peft_scale.adapter_choice import choose_adapters
 from peft_scale.model_card import SECTION_END, SECTION_START
-from peft_scale.routing import choose_adapters, outranking
-
-BASE, ES, FR = OLD, (64, 96), (96, 128)
-
-
-@pytest.fixture(scope="module")
-def speaker():
-    """A tiny Llama trained (60 Adam steps) on text of the three domains, each sequence from one."""
-    torch.manual_seed(0)
-    model = tiny_model("llama", num_hidden_layers=LAYERS).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    domains = ((BASE, 8), (ES, 4), (FR, 4))  # (domain, sequences per batch)
-    for step in range(60):
-        rows = [domain_ids(domain, n, 23, seed=100 + step + 1000 * i) for i, (domain, n) in enumerate(domains)]
-        ids = torch.cat([torch.ones(16, 1, dtype=torch.long), torch.cat(rows)], 1)
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval().requires_grad_(False)
 
 
 def config(mode: str = "ffn", **overrides) -> ScaleConfig:
@@ -320,47 +302,6 @@ def test_fit_router_bad_other_domains(speaker, other_domains, error, message):
     model = get_peft_model(copy.deepcopy(speaker), config(), adapter_name="es")
     with pytest.raises(error, match=message):
         fit_router(model, OVERLAP["es"], OVERLAP["base"], other_domains=other_domains, progress=False)
-
-
-def test_the_joint_rule_takes_the_most_confident_claiming_router():
-    scores = [torch.tensor([[0.9, 0.6, 0.3, 0.7, 0.95]]), torch.tensor([[0.8, 0.9, 0.2, 0.7, 0.99]])]
-    claims = [scores[0] >= 0.5, scores[1] >= 0.85]  # the second router's threshold is higher
-    # 0: both claim, the first is higher; 1: both, the second; 2: neither; 3: only the first (0.7 < 0.85);
-    # 4: both, the second
-    assert choose_adapters(scores, claims).tolist() == [[0, 1, -1, 0, 1]]
-    tie = [torch.tensor([[0.7]]), torch.tensor([[0.7]])]
-    assert choose_adapters(tie, [t >= 0.5 for t in tie]).tolist() == [[0]]  # a tie: the adapter that comes first
-
-
-def test_the_joint_rule_gives_a_token_to_the_router_that_outranks_the_others():
-    scores = [torch.tensor([[0.99, 0.99, 0.9, 0.3]]), torch.tensor([[0.6, 0.3, 0.9, 0.95]])]
-    claims = [s >= 0.5 for s in scores]
-    outranks = torch.tensor([[False, False], [True, False]])  # the second router outranks the first
-    # 0: both claim, the second takes it although it scores lower; 1: only the first; 2: both, the second;
-    # 3: only the second
-    assert choose_adapters(scores, claims, outranks).tolist() == [[1, 0, 1, 1]]
-    assert choose_adapters(scores, claims).tolist() == [[0, 0, 0, 1]]  # the plain rule
-    # a cycle (a over b over c over a) where all three claim: every claim is beaten, so the plain rule decides
-    three = [torch.tensor([[0.7]]), torch.tensor([[0.9]]), torch.tensor([[0.8]])]
-    cycle = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])
-    assert choose_adapters(three, [t >= 0.5 for t in three], cycle).tolist() == [[1]]
-
-
-def test_outranking_reads_which_adapters_each_router_was_fitted_against():
-    def fitted_against(*names):
-        return config(router_outranks=list(names))
-
-    # fr was fitted with es's text as other_domains={"es": ...}; es before fr existed
-    assert outranking(["es", "fr"], {"es": fitted_against(), "fr": fitted_against("es")}).tolist() == [
-        [False, False],
-        [True, False],
-    ]
-    # fitted against each other: both learned the difference, the scores decide
-    assert outranking(["es", "fr"], {"es": fitted_against("fr"), "fr": fitted_against("es")}) is None
-    # a report saved before the key existed, no report, or another domain's name: nothing outranked
-    old_report = config(router_report={"old_to_base": 0.99})
-    assert outranking(["es", "fr"], {"es": old_report, "fr": config()}) is None
-    assert outranking(["es", "fr"], {"es": fitted_against("de"), "fr": fitted_against()}) is None
 
 
 @pytest.fixture(scope="module")
@@ -864,8 +805,6 @@ def test_each_routed_adapter_smooths_with_its_own_coefficient(speaker, start):
     """``es`` smooths its router's score (RouterConfig.smoothing=0.8, from its first token or from the old side's median
     logit), ``fr`` does not: routed together, each adapter's score is its own rule's, and the joint choice is made
     on those scores; cached generation decides alike."""
-    from test_routing import reference_ema, router_logits
-
     es_config = config(router_smoothing=0.8, router_smoothing_start=start)
     model = get_peft_model(copy.deepcopy(speaker), es_config, adapter_name="es")
     model.add_adapter("fr", config())

@@ -155,7 +155,7 @@ GATED_BLOCKS = {name: blocks for name, blocks in BLOCKS.items() if blocks[1] and
 
 def gated_layer(blocks, gate, **kwargs):
     """A layer whose W12 the router gates, with the gate of this forward pass set as the router would set it."""
-    from peft_scale.routing import RouteGates
+    from peft_scale.route_decisions import RouteGates
 
     layer = make_layer(*blocks, **kwargs)
     layer.route_gated["a"] = True

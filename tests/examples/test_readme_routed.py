@@ -1,6 +1,6 @@
 """The README's routed example ("Keep the base model: the learned router"), run as written on a tiny model.
 
-The block is taken from README.md and executed with ``exec``: ``base`` is ``test_routing``'s tiny Llama that speaks
+The block is taken from README.md and executed with ``exec``: ``base`` is ``conftest.py``'s tiny Llama (``old_speaker``) that speaks
 the old synthetic domain, ``new_blocks`` a ``datasets.Dataset`` of the new domain (``input_ids`` and ``labels``),
 ``old_blocks`` one of the old domain. Only the sizes change, by the replacements below (asserted to apply), so a
 misspelled function or argument in the README fails here. What it checks is the example's promise: the router is
@@ -13,9 +13,8 @@ import copy
 
 import pytest
 import torch
-from conftest import readme_block
+from conftest import MODES, NEW, OLD, PRESERVE, domain_ids, readme_block
 from datasets import Dataset
-from test_routing import MODES, NEW, OLD, PRESERVE, domain_ids, old_speaker  # noqa: F401  (old_speaker: the fixture)
 
 import peft_scale
 from peft_scale import RouterConfig

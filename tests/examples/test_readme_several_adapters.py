@@ -1,7 +1,7 @@
 """The code block of docs/several-domains.md (one routed adapter per domain), run as written on a tiny model.
 
 The block is taken from the page (the first ```python fence after its title) and executed with ``exec``: ``base``
-is ``test_several_routed_adapters``' tiny Llama that knows the three synthetic domains' tokens, and
+is ``conftest.py``'s tiny Llama (``speaker``) that knows the three synthetic domains' tokens, and
 ``english_ids`` / ``spanish_ids`` / ``french_ids`` are text of those domains (the base domain, ``es``, ``fr``). Only
 the sizes are changed, by the string replacements below (asserted to apply); every other character runs as printed,
 so a misspelled function, argument or a placeholder that is not Python fails here.
@@ -14,11 +14,8 @@ import json
 import warnings
 
 import torch
+from conftest import BASE, ES, FR, LAYERS, MODES, PRESERVE, domain_ids, readme_block
 from peft import get_peft_model
-from test_routing import LAYERS, MODES, PRESERVE
-from test_several_routed_adapters import BASE, ES, FR, domain_ids, speaker  # noqa: F401  (speaker: the fixture)
-
-from conftest import readme_block
 
 import peft_scale
 from peft_scale import RouterConfig, ScaleConfig

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 RESULTS = Path(__file__).resolve().parents[4] / "benchmarks" / "results" / "biography" / "learned_router"
 from transformers import AutoModelForCausalLM
 from benchmarks.biography.run import Experiment, Settings
-from peft_scale.routing import TokenRouter
+from peft_scale.token_router import TokenRouter
 from peft_scale.router_fitting import layer_inputs, _train_router, _split_sequences
 
 s = Settings.full()
