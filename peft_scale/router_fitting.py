@@ -851,8 +851,8 @@ def _warn_if_claimed(report: RouterReport, outranks: list[str]) -> None:
             f"those tokens can go to {name!r} instead of {adapter!r}. Fit this router with the text of {name!r} as an "
             f"other domain named after its adapter, e.g. fit_router(model, new_data, old_data, other_domains="
             f"{{{name!r}: {name}_data}}, adapter_name={adapter!r}): it then outranks the router of {name!r} (a token "
-            f"both claim goes to {adapter!r}) and that router needs no refit (one routed adapter per domain, in the "
-            "README); domains this close may also be one domain, for one adapter.",
+            f"both claim goes to {adapter!r}) and that router needs no refit (docs/several-domains.md); domains "
+            "this close may also be one domain, for one adapter.",
             stacklevel=3,
         )
 
@@ -960,7 +960,8 @@ class RouterFitCallback(TrainerCallback):
     with the adapter, or when resuming) is left as it is.
 
     Args:
-        new_data, old_data: as in ``fit_router``.
+        new_data: the new side, as in ``fit_router`` (``None``: the first ``num_batches`` training batches).
+        old_data: the old side, as in ``fit_router`` (``None``: the base model's own samples).
         num_batches: training batches to take as the new side when ``new_data`` is not given.
         **fit_kwargs: further arguments of ``fit_router``.
     """

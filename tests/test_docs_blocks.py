@@ -71,7 +71,7 @@ def test_block_runs(block, tmp_path, monkeypatch):
 
 
 def check_full_width(namespace):
-    model, base = namespace["model"], namespace["base"]
+    model = namespace["model"]
     assert isinstance(model, PeftModel) and model.peft_config["default"].variant == "route"
     ids = random_ids()
     with torch.no_grad():  # the cosine rule at initialisation: every token gets the base model's logits

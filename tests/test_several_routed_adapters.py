@@ -161,8 +161,8 @@ def claimed_warning(adapter: str, other: str, share: float) -> str:
         f"{other!r} instead of {adapter!r}. Fit this router with the text of {other!r} as an other domain named after "
         f"its adapter, e.g. fit_router(model, new_data, old_data, other_domains={{{other!r}: {other}_data}}, "
         f"adapter_name={adapter!r}): it then outranks the router of {other!r} (a token both claim goes to {adapter!r}) "
-        "and that router needs no refit (one routed adapter per domain, in the README); domains this close may also "
-        "be one domain, for one adapter."
+        "and that router needs no refit (docs/several-domains.md); domains this close may also be one domain, for one "
+        "adapter."
     )
 
 
