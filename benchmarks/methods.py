@@ -17,8 +17,8 @@ Both experiments (``benchmarks/biography`` and ``benchmarks/continual_pretrainin
 ``scale_ffn``  ``ScaleConfig(ffn_expansion=...)``: FFN mode, new FFN neurons in every layer, every ``W12`` trainable.
 ``scale_*``    full width, ``ScaleConfig(hidden_expansion=..., ffn_expansion=..., variant=...)``; ``preserve`` (no
                ``W12``), ``adapt`` and ``route`` (``W12`` trainable above ``preserve_layers``; the paper's cosine rule).
-``scale_ffn_routed``  FFN mode with the learned router (``variant="route"``, ``route_rule="learned"``): new neurons
-               in the layers from ``preserve_layers`` up, gated per token by a router fitted before training.
+``scale_ffn_routed``  FFN mode with the learned router (``router=RouterConfig(...)``): new neurons in the layers
+               from ``preserve_layers`` up, gated per token by a router fitted before training.
 ``scale_routed``      full width (the ``scale_route`` body) with the learned router instead of the cosine rule.
 ============== ======================================================================================================
 
@@ -65,6 +65,10 @@ SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_r
 # Learned-route methods: the router must be fitted (fit_method_router) before the model trains or is evaluated.
 ROUTED_METHODS = ("scale_ffn_routed", "scale_routed")
 # The linear maps of a Llama-family decoder layer: what LoRA adapts and what full-width SCALE widens.
+# The learned router's settings before peft-scale 0.2 (0.1.0's defaults; RouterConfig's differ): the rows measured
+# before 0.2 name them, so that they stay the rows that were measured (RouterConfig's own defaults: the *_defaults rows)
+ROUTER_0_1_0 = {"smoothing": 0.0, "gate": "hard", "preservation_copy": False, "calibrate_on": "held_out",
+                "max_old_error": 0.01}  # fmt: skip
 # ScaleConfig options that FFN mode rejects; MethodSizes.scale_options leaves them out of scale_ffn's config.
 FULL_WIDTH_ONLY_OPTIONS = ("adapt_modules", "route_threshold", "route_in_training")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,7 +86,8 @@ class MethodSizes:
             that are frozen (the same "bottom layers are the base model's" budget for both).
         llama_pro_blocks: LLaMA Pro: number of copied blocks inserted (must divide the number of layers).
         scale_options: extra ``ScaleConfig`` fields for every ``scale_*`` method, for ablations (e.g.
-            ``{"adapt_modules": "attention"}``, ``{"init": "normal"}``, ``{"route_threshold": 0.9}``).
+            ``{"adapt_modules": "attention"}``, ``{"init": "normal"}``, ``{"route_threshold": 0.9}``); the routed
+            methods' ``router`` (a ``RouterConfig`` or a dict of its fields; absent: ``RouterConfig()``).
     """
 
     ffn_expansion: int
@@ -102,27 +107,23 @@ def scale_config(name: str, sizes: MethodSizes):
     import peft_scale  # noqa: F401  (registers SCALE with PEFT)
     from peft_scale import ScaleConfig
 
+    routed = name in ROUTED_METHODS
+    # the router is the routed methods' only: the others leave it out (one --scale-option set serves every method)
+    options = {k: v for k, v in sizes.scale_options.items() if routed or k != "router"}
+    if routed:  # a router makes the adapter a learned-route one (RouterConfig() when none is given)
+        options = {"preserve_layers": sizes.preserve_layers, "router": {}, **options}
     if name in ("scale_ffn", "scale_ffn_routed"):
-        options = {k: v for k, v in sizes.scale_options.items() if k not in FULL_WIDTH_ONLY_OPTIONS}
-        if name == "scale_ffn_routed":
-            options = {"variant": "route", "route_rule": "learned", "preserve_layers": sizes.preserve_layers, **options}
+        options = {k: v for k, v in options.items() if k not in FULL_WIDTH_ONLY_OPTIONS}
         return ScaleConfig(ffn_expansion=sizes.ffn_expansion, **options)
     if name == "scale_routed":
-        options = {k: v for k, v in sizes.scale_options.items() if k not in ("route_threshold", "route_in_training")}
-        return ScaleConfig(
-            hidden_expansion=sizes.hidden_expansion,
-            ffn_expansion=sizes.ffn_expansion,
-            variant="route",
-            route_rule="learned",
-            preserve_layers=sizes.preserve_layers,
-            **options,
-        )
+        options = {k: v for k, v in options.items() if k not in ("route_threshold", "route_in_training")}
+        return ScaleConfig(hidden_expansion=sizes.hidden_expansion, ffn_expansion=sizes.ffn_expansion, **options)
     return ScaleConfig(
         hidden_expansion=sizes.hidden_expansion,
         ffn_expansion=sizes.ffn_expansion,
         variant=SCALE_VARIANTS[name],
         preserve_layers=sizes.preserve_layers,
-        **{"route_rule": "cosine", **sizes.scale_options},  # scale_route is the paper's SCALE-Route: the cosine rule
+        **{"route_rule": "cosine", **options},  # scale_route is the paper's SCALE-Route: the cosine rule
     )
 
 
@@ -193,7 +194,8 @@ def prepare_method(name: str, model: nn.Module, sizes: MethodSizes, adapter_name
 def fit_method_router(model: nn.Module, new_data, old_data=None, **fit_kwargs):
     """Fit the learned router of a ``ROUTED_METHODS`` model (``peft_scale.fit_router``); returns its report.
 
-    ``old_data=None`` samples the old side from the base model (``fit_router``'s options say how much)."""
+    ``old_data=None`` samples the old side from the base model (``peft_scale.BaseModelSamples()``); the router's
+    settings are the adapter's ``RouterConfig`` (``MethodSizes.scale_options["router"]``)."""
     from peft_scale import fit_router
 
     return fit_router(model, new_data, old_data, progress=False, **fit_kwargs)
@@ -202,6 +204,7 @@ def fit_method_router(model: nn.Module, new_data, old_data=None, **fit_kwargs):
 __all__ = [
     "METHODS",
     "ROUTED_METHODS",
+    "ROUTER_0_1_0",
     "fit_method_router",
     "MethodSizes",
     "PROJECTIONS",

@@ -9,8 +9,9 @@ Run from the repository root::
 Rows (the same base model, sizes and workloads as ``benchmarks/throughput.py``, whose timing helpers this uses):
 
 - ``scale_ffn_upper``: SCALE-FFN with ``k`` new neurons in the layers from ``preserve_layers`` up, no router.
-- ``scale_ffn_routed``: the same widening with ``variant="route"`` and the learned router (fitted once on random
-  ids; its decisions do not change what is computed, only what is added).
+- ``scale_ffn_routed``: the same widening with the learned router (``RouterConfig``'s defaults but
+  ``preservation_copy=False``; fitted once on random ids; its decisions do not change what is computed, only what is
+  added).
 - ``router``: the router alone (``TokenRouter`` on a ``batch x seq x d`` stream), forward only, as it runs inside
   each step.
 
@@ -27,10 +28,10 @@ them (their contribution is multiplied by the gate's zeros): skipping per token 
 tokens per layer, which is not implemented. ``unrouted`` is ``scale_ffn_upper`` in inference: the widening's own
 price, and ``routed ... /unrouted`` what routing adds to it.
 
-``scale_ffn_routed_copy`` / ``_copy_old`` are new and old text with ``router_preservation_copy=True``
+``scale_ffn_routed_copy`` / ``_copy_old`` are new and old text with ``RouterConfig(preservation_copy=True)``
 (``peft_scale.preservation_copy``): on new text the layers from ``preserve_layers`` up run on twice the rows (the
 worst case: any sequence with a token routed to the expansion pays it); on old text the copy is not carried.
-``copy ... new_text/routed`` is the copy's own price. The copy is opt-in and has no goal here.
+``copy ... new_text/routed`` is the copy's own price (the copy is ``RouterConfig``'s default; it has no goal here).
 
 ``scale_ffn_routed_node`` is new text with the widened layers' autograd node built without grad too, as before
 ``widened_linear`` had its no-grad path: ``routed ... with_node/without`` is what that path saves.
@@ -82,16 +83,18 @@ def with_node(x, weight, bias, w12=None, w21=None, b21=None, w22=None, gate=None
 def routed_models(base, sizes: dict):
     """(SCALE-FFN widened from preserve_layers up, the same with the learned router fitted on random ids)."""
     import peft_scale
+    from peft_scale import RouterConfig
 
     k, fp = sizes["ffn_expansion"], sizes["preserve_layers"]
     layers = list(range(fp, base.config.num_hidden_layers))
     plain = scale_model(base, ffn_expansion=k, layers_to_transform=layers)
-    routed = scale_model(base, ffn_expansion=k, variant="route", preserve_layers=fp)
+    # RouterConfig's defaults but the preservation copy, which the rows turn on where they say so
+    routed = scale_model(base, ffn_expansion=k, preserve_layers=fp, router=RouterConfig(preservation_copy=False))
     generator = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
     new = torch.randint(vocab // 2, vocab, (8, 32), generator=generator)
     old = torch.randint(3, vocab // 2, (8, 32), generator=generator)
-    peft_scale.fit_router(routed, new, old, steps=20, progress=False)
+    peft_scale.fit_router(routed, new, old, progress=False)
     return plain, routed
 
 
@@ -128,7 +131,7 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
         def setup():  # 0: every token to the expansion (new text); 2: every token to the base model (old text)
             router_state.fill_(threshold)
             routing.skip_idle = skip
-            routed.peft_config["default"].router_preservation_copy = copy
+            routed.peft_config["default"].router.preservation_copy = copy
             # node=True: the widened layers build their autograd node without grad too, as before the no-grad path
             layer_module.widened_linear = with_node if node else widened_linear
         return setup
@@ -148,7 +151,7 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
         ids, prompt, decode_tokens, warmup, repeats, precision,
     )  # fmt: skip
     routing.skip_idle = True
-    routed.peft_config["default"].router_preservation_copy = False
+    routed.peft_config["default"].router.preservation_copy = False
     layer_module.widened_linear = widened_linear
     step = train["scale_ffn_routed"]["median_s"]
     ratios = {
@@ -163,7 +166,7 @@ def run(model: str, quick: bool, seed: int = 0, repeats: Optional[int] = None) -
         "unrouted_{phase}/base": ("scale_ffn_upper", "base"),  # the widening alone
         "routed_{phase}_new_text/unrouted": ("scale_ffn_routed", "scale_ffn_upper"),  # what routing adds to it
         "routed_{phase}_with_node/without": ("scale_ffn_routed_node", "scale_ffn_routed"),  # what the no-grad path saves
-        # router_preservation_copy (opt-in, no goal): carried while a token went to the expansion, skipped on old text
+        # RouterConfig.preservation_copy (no goal): carried while a token went to the expansion, skipped on old text
         "copy_{phase}_new_text/base": ("scale_ffn_routed_copy", "base"),
         "copy_{phase}_old_text/base": ("scale_ffn_routed_copy_old", "base"),
         "copy_{phase}_new_text/routed": ("scale_ffn_routed_copy", "scale_ffn_routed"),  # the copy's own price

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from bundled import load_smollm2, load_smollm2_tokenizer
-from peft_scale import ScaleConfig
+from peft_scale import RouterConfig, ScaleConfig
 
 # --tiny: a 2-layer Llama of width 64 (4 heads of 16, 2 key-value heads), random weights, SmolLM2's tokenizer.
 TINY_LLAMA = dict(
@@ -87,11 +87,14 @@ def parse_args_with_tiny_defaults(parser: argparse.ArgumentParser, argv, tiny_de
 
 
 def scale_config_from_args(args: argparse.Namespace) -> ScaleConfig:
+    """The adapter's config; a learned route gets ``RouterConfig``'s defaults, its seed the example's."""
+    learned = args.variant == "route" and args.route_rule == "learned"
     return ScaleConfig(
         ffn_expansion=args.ffn_expansion,
         hidden_expansion=args.hidden_expansion,
         variant=args.variant,
         route_rule=args.route_rule,
+        router=RouterConfig(seed=args.seed) if learned else None,
         preserve_layers=args.preserve_layers,
         task_type="CAUSAL_LM",
     )
@@ -99,4 +102,4 @@ def scale_config_from_args(args: argparse.Namespace) -> ScaleConfig:
 
 def needs_router(config: ScaleConfig) -> bool:
     """Whether the adapter routes with a learned router, which ``peft_scale.fit_router`` fits before training."""
-    return config.variant == "route" and config.route_rule == "learned"
+    return config.router is not None

@@ -350,20 +350,18 @@ def main(argv=None) -> int:
     # The same expansion with the learned router: it reads the stream entering layer --preserve-layers, which is the
     # base model's own there, and sends each token to the expansion or to the base model. Fitted before training on
     # Spanish training blocks against text sampled from the base model itself: no English text is used.
+    # RouterConfig's defaults; its seed (the split, the router's initialisation, the samples) is the demo's.
     routed = peft_scale.ScaleConfig(
-        ffn_expansion=args.ffn_expansion, variant="route", route_rule="learned", preserve_layers=args.preserve_layers,
-        task_type="CAUSAL_LM",
+        ffn_expansion=args.ffn_expansion, preserve_layers=args.preserve_layers,
+        router=peft_scale.RouterConfig(seed=args.seed), task_type="CAUSAL_LM",
     )
 
     def fit_router(model):
         new = train_blocks.select(range(min(64, len(train_blocks))))
         # batch_size=32: one generate() call per 32 samples, 2.6x faster than 8 on this CPU (sampling is most of
         # the fit's time)
-        report = peft_scale.fit_router(
-            model, new, old_data=None, num_samples=args.router_samples, sample_length=args.seq_len, seed=args.seed,
-            batch_size=32,
-        )
-        print(report)
+        samples = peft_scale.BaseModelSamples(count=args.router_samples, length=args.seq_len, batch_size=32)
+        print(peft_scale.fit_router(model, new, samples))
 
     label = "SCALE-FFN + learned router"
     rows.append(train_and_measure(label, routed, model, train_blocks, held_out, args, timer, fit_router))

@@ -16,12 +16,13 @@ Every row trains the same number of steps on batches of the same size.
 Eight learned-route rows (``methods.ROUTED_METHODS``: ``scale_ffn_routed``, FFN mode; ``scale_routed``, full width)
 fit the router (``methods.fit_method_router``, ``peft_scale.fit_router``) after ``prepare_method`` and before
 stage 3, with an MLP router of ``Settings.router_hidden`` (256) hidden units reading the stream entering layer
-``preserve_layers``. The new side is the Task-1 training sequences; the old side is the Task-0 QA (the rows without
+``preserve_layers``, and otherwise peft-scale 0.1.0's router settings (``methods.ROUTER_0_1_0``: these rows were
+measured before 0.2). The new side is the Task-1 training sequences; the old side is the Task-0 QA (the rows without
 a suffix) or, for the ``+samples`` rows, ``Settings.router_samples`` samples of the base model (the stage-2 model),
 each started from the beginning of a Task-1 question (``<s>`` and its first word) and as long as the longest
 Task-1 QA sequence. ``full+replay_samples`` replays exactly those samples (checked: ``samples_equal_replay_samples``
 in each ``+samples`` run's router report). The ``+format`` rows draw their old side in the Task-1 QA's format
-(``fit_router(sample_format="new_data")``, ``Settings.router_format_samples`` draws: the question words copied, the
+(``BaseModelSamples(in_new_data_format=True)``, ``Settings.router_format_samples`` draws: the question words copied, the
 names and answers drawn from the base model); ``full+replay_format_samples`` replays the same draws (checked the same
 way).
 
@@ -71,6 +72,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.methods import (  # noqa: E402
     METHODS,
+    ROUTER_0_1_0,
     MethodSizes,
     autocast,
     fit_method_router,
@@ -78,7 +80,7 @@ from benchmarks.methods import (  # noqa: E402
     prepare_method,
     trainable_parameters,
 )
-from peft_scale import scale_optimizer_param_groups  # noqa: E402
+from peft_scale import BaseModelSamples, scale_optimizer_param_groups  # noqa: E402
 from benchmarks.biography.data import biographies, build_tokenizer, make_tasks, qa_pairs  # noqa: E402
 from benchmarks.biography.train import (  # noqa: E402
     IGNORE,
@@ -98,8 +100,8 @@ REPLAY_ROWS = {"full+replay": "full", "scale_route+replay": "scale_route", "full
 REPLAY_SOURCES = {"full+replay": "task0_qa", "scale_route+replay": "task0_qa", "full+replay_samples": "samples",
                   "full+replay_format_samples": "format_samples"}
 # learned-route rows: the method, the router's old side (Task-0 QA, or the base model's own samples), and where
-# fit_router sets its threshold (``calibrate_on``: on held-out Task-0 questions, or on all of them: the Task-0 QA
-# is exactly what must be kept here, the "+fitted" rows)
+# fit_router sets its threshold (RouterConfig.calibrate_on: on held-out Task-0 questions, or on all of them: the
+# Task-0 QA is exactly what must be kept here, the "+fitted" rows)
 ROUTED_ROWS = {
     "scale_ffn_routed": ("scale_ffn_routed", "task0_qa", "held_out"),
     "scale_routed": ("scale_routed", "task0_qa", "held_out"),
@@ -107,7 +109,7 @@ ROUTED_ROWS = {
     "scale_routed+fitted": ("scale_routed", "task0_qa", "fitted"),
     "scale_ffn_routed+samples": ("scale_ffn_routed", "samples", "held_out"),
     "scale_routed+samples": ("scale_routed", "samples", "held_out"),
-    # the old side sampled from the base model in the Task-1 data's format (fit_router(sample_format="new_data"))
+    # the old side sampled from the base model in the Task-1 data's format (BaseModelSamples(in_new_data_format=True))
     "scale_ffn_routed+format": ("scale_ffn_routed", "format_samples", "held_out"),
     "scale_routed+format": ("scale_routed", "format_samples", "held_out"),
 }
@@ -116,7 +118,7 @@ ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "full+replay_format_samples", "scale_route",
                             *ROUTED_ROWS)
 REPLAY_FRACTION = 0.25
-ROUTER_BATCH = 32  # sequences per forward of fit_router (features and sampling) and of the replayed samples
+ROUTER_BATCH = 32  # sequences per generate() of the base model's samples (BaseModelSamples.batch_size) and replay
 GOAL = {"task0_retained": 0.95, "task1_first_token": 0.95}  # the learned router's goal (routed rows)
 METRICS = ("task0_first_token", "task0_exact_match", "task1_first_token", "task1_exact_match")
 
@@ -143,13 +145,13 @@ class Settings:
     lr_grid: dict
     seed: int = 0
     task1_bios: bool = False  # stage 3 learns Task-1 QA only (the issue); True: Task-1 biographies as well
-    router_hidden: int = 256  # the learned routers' MLP width (ScaleConfig.router_hidden) of the routed rows
+    router_hidden: int = 256  # the learned routers' MLP width (RouterConfig.hidden) of the routed rows
     router_samples: int = 600  # base-model samples of the +samples rows and full+replay_samples (one per Task-1 QA)
-    # draws of the +format rows and full+replay_format_samples (fit_router(sample_format="new_data", num_samples=...));
+    # draws of the +format rows and full+replay_format_samples (BaseModelSamples(count=..., in_new_data_format=True));
     # 19,200 = 32 per Task-1 QA: format_samples/findings.md measured the routing there (more draws, more coverage)
     router_format_samples: int = 19200
-    router_format_share: float = 0.05  # the +format rows' and full+replay_format_samples' fit_router format_share
-    router_format_max_old_error: float = 0.01  # the +format rows' fit_router max_old_error (its default)
+    router_format_share: float = 0.05  # the +format rows' and full+replay_format_samples' BaseModelSamples.format_share
+    router_format_max_old_error: float = 0.01  # the +format rows' max_old_error (0.1.0's default)
     w12_lr_ratio: float = 1.0  # SCALE rows: W12's learning rate over the row's (peft_scale.scale_optimizer_param_groups)
 
     @classmethod
@@ -298,7 +300,8 @@ class Experiment:
 
     def format_samples(self, base_model) -> list:
         """``router_format_samples`` draws of ``base_model`` in the Task-1 data's format, drawn exactly as
-        ``fit_router(sample_format="new_data")`` draws its old side with the same arguments (the kept ones)."""
+        ``fit_router`` draws its old side from ``BaseModelSamples(in_new_data_format=True)`` with the same arguments
+        (the kept ones)."""
         from peft_scale.format_sampling import sample_in_format
         from peft_scale.router_fitting import token_sequences
 
@@ -342,49 +345,53 @@ class Experiment:
         return mixed.select(range(length))
 
     def row_sizes(self, row: str) -> MethodSizes:
-        """The sizes a row builds its method with: the routed rows add ``router_hidden`` to the scale options (an
-        explicit ``--scale-option router_hidden=...`` wins)."""
-        sizes = self.settings.sizes
+        """The sizes a row builds its method with: the routed rows add their ``router`` (``RouterConfig`` fields:
+        0.1.0's settings, ``router_hidden``, the seed, the row's ``calibrate_on`` and, for ``+format``,
+        ``router_format_max_old_error``) to the scale options; a ``--scale-option router={...}`` adds its fields."""
+        s, sizes = self.settings, self.settings.sizes
         if row not in ROUTED_ROWS:
             return sizes
-        return dataclasses.replace(sizes, scale_options={"router_hidden": self.settings.router_hidden,
-                                                         **sizes.scale_options})
+        _, old_side, calibrate_on = ROUTED_ROWS[row]
+        router = {**ROUTER_0_1_0, "hidden": s.router_hidden, "seed": s.seed, "calibrate_on": calibrate_on}
+        if old_side == "format_samples":
+            router["max_old_error"] = s.router_format_max_old_error
+        router.update(sizes.scale_options.get("router", {}))
+        return dataclasses.replace(sizes, scale_options={**sizes.scale_options, "router": router})
 
     def fit_router(self, model, row: str, base_model) -> dict:
         """Fit a routed row's router before stage 3: the new side is stage 3's new data; the old side is the
         Task-0 QA or (``+samples``) the base model's own samples. Returns fit_router's report (and its time)."""
         s = self.settings
         begin = time.perf_counter()
-        _, old_side, calibrate_on = ROUTED_ROWS[row]
-        common = dict(batch_size=ROUTER_BATCH, seed=s.seed, calibrate_on=calibrate_on)
+        _, old_side, _ = ROUTED_ROWS[row]  # (calibrate_on is in the row's RouterConfig: row_sizes)
         if old_side == "task0_qa":
-            report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa), **common)
+            report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa))
             extra = {"old_side": "Task-0 QA"}
         elif old_side == "format_samples":
+            samples = BaseModelSamples(count=s.router_format_samples, in_new_data_format=True,
+                                       format_share=s.router_format_share, batch_size=ROUTER_BATCH)  # fmt: skip
             report, extra = self._fit_on_samples(
-                model, "sample_in_format", lambda: self.format_samples(base_model), begin, sample_format="new_data",
-                format_share=s.router_format_share, num_samples=s.router_format_samples,
-                **{**common, "max_old_error": s.router_format_max_old_error},
+                model, "sample_in_format", lambda: self.format_samples(base_model), begin, samples
             )
             extra = {"old_side": "base model samples in the Task-1 format", **extra,
                      "num_samples": s.router_format_samples}
         else:
+            samples = BaseModelSamples(count=s.router_samples, length=self.sample_length, prompts=self.sample_prompts,
+                                       batch_size=ROUTER_BATCH)  # fmt: skip
             report, extra = self._fit_on_samples(
-                model, "sample_base_model", lambda: self.base_samples(base_model), begin,
-                sample_prompts=self.sample_prompts, num_samples=s.router_samples, sample_length=self.sample_length,
-                **common,
+                model, "sample_base_model", lambda: self.base_samples(base_model), begin, samples
             )
             extra = {"old_side": "base model samples", **extra, "sample_length": self.sample_length,
                      "num_samples": s.router_samples}
         return {**dataclasses.asdict(report), "fit_s": time.perf_counter() - begin, **extra}
 
-    def _fit_on_samples(self, model, sampler: str, replayed, begin: float, **fit_kwargs) -> tuple:
-        """``fit_router`` with the old side sampled by ``router_fitting.<sampler>``; returns its report and whether
+    def _fit_on_samples(self, model, sampler: str, replayed, begin: float, samples: BaseModelSamples) -> tuple:
+        """``fit_router`` with the old side ``samples``, drawn by ``router_fitting.<sampler>``; returns its report and whether
         the samples it fitted on are exactly ``replayed()`` (what the replay row trains on, drawn after the fit, so
         not in its time), how many, and the time since ``begin``."""
         captured: list = []
         with _capturing_samples(captured, sampler):
-            report = fit_method_router(model, self.new_data(), None, **fit_kwargs)
+            report = fit_method_router(model, self.new_data(), samples)
         fit_s = time.perf_counter() - begin
         replayed = replayed()
         same = len(captured) == len(replayed) and all(torch.equal(a, b) for a, b in zip(captured, replayed))
@@ -592,8 +599,8 @@ def learned_router_markdown(result: dict) -> list[str]:
         "new side: the Task-1 training sequences; old side: the Task-0 QA, or (+samples) "
         f"{s.get('router_samples', '?')} base-model samples started from `<s>` and the first word of a Task-1 "
         f"question, or (+format) {s.get('router_format_samples', '?')} base-model draws in the Task-1 QA's format "
-        f"(`fit_router(sample_format='new_data', format_share={s.get('router_format_share', 0.05)}, "
-        f"max_old_error={s.get('router_format_max_old_error', 0.01)})`, repeats and write-backs of Task-1 people "
+        f"(`BaseModelSamples(in_new_data_format=True, format_share={s.get('router_format_share', 0.05)})`, "
+        f"`max_old_error={s.get('router_format_max_old_error', 0.01)}`, repeats and write-backs of Task-1 people "
         "dropped). Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
         "held-out report (old tokens to the base model, new tokens to the expansion; the same on each sequence's "
         "first 8 tokens). Routing columns (final evaluation): share of answer tokens and of first-answer positions "
@@ -865,9 +872,9 @@ def parse_args(argv):
     parser.add_argument("--w12-lr-ratio", type=float, default=1.0, metavar="R",
                         help="SCALE rows: W12's learning rate is R times the row's (the other blocks keep it)")
     parser.add_argument("--format-share", type=float, default=None, metavar="F",
-                        help="the +format rows' fit_router format_share (default 0.05, fit_router's)")
+                        help="the +format rows' BaseModelSamples format_share (default 0.05, its default)")
     parser.add_argument("--format-max-old-error", type=float, default=None, metavar="E",
-                        help="the +format rows' fit_router max_old_error (default 0.01, fit_router's)")
+                        help="the +format rows' RouterConfig max_old_error (default 0.01, peft-scale 0.1.0's)")
     parser.add_argument("--task1-bios", action="store_true",
                         help="stage 3 also trains on Task-1 biographies (default: Task-1 QA only, as in the issue)")
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",

@@ -81,8 +81,10 @@ from benchmarks.continual_pretraining.data import (
     as_blocks, build_text, documents_or_summaries, replay_stream, replayed_rows,
 )  # fmt: skip
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
-from benchmarks.methods import METHODS, ROUTED_METHODS, MethodSizes, fit_method_router, prepare_method
-from peft_scale import scale_optimizer_param_groups
+from benchmarks.methods import (
+    METHODS, ROUTED_METHODS, ROUTER_0_1_0, MethodSizes, fit_method_router, prepare_method,
+)  # fmt: skip
+from peft_scale import create_scale_optimizer, scale_optimizer_param_groups
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT_DIR = REPO / "benchmarks" / "results" / "continual_pretraining"
@@ -90,17 +92,26 @@ QUICK_OUTPUT_DIR = DEFAULT_OUTPUT_DIR / "quick"
 
 REPLAY_FRACTION = 0.25  # the share of old-side blocks in the replay rows (arXiv 2508.01908 tested 25%)
 ROUTER_BLOCKS = 64  # blocks of each side that the learned router is fitted on (fit_router's default sample count)
-OLD_SIDES = {"old_data": "old data", "base_samples": "base model samples"}  # where a run's old side comes from
+# where a run's old side comes from: the old language's documents, the base model's samples drawn by the runner, or
+# none given to fit_router (old_data=None: it draws the base model's samples itself)
+OLD_SIDES = {"old_data": "old data", "base_samples": "base model samples",
+             "fit_router_samples": "base model samples drawn by fit_router (old_data=None)"}  # fmt: skip
+README_ROUTED_LR = 3e-3  # the learning rate the README's first routed example trains at
 
 
 class Run(NamedTuple):
     """One row of the experiment: the method whose model trains, the share of old-side blocks mixed into its
-    training stream, and where its old side (the replayed blocks, the learned router's old examples) comes from:
-    ``"old_data"`` (the old language's training documents) or ``"base_samples"`` (the base model's own samples).
+    training stream, and where its old side (the replayed blocks, the learned router's old examples) comes from
+    (``OLD_SIDES``): ``"old_data"`` (the old language's training documents), ``"base_samples"`` (the base model's own
+    samples, drawn once by the runner and cut like the new blocks) or ``"fit_router_samples"`` (none given:
+    ``fit_router(old_data=None)`` draws the base model's samples itself, ``peft_scale.BaseModelSamples()``).
     ``w12_lr_ratio``: the learning rate of SCALE's zero-started readout ``W12`` over the run's (``peft_scale.
     scale_optimizer_param_groups``; 1: one learning rate for every block). ``scale_options``: ``ScaleConfig`` fields
-    of this row only, ``(name, value)`` pairs over the command's ``--scale-option``s. ``router_options``:
-    ``fit_router`` keyword arguments of this row, ``(name, value)`` pairs (e.g. its ``max_old_error``)."""
+    of this row only, ``(name, value)`` pairs over the command's ``--scale-option``s. ``router_options``: the learned
+    router's ``RouterConfig`` fields of this row, ``(name, value)`` pairs (its ``seed`` is always the command's
+    ``--seed``); the rows measured before peft-scale 0.2 name 0.1.0's settings (``ROUTER_0_1_0``) and theirs.
+    ``scale_optimizer``: the optimizer is ``peft_scale.create_scale_optimizer(model, lr=lr)`` with its defaults (the
+    README's), instead of AdamW over ``w12_lr_ratio``'s groups."""
 
     method: str
     replay: float = 0.0
@@ -108,83 +119,91 @@ class Run(NamedTuple):
     w12_lr_ratio: float = 1.0
     scale_options: tuple = ()
     router_options: tuple = ()
+    scale_optimizer: bool = False
 
 
+def router_0_1_0(**fields) -> tuple:
+    """A row's ``router_options``: peft-scale 0.1.0's router settings (``ROUTER_0_1_0``, what the rows measured
+    before 0.2 used) with ``fields`` over them."""
+    return tuple({**ROUTER_0_1_0, **fields}.items())
+
+
+_EMA = router_0_1_0(smoothing=0.8)
+_EMA_COPY = router_0_1_0(smoothing=0.8, preservation_copy=True)
 RUNS = {
     **{name: Run(name) for name in METHODS},
     "scale_route_replay": Run("scale_route", REPLAY_FRACTION),
     "full_replay": Run("full", REPLAY_FRACTION),
     "full_replay_samples": Run("full", REPLAY_FRACTION, "base_samples"),
-    "scale_ffn_routed": Run("scale_ffn_routed"),
-    "scale_ffn_routed_samples": Run("scale_ffn_routed", old_side="base_samples"),
-    "scale_routed": Run("scale_routed"),
-    "scale_routed_samples": Run("scale_routed", old_side="base_samples"),
+    "scale_ffn_routed": Run("scale_ffn_routed", router_options=router_0_1_0()),
+    "scale_ffn_routed_samples": Run("scale_ffn_routed", old_side="base_samples", router_options=router_0_1_0()),
+    "scale_routed": Run("scale_routed", router_options=router_0_1_0()),
+    "scale_routed_samples": Run("scale_routed", old_side="base_samples", router_options=router_0_1_0()),
     # Behind the router, old text no longer pays for larger steps (learning_per_step_findings.md): W12 at 4x the rate
-    "scale_ffn_routed_w12x4": Run("scale_ffn_routed", w12_lr_ratio=4.0),
-    "scale_ffn_routed_samples_w12x4": Run("scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0),
-    "scale_routed_samples_w12x4": Run("scale_routed", old_side="base_samples", w12_lr_ratio=4.0),
+    "scale_ffn_routed_w12x4": Run("scale_ffn_routed", w12_lr_ratio=4.0, router_options=router_0_1_0()),
+    "scale_ffn_routed_samples_w12x4": Run(
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, router_options=router_0_1_0()
+    ),
+    "scale_routed_samples_w12x4": Run(
+        "scale_routed", old_side="base_samples", w12_lr_ratio=4.0, router_options=router_0_1_0()
+    ),
     # Ungated, W12 at 10x the run's rate and the new neurons' input rows at it (on the biographies, W12 at 1e-3
     # forgot less the slower the rest trained: benchmarks/results/biography/findings.md, "W12's learning rate")
     "scale_ffn_w12x10": Run("scale_ffn", w12_lr_ratio=10.0),
     # the router's score smoothed over the preceding tokens (learned_router_findings.md, the smoothing diagnostic)
-    "scale_ffn_routed_w12x4_ema": Run("scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)),
+    "scale_ffn_routed_w12x4_ema": Run("scale_ffn_routed", w12_lr_ratio=4.0, router_options=_EMA),
     "scale_ffn_routed_samples_w12x4_ema": Run(
-        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),)
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, router_options=_EMA
     ),
     "scale_ffn_routed_samples_w12x16_ema": Run(
-        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=16.0, scale_options=(("router_smoothing", 0.8),)
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=16.0, router_options=_EMA
     ),
-    # the smoothed average started from the old side's median logit (router_smoothing_start="old"; the diagnostic
-    # router_smoothing_start.py): the first tokens of a sequence count as old until they say otherwise
-    "scale_ffn_routed_w12x4_ema_old": Run(
-        "scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8), ("router_smoothing_start", "old"))
-    ),
-    # the average falls towards the base model faster than it rises (router_smoothing_fall; the diagnostic
-    # router_asymmetric.py): old text after new text leaves the expansion sooner
-    "scale_ffn_routed_w12x4_ema_fall": Run(
-        "scale_ffn_routed", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8), ("router_smoothing_fall", 0.4))
-    ),
-    # a looser forgetting budget for the router (fit_router's max_old_error: 5% of the calibration part's old tokens
-    # may reach the expansion, default 1%), where the drift is far below its goal: more new text to the expansion
+    # (The rows _ema_old, _ema_fall and _ema_fall_copy, whose router options smoothing_start="old" and smoothing_fall
+    # measured no gain and were removed in 0.2, are no longer run: learned_router_findings.md, "Rows removed".)
+    # a looser forgetting budget for the router (max_old_error: 5% of the calibration part's old tokens may reach
+    # the expansion, 0.1.0's default 1%), where the drift is far below its goal: more new text to the expansion
     "scale_ffn_routed_samples_w12x4_ema_err5": Run(
-        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, scale_options=(("router_smoothing", 0.8),),
-        router_options=(("max_old_error", 0.05),),
+        "scale_ffn_routed", old_side="base_samples", w12_lr_ratio=4.0, router_options=router_0_1_0(smoothing=0.8, max_old_error=0.05)
     ),
+    # RouterConfig's defaults with nothing else set but what the README's first routed example sets (lr 3e-3,
+    # create_scale_optimizer's defaults): with old data (the English training blocks), and with fit_router(old_data=None)
+    "scale_ffn_routed_defaults": Run("scale_ffn_routed", scale_optimizer=True),
+    "scale_ffn_routed_defaults_samples": Run("scale_ffn_routed", old_side="fit_router_samples", scale_optimizer=True),
 }
-# the same rows with the preservation copy (router_preservation_copy; it acts where no gradient is recorded, so their
+# the same rows with the preservation copy (preservation_copy; it acts where no gradient is recorded, so their
 # training is the same): the old tokens routed to the base model read its keys and values in mixed windows too
-COPIED = ("scale_ffn_routed_w12x4_ema", "scale_ffn_routed_w12x4_ema_fall", "scale_ffn_routed_samples_w12x4_ema_err5")
+COPIED = ("scale_ffn_routed_w12x4_ema", "scale_ffn_routed_samples_w12x4_ema_err5")
 RUNS.update({
-    f"{name}_copy": RUNS[name]._replace(scale_options=(*RUNS[name].scale_options, ("router_preservation_copy", True)))
+    f"{name}_copy": RUNS[name]._replace(router_options=(*RUNS[name].router_options, ("preservation_copy", True)))
     for name in COPIED
 })  # fmt: skip
 # with the copy, the drift on old text is the share of old tokens sent to the expansion times their drift: a tighter
-# forgetting budget (fit_router's max_old_error 0.5% instead of 1%) for the (a) smoothed row
+# forgetting budget (max_old_error 0.5% instead of 1%) for the (a) smoothed row
 RUNS["scale_ffn_routed_w12x4_ema_strict_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
-    router_options=(("max_old_error", 0.005),)
+    router_options=router_0_1_0(smoothing=0.8, preservation_copy=True, max_old_error=0.005)
 )
-# the same budget, its tail read off every old block scored out of fold (fit_router(calibrate_on="cross_fitted"): 64
+# the same budget, its tail read off every old block scored out of fold (calibrate_on="cross_fitted"): 64
 # blocks instead of the calibration part's 13; router_first_tokens.py found the threshold, not the router, decides)
 RUNS["scale_ffn_routed_w12x4_ema_xfit_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
-    router_options=(("max_old_error", 0.005), ("calibrate_on", "cross_fitted"))
+    router_options=router_0_1_0(smoothing=0.8, preservation_copy=True, max_old_error=0.005, calibrate_on="cross_fitted")
 )
 # and the budget the drift goal asks for: <= 0.01 nats at ~2.4 nats per old token sent to the expansion is <= 0.42%
 # of them, so 0.3% with a margin
 RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
-    router_options=(("max_old_error", 0.003), ("calibrate_on", "cross_fitted"))
+    router_options=router_0_1_0(smoothing=0.8, preservation_copy=True, max_old_error=0.003, calibrate_on="cross_fitted")
 )
-# the (a) smoothed row with the copy and a soft gate (ScaleConfig(router_gate="soft"): the expansion weighed by how
-# far the score clears the threshold): an English token misrouted at a score just above it gets little expansion
+# the (a) smoothed row with the copy and a soft gate (gate="soft": the expansion weighed by how far the score clears
+# the threshold): an English token misrouted at a score just above it gets little expansion
 RUNS["scale_ffn_routed_w12x4_ema_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_copy"]._replace(
-    scale_options=(*RUNS["scale_ffn_routed_w12x4_ema_copy"].scale_options, ("router_gate", "soft"))
+    router_options=(*RUNS["scale_ffn_routed_w12x4_ema_copy"].router_options, ("gate", "soft"))
 )
 _ERR5_COPY = RUNS["scale_ffn_routed_samples_w12x4_ema_err5_copy"]
 RUNS["scale_ffn_routed_samples_w12x4_ema_err5_soft_copy"] = _ERR5_COPY._replace(
-    scale_options=(*_ERR5_COPY.scale_options, ("router_gate", "soft"))
+    router_options=(*_ERR5_COPY.router_options, ("gate", "soft"))
 )
 # both: the budget read off every old block and the soft gate
 RUNS["scale_ffn_routed_w12x4_ema_xfit3_soft_copy"] = RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"]._replace(
-    scale_options=RUNS["scale_ffn_routed_w12x4_ema_soft_copy"].scale_options
+    router_options=(*RUNS["scale_ffn_routed_w12x4_ema_xfit3_copy"].router_options, ("gate", "soft"))
 )
 _SMALL, _MIDDLE, _LARGE = (1e-5, 3e-5, 1e-4), (1e-4, 3e-4, 1e-3), (3e-4, 1e-3, 3e-3)
 DEFAULT_LRS = {
@@ -196,11 +215,12 @@ DEFAULT_LRS = {
     "scale_routed_samples": _LARGE, "scale_ffn_w12x10": _MIDDLE, "scale_ffn_routed_w12x4": _LARGE, "scale_ffn_routed_samples_w12x4": _LARGE,
     "scale_routed_samples_w12x4": _LARGE, "scale_ffn_routed_w12x4_ema": _LARGE,
     "scale_ffn_routed_samples_w12x4_ema": _LARGE, "scale_ffn_routed_samples_w12x16_ema": _LARGE,
-    "scale_ffn_routed_w12x4_ema_old": _LARGE, "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE,
-    "scale_ffn_routed_w12x4_ema_fall": _LARGE, **{f"{name}_copy": _LARGE for name in COPIED},
+    "scale_ffn_routed_samples_w12x4_ema_err5": _LARGE, **{f"{name}_copy": _LARGE for name in COPIED},
     "scale_ffn_routed_w12x4_ema_strict_copy": _LARGE, "scale_ffn_routed_w12x4_ema_xfit_copy": _LARGE,
     "scale_ffn_routed_w12x4_ema_xfit3_copy": _LARGE, "scale_ffn_routed_w12x4_ema_soft_copy": _LARGE,
     "scale_ffn_routed_samples_w12x4_ema_err5_soft_copy": _LARGE, "scale_ffn_routed_w12x4_ema_xfit3_soft_copy": _LARGE,
+    # the README's rate for a routed adapter, and only it: these rows set nothing the README does not
+    "scale_ffn_routed_defaults": (README_ROUTED_LR,), "scale_ffn_routed_defaults_samples": (README_ROUTED_LR,),
 }  # fmt: skip
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -374,7 +394,12 @@ def optimizer_and_schedule(parameters, lr: float, steps: int):
     """Every run's optimizer: AdamW (betas 0.9/0.999, no weight decay) over ``parameters`` (tensors, or parameter
     groups with their own ``lr``), linear warm-up over the first ``WARMUP_FRACTION`` of ``steps`` then cosine decay
     to zero (the schedule scales every group's rate by the same factor)."""
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    return with_schedule(torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0), steps)
+
+
+def with_schedule(optimizer, steps: int):
+    """``(optimizer, schedule)``: linear warm-up over the first ``WARMUP_FRACTION`` of ``steps``, then cosine decay
+    to zero (the README's ``TrainingArguments(lr_scheduler_type="cosine", warmup_steps=0.1)``)."""
     return optimizer, get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
 
 
@@ -414,8 +439,9 @@ def train_run(
     """Train one (method, learning rate) from a copy of ``base_model`` and return its record for results.json.
 
     ``old_sides``: ``OLD_SIDES`` key -> ``OldSide``, what the replay rows replay and the routed rows' routers read."""
-    method, replay, old_source, w12_lr_ratio, row_options, router_options = RUNS[run_name]
-    sizes = with_scale_options(sizes, row_options)
+    method, replay, old_source, w12_lr_ratio, row_options, router_options, scale_optimizer = RUNS[run_name]
+    router_config = {**dict(router_options), "seed": args.seed} if method in ROUTED_METHODS else None
+    sizes = with_scale_options(sizes, (*row_options, *((("router", router_config),) if router_config else ())))
     old_side = old_sides[old_source]
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -423,20 +449,22 @@ def train_run(
     model = prepare_method(method, copy.deepcopy(base_model), sizes).to(device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in parameters)
-    optimizer, schedule = optimizer_and_schedule(parameter_groups(model, parameters, lr, w12_lr_ratio), lr, args.steps)
+    if scale_optimizer:  # the README's: create_scale_optimizer's defaults (AdamW, W12 at 4x), the same schedule
+        optimizer, schedule = with_schedule(create_scale_optimizer(model, lr=lr), args.steps)
+    else:
+        optimizer, schedule = optimizer_and_schedule(parameter_groups(model, parameters, lr, w12_lr_ratio), lr, args.steps)
     blocks = old_side.replay if replay else text.new_train
     prepare_seconds = time.perf_counter() - started
     router = None
     if method in ROUTED_METHODS:  # fitted before training, on the base model's stream entering preserve_layers
         start = time.perf_counter()
-        fitted = fit_method_router(
-            model, text.new_train[:ROUTER_BLOCKS], old_side.router, seed=args.seed, **dict(router_options)
-        )
+        fitted = fit_method_router(model, text.new_train[:ROUTER_BLOCKS], old_side.router)
         fit_seconds = time.perf_counter() - start
         router = {
             "old_side": old_side.label,  # fit_router's own report says "old data" for any tensors it is given
             "new_side": f"the first {min(ROUTER_BLOCKS, len(text.new_train))} new-language training blocks",
-            "old_blocks": len(old_side.router),
+            "old_blocks": None if old_side.router is None else len(old_side.router),
+            "config": asdict(model.peft_config["default"].router),  # RouterConfig, as fitted
             "base_samples_digest": old_side.digest,
             "report": asdict(fitted),
             "fit_seconds": fit_seconds,
@@ -481,6 +509,7 @@ def train_run(
         **({"w12_lr_ratio": w12_lr_ratio} if w12_lr_ratio != 1.0 else {}),
         **({"scale_options": dict(row_options)} if row_options else {}),
         **({"router_options": dict(router_options)} if router_options else {}),
+        **({"optimizer": "create_scale_optimizer(model, lr=lr)"} if scale_optimizer else {}),
         "old_side": old_side.label if replay or router else None,
         **({"base_samples_digest": old_side.digest} if replay and old_side.digest else {}),
         "trainable_parameters": trainable,
@@ -558,7 +587,8 @@ def old_sides_for(planned: list[tuple[str, float]], model, text, args, results: 
     """The ``OldSide`` of each source that a planned run needs (the base samples are drawn or loaded only then)."""
     needs = {(RUNS[name].old_side, "replay" if RUNS[name].replay else "router")
              for name, _ in planned if RUNS[name].replay or RUNS[name].method in ROUTED_METHODS}  # fmt: skip
-    sides = {"old_data": OldSide(OLD_SIDES["old_data"], text.old_train, text.replay_train)}
+    sides = {"old_data": OldSide(OLD_SIDES["old_data"], text.old_train, text.replay_train),
+             "fit_router_samples": OldSide(OLD_SIDES["fit_router_samples"])}  # fit_router(old_data=None) samples  # fmt: skip
     if any(source == "base_samples" for source, _ in needs):
         samples, described = base_samples(model, args)
         results["base_samples"] = described
@@ -582,7 +612,8 @@ def old_sides_for(planned: list[tuple[str, float]], model, text, args, results: 
 def planned_runs(args) -> list[tuple[str, float]]:
     """(run name, lr) in the order they run: each method's middle learning rate first, then the others."""
     sweeps = {name: ([args.lrs[len(args.lrs) // 2]] if args.quick else list(args.lrs)) if args.lrs else
-              ([DEFAULT_LRS[name][1]] if args.quick else list(DEFAULT_LRS[name])) for name in args.methods}  # fmt: skip
+              ([DEFAULT_LRS[name][len(DEFAULT_LRS[name]) // 2]] if args.quick else list(DEFAULT_LRS[name]))
+              for name in args.methods}  # fmt: skip
     ordered = {name: [lrs[len(lrs) // 2]] + [lr for i, lr in enumerate(lrs) if i != len(lrs) // 2] for name, lrs in sweeps.items()}
     depth = max(len(lrs) for lrs in ordered.values())
     return [(name, lrs[i]) for i in range(depth) for name, lrs in ordered.items() if i < len(lrs)]

@@ -35,12 +35,16 @@ blocks are exactly the ones ``run.py``'s Spanish runs train on). Rows (``ROWS``)
   French.
 - ``scale_ffn_routed_fr_only``: the reference for "French learned as well as in a single stage": the routed
   adapter trained on French only, from the base model (router: French against English).
-- ``scale_ffn_routed_pairwise_ema_old`` and its reference ``scale_ffn_routed_fr_only_ema_old``: the pairwise row at
-  ``cpu_40_steps``' later settings (lr 3e-3, ``W12`` at 4x, ``router_smoothing=0.8`` from the old side's median
-  logit, ``router_smoothing_start="old"``).
-- ``scale_ffn_routed_outranking_ema_old``: the same, but ``es``'s router is not refitted: ``fr``'s, fitted with the
+- ``scale_ffn_routed_pairwise_defaults`` and its reference ``scale_ffn_routed_fr_only_defaults``: the pairwise row
+  with nothing set but what the README's first routed example sets: ``RouterConfig()``'s defaults,
+  ``create_scale_optimizer(model, lr=3e-3)`` (``W12`` at 4x).
+- ``scale_ffn_routed_outranking_defaults``: the same, but ``es``'s router is not refitted: ``fr``'s, fitted with the
   Spanish blocks as ``other_domains={"es": ...}`` (named after the adapter), outranks it, so routed together a token
   both claim goes to ``fr`` and ``es`` keeps every decision of stage 1 on the Spanish that ``fr`` does not claim.
+
+The rows that do not say otherwise use the router settings of peft-scale 0.1.0 (``methods.ROUTER_0_1_0``: the rows
+measured before 0.2). The ``*_ema_old`` rows (``smoothing_start="old"``, removed in 0.2: it measured no gain) are
+no longer run; their results stay in the results folders, and a results.json that holds them still merges.
 
 Measured after every stage (``measures.py`` through ``run.evaluate``, on held-out blocks): Spanish, French and
 English perplexity, drift (mean KL(base || adapted) over the English tokens) and the perplexity of the base model's
@@ -76,7 +80,7 @@ import torch
 from benchmarks.continual_pretraining import measures, report, run
 from benchmarks.continual_pretraining.data import build_text, documents_or_summaries
 from benchmarks.continual_pretraining.merge import merge_results
-from benchmarks.methods import ROUTED_METHODS, fit_method_router, prepare_method, scale_config
+from benchmarks.methods import ROUTED_METHODS, ROUTER_0_1_0, fit_method_router, prepare_method, scale_config
 
 DEFAULT_OUTPUT_DIR = run.DEFAULT_OUTPUT_DIR / "sequence"
 QUICK_OUTPUT_DIR = run.DEFAULT_OUTPUT_DIR / "sequence_quick"
@@ -103,8 +107,10 @@ class Row(NamedTuple):
     """One row: the method (``benchmarks.methods``), its learning rate, the languages it trains on in order, and
     the share of English blocks replayed in each stage; for routed rows, ``other_domains``: the other languages are
     given to ``fit_router`` as ``other_domains`` (negatives, threshold against English only) instead of in its
-    ``old_data``. ``w12_lr_ratio`` and ``scale_options``: as ``run.Run``'s (``W12``'s learning rate over the row's;
-    ``ScaleConfig`` fields of this row). ``reference``: the single-stage French row its French is judged against
+    ``old_data``. ``w12_lr_ratio``, ``scale_options``, ``router_options`` and ``scale_optimizer``: as ``run.Run``'s
+    (``W12``'s learning rate over the row's; ``ScaleConfig`` fields of this row; its ``RouterConfig`` fields, by
+    default peft-scale 0.1.0's settings, which the rows defined before 0.2 used, ``()`` for ``RouterConfig()``'s
+    defaults; ``create_scale_optimizer(model, lr=lr)`` as the optimizer). ``reference``: the single-stage French row its French is judged against
     (the same settings, French only). ``refit_earlier``: refit the earlier adapters' routers with the new language
     (in their old side, or as ``other_domains``); without it the new router outranks them (``other_domains`` named
     after their adapters) and they stay as stage 1 fitted them."""
@@ -118,9 +124,12 @@ class Row(NamedTuple):
     scale_options: tuple = ()
     reference: str = FRENCH_REFERENCE
     refit_earlier: bool = True
+    router_options: tuple = tuple(ROUTER_0_1_0.items())
+    scale_optimizer: bool = False
 
 
-SMOOTHED_FROM_OLD = (("router_smoothing", 0.8), ("router_smoothing_start", "old"))
+# RouterConfig()'s defaults and the README's optimizer and rate: nothing set that the README's routed example does not
+DEFAULTS = dict(w12_lr_ratio=4.0, router_options=(), scale_optimizer=True)
 # In the order they run: the SCALE rows first, then the baselines (the last ones are dropped first when time is short).
 ROWS = {
     "scale_ffn_routed": Row("scale_ffn_routed", 1e-3, ("es", "fr")),
@@ -129,21 +138,18 @@ ROWS = {
     "full": Row("full", 1e-4, ("es", "fr")),
     "full_replay": Row("full", 1e-4, ("es", "fr"), REPLAY_FRACTION),
     "lora": Row("lora", 3e-4, ("es", "fr")),
-    # cpu_40_steps' later passes: W12 at 4x, lr 3e-3, the router smoothed from the old side's median logit (there
-    # with English as the old side: drift exactly 0, 82% of full fine-tuning's drop), other_domains; and its French
-    # reference at the same settings
-    "scale_ffn_routed_pairwise_ema_old": Row(
-        "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD,
-        reference="scale_ffn_routed_fr_only_ema_old",
+    # the README's routed example as written (RouterConfig's defaults, create_scale_optimizer, lr 3e-3), the other
+    # language as other_domains; and its French reference at the same settings (these replace the *_ema_old rows)
+    "scale_ffn_routed_pairwise_defaults": Row(
+        "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, reference="scale_ffn_routed_fr_only_defaults",
+        **DEFAULTS,
     ),
     # the same without refitting es's router: fr's outranks it (issue 12: the refit sent more Spanish to the base)
-    "scale_ffn_routed_outranking_ema_old": Row(
-        "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD,
-        reference="scale_ffn_routed_fr_only_ema_old", refit_earlier=False,
+    "scale_ffn_routed_outranking_defaults": Row(
+        "scale_ffn_routed", 3e-3, ("es", "fr"), other_domains=True, reference="scale_ffn_routed_fr_only_defaults",
+        refit_earlier=False, **DEFAULTS,
     ),
-    "scale_ffn_routed_fr_only_ema_old": Row(
-        "scale_ffn_routed", 3e-3, ("fr",), w12_lr_ratio=4.0, scale_options=SMOOTHED_FROM_OLD
-    ),
+    "scale_ffn_routed_fr_only_defaults": Row("scale_ffn_routed", 3e-3, ("fr",), **DEFAULTS),
 }  # the learning rates: cpu_40_steps' (SCALE and full fine-tuning at their best there, LoRA at run.py's middle one)
 
 
@@ -198,8 +204,9 @@ def row_settings(row: Row) -> dict:
     for key, default in Row._field_defaults.items():
         if key != "replay" and settings[key] == default:
             del settings[key]
-    if "scale_options" in settings:
-        settings["scale_options"] = dict(settings["scale_options"])
+    for key in ("scale_options", "router_options"):
+        if key in settings:
+            settings[key] = dict(settings[key])
     return settings
 
 
@@ -281,12 +288,18 @@ def stage_measures(model, texts: dict, reference: dict, args) -> dict:
 # ------------------------------------------------------------------------------------------------ one row
 
 
-def train_stage(model, blocks: torch.Tensor, lr: float, args, w12_lr_ratio: float = 1.0) -> dict:
+def train_stage(
+    model, blocks: torch.Tensor, lr: float, args, w12_lr_ratio: float = 1.0, scale_optimizer: bool = False
+) -> dict:
     """``args.steps`` steps of ``run.train_step`` over ``blocks`` with a fresh optimizer and schedule (``W12`` at
-    ``w12_lr_ratio`` times ``lr``, as ``run.py``'s rows)."""
+    ``w12_lr_ratio`` times ``lr``, as ``run.py``'s rows; with ``scale_optimizer``, ``create_scale_optimizer``'s
+    defaults)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = run.parameter_groups(model, parameters, lr, w12_lr_ratio)
-    optimizer, schedule = run.optimizer_and_schedule(groups, lr, args.steps)
+    if scale_optimizer:
+        optimizer, schedule = run.with_schedule(run.create_scale_optimizer(model, lr=lr), args.steps)
+    else:
+        groups = run.parameter_groups(model, parameters, lr, w12_lr_ratio)
+        optimizer, schedule = run.optimizer_and_schedule(groups, lr, args.steps)
     losses, seconds = [], []
     for step in range(1, args.steps + 1):
         batch = blocks[(step - 1) * args.batch_size : step * args.batch_size]
@@ -312,20 +325,19 @@ def router_blocks(texts: dict, language: str) -> torch.Tensor:
     return texts[language].new_train[:ROUTER_BLOCKS]
 
 
-def fit_domain_router(
-    model, texts: dict, language: str, others: list[str], seed: int, other_domains: bool = False
-) -> dict:
+def fit_domain_router(model, texts: dict, language: str, others: list[str], other_domains: bool = False) -> dict:
     """Fit ``language``'s router (its adapter has the language's name) against English and ``others``: in its old
-    side, or, with ``other_domains``, as ``fit_router``'s ``other_domains`` (English alone the old side)."""
+    side, or, with ``other_domains``, as ``fit_router``'s ``other_domains`` (English alone the old side). The record
+    has the report and the adapter's ``RouterConfig`` as fitted (its ``outranks``)."""
     old_side = [BASE_LANGUAGE] if other_domains else [BASE_LANGUAGE, *others]
     old = torch.cat([router_blocks(texts, other) for other in old_side])
     extra = {}
     if other_domains and others:
         extra["other_domains"] = {other: router_blocks(texts, other) for other in others}
     start = time.perf_counter()
-    fitted = fit_method_router(model, router_blocks(texts, language), old, adapter_name=language, seed=seed, **extra)
+    fitted = fit_method_router(model, router_blocks(texts, language), old, adapter_name=language, **extra)
     record = {"old_side": old_side, "old_blocks": len(old), "report": asdict(fitted),
-              "fit_seconds": time.perf_counter() - start}  # fmt: skip
+              "config": asdict(model.peft_config[language].router), "fit_seconds": time.perf_counter() - start}  # fmt: skip
     if extra:
         record["other_domains"] = list(extra["other_domains"])
     shown = old_side + [f"({o}: other domain)" for o in record.get("other_domains", [])]
@@ -344,7 +356,8 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
     """Train row ``name`` stage by stage from a copy of ``base_model``; its record for results.json."""
     row = ROWS[name]
     routed = row.method in ROUTED_METHODS
-    sizes = run.with_scale_options(sizes, row.scale_options)
+    router = (("router", {**dict(row.router_options), "seed": args.seed}),) if routed else ()
+    sizes = run.with_scale_options(sizes, (*row.scale_options, *router))
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # the same initialisation of new weights as run.py's runs
     first = row.languages[0]
@@ -358,7 +371,7 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
             if index:
                 torch.manual_seed(args.seed)
                 model.add_adapter(language, scale_config(row.method, sizes))
-            stage["router"] = fit_domain_router(model, texts, language, list(earlier), args.seed, row.other_domains)
+            stage["router"] = fit_domain_router(model, texts, language, list(earlier), row.other_domains)
             if earlier:
                 together = list(row.languages[: index + 1])
                 model.base_model.set_adapter(together)
@@ -367,7 +380,7 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
                     # an earlier router never saw this language: refit it with this language in its old side
                     stage["refitted"] = {
                         other: fit_domain_router(
-                            model, texts, other, [o for o in together if o != other], args.seed, row.other_domains
+                            model, texts, other, [o for o in together if o != other], row.other_domains
                         )
                         for other in earlier
                     }
@@ -377,7 +390,7 @@ def run_row(base_model, name: str, texts: dict, reference: dict, sizes, args) ->
             check_only_trains(model, language, earlier)
         blocks = texts[language].replay_train if row.replay else texts[language].new_train
         print(f"  {name}: stage {index + 1} ({LANGUAGES[language]}), lr {row.lr:g}", flush=True)
-        stage.update(train_stage(model, blocks, row.lr, args, row.w12_lr_ratio))
+        stage.update(train_stage(model, blocks, row.lr, args, row.w12_lr_ratio, row.scale_optimizer))
         if routed and earlier:
             model.base_model.set_adapter(list(row.languages[: index + 1]))  # every domain's adapter, routed together
         start = time.perf_counter()
@@ -405,7 +418,10 @@ def goals_of(results: dict) -> dict[str, dict]:
     for name, record in results["runs"].items():
         if len(record["stages"]) < 2:
             continue
-        reference_name = ROWS[name].reference if name in ROWS else FRENCH_REFERENCE  # (a row no longer in ROWS)
+        if name in ROWS:
+            reference_name = ROWS[name].reference
+        else:  # a row no longer in ROWS (the *_ema_old rows): its reference as its results recorded it
+            reference_name = results.get("settings", {}).get("rows", {}).get(name, {}).get("reference", FRENCH_REFERENCE)
         reference = results["runs"].get(reference_name)
         reference_drop = None
         if reference is not None:

@@ -205,20 +205,27 @@ def test_w12_lr_ratio_changes_the_scale_rows_only(tmp_path):
 
 
 def test_format_rows_fit_with_the_given_format_share_and_max_old_error(tmp_path, monkeypatch):
-    """``--format-share`` / ``--format-max-old-error`` reach the +format rows' fit_router (the run records them);
-    the other routed rows keep fit_router's default max_old_error."""
+    """``--format-share`` / ``--format-max-old-error`` reach the +format rows' router (the run records them): the
+    format share in ``BaseModelSamples``, the bound in its ``RouterConfig``; the other routed rows keep 0.1.0's."""
     from benchmarks.biography import run
+    from peft_scale import BaseModelSamples
 
     calls = {}
     original = run.fit_method_router
 
     def recording(model, new, old=None, **kwargs):
-        calls[kwargs.get("sample_format", "free") + ("" if old is None else "+old")] = kwargs
+        name = "format" if isinstance(old, BaseModelSamples) and old.in_new_data_format else "task0"
+        calls[name] = (old, model.peft_config["default"].router)
         return original(model, new, old, **kwargs)
 
     monkeypatch.setattr(run, "fit_method_router", recording)
     result = run.main(["--quick", "--output-dir", str(tmp_path), "--methods", "scale_ffn_routed+format",
                        "scale_ffn_routed", "--format-share", "0.1", "--format-max-old-error", "0.02"])
     assert result["settings"]["router_format_share"] == 0.1 and result["settings"]["router_format_max_old_error"] == 0.02
-    assert calls["new_data"]["format_share"] == 0.1 and calls["new_data"]["max_old_error"] == 0.02
-    assert "max_old_error" not in calls["free+old"]
+    samples, router = calls["format"]
+    assert samples.format_share == 0.1 and samples.count == result["settings"]["router_format_samples"]
+    assert router.max_old_error == 0.02 and router.hidden == result["settings"]["router_hidden"]
+    _, router = calls["task0"]
+    assert router.max_old_error == run.ROUTER_0_1_0["max_old_error"] and router.gate == "hard"
+    (fitted,) = result["sweep"]["scale_ffn_routed+format"].values()
+    assert fitted["router"]["max_old_error"] == 0.02

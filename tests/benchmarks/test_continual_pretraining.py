@@ -99,6 +99,62 @@ def test_learned_route_rows_record_their_router_and_routing(quick):
     assert "switch_routed_to_preservation" not in results["runs"]["full@3e-05"]["final"]
 
 
+def test_routed_rows_build_the_router_and_optimizer_they_name(quick):
+    """The rows measured before 0.2 keep 0.1.0's router settings (with their own over them); the *_defaults rows set
+    nothing but what the README's routed example sets: RouterConfig's defaults, create_scale_optimizer at lr 3e-3,
+    and for the samples row no old side given (fit_router draws the base model's samples itself)."""
+    from dataclasses import asdict
+
+    from benchmarks.methods import ROUTER_0_1_0
+    from peft_scale import RouterConfig
+
+    _, results = quick
+    seed = results["settings"]["seed"]
+    legacy = results["runs"]["scale_ffn_routed@0.001"]
+    assert legacy["router"]["config"] == asdict(RouterConfig(**ROUTER_0_1_0, seed=seed))
+    assert "optimizer" not in legacy and legacy["router"]["report"]["calibrate_on"] == "held_out"
+    xfit3 = results["runs"]["scale_ffn_routed_w12x4_ema_xfit3_copy@0.001"]["router"]
+    assert xfit3["config"] == asdict(RouterConfig(smoothing=0.8, gate="hard", preservation_copy=True, max_old_error=0.003,
+                                                  calibrate_on="cross_fitted", seed=seed))  # fmt: skip
+    for name, old_source, max_old_error in (("scale_ffn_routed_defaults", "old data", 0.005),
+                                            ("scale_ffn_routed_defaults_samples", "base model samples", 0.05)):  # fmt: skip
+        (key,) = [key for key, record in results["runs"].items() if record["run"] == name]
+        record = results["runs"][key]
+        assert record["lr"] == run.README_ROUTED_LR and record["optimizer"] == "create_scale_optimizer(model, lr=lr)"
+        assert record["router"]["config"] == asdict(RouterConfig(seed=seed))
+        report = record["router"]["report"]
+        assert (report["old_source"], report["max_old_error"], report["calibrate_on"]) == (
+            old_source, max_old_error, "cross_fitted")
+    samples_row = results["runs"][f"scale_ffn_routed_defaults_samples@{run.README_ROUTED_LR:g}"]["router"]
+    assert samples_row["old_blocks"] is None and samples_row["report"]["sample_differences"]
+    # rows whose options were removed in 0.2 are no longer run
+    assert not any(name.endswith(("_ema_old", "_ema_fall", "_ema_fall_copy")) for name in run.RUNS)
+
+
+def test_the_defaults_rows_train_with_create_scale_optimizer(monkeypatch):
+    """The *_defaults rows' optimizer is create_scale_optimizer(model, lr=lr) with its defaults (W12 at 4x); the
+    other rows' is AdamW over the runner's groups. (Stopped once the optimizer is made: nothing trains.)"""
+    calls = []
+
+    class Made(Exception):
+        pass
+
+    def recording(model, **kwargs):
+        calls.append(kwargs)
+        raise Made
+
+    monkeypatch.setattr(run, "create_scale_optimizer", recording)
+    args = run.parse_args(["--quick"])
+    model, _ = run.load_model("tiny")
+    sizes = run.default_sizes(model.config, args)
+    with pytest.raises(Made):
+        run.train_run(model, "scale_ffn_routed_defaults", 3e-3, None, None, sizes, args, {"old_data": None})
+    assert calls == [{"lr": 3e-3}]
+    with pytest.raises(AttributeError):  # past the optimizer, at the text (None here): not create_scale_optimizer's
+        run.train_run(model, "scale_ffn_routed_w12x4", 3e-3, None, None, sizes, args, {"old_data": None})
+    assert len(calls) == 1
+
+
 def test_base_samples_are_reused_from_the_output_folder(quick, monkeypatch):
     out, results = quick
     import peft_scale.router_fitting
