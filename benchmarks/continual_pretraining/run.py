@@ -27,7 +27,9 @@ old language's training documents, or, for the ``*_samples`` rows, the base mode
 (``peft_scale.router_fitting.sample_base_model``: ``--seq-len`` tokens each from the beginning-of-text token,
 temperature 1, seed ``--seed``; as many as the router and the replay stream need) are drawn once and cached in
 ``OUTPUT_DIR/base_samples.pt``, so every run and a resumed command use the same samples. Each routed run records
-the router's held-out report and its fitting time (apart from training time).
+the router's held-out report and its fitting time (apart from training time). The ``*_defaults`` rows set nothing
+but what the README's first routed example sets (``RouterConfig()``, ``create_scale_optimizer(model, lr=3e-3)``);
+``scale_ffn_routed_defaults_samples`` gives ``fit_router`` no old side, so it draws the base model's samples itself.
 
 Every ``--eval-every`` steps (and at step 0, where every method still computes the base model's logits, so the
 drift must read 0) the model is evaluated in ``eval()`` mode (``measures.py``): new-language perplexity (learning),
