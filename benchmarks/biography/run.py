@@ -26,6 +26,13 @@ in each ``+samples`` run's router report). The ``+format`` rows draw their old s
 names and answers drawn from the base model); ``full+replay_format_samples`` replays the same draws (checked the same
 way).
 
+Two rows run the README's first routed example as written (``README_RECIPE_ROWS``): ``scale_ffn_routed_defaults``
+(old side the Task-0 QA) and ``scale_ffn_routed_defaults+samples`` (``old_data=None``: ``fit_router`` draws the base
+model's samples itself), with ``RouterConfig()`` and nothing set, at the README's learning rate only, and its
+optimizer and schedule (``README_RECIPE``); their sizes are this benchmark's (``Settings.sizes``).
+``scale_ffn_routed_defaults+fitted`` sets one field, ``RouterConfig(calibrate_on="fitted")``: what docs/router.md
+says to set when the old data is exactly what must be kept (here the Task-0 QA, a set of facts).
+
 Choosing the learning rate: each method runs a small sweep (``Settings.lr_grid``); the table reports, per method,
 the learning rate with the highest final Task-1 first-token accuracy (ties within 0.005 go to the higher final
 Task-0 accuracy), i.e. every method at its best *learning*, and shows what it forgets there. results.json keeps
@@ -112,7 +119,18 @@ ROUTED_ROWS = {
     # the old side sampled from the base model in the Task-1 data's format (BaseModelSamples(in_new_data_format=True))
     "scale_ffn_routed+format": ("scale_ffn_routed", "format_samples", "held_out"),
     "scale_routed+format": ("scale_routed", "format_samples", "held_out"),
+    # the README's first routed example as written (README_RECIPE): RouterConfig() with its defaults (calibrate_on
+    # None: the config's own), the old side the Task-0 QA or none at all (fit_router draws the base model's samples)
+    "scale_ffn_routed_defaults": ("scale_ffn_routed", "task0_qa", None),
+    "scale_ffn_routed_defaults+samples": ("scale_ffn_routed", "fit_router_samples", None),
+    # ... with the one setting docs/router.md gives for old data that is exactly what must be kept (a set of facts)
+    "scale_ffn_routed_defaults+fitted": ("scale_ffn_routed", "task0_qa", "fitted"),
 }
+# what the README's routed example trains with beyond the router's defaults: create_scale_optimizer's AdamW (torch's
+# betas, no weight decay, W12 at its default ratio), lr 3e-3, a cosine schedule after 10% warm-up, and the Trainer's
+# gradient clipping at 1.0 (the other rows keep this benchmark's loop: betas 0.9/0.98, 5% warm-up, no clipping)
+README_RECIPE = {"lr": 3e-3, "betas": (0.9, 0.999), "warmup_fraction": 0.1, "max_grad_norm": 1.0}
+README_RECIPE_ROWS = ("scale_ffn_routed_defaults", "scale_ffn_routed_defaults+samples", "scale_ffn_routed_defaults+fitted")
 ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 # the rows of the learned router's own plots (the main plots keep the other rows: one colour each)
 LEARNED_ROUTER_PLOT_ROWS = ("full", "full+replay", "full+replay_samples", "full+replay_format_samples", "scale_route",
@@ -176,7 +194,7 @@ class Settings:
             pretrain_steps=20, pretrain_lr=3e-3, qa_steps=10, qa_lr=3e-3,
             continual_steps=6, eval_every=3, batch_size=8,
             sizes=MethodSizes(ffn_expansion=16, hidden_expansion=16, preserve_layers=1, llama_pro_blocks=1),
-            lr_grid={row: lrs[1:2] for row, lrs in default_lr_grid().items()},
+            lr_grid={row: lrs[len(lrs) // 2 : len(lrs) // 2 + 1] for row, lrs in default_lr_grid().items()},
             router_hidden=16, router_samples=20, router_format_samples=40,
         )
 
@@ -191,6 +209,7 @@ def default_lr_grid() -> dict:
     grid.update({name: scale for name in METHODS if name.startswith("scale_")})
     grid.update({row: grid[method] for row, method in REPLAY_ROWS.items()})
     grid.update({row: scale for row in ROUTED_ROWS})
+    grid.update({row: (README_RECIPE["lr"],) for row in README_RECIPE_ROWS})  # the README's rate only: no sweep
     return grid
 
 
@@ -352,6 +371,10 @@ class Experiment:
         if row not in ROUTED_ROWS:
             return sizes
         _, old_side, calibrate_on = ROUTED_ROWS[row]
+        if row in README_RECIPE_ROWS:  # RouterConfig() as the README writes it: nothing set but the row's calibrate_on
+            router = {"calibrate_on": calibrate_on} if calibrate_on else {}
+            router.update(sizes.scale_options.get("router", {}))
+            return dataclasses.replace(sizes, scale_options={**sizes.scale_options, "router": router})
         router = {**ROUTER_0_1_0, "hidden": s.router_hidden, "seed": s.seed, "calibrate_on": calibrate_on}
         if old_side == "format_samples":
             router["max_old_error"] = s.router_format_max_old_error
@@ -367,6 +390,9 @@ class Experiment:
         if old_side == "task0_qa":
             report = fit_method_router(model, self.new_data(), examples_dataset(self.tokenizer, pairs=self.task0_qa))
             extra = {"old_side": "Task-0 QA"}
+        elif old_side == "fit_router_samples":  # old_data=None: fit_router draws BaseModelSamples() itself
+            report = fit_method_router(model, self.new_data(), None)
+            extra = {"old_side": "base model samples drawn by fit_router (old_data=None)"}
         elif old_side == "format_samples":
             samples = BaseModelSamples(count=s.router_format_samples, in_new_data_format=True,
                                        format_share=s.router_format_share, batch_size=ROUTER_BATCH)  # fmt: skip
@@ -404,12 +430,17 @@ class Experiment:
         torch.manual_seed(s.seed + 5)  # the methods' random initialisations (SCALE's W21/W22, LoRA's A)
         model = prepare_method(row_method(row), copy.deepcopy(base_model), self.row_sizes(row)).to(self.device)
         router = self.fit_router(model, row, base_model) if row in ROUTED_ROWS else None
-        # W12's own learning rate (learning_per_step_findings.md); a model without W12 gets one group at lr
-        groups = s.w12_lr_ratio != 1.0
+        if row in README_RECIPE_ROWS:  # create_scale_optimizer's groups at their defaults, the Trainer's loop
+            recipe = {k: v for k, v in README_RECIPE.items() if k != "lr"}
+            param_groups = scale_optimizer_param_groups(model, lr)
+        else:  # W12's own learning rate (learning_per_step_findings.md); a model without W12: one group at lr
+            recipe = {}
+            groups = s.w12_lr_ratio != 1.0
+            param_groups = scale_optimizer_param_groups(model, lr, w12_lr_ratio=s.w12_lr_ratio) if groups else None
         result = train(
             model, self.continual_stream(row, base_model), collator=self.collator, batch_size=s.batch_size, lr=lr,
             device=self.device, autocast=self.autocast, eval_every=s.eval_every, evaluate=lambda: self.evaluate(model),
-            param_groups=scale_optimizer_param_groups(model, lr, w12_lr_ratio=s.w12_lr_ratio) if groups else None,
+            param_groups=param_groups, **recipe,
         )
         if router is not None:
             result["router"] = router
@@ -549,7 +580,9 @@ def markdown(result: dict) -> str:
         f"biographies each, 6 attributes. Stage 1: {s['pretrain_steps']} steps (lr {s['pretrain_lr']}); stage 2: "
         f"{s['qa_steps']} QA steps (lr {s['qa_lr']}); stage 3: {s['continual_steps']} steps per method on Task-1 "
         f"{'biographies and QA' if s['task1_bios'] else 'QA'}, batch "
-        f"{s['batch_size']}, AdamW, cosine schedule, 5% warm-up.",
+        f"{s['batch_size']}, AdamW, cosine schedule, 5% warm-up (the `*_defaults` rows: the README's routed recipe, "
+        f"`README_RECIPE`: lr {README_RECIPE['lr']:g}, W12 at `create_scale_optimizer`'s ratio, 10% warm-up, "
+        "clipping at 1.0).",
         "",
         f"After stage 2 (the model every method starts from): {fmt(pre['qa_after_stage2'])}.",
         "",
@@ -601,7 +634,10 @@ def learned_router_markdown(result: dict) -> list[str]:
         f"question, or (+format) {s.get('router_format_samples', '?')} base-model draws in the Task-1 QA's format "
         f"(`BaseModelSamples(in_new_data_format=True, format_share={s.get('router_format_share', 0.05)})`, "
         f"`max_old_error={s.get('router_format_max_old_error', 0.01)}`, repeats and write-backs of Task-1 people "
-        "dropped). Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
+        "dropped); the `*_defaults` rows: `RouterConfig()` as the README writes it (nothing set), old side the "
+        "Task-0 QA or (+samples) none (`fit_router` draws `BaseModelSamples()` itself); `+fitted`: "
+        "`RouterConfig(calibrate_on=\"fitted\")`. "
+        "Goal: Task-0 retained >= 0.95 and Task-1 first-token >= 0.95. Router columns: fit_router's "
         "held-out report (old tokens to the base model, new tokens to the expansion; the same on each sequence's "
         "first 8 tokens). Routing columns (final evaluation): share of answer tokens and of first-answer positions "
         "(the `:` that predicts it) sent to the base model, and of questions with every token on the base model.",

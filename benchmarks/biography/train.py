@@ -224,17 +224,20 @@ def train(
     eval_every: int = 0,
     evaluate: Optional[Callable[[], dict]] = None,
     param_groups: Optional[list] = None,
+    betas: tuple = (0.9, 0.98),
+    max_grad_norm: Optional[float] = None,
 ) -> dict:
     """Train ``model`` on ``stream`` in order, one AdamW step per batch; evaluate every ``eval_every`` steps.
     ``param_groups``: AdamW's parameter groups (each with its own ``lr``); default one group of every trainable
-    parameter at ``lr``.
+    parameter at ``lr``. ``max_grad_norm``: clip the gradients' total norm to it before each step (the ``Trainer``
+    clips at 1.0); ``None``: no clipping.
 
     Returns ``{"curve": {"step": [...], <metric>: [...]}, "steps", "train_s", "step_s", "final_loss"}``; the curve
     has the point before the first step (step 0) and after the last. ``train_s`` excludes evaluation time.
     """
     steps = len(stream) // batch_size
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
     schedule = get_scheduler(
         scheduler, optimizer, num_warmup_steps=int(warmup_fraction * steps), num_training_steps=steps
     )
@@ -259,6 +262,8 @@ def train(
         with autocast():
             loss = model(**batch).loss
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,9 +15,7 @@ sys.path.insert(0, str(REPO))  # the `benchmarks` package
 from benchmarks.llama_pro import expand_depth, inserted_block_indices  # noqa: E402
 from benchmarks.methods import (  # noqa: E402
     METHODS,
-    ROUTED_METHODS,
     MethodSizes,
-    fit_method_router,
     lora_parameters_per_rank,
     prepare_method,
     trainable_parameters,

@@ -6,6 +6,7 @@ nothing about the numbers (a few steps on a tiny model mean nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -120,7 +121,8 @@ def test_repeat_shuffled_is_whole_shuffled_epochs():
 
 
 def test_quick_run_writes_complete_results(tmp_path):
-    from benchmarks.biography.run import METRICS, ROUTED_ROWS, ROWS, main
+    from benchmarks.biography.run import METRICS, README_RECIPE, README_RECIPE_ROWS, ROUTED_ROWS, ROWS, main
+    from peft_scale import RouterConfig
 
     result = main(["--quick", "--output-dir", str(tmp_path)])
     for name in ("results.json", "results.md", "task0_first_token.png", "task1_first_token.png", "tradeoff.png"):
@@ -150,7 +152,8 @@ def test_quick_run_writes_complete_results(tmp_path):
         # just above 1 (float32's next value): no token reaches the expansion (fit_router warns), as a smoke run can give
         assert 0.5 <= run["router"]["threshold"] <= 1.0 + 2 ** -23
         assert run["router"]["layer"] == saved["settings"]["sizes"]["preserve_layers"]
-        assert run["router"]["calibrate_on"] == ROUTED_ROWS[row][2]  # "+fitted": the threshold set on all Task-0 QA
+        # "+fitted": the threshold set on all Task-0 QA; None (the *_defaults rows): RouterConfig's own default
+        assert run["router"]["calibrate_on"] == (ROUTED_ROWS[row][2] or RouterConfig().calibrate_on)
         for task in ("task0", "task1"):
             curve = run["curve"]
             assert all(0.0 <= v <= 1.0 for v in curve[f"{task}_to_preservation"] + curve[f"{task}_to_base_answer"])
@@ -164,6 +167,12 @@ def test_quick_run_writes_complete_results(tmp_path):
         router = saved["sweep"][row][str(saved["table"][row]["lr"])]["router"]
         assert router["old_source"] == "base model samples in the new data's format"
         assert router["samples_equal_replay_samples"] is True and 3 <= router["samples_kept"] <= router["num_samples"]
+    for row in README_RECIPE_ROWS:  # the README's example: its rate only, RouterConfig() with nothing else set
+        assert list(saved["sweep"][row]) == [str(README_RECIPE["lr"])]
+        router = saved["sweep"][row][str(README_RECIPE["lr"])]["router"]
+        assert router["max_old_error"] is not None and router["layer"] == saved["settings"]["sizes"]["preserve_layers"]
+    samples = saved["sweep"]["scale_ffn_routed_defaults+samples"][str(README_RECIPE["lr"])]["router"]
+    assert samples["old_source"] == "base model samples" and samples["sample_differences"]["median_length"]["new"] > 0
     assert "| scale_routed+samples |" in (tmp_path / "results.md").read_text()
     assert "| scale_routed+format |" in (tmp_path / "results.md").read_text()
 
@@ -184,6 +193,59 @@ def test_quick_run_writes_complete_results(tmp_path):
     assert "SCALE-Route's finding goes here." in (tmp_path / "results.md").read_text()  # the notes are kept
     with pytest.raises(SystemExit, match="--merge: this run does not match"):
         main(["--quick", "--output-dir", str(tmp_path), "--methods", "full", "--size", "ffn_expansion=8", "--merge"])
+
+
+def test_the_readme_recipe_rows_build_routerconfig_defaults():
+    """The ``*_defaults`` rows build ``RouterConfig()`` with nothing set (``+fitted``: its one field), whatever the
+    0.1.0 settings the other routed rows carry; a ``--scale-option router=...`` still reaches them."""
+    import dataclasses
+
+    from benchmarks.biography.run import Experiment, Settings
+    from benchmarks.methods import scale_config
+    from peft_scale import RouterConfig
+
+    experiment = Experiment(Settings.quick(), torch.device("cpu"), "fp32")
+    config = scale_config("scale_ffn_routed", experiment.row_sizes("scale_ffn_routed_defaults"))
+    assert config.router == RouterConfig()
+    fitted = scale_config("scale_ffn_routed", experiment.row_sizes("scale_ffn_routed_defaults+fitted"))
+    assert fitted.router == RouterConfig(calibrate_on="fitted")
+    assert scale_config("scale_ffn_routed", experiment.row_sizes("scale_ffn_routed")).router != RouterConfig()
+    experiment.settings.sizes = dataclasses.replace(experiment.settings.sizes, scale_options={"router": {"hidden": 8}})
+    assert scale_config("scale_ffn_routed", experiment.row_sizes("scale_ffn_routed_defaults")).router == RouterConfig(hidden=8)
+
+
+def test_train_clips_the_gradient_norm_when_asked(monkeypatch):
+    """``max_grad_norm`` (the README recipe's, as the ``Trainer`` clips): the gradient AdamW steps with has at most
+    that norm; without it, its whole norm."""
+    from datasets import Dataset
+
+    from benchmarks.biography.train import train
+
+    class Regression(torch.nn.Module):  # what the loop calls: model(input_ids=..., labels=...).loss
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, input_ids, labels):
+            loss = ((self.weight[input_ids].sum(-1) - labels.float().sum(-1)) ** 2).mean()
+            return type("Output", (), {"loss": loss})()
+
+    def collate(rows):
+        return {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "labels")}
+
+    norms, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        norms.append(torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]]).norm().item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    rows = Dataset.from_dict({"input_ids": [[0, 1], [2, 2]], "labels": [[5, 5], [7, 0]]})
+    for max_grad_norm in (0.5, None):
+        train(Regression(), rows, collator=collate, batch_size=2, lr=0.1, device=torch.device("cpu"),
+              autocast=contextlib.nullcontext, scheduler="constant", max_grad_norm=max_grad_norm)
+    # loss ((w0 + w1 - 10)^2 + (2 w2 - 7)^2) / 2 at w = 1: gradient (-8, -8, -10), norm sqrt(228) > 0.5
+    assert norms == pytest.approx([0.5, 228 ** 0.5])
 
 
 def test_w12_lr_ratio_changes_the_scale_rows_only(tmp_path):
