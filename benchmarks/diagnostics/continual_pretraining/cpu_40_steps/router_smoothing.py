@@ -34,7 +34,7 @@ Writes router_smoothing.json in benchmarks/results/continual_pretraining/cpu_40_
 blocks; the base samples drawn into the output folder), no recorded results to check against; its numbers mean
 nothing.
 """
-import argparse, json, sys, time
+import argparse, functools, json, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@functools.lru_cache(maxsize=1)  # one setup per process: the diagnostics run one after another share it
 def setup(quick: bool, output_dir: Path) -> SimpleNamespace:
     """The benchmark's model, text, old sides and adapter, and the features of every sequence (what the
     diagnostics of this folder share): full, this folder's settings (checked against its results.json and
