@@ -139,6 +139,7 @@ def stage2_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("biography_cache")
 
 
+@pytest.mark.filterwarnings("ignore:fit_router. more than max_old_error:UserWarning")  # (the quick model)
 def test_routing_check_runs_and_filters(stage2_cache, tmp_path):
     """format_samples/routing_check.py: the router fitted on format samples; --min-p keeps a subset of the draws,
     and the library's sampler is restored afterwards."""

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
-from benchmarks.biography.run import ROUTER_BATCH, Experiment, Settings, pretrain_or_load  # noqa: E402
+from benchmarks.biography.run import ROUTER_BATCH  # noqa: E402
 from benchmarks.biography.train import encode_qa  # noqa: E402
+from benchmarks.continual_pretraining.run import write_json  # noqa: E402
+from benchmarks.diagnostics.biography.stage2 import stage2  # noqa: E402
 from benchmarks.methods import prepare_method  # noqa: E402
 from peft_scale import BaseModelSamples, fit_router, router_fitting  # noqa: E402
 from peft_scale.format_sampling import _prefix_before_last_run, format_tokens  # noqa: E402
@@ -45,11 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Fit the router, route the evaluated questions; writes and returns the shares."""
     args = parse_args(argv)
-    torch.set_num_threads(1)
-    s = Settings.quick() if args.quick else Settings.full()
-    e = Experiment(s, torch.device("cpu"), "fp32")
-    base, _ = pretrain_or_load(e, args.cache_dir, print)
-    base.eval()
+    s, e, base, _ = stage2(args.quick, args.cache_dir)
     torch.manual_seed(s.seed + 5)
     model = prepare_method("scale_ffn_routed", copy.deepcopy(base), e.row_sizes(ROW))
     captured, original = [], router_fitting.sample_in_format
@@ -96,8 +94,7 @@ def main(argv=None) -> dict:
         first = scores[torch.arange(len(es.input_ids)), es.answer_start - 1]
         out[task + "_first_answer_to_expansion"] = float((first >= report.threshold).float().mean())
     print(json.dumps(out))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
     return out
 
 

@@ -13,7 +13,6 @@ when it does not). The output is diagnose_router.json in benchmarks/results/biog
 numbers mean nothing.
 """
 
-import argparse
 import collections
 import copy
 import json
@@ -27,8 +26,9 @@ REPO = Path(__file__).resolve().parents[4]
 RESULTS = REPO / "benchmarks" / "results" / "biography" / "learned_router"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.biography.run import Experiment, Settings, pretrain_or_load  # noqa: E402
 from benchmarks.biography.train import TOKEN_ROLES  # noqa: E402
+from benchmarks.continual_pretraining.run import write_json  # noqa: E402
+from benchmarks.diagnostics.biography.stage2 import parse_args, stage2  # noqa: E402
 from benchmarks.methods import prepare_method  # noqa: E402
 from peft_scale.router_fitting import _split_sequences  # noqa: E402
 
@@ -40,22 +40,10 @@ def shares(score, mask, threshold):
             "to_expansion_at_0.5": round(float((sc >= 0.5).float().mean()), 3)}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cache_dir", nargs="?", default=None, help="run.py's --cache-dir (the stage-2 model)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: Settings.quick()")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where the JSON goes (default: %(default)s)")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
     """Both routers' shares per token role, and the samples; writes diagnose_router.json (and returns it)."""
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    s = Settings.quick() if args.quick else Settings.full()
-    e = Experiment(s, torch.device("cpu"), "fp32")
-    base, stages = pretrain_or_load(e, args.cache_dir, print)
-    base.eval()
+    args = parse_args(__doc__, RESULTS, argv)
+    s, e, base, stages = stage2(args.quick, args.cache_dir)
     out = {"quick": args.quick, "stage2": stages["qa_after_stage2"]}
     for row in ("scale_ffn_routed", "scale_ffn_routed+samples"):  # the full-width rows read the same stream
         torch.manual_seed(s.seed + 5)
@@ -91,9 +79,7 @@ def main(argv=None) -> dict:
         "third_token": collections.Counter(w[2] for w in words).most_common(5),
         "first_eight": [" ".join(w) for w in words[:8]],
     }
-    path = args.output_dir / "diagnose_router.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    write_json(args.output_dir / "diagnose_router.json", out)
     print(json.dumps(out, indent=1))
     return out
 

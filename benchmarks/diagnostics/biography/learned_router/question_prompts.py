@@ -12,34 +12,23 @@ Nothing is trained.
 Writes question_prompts.json in benchmarks/results/biography/learned_router/ (``--output-dir``: elsewhere).
 ``--quick`` (``tests/benchmarks/test_diagnostics.py``): ``Settings.quick()``; its numbers mean nothing.
 """
-import argparse, collections, json, sys
+import collections, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 # where its JSON goes: the results of the run it diagnoses
 RESULTS = Path(__file__).resolve().parents[4] / "benchmarks" / "results" / "biography" / "learned_router"
 from benchmarks.biography.data import FIRST_NAMES  # noqa: E402
-from benchmarks.biography.run import Experiment, Settings, pretrain_or_load  # noqa: E402
 from benchmarks.biography.train import encode_qa  # noqa: E402
+from benchmarks.continual_pretraining.run import write_json  # noqa: E402
+from benchmarks.diagnostics.biography.stage2 import parse_args, stage2  # noqa: E402
 from peft_scale.router_fitting import sample_base_model  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cache_dir", nargs="?", default=None, help="run.py's --cache-dir (the stage-2 model)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: Settings.quick()")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where the JSON goes (default: %(default)s)")
-    return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     """The samples' shares per question template; writes question_prompts.json (and returns it)."""
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    s = Settings.quick() if args.quick else Settings.full()
-    e = Experiment(s, torch.device("cpu"), "fp32")
-    base, stages = pretrain_or_load(e, args.cache_dir, print)  # the cached stage-2 model (or stages 1-2 run and cached)
-    base.eval()
+    args = parse_args(__doc__, RESULTS, argv)
+    s, e, base, stages = stage2(args.quick, args.cache_dir)  # the cached stage-2 model (or stages 1-2 run and cached)
     tok = e.tokenizer
     first_names = set(tok.convert_tokens_to_ids(FIRST_NAMES))
     task0_names = {tuple(tok(p.name, add_special_tokens=False)["input_ids"]) for p in e.task0}
@@ -68,9 +57,7 @@ def main(argv=None) -> dict:
             "examples": [" ".join(tok.convert_ids_to_tokens(x.tolist())) for x in samples[:3]],
         }
         print(text, {k: v for k, v in out["templates"][text].items() if k != "examples"})
-    path = args.output_dir / "question_prompts.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.output_dir / "question_prompts.json", out)
     return out
 
 

@@ -95,8 +95,7 @@ def main(argv=None) -> dict:
     out = {"machine": rs.run.machine_description("cpu"), "quick": S.quick, "eval_blocks": len(evaluation["old"]),
            "smoothing": A, "results": results, "seconds": round(time.time() - S.t_start)}  # fmt: skip
     path = S.output_dir / "router_first_token_rules.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    rs.run.write_json(path, out)
     return out
 
 

@@ -26,7 +26,7 @@ Writes router_first_tokens.json in benchmarks/results/continual_pretraining/cpu_
 elsewhere). ``--quick``: ``router_smoothing.py --quick``'s setup and ``QUICK_EVAL_BLOCKS`` evaluation blocks a
 language (``tests/benchmarks/test_diagnostics.py``; its numbers mean nothing).
 """
-import json, sys, time
+import sys, time
 from pathlib import Path
 
 import torch
@@ -181,8 +181,7 @@ def main(argv=None) -> dict:
         "seconds": round(time.time() - S.t_start),
     }
     path = S.output_dir / "router_first_tokens.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    rs.run.write_json(path, out)
     return out
 
 

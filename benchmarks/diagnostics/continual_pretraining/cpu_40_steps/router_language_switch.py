@@ -21,7 +21,7 @@ Writes router_language_switch.json in benchmarks/results/continual_pretraining/c
 elsewhere). ``--quick``: ``router_smoothing.py --quick``'s setup, whose blocks of 32 tokens give halves of 16
 (``tests/benchmarks/test_diagnostics.py``; its numbers mean nothing).
 """
-import json, sys, time
+import sys, time
 from pathlib import Path
 
 import torch
@@ -106,8 +106,7 @@ def main(argv=None) -> dict:
         "old_sides": results,
     }  # fmt: skip
     path = S.output_dir / "router_language_switch.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    rs.run.write_json(path, out)
     print(f"\nwrote {path}")
     return out
 

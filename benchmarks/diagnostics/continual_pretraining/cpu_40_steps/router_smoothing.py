@@ -316,8 +316,7 @@ def main(argv=None) -> dict:
         "old_sides": results,
     }  # fmt: skip
     path = S.output_dir / "router_smoothing.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str))
+    run.write_json(path, out)
     print(f"\n{S.seconds['total']:.0f} s; wrote {path}")
     return out
 
