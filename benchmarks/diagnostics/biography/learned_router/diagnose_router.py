@@ -7,8 +7,10 @@
 
     python benchmarks/diagnostics/biography/learned_router/diagnose_router.py CACHE_DIR   # run.py's --cache-dir
 
-CACHE_DIR holds the stage-2 model of the full settings (one sub-folder). The output is diagnose_router.json in
-benchmarks/results/biography/learned_router/.
+CACHE_DIR holds the stage-2 model of the full settings (``run.pretrain_or_load``: stages 1-2 are run and cached there
+when it does not). The output is diagnose_router.json in benchmarks/results/biography/learned_router/
+(``--output-dir``: elsewhere). ``--quick`` (``tests/benchmarks/test_diagnostics.py``): ``Settings.quick()``; its
+numbers mean nothing.
 """
 
 import collections
@@ -19,16 +21,14 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[4]
 # where its JSON goes: the results of the run it diagnoses
 RESULTS = REPO / "benchmarks" / "results" / "biography" / "learned_router"
 sys.path.insert(0, str(REPO))
 
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from benchmarks.biography.run import Experiment, Settings  # noqa: E402
 from benchmarks.biography.train import TOKEN_ROLES  # noqa: E402
+from benchmarks.continual_pretraining.run import write_json  # noqa: E402
+from benchmarks.diagnostics.biography.stage2 import parse_args, stage2  # noqa: E402
 from benchmarks.methods import prepare_method  # noqa: E402
 from peft_scale.router_fitting import _split_sequences  # noqa: E402
 
@@ -40,12 +40,11 @@ def shares(score, mask, threshold):
             "to_expansion_at_0.5": round(float((sc >= 0.5).float().mean()), 3)}
 
 
-def main(cache_dir: str) -> None:
-    s = Settings.full()
-    e = Experiment(s, torch.device("cpu"), "fp32")
-    (model_dir,) = [p for p in Path(cache_dir).iterdir() if (p / "report.json").exists()]
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out = {"stage2": json.loads((model_dir / "report.json").read_text())["qa_after_stage2"]}
+def main(argv=None) -> dict:
+    """Both routers' shares per token role, and the samples; writes diagnose_router.json (and returns it)."""
+    args = parse_args(__doc__, RESULTS, argv)
+    s, e, base, stages = stage2(args.quick, args.cache_dir)
+    out = {"quick": args.quick, "stage2": stages["qa_after_stage2"]}
     for row in ("scale_ffn_routed", "scale_ffn_routed+samples"):  # the full-width rows read the same stream
         torch.manual_seed(s.seed + 5)
         model = prepare_method("scale_ffn_routed", copy.deepcopy(base), e.row_sizes(row))
@@ -80,10 +79,10 @@ def main(cache_dir: str) -> None:
         "third_token": collections.Counter(w[2] for w in words).most_common(5),
         "first_eight": [" ".join(w) for w in words[:8]],
     }
-    path = RESULTS / "diagnose_router.json"
-    path.write_text(json.dumps(out, indent=1))
+    write_json(args.output_dir / "diagnose_router.json", out)
     print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

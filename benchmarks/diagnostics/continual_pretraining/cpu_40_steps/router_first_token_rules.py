@@ -15,7 +15,9 @@ against old) at single positions. The setup and routers are ``router_smoothing.p
 
     OMP_NUM_THREADS=1 python benchmarks/diagnostics/continual_pretraining/cpu_40_steps/router_first_token_rules.py
 
-Writes router_first_token_rules.json in benchmarks/results/continual_pretraining/cpu_40_steps/.
+Writes router_first_token_rules.json in benchmarks/results/continual_pretraining/cpu_40_steps/ (``--output-dir``:
+elsewhere). ``--quick``: ``router_first_tokens.py --quick``'s setup and evaluation blocks
+(``tests/benchmarks/test_diagnostics.py``; its numbers mean nothing).
 """
 import json, sys, time
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import router_first_tokens as ft  # noqa: E402  (router_smoothing's setup and features, computed on import)
+import router_first_tokens as ft  # noqa: E402  (router_smoothing's setup and features: rs.setup)
 from peft_scale.router_fitting import _threshold  # noqa: E402
 
 rs = ft.rs
@@ -57,17 +59,21 @@ def to_expansion(scores: list, threshold: float, first_tokens: bool = False) -> 
     return float((pool >= threshold).float().mean())
 
 
-def main() -> None:
-    evaluation = ft.eval_features()
+def main(argv=None) -> dict:
+    """Every rule, for each old side; writes router_first_token_rules.json (and returns it)."""
+    options = rs.parse_args(argv)
+    S = rs.setup(options.quick, options.output_dir)
+    evaluation = ft.eval_features(S)
     results = {}
     for old_side in ("old_data", "base_samples"):
-        sides, splits, _, trial, kept = rs.fit_routers(old_side)
-        calibration = rs.seq_logits([sides["old"][i] for i in splits["old"][1]], trial)
-        logits = {lang: rs.seq_logits(evaluation[lang], kept) for lang in ("new", "old")}
+        sides, splits, _, trial, kept = rs.fit_routers(S, old_side)
+        calibration = rs.seq_logits(S.router, [sides["old"][i] for i in splits["old"][1]], trial)
+        logits = {lang: rs.seq_logits(S.router, evaluation[lang], kept) for lang in ("new", "old")}
         row = {
             "auc_at_position": {
                 p: auc(torch.stack([x[p] for x in logits["new"]]), torch.stack([x[p] for x in logits["old"]]))
                 for p in POSITIONS
+                if p < min(len(x) for x in logits["new"] + logits["old"])  # (--quick's blocks: 32 tokens)
             }
         }
         for rule, first in RULES.items():
@@ -86,9 +92,11 @@ def main() -> None:
             entry["frontier"] = {b: max([n for o, n in points if o <= b], default=None) for b in FRONTIER}
             print(old_side, rule, json.dumps(entry), flush=True)
         results[old_side] = row
-    out = {"machine": rs.run.machine_description("cpu"), "eval_blocks": ft.EVAL_BLOCKS, "smoothing": A,
-           "results": results, "seconds": round(time.time() - rs.t_start)}  # fmt: skip
-    (ft.rs.RESULTS / "router_first_token_rules.json").write_text(json.dumps(out, indent=1) + "\n")
+    out = {"machine": rs.run.machine_description("cpu"), "quick": S.quick, "eval_blocks": len(evaluation["old"]),
+           "smoothing": A, "results": results, "seconds": round(time.time() - S.t_start)}  # fmt: skip
+    path = S.output_dir / "router_first_token_rules.json"
+    rs.run.write_json(path, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ old text equal to the old tokens the router sends to the expansion, and most of 
 windows cut from the same text (each started afresh, so its first tokens have as little context as a window's),
 and what does the calibration need?
 
-The setup, features and split are ``router_smoothing.py``'s (imported: the benchmark's model, text and old sides,
-``fit_router``'s split). The routers are scored as the benchmark's smoothed rows route (``router_smoothing=0.8``,
+The setup, features and split are ``router_smoothing.py``'s (``router_smoothing.setup``: the benchmark's model, text
+and old sides, ``fit_router``'s split). The routers are scored as the benchmark's smoothed rows route (``router_smoothing=0.8``,
 ``sequence_scores``); the threshold is calibrated as ``fit_router`` calibrates it (``_threshold`` on the trial
 router's calibration-part old scores, 1%) and applied to the kept router, which is the one a run routes with.
 Candidates: ``short_K``: every fitting sequence also cut into windows of K tokens at offsets K, 2K, ... (each a
@@ -22,16 +22,18 @@ held-out blocks of each language (the benchmark evaluates on the first 16), scor
 
     OMP_NUM_THREADS=1 python benchmarks/diagnostics/continual_pretraining/cpu_40_steps/router_first_tokens.py
 
-Writes router_first_tokens.json in benchmarks/results/continual_pretraining/cpu_40_steps/.
+Writes router_first_tokens.json in benchmarks/results/continual_pretraining/cpu_40_steps/ (``--output-dir``:
+elsewhere). ``--quick``: ``router_smoothing.py --quick``'s setup and ``QUICK_EVAL_BLOCKS`` evaluation blocks a
+language (``tests/benchmarks/test_diagnostics.py``; its numbers mean nothing).
 """
-import json, sys, time
+import sys, time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import router_smoothing as rs  # noqa: E402  (the setup and features, computed on import)
+import router_smoothing as rs  # noqa: E402  (the setup and features: rs.setup)
 from peft_scale.router_fitting import (  # noqa: E402
     FIRST_TOKENS, _adapters_disabled, _split_sequences, _threshold, _train_router, layer_inputs, sequence_scores,
 )  # fmt: skip
@@ -40,7 +42,9 @@ SMOOTHING = 0.8
 FOLDS = 5
 BUDGETS = (0.01, 0.005, 0.003, 0.002)
 LENGTHS = (0, 8, 32)
+QUICK_LENGTHS = (0, 8, 16)  # --quick's blocks are 32 tokens: no window of 32 after the first
 EVAL_BLOCKS = 128  # held-out blocks a language (the benchmark's 16 first): 1,024 first tokens, not 128
+QUICK_EVAL_BLOCKS = 4
 
 
 def short_windows(sequences: list, length: int) -> list:
@@ -48,11 +52,11 @@ def short_windows(sequences: list, length: int) -> list:
     return [ids[o : o + length] for ids in sequences for o in range(length, len(ids) - length + 1, length)]
 
 
-def features(sequences: list) -> list:
+def features(S, sequences: list) -> list:
     if not sequences:
         return []
-    with _adapters_disabled(rs.scale_model):
-        return layer_inputs(rs.base, rs.layer, rs.router.features, sequences, 32)
+    with _adapters_disabled(S.scale_model):
+        return layer_inputs(S.base, S.layer, S.router.features, sequences, 32)
 
 
 def shares(scores: list, threshold: float) -> dict:
@@ -61,17 +65,18 @@ def shares(scores: list, threshold: float) -> dict:
     return {"all": float((every >= threshold).float().mean()), "first": float((first >= threshold).float().mean())}
 
 
-def eval_features() -> dict:
+def eval_features(S) -> dict:
+    """The features of the first ``EVAL_BLOCKS`` (quick: ``QUICK_EVAL_BLOCKS``) held-out blocks of each language."""
     big = rs.build_text(
-        rs.tokenizer, new_documents=rs.documents_or_summaries(rs.args.new_text, "es")[: rs.args.max_documents],
-        old_documents=rs.documents_or_summaries(rs.args.old_text, "en")[: rs.args.max_documents],
-        held_out_documents=rs.args.held_out_documents, eval_blocks=EVAL_BLOCKS,
-        train_blocks=rs.args.steps * rs.args.batch_size, seq_len=rs.args.seq_len, replay_fraction=0.0,
-        seed=rs.args.seed,
+        S.tokenizer, new_documents=rs.documents_or_summaries(S.args.new_text, "es")[: S.args.max_documents],
+        old_documents=rs.documents_or_summaries(S.args.old_text, "en")[: S.args.max_documents],
+        held_out_documents=S.args.held_out_documents, eval_blocks=QUICK_EVAL_BLOCKS if S.quick else EVAL_BLOCKS,
+        train_blocks=S.args.steps * S.args.batch_size, seq_len=S.args.seq_len, replay_fraction=0.0,
+        seed=S.args.seed,
     )  # fmt: skip
-    assert torch.equal(big.old_eval[: len(rs.text.old_eval)], rs.text.old_eval)
+    assert torch.equal(big.old_eval[: len(S.text.old_eval)], S.text.old_eval)
     return {
-        lang: features(rs.token_sequences(blocks, lang, rs.vocab))
+        lang: features(S, rs.token_sequences(blocks, lang, S.vocab))
         for lang, blocks in (("new", big.new_eval), ("old", big.old_eval))
     }
 
@@ -89,39 +94,42 @@ def position_shares(scores: list, thresholds: tuple[float, float]) -> dict:
     return {"all": float(torch.cat([first, rest]).mean()), "first": float(first.mean())}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Every candidate and calibration, for each old side; writes router_first_tokens.json (and returns it)."""
+    options = rs.parse_args(argv)
+    S = rs.setup(options.quick, options.output_dir)
     results = {}
-    big_eval = eval_features()
+    big_eval = eval_features(S)
     scored = {}
     for old_side in ("old_data", "base_samples"):
-        ids = {"new": rs.sequences["new"], "old": rs.sequences[old_side]}
-        sides = {"new": rs.feats["new"], "old": rs.feats[old_side]}
-        generator = torch.Generator().manual_seed(rs.args.seed)
+        ids = {"new": S.sequences["new"], "old": S.sequences[old_side]}
+        sides = {"new": S.feats["new"], "old": S.feats[old_side]}
+        generator = torch.Generator().manual_seed(S.args.seed)
         splits = {side: _split_sequences(len(f), generator) for side, f in sides.items()}
         rows = {}
-        for length in LENGTHS:
+        for length in QUICK_LENGTHS if S.quick else LENGTHS:
             t = time.time()
             extra = {  # (side, part) -> features of the short windows of that part's sequences; part 3: all
-                (side, part): features(short_windows([ids[side][i] for i in idx], length)) if length else []
+                (side, part): features(S, short_windows([ids[side][i] for i in idx], length)) if length else []
                 for side in sides for part, idx in enumerate(splits[side])
             }  # fmt: skip
             for side in sides:
                 extra[(side, 3)] = extra[(side, 0)] + extra[(side, 1)] + extra[(side, 2)]
             fit = {side: torch.cat([sides[side][i] for i in splits[side][0]] + extra[(side, 0)]) for side in sides}
-            trial = _train_router(rs.router, fit["new"], fit["old"], rs.STEPS, rs.LR, rs.WEIGHT_DECAY, rs.args.seed)
+            trial = _train_router(S.router, fit["new"], fit["old"], S.args.seed)
             kept = _train_router(
-                rs.router, torch.cat(sides["new"] + extra[("new", 3)]), torch.cat(sides["old"] + extra[("old", 3)]),
-                rs.STEPS, rs.LR, rs.WEIGHT_DECAY, rs.args.seed,
+                S.router, torch.cat(sides["new"] + extra[("new", 3)]), torch.cat(sides["old"] + extra[("old", 3)]),
+                S.args.seed,
             )  # fmt: skip
             seconds = time.time() - t
 
             def score(feats, params):
-                return sequence_scores(rs.router, feats, SMOOTHING, params)
+                return sequence_scores(S.router, feats, SMOOTHING, params) if feats else []  # (no windows)
 
             calibration = score([sides["old"][i] for i in splits["old"][1]], trial)
             held_out = {side: score([sides[side][i] for i in splits[side][2]], trial) for side in sides}
             evaluation = {lang: score(big_eval[lang], kept) for lang in ("new", "old")}
-            cal_windows = features(short_windows([ids["old"][i] for i in splits["old"][1]], FIRST_TOKENS))
+            cal_windows = features(S, short_windows([ids["old"][i] for i in splits["old"][1]], FIRST_TOKENS))
             cal_window_scores = score(cal_windows, trial)
             scored[(old_side, length)] = {"calibration": calibration, "eval": evaluation}  # (for calibrations)
             for cal in ("", "_cal"):
@@ -162,31 +170,34 @@ def main() -> None:
                     flush=True,
                 )
         results[old_side] = rows
-        results[old_side]["calibration"] = calibrations(sides, splits, scored[(old_side, 0)])
+        results[old_side]["calibration"] = calibrations(S, sides, splits, scored[(old_side, 0)])
     out = {
         "machine": rs.run.machine_description("cpu"),
         "smoothing": SMOOTHING,
         "max_old_error": rs.MAX_OLD_ERROR,
-        "eval_blocks": EVAL_BLOCKS,
+        "quick": S.quick,
+        "eval_blocks": len(big_eval["old"]),
         "results": results,
-        "seconds": round(time.time() - rs.t_start),
+        "seconds": round(time.time() - S.t_start),
     }
-    (rs.RESULTS / "router_first_tokens.json").write_text(json.dumps(out, indent=1) + "\n")
+    path = S.output_dir / "router_first_tokens.json"
+    rs.run.write_json(path, out)
+    return out
 
 
-def calibrations(sides: dict, splits: dict, today: dict) -> dict:
+def calibrations(S, sides: dict, splits: dict, today: dict) -> dict:
     """Today's router, its threshold from the held-out calibration part or from out-of-fold scores of every old
     sequence (``FOLDS`` routers), at each budget: the evaluation shares (kept router)."""
     t = time.time()
-    generator = torch.Generator().manual_seed(rs.args.seed)
+    generator = torch.Generator().manual_seed(S.args.seed)
     folds = {side: torch.randperm(len(f), generator=generator) % FOLDS for side, f in sides.items()}
     out_of_fold = []
     for k in range(FOLDS):
         inside = {side: [f for f, j in zip(sides[side], folds[side]) if j != k] for side in sides}
         params = _train_router(
-            rs.router, torch.cat(inside["new"]), torch.cat(inside["old"]), rs.STEPS, rs.LR, rs.WEIGHT_DECAY, rs.args.seed
+            S.router, torch.cat(inside["new"]), torch.cat(inside["old"]), S.args.seed
         )  # fmt: skip
-        out_of_fold += sequence_scores(rs.router, [f for f, j in zip(sides["old"], folds["old"]) if j == k], SMOOTHING, params)
+        out_of_fold += sequence_scores(S.router, [f for f, j in zip(sides["old"], folds["old"]) if j == k], SMOOTHING, params)
     seconds = time.time() - t
     pools = {"held_out": torch.cat(today["calibration"]), "cross_fitted": torch.cat(out_of_fold)}
     rows = {"cross_fit_seconds": round(seconds, 1)}
