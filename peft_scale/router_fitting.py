@@ -61,6 +61,10 @@ FIRST_TOKENS = 8  # the report also gives the accuracy on each sequence's first 
 # together, one token in twenty could go to the wrong domain's adapter (the threshold itself lets 1% of old in)
 CLAIMED_WARNING = 0.05
 CROSS_FIT_FOLDS = 5  # RouterConfig(calibrate_on="cross_fitted"): routers fitted, each on four fifths of the sequences
+# below this share of the held-out new tokens reaching the expansion (with old data given), fit_router warns: the
+# adapter only learns where tokens reach it. A new language or domain sends nearly all of them; new facts in the old
+# data's format send only the tokens that differ, and the threshold set on unseen old text can leave the answers out
+LITTLE_NEW_WARNING = 0.5
 
 
 @dataclass
@@ -645,6 +649,7 @@ def fit_router(
     _record_report(config, report)
     _warn_if_claimed(report, settings.outranks)
     _warn_if_closed(report)
+    _warn_if_little_new_reaches(report)
     return report
 
 
@@ -855,6 +860,25 @@ def _warn_if_claimed(report: RouterReport, outranks: list[str]) -> None:
             "this close may also be one domain, for one adapter.",
             stacklevel=3,
         )
+
+
+def _warn_if_little_new_reaches(report: RouterReport) -> None:
+    """A warning when old data was given, its threshold was set on old text the router did not see, and less than
+    ``LITTLE_NEW_WARNING`` of the held-out new tokens reach the expansion (a closed router has its own warning)."""
+    if report.old_source != "old data" or report.calibrate_on == "fitted" or report.threshold > 1.0:
+        return
+    if report.new_to_expansion >= LITTLE_NEW_WARNING:
+        return
+    warnings.warn(
+        f"fit_router: only {report.new_to_expansion:.1%} of the held-out new tokens reach the expansion of adapter "
+        f"{report.adapter_name!r} (threshold {report.threshold:.3f}, set so that at most max_old_error="
+        f"{report.max_old_error} of old text the router did not see reaches it); the adapter learns only on the "
+        "tokens that reach it. If the new data is new facts in the old data's format and the old data you gave is "
+        "exactly what must be kept (a set of facts, a regression set), set RouterConfig(calibrate_on=\"fitted\"): the "
+        "threshold is then set on that data itself (docs/router.md). Otherwise give more new data, or a larger "
+        "max_old_error.",
+        stacklevel=3,
+    )
 
 
 def _warn_if_closed(report: RouterReport) -> None:

@@ -164,6 +164,26 @@ def test_a_threshold_above_every_score_is_warned_about(old_speaker, monkeypatch)
     assert report.new_to_expansion == 0.0
 
 
+def test_few_new_tokens_reaching_the_expansion_is_warned_about(old_speaker):
+    """New facts in the old data's format: new sequences that are old text with one new token in eight. The
+    threshold set on old text the router did not see leaves most of the new sequences' tokens on the base model, and
+    fit_router says so and names calibrate_on="fitted"; with it (the old data is what must be kept), no warning."""
+    from peft_scale.router_fitting import LITTLE_NEW_WARNING
+
+    new = domain_ids(OLD, seed=3)
+    new[:, ::8] = domain_ids(NEW, length=6, seed=4)
+    old = domain_ids(OLD, seed=2)
+    _, model = routed(old_speaker)
+    with pytest.warns(UserWarning, match=r"only \d+\.\d% of the held-out new tokens reach the expansion.*"
+                                         r"calibrate_on=\"fitted\""):
+        report = fit_router(model, new, old, progress=False)
+    assert report.new_to_expansion < LITTLE_NEW_WARNING
+    _, model = routed(old_speaker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_router(calibrate_on(model, "fitted"), new, old, progress=False)
+
+
 @pytest.mark.parametrize(
     ("new", "old", "error", "message"),
     [
