@@ -64,13 +64,14 @@ METHODS = ("full", "lora", "freeze", "llama_pro", "scale_ffn", "scale_preserve",
 SCALE_VARIANTS = {"scale_preserve": "preserve", "scale_adapt": "adapt", "scale_route": "route"}
 # Learned-route methods: the router must be fitted (fit_method_router) before the model trains or is evaluated.
 ROUTED_METHODS = ("scale_ffn_routed", "scale_routed")
-# The linear maps of a Llama-family decoder layer: what LoRA adapts and what full-width SCALE widens.
+README_ROUTED_LR = 3e-3  # the learning rate the README's first routed example trains at (its *_defaults rows)
 # The learned router's settings before peft-scale 0.2 (0.1.0's defaults; RouterConfig's differ): the rows measured
 # before 0.2 name them, so that they stay the rows that were measured (RouterConfig's own defaults: the *_defaults rows)
 ROUTER_0_1_0 = {"smoothing": 0.0, "gate": "hard", "preservation_copy": False, "calibrate_on": "held_out",
                 "max_old_error": 0.01}  # fmt: skip
 # ScaleConfig options that FFN mode rejects; MethodSizes.scale_options leaves them out of scale_ffn's config.
 FULL_WIDTH_ONLY_OPTIONS = ("adapt_modules", "route_threshold", "route_in_training")
+# The linear maps of a Llama-family decoder layer: what LoRA adapts and what full-width SCALE widens.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -204,6 +205,7 @@ def fit_method_router(model: nn.Module, new_data, old_data=None, **fit_kwargs):
 __all__ = [
     "METHODS",
     "ROUTED_METHODS",
+    "README_ROUTED_LR",
     "ROUTER_0_1_0",
     "fit_method_router",
     "MethodSizes",

@@ -79,6 +79,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.methods import (  # noqa: E402
     METHODS,
+    README_ROUTED_LR,
     ROUTER_0_1_0,
     MethodSizes,
     autocast,
@@ -129,7 +130,7 @@ ROUTED_ROWS = {
 # what the README's routed example trains with beyond the router's defaults: create_scale_optimizer's AdamW (torch's
 # betas, no weight decay, W12 at its default ratio), lr 3e-3, a cosine schedule after 10% warm-up, and the Trainer's
 # gradient clipping at 1.0 (the other rows keep this benchmark's loop: betas 0.9/0.98, 5% warm-up, no clipping)
-README_RECIPE = {"lr": 3e-3, "betas": (0.9, 0.999), "warmup_fraction": 0.1, "max_grad_norm": 1.0}
+README_RECIPE = {"lr": README_ROUTED_LR, "betas": (0.9, 0.999), "warmup_fraction": 0.1, "max_grad_norm": 1.0}
 README_RECIPE_ROWS = ("scale_ffn_routed_defaults", "scale_ffn_routed_defaults+samples", "scale_ffn_routed_defaults+fitted")
 ROWS = (*METHODS, *ROUTED_ROWS, *REPLAY_ROWS)
 # the rows of the learned router's own plots (the main plots keep the other rows: one colour each)
@@ -373,9 +374,8 @@ class Experiment:
         _, old_side, calibrate_on = ROUTED_ROWS[row]
         if row in README_RECIPE_ROWS:  # RouterConfig() as the README writes it: nothing set but the row's calibrate_on
             router = {"calibrate_on": calibrate_on} if calibrate_on else {}
-            router.update(sizes.scale_options.get("router", {}))
-            return dataclasses.replace(sizes, scale_options={**sizes.scale_options, "router": router})
-        router = {**ROUTER_0_1_0, "hidden": s.router_hidden, "seed": s.seed, "calibrate_on": calibrate_on}
+        else:
+            router = {**ROUTER_0_1_0, "hidden": s.router_hidden, "seed": s.seed, "calibrate_on": calibrate_on}
         if old_side == "format_samples":
             router["max_old_error"] = s.router_format_max_old_error
         router.update(sizes.scale_options.get("router", {}))

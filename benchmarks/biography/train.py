@@ -236,7 +236,8 @@ def train(
     has the point before the first step (step 0) and after the last. ``train_s`` excludes evaluation time.
     """
     steps = len(stream) // batch_size
-    params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups if param_groups is not None else trainable
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
     schedule = get_scheduler(
         scheduler, optimizer, num_warmup_steps=int(warmup_fraction * steps), num_training_steps=steps
@@ -263,7 +264,7 @@ def train(
             loss = model(**batch).loss
         loss.backward()
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

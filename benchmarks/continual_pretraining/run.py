@@ -84,7 +84,7 @@ from benchmarks.continual_pretraining.data import (
 )  # fmt: skip
 from benchmarks.continual_pretraining.prompts import ENGLISH_CHAT_PROMPTS
 from benchmarks.methods import (
-    METHODS, ROUTED_METHODS, ROUTER_0_1_0, MethodSizes, fit_method_router, prepare_method,
+    METHODS, README_ROUTED_LR, ROUTED_METHODS, ROUTER_0_1_0, MethodSizes, fit_method_router, prepare_method,
 )  # fmt: skip
 from peft_scale import create_scale_optimizer, scale_optimizer_param_groups
 
@@ -98,7 +98,6 @@ ROUTER_BLOCKS = 64  # blocks of each side that the learned router is fitted on (
 # none given to fit_router (old_data=None: it draws the base model's samples itself)
 OLD_SIDES = {"old_data": "old data", "base_samples": "base model samples",
              "fit_router_samples": "base model samples drawn by fit_router (old_data=None)"}  # fmt: skip
-README_ROUTED_LR = 3e-3  # the learning rate the README's first routed example trains at
 
 
 class Run(NamedTuple):
